@@ -1,0 +1,189 @@
+"""Engine and model configuration: validated once, frozen, never written back to."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SUPPORTED_ARCHITECTURES = ("Qwen3ForCausalLM",)
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# KV cache size on CPU when num_kv_blocks is not given (GPU sizes it from free memory).
+CPU_KV_CACHE_BYTES = 1 << 30
+
+
+@dataclass(frozen=True, slots=True)
+class ModelConfig:
+    """The Qwen3 architecture facts the engine needs, read once from config.json."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    attention_bias: bool
+    checkpoint_dtype: str
+    eos_token_ids: tuple[int, ...]
+
+    @classmethod
+    def from_dir(cls, model_dir: Path) -> ModelConfig:
+        path = model_dir / "config.json"
+        if not path.is_file():
+            raise ValueError(f"model: {model_dir} has no config.json (expected a Hugging Face checkpoint dir)")
+        cfg = json.loads(path.read_text())
+        archs = cfg.get("architectures") or []
+        if not any(a in SUPPORTED_ARCHITECTURES for a in archs) and cfg.get("model_type") != "qwen3":
+            raise ValueError(
+                f"model: unsupported architecture {archs or cfg.get('model_type')!r}; "
+                f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
+            )
+        eos = cfg.get("eos_token_id")
+        num_heads = cfg["num_attention_heads"]
+        return cls(
+            vocab_size=cfg["vocab_size"],
+            hidden_size=cfg["hidden_size"],
+            intermediate_size=cfg["intermediate_size"],
+            num_hidden_layers=cfg["num_hidden_layers"],
+            num_attention_heads=num_heads,
+            num_key_value_heads=cfg.get("num_key_value_heads") or num_heads,
+            head_dim=cfg.get("head_dim") or cfg["hidden_size"] // num_heads,
+            rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
+            rope_theta=_rope_theta(cfg),
+            max_position_embeddings=cfg.get("max_position_embeddings", 32768),
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            attention_bias=bool(cfg.get("attention_bias", False)),
+            checkpoint_dtype=str(cfg.get("dtype") or cfg.get("torch_dtype") or "float32"),
+            eos_token_ids=tuple(eos if isinstance(eos, list) else [] if eos is None else [eos]),
+        )
+
+
+def _rope_theta(cfg: dict) -> float:
+    """rope_theta from either the classic field or transformers 5's `rope_parameters`."""
+    params = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type != "default":
+        raise ValueError(f"model: rope scaling type {rope_type!r} is not supported (only default RoPE)")
+    return float(params.get("rope_theta", cfg.get("rope_theta", 10000.0)))
+
+
+@dataclass(frozen=True, slots=True)
+class EngineConfig:
+    """Everything the engine was asked for, resolved against the model and the machine."""
+
+    model: Path
+    model_config: ModelConfig
+    tensor_parallel_size: int
+    max_num_batched_tokens: int
+    max_num_seqs: int
+    max_model_len: int
+    gpu_memory_utilization: float
+    block_size: int
+    num_kv_blocks: int | None
+    enforce_eager: bool
+    dtype: torch.dtype
+    device: torch.device
+
+    @classmethod
+    def create(
+        cls,
+        model: str | Path,
+        *,
+        tensor_parallel_size: int = 1,
+        max_num_batched_tokens: int = 8192,
+        max_num_seqs: int = 256,
+        max_model_len: int | None = None,
+        gpu_memory_utilization: float = 0.9,
+        block_size: int = 16,
+        num_kv_blocks: int | None = None,
+        enforce_eager: bool = False,
+        dtype: str = "auto",
+        device: str = "auto",
+    ) -> EngineConfig:
+        """Validate the user's arguments (ValueError naming the field) and resolve the defaults."""
+        model_dir = Path(model)
+        if not model_dir.is_dir():
+            raise ValueError(f"model: {str(model)!r} is not a directory holding a Hugging Face checkpoint")
+        _positive_int("tensor_parallel_size", tensor_parallel_size)
+        if tensor_parallel_size != 1:
+            raise ValueError("tensor_parallel_size: only 1 is supported in this version")
+        _positive_int("max_num_batched_tokens", max_num_batched_tokens)
+        _positive_int("max_num_seqs", max_num_seqs)
+        _positive_int("block_size", block_size)
+        if block_size & (block_size - 1) or block_size > 256:
+            raise ValueError(f"block_size must be a power of two <= 256, got {block_size}")
+        if num_kv_blocks is not None:
+            _positive_int("num_kv_blocks", num_kv_blocks)
+        if isinstance(gpu_memory_utilization, bool) or not isinstance(gpu_memory_utilization, (int, float)):
+            raise ValueError(f"gpu_memory_utilization must be a number, got {gpu_memory_utilization!r}")
+        if not 0.0 < gpu_memory_utilization <= 1.0:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization}")
+        if not isinstance(enforce_eager, bool):
+            raise ValueError(f"enforce_eager must be a bool, got {enforce_eager!r}")
+        model_config = ModelConfig.from_dir(model_dir)
+        resolved_device = _resolve_device(device)
+        return cls(
+            model=model_dir,
+            model_config=model_config,
+            tensor_parallel_size=tensor_parallel_size,
+            max_num_batched_tokens=max_num_batched_tokens,
+            max_num_seqs=max_num_seqs,
+            max_model_len=_resolve_max_model_len(max_model_len, model_config),
+            gpu_memory_utilization=float(gpu_memory_utilization),
+            block_size=block_size,
+            num_kv_blocks=num_kv_blocks,
+            enforce_eager=enforce_eager,
+            dtype=_resolve_dtype(dtype, model_config.checkpoint_dtype, resolved_device),
+            device=resolved_device,
+        )
+
+
+def _positive_int(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def _resolve_max_model_len(max_model_len: int | None, model_config: ModelConfig) -> int:
+    limit = model_config.max_position_embeddings
+    if max_model_len is None:
+        return limit
+    _positive_int("max_model_len", max_model_len)
+    if max_model_len > limit:
+        raise ValueError(f"max_model_len={max_model_len} exceeds the model's max_position_embeddings={limit}")
+    return max_model_len
+
+
+def _resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device: {device!r} is not a valid device ('auto', 'cpu', 'cuda', 'cuda:N')") from e
+    if resolved.type not in ("cpu", "cuda"):
+        raise ValueError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {device!r}")
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={device!r} but CUDA is not available on this machine")
+    return resolved
+
+
+def _resolve_dtype(dtype: str, checkpoint_dtype: str, device: torch.device) -> torch.dtype:
+    if dtype != "auto":
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be 'auto' or one of {', '.join(DTYPES)}, got {dtype!r}")
+        return DTYPES[dtype]
+    resolved = DTYPES.get(checkpoint_dtype, torch.float32)
+    if device.type == "cpu" and resolved != torch.float32:
+        log.info("dtype=auto on CPU: computing in float32 instead of the checkpoint's %s", checkpoint_dtype)
+        return torch.float32
+    return resolved

@@ -1,0 +1,1 @@
+"""Building blocks of the model: tensor-parallel-ready linear and embedding layers, norms, rotary, attention."""

@@ -1,0 +1,101 @@
+"""Tensor-parallel-ready linear layers; each parameter carries the `weight_loader` that shards it.
+
+Column-parallel layers split the output dimension across ranks, row-parallel ones the input
+dimension (their partial outputs are summed with an all-reduce). With tp_size 1 they are plain
+linear layers.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+
+class LinearBase(nn.Module):
+    """A linear layer whose weight is this rank's shard along `tp_dim` (0: output, 1: input)."""
+
+    def __init__(
+        self, input_size: int, output_size: int, bias: bool, tp_dim: int, tp_rank: int, tp_size: int
+    ) -> None:
+        super().__init__()
+        self.tp_dim, self.tp_rank, self.tp_size = tp_dim, tp_rank, tp_size
+        shape = (output_size // tp_size, input_size) if tp_dim == 0 else (output_size, input_size // tp_size)
+        self.weight = nn.Parameter(torch.empty(shape), requires_grad=False)
+        self.weight.weight_loader = self.weight_loader  # type: ignore[attr-defined]
+        if bias:
+            bias_size = shape[0]
+            self.bias = nn.Parameter(torch.empty(bias_size), requires_grad=False)
+            self.bias.weight_loader = self.weight_loader  # type: ignore[attr-defined]
+        else:
+            self.register_parameter("bias", None)
+
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: object = None) -> None:
+        """Copy this rank's slice of a full checkpoint tensor into `param`."""
+        dim = 0 if param.ndim == 1 else self.tp_dim
+        if param.ndim == 1 and self.tp_dim == 1:  # row-parallel bias is not sharded
+            param.data.copy_(loaded)
+            return
+        size = param.size(dim)
+        param.data.copy_(loaded.narrow(dim, self.tp_rank * size, size))
+
+
+class ColumnParallelLinear(LinearBase):
+    def __init__(self, input_size: int, output_size: int, bias: bool = False, tp_rank: int = 0, tp_size: int = 1):
+        super().__init__(input_size, output_size, bias, 0, tp_rank, tp_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class MergedColumnParallelLinear(ColumnParallelLinear):
+    """Several column-parallel projections of one input stored as one weight (gate and up)."""
+
+    def __init__(
+        self, input_size: int, output_sizes: list[int], bias: bool = False, tp_rank: int = 0, tp_size: int = 1
+    ):
+        self.output_sizes = output_sizes
+        super().__init__(input_size, sum(output_sizes), bias, tp_rank, tp_size)
+
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: object = None) -> None:
+        assert isinstance(shard_id, int)
+        size = self.output_sizes[shard_id] // self.tp_size
+        offset = sum(self.output_sizes[:shard_id]) // self.tp_size
+        param.data.narrow(0, offset, size).copy_(loaded.narrow(0, self.tp_rank * size, size))
+
+
+class QKVParallelLinear(ColumnParallelLinear):
+    """q, k and v projections in one weight; each rank holds its share of query and KV heads."""
+
+    def __init__(
+        self,
+        hidden_size: int,
+        head_dim: int,
+        num_heads: int,
+        num_kv_heads: int,
+        bias: bool = False,
+        tp_rank: int = 0,
+        tp_size: int = 1,
+    ):
+        self.head_dim = head_dim
+        self.num_heads = num_heads // tp_size
+        self.num_kv_heads = num_kv_heads // tp_size
+        output_size = (num_heads + 2 * num_kv_heads) * head_dim
+        super().__init__(hidden_size, output_size, bias, tp_rank, tp_size)
+
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: object = None) -> None:
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        offset, size = {"q": (0, q_size), "k": (q_size, kv_size), "v": (q_size + kv_size, kv_size)}[str(shard_id)]
+        param.data.narrow(0, offset, size).copy_(loaded.narrow(0, self.tp_rank * size, size))
+
+
+class RowParallelLinear(LinearBase):
+    def __init__(self, input_size: int, output_size: int, bias: bool = False, tp_rank: int = 0, tp_size: int = 1):
+        super().__init__(input_size, output_size, bias, 1, tp_rank, tp_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x, self.weight)
+        if self.tp_size > 1:
+            dist.all_reduce(y)
+        return y if self.bias is None else y + self.bias

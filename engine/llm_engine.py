@@ -1,0 +1,213 @@
+"""LLMEngine: the offline API (`generate`) and the streaming core (`add_request` / `step`)."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import random
+import time
+import uuid
+from collections.abc import Sequence as Seq
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from engine.block_manager import BlockManager, KVEvents
+from engine.config import EngineConfig
+from engine.detokenizer import IncrementalDetokenizer
+from engine.model_runner import ModelRunner
+from engine.outputs import EngineStats, RequestOutput, final_output
+from engine.prompt import Prompt, validate_prompt
+from engine.sampling_params import SamplingParams
+from engine.scheduler import ScheduledBatch, Scheduler
+from engine.sequence import Sequence, SequenceStatus
+from engine.stopping import check_stop
+from engine.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+
+class LLMEngine:
+    """A Qwen3 engine on one device: paged KV cache, prefix cache, continuous batching."""
+
+    def __init__(self, model: str | Path, **kwargs: Any) -> None:
+        self.config = EngineConfig.create(model, **kwargs)
+        self.tokenizer = Tokenizer.from_dir(self.config.model)
+        self.eos_token_ids = frozenset(self.config.model_config.eos_token_ids) | self.tokenizer.eos_token_ids
+        self.model_runner = ModelRunner(self.config, self.eos_token_ids)
+        self.block_manager = BlockManager(self.model_runner.num_kv_blocks, self.config.block_size)
+        self.scheduler = Scheduler(self.block_manager, self.config.max_num_seqs, self.config.max_num_batched_tokens)
+        self._requests: dict[str, Sequence] = {}
+        self._aborted: list[Sequence] = []
+        self._arrivals = itertools.count()
+        self.last_step_tokens = (0, 0)  # (prefill, decode) tokens computed by the latest step
+
+    def add_request(
+        self, prompt: Prompt, params: SamplingParams | None = None, request_id: str | None = None
+    ) -> str:
+        """Queue a request (text or token ids); raise ValueError naming the bad field. Returns its id."""
+        params = params or SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"sampling_params must be a SamplingParams, got {type(params).__name__}")
+        request_id = uuid.uuid4().hex if request_id is None else request_id
+        if not isinstance(request_id, str) or not request_id or request_id in self._requests:
+            raise ValueError(f"request_id: {request_id!r} is empty, not a string or already in use")
+        token_ids = validate_prompt(prompt, self.tokenizer, self.config, params, self.block_manager.num_blocks)
+        seq = Sequence(
+            request_id=request_id,
+            arrival=next(self._arrivals),
+            token_ids=token_ids,
+            num_prompt_tokens=len(token_ids),
+            params=params,
+            seed=params.seed if params.seed is not None else random.getrandbits(63),
+            detokenizer=IncrementalDetokenizer(self.tokenizer) if params.stop else None,
+        )
+        self._requests[request_id] = seq
+        self.scheduler.add(seq)
+        return request_id
+
+    def abort(self, request_id: str) -> bool:
+        """Stop a request and free its blocks now; its final output comes with the next step. False if unknown."""
+        seq = self._requests.get(request_id)
+        if seq is None or seq.is_finished:
+            return False
+        self.scheduler.finish(seq)
+        seq.finish_reason = "abort"
+        self._aborted.append(seq)
+        return True
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished() or bool(self._aborted)
+
+    def step(self) -> list[RequestOutput]:
+        """Run one scheduling step and return every request's progress in it."""
+        outputs = [self._finish_output(seq, []) for seq in self._aborted]
+        self._aborted.clear()
+        batch = self.scheduler.schedule()
+        num_decode = batch.num_new_tokens.count(1)
+        self.last_step_tokens = (batch.num_tokens - num_decode, num_decode)
+        if batch:
+            outputs += self._process(batch, self.model_runner.run(batch))
+        return outputs
+
+    def _process(self, batch: ScheduledBatch, sampled: list) -> list[RequestOutput]:
+        """Account computed tokens, append sampled ones, apply stops; one output per sampling request."""
+        outputs: list[RequestOutput] = []
+        samples = iter(sampled)
+        for seq, n in zip(batch.seqs, batch.num_new_tokens):
+            seq.num_computed_tokens += n
+            self.block_manager.commit(seq)
+            if seq.num_computed_tokens < seq.num_tokens:
+                continue  # a prefill chunk that did not reach the end samples nothing
+            token_id, logprobs = next(samples)
+            seq.token_ids.append(token_id)
+            new_logprobs = [] if logprobs is None else [logprobs]
+            seq.logprobs += new_logprobs
+            seq.finish_reason = check_stop(seq, self.eos_token_ids, self.config.max_model_len)
+            if seq.finish_reason is not None:
+                self.scheduler.finish(seq)
+                outputs.append(self._finish_output(seq, [token_id], new_logprobs))
+            else:
+                outputs.append(self._output(seq, [token_id], new_logprobs))
+        return outputs
+
+    def _output(self, seq: Sequence, new_token_ids: list[int], new_logprobs: list | None = None) -> RequestOutput:
+        return RequestOutput(
+            request_id=seq.request_id,
+            new_token_ids=new_token_ids,
+            finished=seq.is_finished,
+            finish_reason=seq.finish_reason,
+            num_prompt_tokens=seq.num_prompt_tokens,
+            num_cached_tokens=seq.num_cached_tokens or 0,
+            new_logprobs=new_logprobs or [],
+        )
+
+    def _finish_output(self, seq: Sequence, new_token_ids: list[int], new_logprobs: list | None = None) -> RequestOutput:
+        """The final output of a request; the engine forgets it afterwards."""
+        del self._requests[seq.request_id]
+        return self._output(seq, new_token_ids, new_logprobs)
+
+    def take_kv_events(self) -> KVEvents:
+        """Block hashes stored and evicted since the last call (for prefix-aware routing)."""
+        return self.block_manager.take_events()
+
+    def stats(self) -> EngineStats:
+        return EngineStats(
+            num_running=len(self.scheduler.running),
+            num_waiting=len(self.scheduler.waiting),
+            num_kv_blocks_used=self.block_manager.num_used_blocks,
+            num_kv_blocks_total=self.block_manager.num_blocks,
+            num_prefix_hit_tokens=self.scheduler.num_prefix_hit_tokens,
+            num_prompt_tokens=self.scheduler.num_prompt_tokens,
+            num_preemptions=self.scheduler.num_preemptions,
+        )
+
+    def generate(
+        self,
+        prompts: Prompt | list[Prompt],
+        sampling_params: SamplingParams | list[SamplingParams] | None = None,
+        *,
+        use_tqdm: bool = True,
+        **params: Any,
+    ) -> dict[str, Any] | list[dict[str, Any]]:
+        """Run prompts to completion. One prompt returns one dict; a list returns a list, in input order.
+
+        Sampling parameters come either as `sampling_params` (one, or one per prompt) or as
+        keyword arguments (`max_tokens=100, temperature=0`).
+        """
+        single = isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int))
+        batch: list[Prompt] = [prompts] if single else list(prompts)  # type: ignore[list-item]
+        if not batch:
+            raise ValueError("prompts: no prompt given")
+        per_prompt = self._sampling_params_per_prompt(sampling_params, params, len(batch))
+        seqs = self._add_all(batch, per_prompt)
+        self._run_until_done(seqs, use_tqdm)
+        results = [final_output(seq, self.tokenizer) for seq in seqs]
+        return results[0] if single else results
+
+    @staticmethod
+    def _sampling_params_per_prompt(
+        sampling_params: SamplingParams | list[SamplingParams] | None, params: dict[str, Any], n: int
+    ) -> list[SamplingParams]:
+        if sampling_params is not None and params:
+            raise ValueError(f"pass sampling_params or keyword parameters, not both (got {', '.join(params)})")
+        if sampling_params is None:
+            return [SamplingParams.from_kwargs(**params)] * n
+        if isinstance(sampling_params, SamplingParams):
+            return [sampling_params] * n
+        if len(sampling_params) != n:
+            raise ValueError(f"sampling_params: {len(sampling_params)} given for {n} prompts")
+        return list(sampling_params)
+
+    def _add_all(self, prompts: list[Prompt], params: list[SamplingParams]) -> list[Sequence]:
+        """Add every prompt, or none: a bad one aborts those already added before re-raising."""
+        seqs: list[Sequence] = []
+        try:
+            for i, (prompt, sp) in enumerate(zip(prompts, params)):
+                try:
+                    seqs.append(self._requests[self.add_request(prompt, sp)])
+                except ValueError as e:
+                    raise ValueError(f"prompts[{i}]: {e}") if len(prompts) > 1 else e from None
+        except ValueError:
+            for seq in seqs:
+                self.abort(seq.request_id)
+            self.step()  # deliver the aborts so no request state is left behind
+            raise
+        return seqs
+
+    def _run_until_done(self, seqs: list[Sequence], use_tqdm: bool) -> None:
+        """Step until `seqs` finish; the bar shows prefill and decode throughput (mixed steps count as prefill)."""
+        tokens = {"prefill": 0, "decode": 0}
+        seconds = {"prefill": 1e-9, "decode": 1e-9}
+        with tqdm(total=len(seqs), desc="Generating", unit="req", dynamic_ncols=True, disable=not use_tqdm) as bar:
+            while any(not seq.is_finished for seq in seqs):
+                start = time.perf_counter()
+                finished = sum(out.finished for out in self.step())
+                num_prefill, num_decode = self.last_step_tokens
+                kind = "prefill" if num_prefill else "decode"
+                tokens[kind] += num_prefill + num_decode
+                seconds[kind] += time.perf_counter() - start
+                rates = {k: tokens[k] / seconds[k] for k in tokens}
+                bar.set_postfix_str(f"prefill {rates['prefill']:,.0f} tok/s, decode {rates['decode']:,.0f} tok/s")
+                bar.update(finished)

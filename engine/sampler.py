@@ -1,0 +1,220 @@
+"""Turn one step's logits into next tokens, each row with its own SamplingParams.
+
+Per row, computed in float32:
+
+1. Suppression: each (row, token) pair in `suppress_rows`/`suppress_token_ids` gets logit -inf
+   (min_tokens bans EOS and the stop ids this way).
+2. Greedy rows (temperature 0) take the argmax of the suppressed logits; no mask applies to them.
+3. Sampled rows divide the logits by temperature, then mask in the order top-k, top-p, min-p, each
+   stage working on the distribution the stage before left:
+   - top-k keeps every token whose logit is >= the k-th largest, so tokens tied at the k-th value are
+     all kept (the result cannot depend on how the sort orders equal values); k >= vocab is off.
+   - top-p keeps the shortest run of most-probable tokens whose cumulative probability reaches top_p
+     (never fewer than one), widened the same way to every token tied with the last one kept.
+   - min-p keeps tokens whose probability is >= min_p * the largest probability.
+   top-k and top-p share one descending sort, done only when a sampled row uses either, and both
+   reduce to a per-row logit floor compared against the unsorted logits (no scatter needed). Each
+   stage is skipped when no sampled row uses it, decided by host-side flags, so no device sync.
+4. The token is argmax(probs / E), E ~ Exp(1) i.i.d. per vocab entry: the exponential race, which
+   picks token i with probability probs[i] (it is Gumbel-max in another form). A row's E comes from
+   a stream keyed only by (seed, position), so its token is a function of its logits, params, seed
+   and position, and not of the batch around it, the row order or any global RNG state. Re-running
+   from any position reproduces the same tokens.
+
+Log-probs, when some row asks (num_logprobs >= 0), are of the raw model distribution:
+log_softmax of the unscaled, unsuppressed logits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from engine.sampling_params import SamplingParams
+
+_MASK64 = (1 << 64) - 1
+
+
+@dataclass(frozen=True, slots=True)
+class SamplingBatch:
+    """Per-row sampling inputs for one step (built on the host, moved to the device once)."""
+
+    temperatures: torch.Tensor  # [B] float32, 0.0 = greedy
+    top_ks: torch.Tensor  # [B] int64, -1 = off
+    top_ps: torch.Tensor  # [B] float32, 1.0 = off
+    min_ps: torch.Tensor  # [B] float32, 0.0 = off
+    seeds: torch.Tensor  # [B] int64
+    positions: torch.Tensor  # [B] int64, index in prompt + output of the token being sampled
+    suppress_rows: torch.Tensor  # [S] int64, with suppress_token_ids: (row, token) pairs forced to -inf
+    suppress_token_ids: torch.Tensor  # [S] int64
+    num_logprobs: int  # largest top-N any row asked for; -1 when no row asked for logprobs
+    # Host-side facts, so forward() can skip work without reading the device.
+    all_greedy: bool
+    any_greedy: bool
+    any_top_k: bool  # these three look at sampled rows only: masks never apply to greedy rows
+    any_top_p: bool
+    any_min_p: bool
+    sampled_rows: tuple[int, ...]  # rows with temperature > 0
+    rng_keys: tuple[int, ...]  # rng_key(seed, position) of each sampled row, same order
+
+    @classmethod
+    def build(
+        cls,
+        params: list[SamplingParams],
+        seeds: list[int],
+        positions: list[int],
+        suppressed: list[list[int]],
+        device: torch.device,
+    ) -> SamplingBatch:
+        """Pack one step's rows; `suppressed[i]` lists the token ids banned for row i."""
+        if not len(params) == len(seeds) == len(positions) == len(suppressed):
+            raise ValueError(
+                f"row counts differ: params={len(params)} seeds={len(seeds)} "
+                f"positions={len(positions)} suppressed={len(suppressed)}"
+            )
+        sampled = [i for i, p in enumerate(params) if not p.is_greedy]
+        sampled_params = [params[i] for i in sampled]
+        asked = [p.logprobs for p in params if p.logprobs is not None]
+        suppress_rows = [row for row, ids in enumerate(suppressed) for _ in ids]
+        suppress_ids = [tok for ids in suppressed for tok in ids]
+        return cls(
+            temperatures=_to_device([p.temperature for p in params], torch.float32, device),
+            top_ks=_to_device([p.top_k for p in params], torch.int64, device),
+            top_ps=_to_device([p.top_p for p in params], torch.float32, device),
+            min_ps=_to_device([p.min_p for p in params], torch.float32, device),
+            seeds=_to_device(seeds, torch.int64, device),
+            positions=_to_device(positions, torch.int64, device),
+            suppress_rows=_to_device(suppress_rows, torch.int64, device),
+            suppress_token_ids=_to_device(suppress_ids, torch.int64, device),
+            num_logprobs=max(asked, default=-1),
+            all_greedy=not sampled,
+            any_greedy=len(sampled) < len(params),
+            any_top_k=any(p.top_k != -1 for p in sampled_params),
+            any_top_p=any(p.top_p < 1.0 for p in sampled_params),
+            any_min_p=any(p.min_p > 0.0 for p in sampled_params),
+            sampled_rows=tuple(sampled),
+            rng_keys=tuple(rng_key(seeds[i], positions[i]) for i in sampled),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class SamplerOutput:
+    """The tokens chosen for one step and, when asked for, their log-probs."""
+
+    token_ids: torch.Tensor  # [B] int64
+    logprobs: torch.Tensor | None  # [B] float32, log-prob of the chosen token under the raw distribution
+    top_token_ids: torch.Tensor | None  # [B, N] int64, N = num_logprobs (may be 0)
+    top_logprobs: torch.Tensor | None  # [B, N] float32
+
+
+class Sampler(torch.nn.Module):
+    """Samples one token per row: suppression, greedy or temperature/top-k/top-p/min-p, then logprobs."""
+
+    def forward(self, logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
+        """Pick a token per row of `logits` [B, V] (any float dtype; the math is float32)."""
+        raw = logits.float()  # [B, V]
+        suppressed = _suppress(raw, batch)  # [B, V]
+        token_ids = _choose(suppressed, batch)  # [B]
+        if batch.num_logprobs < 0:
+            return SamplerOutput(token_ids, None, None, None)
+        raw_logprobs = raw.log_softmax(dim=-1)  # [B, V]
+        chosen = raw_logprobs.gather(1, token_ids[:, None]).squeeze(1)  # [B]
+        top_logprobs, top_token_ids = raw_logprobs.topk(batch.num_logprobs, dim=-1)  # [B, N] each
+        return SamplerOutput(token_ids, chosen, top_token_ids, top_logprobs)
+
+
+def rng_key(seed: int, position: int) -> int:
+    """Mix (seed, position) into the 64-bit key of that token's random stream."""
+    return _splitmix64(_splitmix64(seed) ^ (position & _MASK64))
+
+
+def exponential_noise(batch: SamplingBatch, vocab_size: int, device: torch.device) -> torch.Tensor:
+    """Exp(1) noise [B, V]: a sampled row's from its (seed, position) stream, greedy rows get ones.
+
+    The sampler's only source of randomness. A counter-based RNG kernel reading `batch.seeds` and
+    `batch.positions` can replace this per-row loop without changing anything else.
+    """
+    generator = torch.Generator(device=device)
+    noise = torch.ones(batch.temperatures.shape[0], vocab_size, device=device)  # [B, V]
+    for row, key in zip(batch.sampled_rows, batch.rng_keys):
+        # CUDA's Philox uses all 64 bits of the key; the CPU's mt19937 keeps the low 32.
+        generator.manual_seed(key)
+        # A fresh contiguous tensor per row, so the draw cannot depend on where the row sits.
+        noise[row] = torch.empty(vocab_size, device=device).exponential_(generator=generator)
+    # Exp(1) can round to 0; a 0 would turn a masked token's 0 / E into NaN, which argmax picks.
+    return noise.clamp_min_(torch.finfo(torch.float32).tiny)
+
+
+def _choose(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    """Greedy or sampled token per row of suppressed float32 logits [B, V] -> [B]."""
+    if batch.all_greedy:
+        return logits.argmax(dim=-1)
+    sampled = _sample(logits, batch)  # [B]
+    if not batch.any_greedy:
+        return sampled
+    # Greedy rows' noise is 1, so `sampled` is already their softmax argmax; this makes it exactly
+    # the logits' argmax, whatever float rounding does in the softmax.
+    return torch.where(batch.temperatures == 0.0, logits.argmax(dim=-1), sampled)
+
+
+def _sample(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    """Temperature, masks and the exponential race over logits [B, V] -> [B] (greedy rows: garbage)."""
+    temperatures = torch.where(batch.temperatures > 0.0, batch.temperatures, 1.0)  # [B]
+    scaled = logits / temperatures[:, None]  # [B, V]
+    if batch.any_top_k or batch.any_top_p:
+        floor = _top_k_top_p_floor(scaled, batch)  # [B, 1]
+        scaled = scaled.masked_fill(scaled < floor, float("-inf"))
+    probs = scaled.softmax(dim=-1)  # [B, V]
+    if batch.any_min_p:
+        probs = _min_p(probs, batch.min_ps)
+    # No renormalising: argmax(probs / E) does not change when a row of probs is scaled.
+    noise = exponential_noise(batch, logits.shape[-1], logits.device)  # [B, V]
+    return (probs / noise).argmax(dim=-1)
+
+
+def _top_k_top_p_floor(scaled: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    """Lowest scaled logit [B, 1] that survives top-k then top-p, from one descending sort."""
+    sorted_logits = scaled.sort(dim=-1, descending=True).values  # [B, V]
+    vocab_size = scaled.shape[-1]
+    k = batch.top_ks
+    k = torch.where((k < 1) | (k > vocab_size), vocab_size, k)  # [B], off -> whole vocab
+    floor = sorted_logits.gather(1, (k - 1)[:, None])  # [B, 1]
+    if not batch.any_top_p:
+        return floor
+    in_top_k = sorted_logits >= floor  # [B, V], a prefix of each sorted row
+    probs = sorted_logits.masked_fill(~in_top_k, float("-inf")).softmax(dim=-1)  # [B, V]
+    mass_before = probs.cumsum(dim=-1) - probs  # [B, V], probability of all strictly better tokens
+    top_ps = batch.top_ps[:, None]  # [B, 1]
+    # top_p = 1 keeps all: rounding could otherwise push mass_before to 1.0 before the tail.
+    keep = in_top_k & ((mass_before < top_ps) | (top_ps >= 1.0))  # [B, V], a prefix holding index 0
+    num_kept = keep.sum(dim=-1, keepdim=True)  # [B, 1], >= 1
+    return sorted_logits.gather(1, num_kept - 1)
+
+
+def _min_p(probs: torch.Tensor, min_ps: torch.Tensor) -> torch.Tensor:
+    """Zero the probs [B, V] below min_p [B] times their row's largest."""
+    threshold = min_ps[:, None] * probs.amax(dim=-1, keepdim=True)  # [B, 1]
+    return probs.masked_fill(probs < threshold, 0.0)
+
+
+def _suppress(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    """Logits [B, V] with the batch's (row, token) pairs set to -inf (a new tensor when any)."""
+    if batch.suppress_rows.numel() == 0:
+        return logits
+    minus_inf = torch.tensor(float("-inf"), device=logits.device)
+    return logits.index_put((batch.suppress_rows, batch.suppress_token_ids), minus_inf)
+
+
+def _splitmix64(x: int) -> int:
+    """One splitmix64 step: a 64-bit bijection whose output bits all depend on every input bit."""
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def _to_device(values: list[int] | list[float], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A host list as a 1-D tensor on `device`; pinned for CUDA so the copy does not block the host."""
+    host = torch.tensor(values, dtype=dtype, pin_memory=device.type == "cuda")  # [len(values)]
+    return host.to(device, non_blocking=True)

@@ -1,0 +1,70 @@
+"""A request's state inside the engine: its tokens, its KV blocks and how far it has been computed."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Literal
+
+from engine.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from engine.detokenizer import IncrementalDetokenizer
+
+FinishReason = Literal["stop", "length", "abort"]
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = enum.auto()
+    RUNNING = enum.auto()
+    FINISHED = enum.auto()
+
+
+@dataclass(slots=True)
+class TokenLogprobs:
+    """Log-probability of one sampled token and the top-N alternatives."""
+
+    logprob: float
+    top: dict[int, float]
+
+
+@dataclass(slots=True, eq=False)
+class Sequence:
+    """One request. `token_ids` is prompt + output; the first `num_computed_tokens` have K/V in the cache.
+
+    A step computes `token_ids[num_computed_tokens : num_computed_tokens + n]`; when that reaches
+    the end of `token_ids` the step also samples the next token. A decode is simply n == 1, and a
+    preempted request restarts with num_computed_tokens = 0 (recompute).
+    """
+
+    request_id: str
+    arrival: int
+    token_ids: list[int]
+    num_prompt_tokens: int
+    params: SamplingParams
+    seed: int
+    status: SequenceStatus = SequenceStatus.WAITING
+    num_computed_tokens: int = 0
+    num_cached_tokens: int | None = None  # prompt tokens served by the prefix cache, set at first schedule
+    block_table: list[int] = field(default_factory=list)
+    block_hashes: list[int] = field(default_factory=list)  # hashes of the leading full, computed blocks
+    finish_reason: FinishReason | None = None
+    logprobs: list[TokenLogprobs] = field(default_factory=list)
+    detokenizer: IncrementalDetokenizer | None = None  # only for requests with stop strings
+    stop_text_len: int | None = None  # output text length before a matched stop string
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens :]
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is SequenceStatus.FINISHED

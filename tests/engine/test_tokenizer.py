@@ -1,0 +1,161 @@
+"""Tokenizer wrapper: loading from a model folder, eos ids, encode/decode and chat templates."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from tokenizers import Tokenizer as HFTokenizer
+
+from engine.tokenizer import Tokenizer
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+CONVERSATION = [
+    {"role": "system", "content": "You are terse."},
+    {"role": "user", "content": "2+2?"},
+    {"role": "assistant", "content": "4"},
+    {"role": "tool", "content": '{"ok": true}'},
+]
+
+
+def make_model_dir(
+    tmp_path: Path, source_dir: Path, config_updates: dict[str, Any] | None = None, **json_files: Any
+) -> Path:
+    """A model folder linking the cached tokenizer.json, with an edited tokenizer_config and extra JSON files."""
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    (model_dir / "tokenizer.json").symlink_to(source_dir / "tokenizer.json")
+    config = json.loads((source_dir / "tokenizer_config.json").read_text())
+    config.update(config_updates or {})
+    (model_dir / "tokenizer_config.json").write_text(json.dumps(config))
+    for name, content in json_files.items():
+        (model_dir / f"{name}.json").write_text(json.dumps(content))
+    return model_dir
+
+
+@pytest.fixture(scope="module")
+def hf(qwen_tokenizer_dir: Path) -> HFTokenizer:
+    return HFTokenizer.from_file(str(qwen_tokenizer_dir / "tokenizer.json"))
+
+
+def test_basic_surface(qwen_tokenizer: Tokenizer) -> None:
+    assert qwen_tokenizer.vocab_size == 151669
+    assert qwen_tokenizer.eos_token_ids == frozenset({151645})
+    assert qwen_tokenizer.has_chat_template
+    assert qwen_tokenizer.encode("Hello, world!") == [9707, 11, 1879, 0]
+    assert qwen_tokenizer.encode("<|im_start|>hi<|im_end|>") == [151644, 6023, 151645]
+    ids = qwen_tokenizer.encode("<|im_start|>héllo 世界<|im_end|>")
+    assert qwen_tokenizer.decode(ids) == "héllo 世界"
+    assert qwen_tokenizer.decode(ids, skip_special_tokens=False) == "<|im_start|>héllo 世界<|im_end|>"
+    assert qwen_tokenizer.decode(()) == ""
+
+
+def test_eos_ids_union_of_configs(tmp_path: Path, qwen_tokenizer_dir: Path) -> None:
+    model_dir = make_model_dir(
+        tmp_path,
+        qwen_tokenizer_dir,
+        generation_config={"eos_token_id": [151643, 151645]},
+        config={"eos_token_id": 151667},
+    )
+    assert Tokenizer.from_dir(str(model_dir)).eos_token_ids == frozenset({151643, 151645, 151667})
+
+
+def test_missing_tokenizer_json(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="tokenizer.json"):
+        Tokenizer.from_dir(tmp_path)
+
+
+def test_unknown_eos_token(tmp_path: Path, qwen_tokenizer_dir: Path) -> None:
+    model_dir = make_model_dir(tmp_path, qwen_tokenizer_dir, {"eos_token": "<|nope|>"})
+    with pytest.raises(ValueError, match="tokenizer_config.json: eos_token"):
+        Tokenizer.from_dir(model_dir)
+
+
+def test_chat_template(qwen_tokenizer: Tokenizer) -> None:
+    expected = (
+        "<|im_start|>system\nYou are terse.<|im_end|>\n"
+        "<|im_start|>user\n2+2?<|im_end|>\n"
+        "<|im_start|>assistant\n4<|im_end|>\n"
+        '<|im_start|>tool\n{"ok": true}<|im_end|>\n'
+    )
+    assert qwen_tokenizer.apply_chat_template(CONVERSATION, add_generation_prompt=False) == expected
+    assert qwen_tokenizer.apply_chat_template(CONVERSATION) == expected + "<|im_start|>assistant\n"
+
+
+def test_chat_template_list_form_takes_default(tmp_path: Path, qwen_tokenizer_dir: Path) -> None:
+    templates = [
+        {"name": "tool_use", "template": "TOOLS"},
+        {"name": "default", "template": "{{ messages[0]['content'] }}"},
+    ]
+    model_dir = make_model_dir(tmp_path, qwen_tokenizer_dir, {"chat_template": templates})
+    assert Tokenizer.from_dir(model_dir).apply_chat_template([{"role": "user", "content": "hi"}]) == "hi"
+
+
+@pytest.mark.parametrize(
+    ("messages", "error"),
+    [
+        ([], r"^messages: must be a non-empty list"),
+        ("hello", r"^messages: must be a non-empty list"),
+        (["hello"], r"^messages\[0\]: must be a dict"),
+        ([{"content": "x"}], r"^messages\[0\]\.role: must be a string"),
+        ([{"role": 3, "content": "x"}], r"^messages\[0\]\.role: must be a string"),
+        (
+            CONVERSATION[:2] + [{"role": "wizard", "content": "x"}],
+            r"^messages\[2\]\.role: unknown role 'wizard'",
+        ),
+        ([{"role": "user"}], r"^messages\[0\]\.content: must be a string"),
+        ([{"role": "user", "content": ["x"]}], r"^messages\[0\]\.content: must be a string"),
+    ],
+)
+def test_bad_messages(qwen_tokenizer: Tokenizer, messages: Any, error: str) -> None:
+    with pytest.raises(ValueError, match=error):
+        qwen_tokenizer.apply_chat_template(messages)
+
+
+def test_no_chat_template(hf: HFTokenizer) -> None:
+    tokenizer = Tokenizer(hf, eos_token_ids=frozenset())
+    assert not tokenizer.has_chat_template
+    with pytest.raises(ValueError, match="no chat template"):
+        tokenizer.apply_chat_template([{"role": "user", "content": "hi"}])
+
+
+def test_template_extras(hf: HFTokenizer) -> None:
+    template = (
+        "{{ bos_token }}[{{ eos_token }}]"
+        "{% for m in messages %}{% if loop.index0 > 0 %}{% break %}{% endif %}{{ m | tojson }}{% endfor %}"
+        "{{ strftime_now('%Y') | length }}{{ tools is none }}"
+    )
+    tokenizer = Tokenizer(hf, frozenset(), chat_template=template, bos_token="<s>", eos_token="</s>")
+    messages = [{"role": "user", "content": "héllo"}, {"role": "user", "content": "skipped"}]
+    assert tokenizer.apply_chat_template(messages) == '<s>[</s>]{"role": "user", "content": "héllo"}4True'
+
+
+def test_template_raise_exception(hf: HFTokenizer) -> None:
+    template = (
+        "{% if messages[0]['role'] != 'system' %}{{ raise_exception('system message first') }}{% endif %}"
+    )
+    tokenizer = Tokenizer(hf, frozenset(), chat_template=template)
+    with pytest.raises(ValueError, match="system message first"):
+        tokenizer.apply_chat_template([{"role": "user", "content": "hi"}])
+
+
+def test_template_is_sandboxed(hf: HFTokenizer) -> None:
+    tokenizer = Tokenizer(hf, frozenset(), chat_template="{{ messages.append(1) }}")
+    with pytest.raises(Exception, match="unsafe|immutable|not safely callable"):
+        tokenizer.apply_chat_template([{"role": "user", "content": "hi"}])
+
+
+def test_imports_stay_torch_free() -> None:
+    code = (
+        "import sys, engine.tokenizer, engine.detokenizer, engine.qwen_tokenizer; "
+        "heavy = sorted(m for m in ('torch', 'transformers') if m in sys.modules); "
+        "assert not heavy, heavy"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0, result.stderr
