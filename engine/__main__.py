@@ -38,7 +38,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--ignore-eos", action="store_true", help="keep generating past the end-of-sequence token")
     e = p.add_argument_group("engine")
     e.add_argument("--device", default="auto", help="'auto' (CUDA if available), 'cpu', 'cuda' or 'cuda:N'")
-    e.add_argument("--dtype", default="auto", help="'auto' (checkpoint dtype; float32 on CPU), float32, bfloat16, float16")
+    e.add_argument("--dtype", default="auto", help="'auto' (checkpoint's; float32 on CPU), float32, bfloat16, float16")
     e.add_argument("--max-model-len", type=int, help="longest prompt + output in tokens (default: the model's)")
     e.add_argument("--max-num-seqs", type=int, default=256, help="most requests in one batch (default 256)")
     e.add_argument("--max-num-batched-tokens", type=int, default=8192, help="token budget per step (default 8192)")
@@ -67,11 +67,13 @@ def main(argv: list[str] | None = None) -> int:
         )
         prompts = [_chat(engine, p) if args.chat else p for p in args.prompts]
         results = engine.generate(prompts, params, use_tqdm=not args.no_progress)
+        assert isinstance(results, list)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     for prompt, result in zip(args.prompts, results):
-        print(f"\n>>> {prompt}\n{result['text']}\n[{len(result['token_ids'])} tokens, finish: {result['finish_reason']}]")
+        summary = f"[{len(result['token_ids'])} tokens, finish: {result['finish_reason']}]"
+        print(f"\n>>> {prompt}\n{result['text']}\n{summary}")
     return 0
 
 

@@ -6,6 +6,7 @@ files), so they load through the same loader as a real one, and Hugging Face can
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -44,10 +45,8 @@ def default_model_dir() -> Path:
         with tempfile.TemporaryDirectory(dir=cache_root()) as tmp:
             # A wide init makes the gibberish vary instead of repeating one token.
             write_random_qwen3(Path(tmp) / "model", TINY_QWEN3, dtype=torch.float32, init_std=0.3)
-            try:
+            with contextlib.suppress(OSError):  # another process built it first
                 os.replace(Path(tmp) / "model", path)
-            except OSError:  # another process built it first
-                pass
     return path
 
 
@@ -58,8 +57,8 @@ def write_random_qwen3(
     out_dir.mkdir(parents=True, exist_ok=True)
     generator = torch.Generator().manual_seed(seed)
     tensors = {
-        name: _init(shape_, generator, dtype, init_std) if not name.endswith("norm.weight") else torch.ones(shape_, dtype=dtype)
-        for name, shape_ in _tensor_shapes(shape).items()
+        name: torch.ones(size, dtype=dtype) if name.endswith("norm.weight") else _init(size, generator, dtype, init_std)
+        for name, size in _tensor_shapes(shape).items()
     }
     save_file(tensors, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
     config = {

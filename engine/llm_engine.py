@@ -7,7 +7,6 @@ import logging
 import random
 import time
 import uuid
-from collections.abc import Sequence as Seq
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +20,7 @@ from engine.outputs import EngineStats, RequestOutput, final_output
 from engine.prompt import Prompt, validate_prompt
 from engine.sampling_params import SamplingParams
 from engine.scheduler import ScheduledBatch, Scheduler
-from engine.sequence import Sequence, SequenceStatus
+from engine.sequence import Sequence
 from engine.stopping import check_stop
 from engine.tokenizer import Tokenizer
 
@@ -123,7 +122,9 @@ class LLMEngine:
             new_logprobs=new_logprobs or [],
         )
 
-    def _finish_output(self, seq: Sequence, new_token_ids: list[int], new_logprobs: list | None = None) -> RequestOutput:
+    def _finish_output(
+        self, seq: Sequence, new_token_ids: list[int], new_logprobs: list | None = None
+    ) -> RequestOutput:
         """The final output of a request; the engine forgets it afterwards."""
         del self._requests[seq.request_id]
         return self._output(seq, new_token_ids, new_logprobs)
@@ -157,7 +158,7 @@ class LLMEngine:
         keyword arguments (`max_tokens=100, temperature=0`).
         """
         single = isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int))
-        batch: list[Prompt] = [prompts] if single else list(prompts)  # type: ignore[list-item]
+        batch: list[Prompt] = [prompts] if single else list(prompts)  # type: ignore[list-item, arg-type]
         if not batch:
             raise ValueError("prompts: no prompt given")
         per_prompt = self._sampling_params_per_prompt(sampling_params, params, len(batch))

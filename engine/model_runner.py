@@ -136,7 +136,8 @@ class ModelRunner:
             raise ValueError("not enough memory for a single KV block; lower max_model_len or free memory")
         # On CPU, untouched pages of an empty tensor cost no memory; every slot is written before it is read.
         alloc = torch.empty if self.device.type == "cpu" else torch.zeros
-        cache = alloc(2, len(layers), num_blocks, cfg.block_size, num_kv_heads, head_dim, dtype=cfg.dtype, device=self.device)
+        shape = (2, len(layers), num_blocks, cfg.block_size, num_kv_heads, head_dim)
+        cache = alloc(shape, dtype=cfg.dtype, device=self.device)
         for i, layer in enumerate(layers):
             layer.k_cache, layer.v_cache = cache[0, i], cache[1, i]
         self.kv_cache = cache

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Union
-
 from engine.config import EngineConfig
 from engine.sampling_params import SamplingParams
 from engine.tokenizer import Tokenizer
 
-Prompt = Union[str, list[int]]
+Prompt = str | list[int]
 
 
 def validate_prompt(

@@ -26,7 +26,7 @@ def _read_json(path: Path) -> dict[str, Any]:
     with path.open(encoding="utf-8") as f:
         data = json.load(f)
     if not isinstance(data, dict):
-        raise ValueError(f"{path.name}: expected a JSON object")  # noqa: TRY004 (a bad file, not a bad call)
+        raise ValueError(f"{path.name}: expected a JSON object")
     return data
 
 
@@ -82,14 +82,14 @@ def validate_messages(messages: list[dict[str, str]]) -> None:
         raise ValueError("messages: must be a non-empty list")
     for i, message in enumerate(messages):
         if not isinstance(message, dict):
-            raise ValueError(f"messages[{i}]: must be a dict, got {type(message).__name__}")  # noqa: TRY004
+            raise ValueError(f"messages[{i}]: must be a dict, got {type(message).__name__}")
         role = message.get("role")
         if not isinstance(role, str):
-            raise ValueError(f"messages[{i}].role: must be a string")  # noqa: TRY004
+            raise ValueError(f"messages[{i}].role: must be a string")
         if role not in CHAT_ROLES:
             raise ValueError(f"messages[{i}].role: unknown role {role!r}")
         if not isinstance(message.get("content"), str):
-            raise ValueError(f"messages[{i}].content: must be a string")  # noqa: TRY004
+            raise ValueError(f"messages[{i}].content: must be a string")
 
 
 class Tokenizer:

@@ -1,0 +1,1 @@
+"""The gRPC contract (.proto and generated modules; arrives with the serving layer)."""

@@ -1,0 +1,1 @@
+"""gRPC front door: prefix-aware balancing and failover across replicas (arrives with the serving layer)."""
