@@ -46,6 +46,10 @@ class LLMEngine:
         self, prompt: Prompt, params: SamplingParams | None = None, request_id: str | None = None
     ) -> str:
         """Queue a request (text or token ids); raise ValueError naming the bad field. Returns its id."""
+        return self._enqueue(self._new_sequence(prompt, params, request_id))
+
+    def _new_sequence(self, prompt: Prompt, params: SamplingParams | None, request_id: str | None) -> Sequence:
+        """A validated, not yet queued request."""
         params = params or SamplingParams()
         if not isinstance(params, SamplingParams):
             raise ValueError(f"sampling_params must be a SamplingParams, got {type(params).__name__}")
@@ -53,7 +57,7 @@ class LLMEngine:
         if not isinstance(request_id, str) or not request_id or request_id in self._requests:
             raise ValueError(f"request_id: {request_id!r} is empty, not a string or already in use")
         token_ids = validate_prompt(prompt, self.tokenizer, self.config, params, self.block_manager.num_blocks)
-        seq = Sequence(
+        return Sequence(
             request_id=request_id,
             arrival=next(self._arrivals),
             token_ids=token_ids,
@@ -62,9 +66,11 @@ class LLMEngine:
             seed=params.seed if params.seed is not None else random.getrandbits(63),
             detokenizer=IncrementalDetokenizer(self.tokenizer) if params.stop else None,
         )
-        self._requests[request_id] = seq
+
+    def _enqueue(self, seq: Sequence) -> str:
+        self._requests[seq.request_id] = seq
         self.scheduler.add(seq)
-        return request_id
+        return seq.request_id
 
     def abort(self, request_id: str) -> bool:
         """Stop a request and free its blocks now; its final output comes with the next step. False if unknown."""
@@ -157,7 +163,7 @@ class LLMEngine:
         Sampling parameters come either as `sampling_params` (one, or one per prompt) or as
         keyword arguments (`max_tokens=100, temperature=0`).
         """
-        single = isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int))
+        single = not isinstance(prompts, (list, tuple)) or (bool(prompts) and isinstance(prompts[0], int))
         batch: list[Prompt] = [prompts] if single else list(prompts)  # type: ignore[list-item, arg-type]
         if not batch:
             raise ValueError("prompts: no prompt given")
@@ -182,19 +188,15 @@ class LLMEngine:
         return list(sampling_params)
 
     def _add_all(self, prompts: list[Prompt], params: list[SamplingParams]) -> list[Sequence]:
-        """Add every prompt, or none: a bad one aborts those already added before re-raising."""
+        """Validate every prompt, then queue them all: a bad one rejects the batch and queues nothing."""
         seqs: list[Sequence] = []
-        try:
-            for i, (prompt, sp) in enumerate(zip(prompts, params)):
-                try:
-                    seqs.append(self._requests[self.add_request(prompt, sp)])
-                except ValueError as e:
-                    raise ValueError(f"prompts[{i}]: {e}") if len(prompts) > 1 else e from None
-        except ValueError:
-            for seq in seqs:
-                self.abort(seq.request_id)
-            self.step()  # deliver the aborts so no request state is left behind
-            raise
+        for i, (prompt, sp) in enumerate(zip(prompts, params)):
+            try:
+                seqs.append(self._new_sequence(prompt, sp, None))
+            except ValueError as e:
+                raise (ValueError(f"prompts[{i}]: {e}") if len(prompts) > 1 else e) from None
+        for seq in seqs:
+            self._enqueue(seq)
         return seqs
 
     def _run_until_done(self, seqs: list[Sequence], use_tqdm: bool) -> None:

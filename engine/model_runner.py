@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 
-from engine.config import CPU_KV_CACHE_BYTES, EngineConfig
-from engine.layers.attention import Attention, AttentionMetadata
+from engine.config import EngineConfig
+from engine.cuda_graphs import DecodeGraphs
+from engine.kv_cache import allocate_kv_cache, bytes_per_block, log_kv_cache, num_cpu_blocks, num_gpu_blocks
+from engine.layers.attention import AttentionMetadata
 from engine.loader import load_weights
 from engine.models.qwen3 import Qwen3ForCausalLM
 from engine.sampler import Sampler, SamplingBatch
+from engine.sampling_params import SamplingParams
 from engine.scheduler import ScheduledBatch
 from engine.sequence import Sequence, TokenLogprobs
 
@@ -42,13 +46,25 @@ class ModelRunner:
             self.model = Qwen3ForCausalLM(config.model_config, config.max_model_len)
         load_weights(self.model, config.model)
         self.sampler = Sampler()
-        self.num_kv_blocks = self._allocate_kv_cache()
+        on_gpu = self.device.type == "cuda"
+        self.num_sms = torch.cuda.get_device_properties(self.device).multi_processor_count if on_gpu else 1
+        self.num_kv_blocks = self._setup_kv_cache()
+        self.graphs: DecodeGraphs | None = None
+        if on_gpu and not config.enforce_eager:
+            self.graphs = DecodeGraphs(
+                self.model, config.max_num_seqs, -(-config.max_model_len // config.block_size),
+                config.model_config.hidden_size, config.dtype, self.device,
+                lambda n: self._num_kv_splits(n, 1, config.max_model_len),
+            )
 
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> list[tuple[int, TokenLogprobs | None]]:
         """Compute the batch; return (token id, logprobs) for each sequence that reached its end."""
         inputs = self._prepare(batch)
-        hidden = self.model(inputs.input_ids, inputs.positions, inputs.metadata)
+        if self.graphs is not None and inputs.metadata.max_query_len == 1 and self.graphs.padded_size(len(batch)):
+            hidden = self.graphs.replay(inputs.input_ids, inputs.positions, inputs.metadata)
+        else:
+            hidden = self.model(inputs.input_ids, inputs.positions, inputs.metadata)
         if not inputs.sampling_seqs:
             return []
         logits = self.model.compute_logits(hidden[inputs.sample_indices])
@@ -84,6 +100,7 @@ class ModelRunner:
             block_tables=self._tensor(tables, torch.int32),
             max_query_len=max(batch.num_new_tokens),
             max_seq_len=max(seq_lens),
+            num_splits=self._num_kv_splits(len(batch), max(batch.num_new_tokens), max(seq_lens)),
         )
         return StepInputs(
             input_ids=self._tensor(input_ids, torch.int64),
@@ -92,6 +109,16 @@ class ModelRunner:
             sample_indices=self._tensor(sample_indices, torch.int64),
             sampling_seqs=sampling_seqs,
         )
+
+    def _num_kv_splits(self, num_seqs: int, max_query_len: int, max_seq_len: int) -> int:
+        """Flash-decoding splits: enough programs to fill the GPU, each split covering >= 256 tokens."""
+        if self.device.type != "cuda" or max_query_len > 1:
+            return 1
+        programs = num_seqs * self.config.model_config.num_key_value_heads  # one per (sequence, KV head)
+        splits = 1
+        while splits < 16 and programs * splits < 2 * self.num_sms and max_seq_len >= 512 * splits:
+            splits *= 2
+        return splits
 
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[tuple[int, TokenLogprobs | None]]:
         batch = SamplingBatch.build(
@@ -125,36 +152,65 @@ class ModelRunner:
         pin = self.device.type == "cuda"
         return torch.tensor(data, dtype=dtype, pin_memory=pin).to(self.device, non_blocking=True)
 
-    def _allocate_kv_cache(self) -> int:
-        """Allocate one [2, layers, blocks, block_size, kv_heads, head_dim] cache and bind per-layer views."""
-        cfg, mcfg = self.config, self.config.model_config
-        layers = [m for m in self.model.modules() if isinstance(m, Attention)]
-        num_kv_heads, head_dim = layers[0].num_kv_heads, mcfg.head_dim
-        bytes_per_block = 2 * len(layers) * cfg.block_size * num_kv_heads * head_dim * cfg.dtype.itemsize
-        num_blocks = cfg.num_kv_blocks or self._default_num_blocks(bytes_per_block)
+    def _setup_kv_cache(self) -> int:
+        """Size the KV cache (profiling the largest step on a GPU), allocate it; return its block count."""
+        cfg = self.config
+        block_bytes = bytes_per_block(self.model, cfg)
+        if cfg.num_kv_blocks is not None:
+            num_blocks = cfg.num_kv_blocks
+        elif self.device.type == "cpu":
+            num_blocks = num_cpu_blocks(cfg, block_bytes)
+        else:
+            num_blocks = num_gpu_blocks(cfg, block_bytes, self._profile_peak_activation_bytes())
         if num_blocks < 1:
-            raise ValueError("not enough memory for a single KV block; lower max_model_len or free memory")
-        # On CPU, untouched pages of an empty tensor cost no memory; every slot is written before it is read.
-        alloc = torch.empty if self.device.type == "cpu" else torch.zeros
-        shape = (2, len(layers), num_blocks, cfg.block_size, num_kv_heads, head_dim)
-        cache = alloc(shape, dtype=cfg.dtype, device=self.device)
-        for i, layer in enumerate(layers):
-            layer.k_cache, layer.v_cache = cache[0, i], cache[1, i]
-        self.kv_cache = cache
-        log.info(
-            "KV cache: %d blocks x %d tokens (%.1f MiB) on %s",
-            num_blocks, cfg.block_size, num_blocks * bytes_per_block / 2**20, self.device,
-        )
+            raise ValueError(
+                "KV cache: no room for a single block; raise gpu_memory_utilization, "
+                "or lower max_num_batched_tokens / max_num_seqs"
+            )
+        self.kv_cache = allocate_kv_cache(self.model, cfg, num_blocks)
+        log_kv_cache(cfg, num_blocks, block_bytes)
         return num_blocks
 
-    def _default_num_blocks(self, bytes_per_block: int) -> int:
+    @torch.inference_mode()
+    def _profile_peak_activation_bytes(self) -> int:
+        """Run the largest step the scheduler can form (max_num_batched_tokens of prefill, then logits and
+        sampling for max_num_seqs rows) on dummy data; return its peak memory beyond what is held now."""
         cfg = self.config
-        if self.device.type == "cpu":
-            wanted = cfg.max_num_seqs * -(-cfg.max_model_len // cfg.block_size)
-            return min(wanted, CPU_KV_CACHE_BYTES // bytes_per_block)
-        free, total = torch.cuda.mem_get_info(self.device)
-        budget = free - (1 - cfg.gpu_memory_utilization) * total
-        return int(budget // bytes_per_block)
+        num_tokens = min(cfg.max_num_batched_tokens, cfg.max_num_seqs * cfg.max_model_len)
+        seq_len = min(num_tokens, cfg.max_model_len)
+        num_seqs = -(-num_tokens // seq_len)
+        blocks_per_seq = -(-seq_len // cfg.block_size)
+        scratch_cache = allocate_kv_cache(self.model, cfg, num_seqs * blocks_per_seq)
+        torch.cuda.synchronize(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        baseline = torch.cuda.memory_allocated(self.device)
+        lens = [seq_len] * (num_tokens // seq_len) + ([num_tokens % seq_len] if num_tokens % seq_len else [])
+        metadata = AttentionMetadata(
+            slot_mapping=torch.arange(num_tokens, device=self.device),
+            query_start_loc=torch.tensor([0, *itertools.accumulate(lens)], dtype=torch.int32, device=self.device),
+            seq_lens=torch.tensor(lens, dtype=torch.int32, device=self.device),
+            block_tables=torch.arange(num_seqs * blocks_per_seq, dtype=torch.int32, device=self.device).view(
+                num_seqs, blocks_per_seq
+            ),
+            max_query_len=seq_len,
+            max_seq_len=seq_len,
+        )
+        input_ids = torch.zeros(num_tokens, dtype=torch.int64, device=self.device)
+        positions = torch.cat([torch.arange(n, device=self.device) for n in lens])
+        hidden = self.model(input_ids, positions, metadata)
+        rows = hidden[-1:].expand(cfg.max_num_seqs, -1)
+        logits = self.model.compute_logits(rows)
+        assert logits is not None
+        self.sampler(logits, SamplingBatch.build(
+            [SamplingParams(temperature=1.0, top_p=0.9, logprobs=20)] * cfg.max_num_seqs,
+            seeds=[0] * cfg.max_num_seqs, positions=[0] * cfg.max_num_seqs,
+            suppressed=[[]] * cfg.max_num_seqs, device=self.device,
+        ))
+        torch.cuda.synchronize(self.device)
+        peak = torch.cuda.max_memory_allocated(self.device) - baseline
+        del scratch_cache, hidden, logits
+        torch.cuda.empty_cache()
+        return peak
 
 
 @contextlib.contextmanager

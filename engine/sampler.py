@@ -32,6 +32,9 @@ from dataclasses import dataclass
 import torch
 
 from engine.sampling_params import SamplingParams
+from kernels.exponential_noise import exponential_noise as kernel_exponential_noise
+from kernels.exponential_noise import exponential_noise_ref
+from kernels.triton_compat import HAS_TRITON
 
 _MASK64 = (1 << 64) - 1
 
@@ -132,18 +135,19 @@ def rng_key(seed: int, position: int) -> int:
 def exponential_noise(batch: SamplingBatch, vocab_size: int, device: torch.device) -> torch.Tensor:
     """Exp(1) noise [B, V]: a sampled row's from its (seed, position) stream, greedy rows get ones.
 
-    The sampler's only source of randomness. A counter-based RNG kernel reading `batch.seeds` and
-    `batch.positions` can replace this per-row loop without changing anything else.
+    The sampler's only source of randomness: a Philox kernel on the GPU, a generator per row on CPU.
     """
-    generator = torch.Generator(device=device)
     noise = torch.ones(batch.temperatures.shape[0], vocab_size, device=device)  # [B, V]
-    for row, key in zip(batch.sampled_rows, batch.rng_keys):
-        # CUDA's Philox uses all 64 bits of the key; the CPU's mt19937 keeps the low 32.
-        generator.manual_seed(key)
-        # A fresh contiguous tensor per row, so the draw cannot depend on where the row sits.
-        noise[row] = torch.empty(vocab_size, device=device).exponential_(generator=generator)
-    # Exp(1) can round to 0; a 0 would turn a masked token's 0 / E into NaN, which argmax picks.
-    return noise.clamp_min_(torch.finfo(torch.float32).tiny)
+    if not batch.sampled_rows:
+        return noise
+    signed_keys = [k - (1 << 64) if k >= 1 << 63 else k for k in batch.rng_keys]  # as int64 bits
+    keys = _to_device(signed_keys, torch.int64, device)
+    rows = _to_device(list(batch.sampled_rows), torch.int64, device)
+    if device.type == "cuda" and HAS_TRITON:
+        kernel_exponential_noise(keys, rows, noise)
+    else:
+        exponential_noise_ref(keys, rows, noise)
+    return noise
 
 
 def _choose(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:

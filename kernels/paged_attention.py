@@ -10,6 +10,145 @@ from __future__ import annotations
 
 import torch
 
+from kernels.triton_compat import tl, triton
+
+
+def paged_attention(
+    query: torch.Tensor,  # [T, Hq, D]
+    k_cache: torch.Tensor,  # [num_blocks, block_size, Hkv, D]
+    v_cache: torch.Tensor,  # [num_blocks, block_size, Hkv, D]
+    query_start_loc: torch.Tensor,  # [B + 1] int32
+    seq_lens: torch.Tensor,  # [B] int32
+    block_tables: torch.Tensor,  # [B, max_blocks] int32
+    scale: float,
+    max_query_len: int,
+    num_splits: int = 1,
+    out: torch.Tensor | None = None,  # [T, Hq, D], written in place when given
+) -> torch.Tensor:  # [T, Hq, D]
+    """Triton version of `paged_attention_ref`.
+
+    One program per (sequence, query tile, KV head, KV split). A query tile packs BLOCK_Q new
+    tokens times the GROUP query heads that share a KV head, so each K/V tile is read once per
+    group (GQA). With num_splits > 1 (flash-decoding) each program covers a slice of the context
+    and a second kernel merges the partial results by their log-sum-exp, so a small batch of long
+    contexts still fills the GPU. `max_query_len` and `num_splits` are host-side launch shapes.
+    """
+    num_tokens, num_heads, head_dim = query.shape
+    num_seqs = seq_lens.shape[0]
+    assert num_splits & (num_splits - 1) == 0 and head_dim & (head_dim - 1) == 0, "powers of two only"
+    assert query.stride(-1) == 1 and k_cache.is_contiguous() and v_cache.is_contiguous()
+    num_kv_heads, page = k_cache.shape[2], k_cache.shape[1]
+    group = num_heads // num_kv_heads
+    block_q = 1 if max_query_len == 1 else max(1, 64 // group)
+    block_m = max(16, triton.next_power_of_2(block_q * group))
+    num_q_tiles = triton.cdiv(max_query_len, block_q)
+    out = torch.empty_like(query) if out is None else out
+    if num_splits > 1:
+        partial_out = torch.empty(num_splits, num_tokens, num_heads, head_dim, dtype=torch.float32, device=query.device)
+        partial_lse = torch.empty(num_splits, num_tokens, num_heads, dtype=torch.float32, device=query.device)
+    else:
+        partial_out = partial_lse = out  # unused
+    grid = (num_seqs * num_q_tiles, num_kv_heads, num_splits)
+    _paged_attention_kernel[grid](
+        query, k_cache, v_cache, out, partial_out, partial_lse, query_start_loc, seq_lens, block_tables,
+        scale * 1.4426950408889634,  # log2(e): the kernel works in base 2
+        query.stride(0), query.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        block_tables.stride(0), out.stride(0), out.stride(1), num_tokens, num_q_tiles,
+        GROUP=group, BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=64, PAGE=page,
+        HEAD_DIM=head_dim, NUM_SPLITS=num_splits, DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
+    )
+    if num_splits > 1:
+        _merge_splits_kernel[(num_tokens, num_heads)](
+            partial_out, partial_lse, out, num_tokens, num_heads, out.stride(0), out.stride(1),
+            HEAD_DIM=head_dim, NUM_SPLITS=num_splits,
+        )
+    return out
+
+
+@triton.jit
+def _paged_attention_kernel(
+    Q, K_cache, V_cache, Out, Partial_out, Partial_lse, query_start_loc, seq_lens, block_tables,
+    scale_log2, stride_qt, stride_qh, stride_kb, stride_ks, stride_kh, stride_bt, stride_ot, stride_oh, num_tokens,
+    num_q_tiles, GROUP: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, PAGE: tl.constexpr, HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    seq = tl.program_id(0) // num_q_tiles
+    tile = tl.program_id(0) % num_q_tiles
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    q_start = tl.load(query_start_loc + seq)
+    q_len = tl.load(query_start_loc + seq + 1) - q_start
+    if tile * BLOCK_Q >= q_len:
+        return
+    seq_len = tl.load(seq_lens + seq)
+    context_len = seq_len - q_len
+
+    # Rows of the tile: (query token, head within the GQA group) pairs.
+    offs_m = tl.arange(0, BLOCK_M)
+    q_idx = tile * BLOCK_Q + offs_m // GROUP
+    head = kv_head * GROUP + offs_m % GROUP
+    row_valid = (offs_m < BLOCK_Q * GROUP) & (q_idx < q_len)
+    q_pos = context_len + q_idx  # absolute position of each row's token
+    offs_d = tl.arange(0, HEAD_DIM)
+    q_rows = (q_start + q_idx) * stride_qt + head * stride_qh
+    q = tl.load(Q + q_rows[:, None] + offs_d[None, :], mask=row_valid[:, None], other=0.0)
+
+    # Keys this tile can see: up to its last token's position; this split takes one slice of them.
+    kv_end = tl.minimum(seq_len, context_len + (tile + 1) * BLOCK_Q)
+    split_len = tl.cdiv(tl.cdiv(kv_end, BLOCK_N), NUM_SPLITS) * BLOCK_N
+    kv_lo = split * split_len
+    kv_hi = tl.minimum(kv_end, kv_lo + split_len)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    for start in range(kv_lo, kv_hi, BLOCK_N):
+        offs_n = start + tl.arange(0, BLOCK_N)
+        n_valid = offs_n < kv_hi
+        block_ids = tl.load(block_tables + seq * stride_bt + offs_n // PAGE, mask=n_valid, other=0)
+        kv_rows = block_ids * stride_kb + (offs_n % PAGE) * stride_ks + kv_head * stride_kh
+        k = tl.load(K_cache + kv_rows[:, None] + offs_d[None, :], mask=n_valid[:, None], other=0.0)
+        v = tl.load(V_cache + kv_rows[:, None] + offs_d[None, :], mask=n_valid[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
+        visible = n_valid[None, :] & (offs_n[None, :] <= q_pos[:, None])
+        s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that see nothing yet stay at zero
+        p = tl.exp2(s - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    out = acc / tl.maximum(l_i, 1e-30)[:, None]
+    if NUM_SPLITS == 1:
+        o_rows = (q_start + q_idx) * stride_ot + head * stride_oh
+        tl.store(Out + o_rows[:, None] + offs_d[None, :], out.to(Out.dtype.element_ty), mask=row_valid[:, None])
+    else:
+        num_heads = tl.num_programs(1) * GROUP
+        p_rows = (split * num_tokens + q_start + q_idx) * num_heads + head
+        tl.store(Partial_out + p_rows[:, None] * HEAD_DIM + offs_d[None, :], out, mask=row_valid[:, None])
+        lse = tl.where(l_i > 0, m_i + tl.log2(tl.maximum(l_i, 1e-30)), float("-inf"))
+        tl.store(Partial_lse + p_rows, lse, mask=row_valid)
+
+
+@triton.jit
+def _merge_splits_kernel(
+    Partial_out, Partial_lse, Out, num_tokens, num_heads, stride_ot, stride_oh,
+    HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr,
+):
+    t = tl.program_id(0)
+    h = tl.program_id(1)
+    splits = tl.arange(0, NUM_SPLITS)
+    lse = tl.load(Partial_lse + (splits * num_tokens + t) * num_heads + h)  # [S], base 2
+    weights = tl.exp2(lse - tl.max(lse, 0))
+    offs_d = tl.arange(0, HEAD_DIM)
+    rows = (splits * num_tokens + t) * num_heads + h
+    partial = tl.load(Partial_out + rows[:, None] * HEAD_DIM + offs_d[None, :])  # [S, D]
+    out = tl.sum(partial * weights[:, None], 0) / tl.sum(weights, 0)
+    tl.store(Out + t * stride_ot + h * stride_oh + offs_d, out.to(Out.dtype.element_ty))
+
 
 def paged_attention_ref(
     query: torch.Tensor,  # [T, Hq, D]

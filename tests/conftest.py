@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -10,6 +11,31 @@ import pytest
 import torch
 
 from engine.qwen_tokenizer import cached_qwen_tokenizer_dir
+
+# Without a GPU, Triton kernels run in Triton's CPU interpreter; it must be chosen before any kernel
+# module is imported, since `triton.jit` reads it when decorating.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def _let_triton_interpreter_index_with_numpy2() -> None:
+    """Triton 3.6's interpreter turns a scalar (held as a 1-element array) into a Python int with
+    `int(array)`, which NumPy >= 2.4 refuses; loop bounds loaded from memory then fail. Index via
+    the array's single element instead (test-only: the compiled GPU path never runs this code)."""
+    try:
+        import triton.runtime.interpreter as interpreter
+    except ImportError:
+        return
+    original = interpreter._patch_lang_tensor
+
+    def patched(tensor: object, scope: object) -> None:
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))  # type: ignore
+
+    interpreter._patch_lang_tensor = patched
+
+
+_let_triton_interpreter_index_with_numpy2()
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 

@@ -1,7 +1,8 @@
 """The model's one attention entry point: store new K/V into the paged cache, then attend.
 
 The model runner builds one `AttentionMetadata` per step; every layer reads the same one.
-The backend behind it (torch reference on CPU; GPU kernels later) never changes the model code.
+The backend behind it never changes the model code: Triton kernels on a GPU, the torch
+reference on CPU.
 """
 
 from __future__ import annotations
@@ -11,8 +12,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from kernels.kv_store import store_kv_ref
-from kernels.paged_attention import paged_attention_ref
+from kernels.kv_store import store_kv, store_kv_ref
+from kernels.paged_attention import paged_attention, paged_attention_ref
+from kernels.triton_compat import HAS_TRITON
 
 
 @dataclass(slots=True)
@@ -25,6 +27,12 @@ class AttentionMetadata:
     block_tables: torch.Tensor  # [B, max_blocks] int32
     max_query_len: int
     max_seq_len: int
+    num_splits: int = 1  # KV splits per sequence (flash-decoding) for the GPU kernel
+
+
+def attention_backend(device: torch.device) -> str:
+    """Which implementation runs attention on `device` ("triton" or "torch-reference")."""
+    return "triton" if device.type == "cuda" and HAS_TRITON else "torch-reference"
 
 
 class Attention(nn.Module):
@@ -33,15 +41,27 @@ class Attention(nn.Module):
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float) -> None:
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim, self.scale = num_heads, num_kv_heads, head_dim, scale
-        self.k_cache = torch.empty(0)  # [num_blocks, block_size, Hkv, D], bound by the model runner
+        self.k_cache = torch.empty(0)  # [num_blocks, block_size, Hkv, D]
         self.v_cache = torch.empty(0)
+        self.use_triton = False
+
+    def bind_kv_cache(self, k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
+        """Attach this layer's slice of the KV cache (called once by the model runner)."""
+        self.k_cache, self.v_cache = k_cache, v_cache
+        self.use_triton = attention_backend(k_cache.device) == "triton"
 
     def forward(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, metadata: AttentionMetadata
     ) -> torch.Tensor:
         """q: [T, Hq, D], k/v: [T, Hkv, D] -> [T, Hq, D]."""
-        store_kv_ref(k, v, self.k_cache, self.v_cache, metadata.slot_mapping)
+        m = metadata
+        if self.use_triton:
+            store_kv(k, v, self.k_cache, self.v_cache, m.slot_mapping)
+            return paged_attention(
+                q, self.k_cache, self.v_cache, m.query_start_loc, m.seq_lens, m.block_tables, self.scale,
+                m.max_query_len, m.num_splits,
+            )
+        store_kv_ref(k, v, self.k_cache, self.v_cache, m.slot_mapping)
         return paged_attention_ref(
-            q, self.k_cache, self.v_cache, metadata.query_start_loc, metadata.seq_lens,
-            metadata.block_tables, self.scale,
+            q, self.k_cache, self.v_cache, m.query_start_loc, m.seq_lens, m.block_tables, self.scale
         )

@@ -1,0 +1,51 @@
+"""Shared pieces of the GPU benchmarks: the random Qwen3-0.6B checkpoint and the measured ceilings."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+
+from engine.default_model import QWEN3_0_6B, write_random_qwen3  # noqa: E402
+from engine.qwen_tokenizer import cache_root  # noqa: E402
+
+
+def random_qwen3_0_6b() -> Path:
+    """Qwen3-0.6B's shape with random bf16 weights, written once as a real safetensors checkpoint."""
+    path = cache_root() / "random-qwen3-0.6b-bf16"
+    if not (path / "config.json").is_file():
+        write_random_qwen3(path, QWEN3_0_6B, dtype=torch.bfloat16)
+    return path
+
+
+def time_cuda(fn, iters: int = 20, warmup: int = 3) -> float:
+    """Median seconds of `fn()` measured with CUDA events."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return sorted(times)[len(times) // 2]
+
+
+def copy_bandwidth() -> float:
+    """Device memory bandwidth in bytes/s: a 4 GiB device-to-device copy, counting bytes read + written."""
+    src = torch.randn(2**30, device="cuda")
+    dst = torch.empty_like(src)
+    seconds = time_cuda(lambda: dst.copy_(src))
+    return 2 * src.numel() * src.element_size() / seconds
+
+
+def bf16_matmul_peak() -> float:
+    """bf16 FLOP/s of an 8192^3 matrix product on random data."""
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    return 2 * 8192**3 / time_cuda(lambda: a @ b)

@@ -1,0 +1,26 @@
+"""Triton when it is installed; otherwise a no-op `triton.jit`, so kernel modules still import and
+their torch references work on machines without Triton (the kernels themselves need a GPU, or
+TRITON_INTERPRET=1, which the tests set on CPU)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+try:
+    import triton
+    import triton.language as tl
+
+    HAS_TRITON = True
+except ImportError:
+    HAS_TRITON = False
+
+    class _NoTriton:
+        @staticmethod
+        def jit(fn: Callable[..., Any]) -> Callable[..., Any]:
+            return fn
+
+    triton = _NoTriton()  # type: ignore[assignment]
+    tl = None  # type: ignore[assignment]
+
+__all__ = ["HAS_TRITON", "tl", "triton"]
