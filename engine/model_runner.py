@@ -8,6 +8,7 @@ import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from engine.config import EngineConfig
@@ -76,28 +77,30 @@ class ModelRunner:
         input_ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
-        query_start_loc = [0]
+        query_start_loc = [0, *itertools.accumulate(batch.num_new_tokens)]
         seq_lens: list[int] = []
         sample_indices: list[int] = []
         sampling_seqs: list[Sequence] = []
-        for seq, n in zip(batch.seqs, batch.num_new_tokens):
+        for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens)):
             start, end = seq.num_computed_tokens, seq.num_computed_tokens + n
-            input_ids += seq.token_ids[start:end]
-            positions += range(start, end)
             table = seq.block_table
-            slots += [table[p // bs] * bs + p % bs for p in range(start, end)]
-            query_start_loc.append(query_start_loc[-1] + n)
+            if n == 1:  # decode: the common case, kept cheap
+                input_ids.append(seq.token_ids[start])
+                positions.append(start)
+                slots.append(table[start // bs] * bs + start % bs)
+            else:
+                input_ids += seq.token_ids[start:end]
+                positions += range(start, end)
+                slots += [table[p // bs] * bs + p % bs for p in range(start, end)]
             seq_lens.append(end)
             if end == seq.num_tokens:
-                sample_indices.append(query_start_loc[-1] - 1)
+                sample_indices.append(query_start_loc[i + 1] - 1)
                 sampling_seqs.append(seq)
-        max_blocks = max(len(seq.block_table) for seq in batch.seqs)
-        tables = [seq.block_table + [0] * (max_blocks - len(seq.block_table)) for seq in batch.seqs]
         metadata = AttentionMetadata(
             slot_mapping=self._tensor(slots, torch.int64),
             query_start_loc=self._tensor(query_start_loc, torch.int32),
             seq_lens=self._tensor(seq_lens, torch.int32),
-            block_tables=self._tensor(tables, torch.int32),
+            block_tables=self._to_device(_pad_block_tables([seq.block_table for seq in batch.seqs])),
             max_query_len=max(batch.num_new_tokens),
             max_seq_len=max(seq_lens),
             num_splits=self._num_kv_splits(len(batch), max(batch.num_new_tokens), max(seq_lens)),
@@ -149,8 +152,13 @@ class ModelRunner:
         return eos + list(seq.params.stop_token_ids)
 
     def _tensor(self, data: list, dtype: torch.dtype) -> torch.Tensor:
-        pin = self.device.type == "cuda"
-        return torch.tensor(data, dtype=dtype, pin_memory=pin).to(self.device, non_blocking=True)
+        return self._to_device(torch.tensor(data, dtype=dtype))
+
+    def _to_device(self, host: torch.Tensor) -> torch.Tensor:
+        """Copy to the device from pinned memory, so the host does not wait for the copy."""
+        if self.device.type == "cpu":
+            return host
+        return host.pin_memory().to(self.device, non_blocking=True)
 
     def _setup_kv_cache(self) -> int:
         """Size the KV cache (profiling the largest step on a GPU), allocate it; return its block count."""
@@ -211,6 +219,16 @@ class ModelRunner:
         del scratch_cache, hidden, logits
         torch.cuda.empty_cache()
         return peak
+
+
+def _pad_block_tables(tables: list[list[int]]) -> torch.Tensor:
+    """Block tables as one zero-padded [B, max_blocks] int32 tensor (numpy: ~2x faster than nested lists)."""
+    lengths = np.fromiter(map(len, tables), np.int64, len(tables))
+    padded = np.zeros((len(tables), int(lengths.max())), np.int32)
+    padded[np.arange(padded.shape[1])[None, :] < lengths[:, None]] = np.fromiter(
+        itertools.chain.from_iterable(tables), np.int32, int(lengths.sum())
+    )
+    return torch.from_numpy(padded)
 
 
 @contextlib.contextmanager

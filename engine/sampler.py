@@ -29,14 +29,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from engine.sampling_params import SamplingParams
 from kernels.exponential_noise import exponential_noise as kernel_exponential_noise
 from kernels.exponential_noise import exponential_noise_ref
 from kernels.triton_compat import HAS_TRITON
-
-_MASK64 = (1 << 64) - 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,7 +96,7 @@ class SamplingBatch:
             any_top_p=any(p.top_p < 1.0 for p in sampled_params),
             any_min_p=any(p.min_p > 0.0 for p in sampled_params),
             sampled_rows=tuple(sampled),
-            rng_keys=tuple(rng_key(seeds[i], positions[i]) for i in sampled),
+            rng_keys=tuple(rng_keys([seeds[i] for i in sampled], [positions[i] for i in sampled]).tolist()),
         )
 
 
@@ -129,7 +128,14 @@ class Sampler(torch.nn.Module):
 
 def rng_key(seed: int, position: int) -> int:
     """Mix (seed, position) into the 64-bit key of that token's random stream."""
-    return _splitmix64(_splitmix64(seed) ^ (position & _MASK64))
+    return int(rng_keys([seed], [position])[0])
+
+
+def rng_keys(seeds: list[int], positions: list[int]) -> np.ndarray:
+    """`rng_key` for many rows at once: splitmix64(splitmix64(seed) ^ position), as uint64 [S]."""
+    with np.errstate(over="ignore"):  # uint64 arithmetic wraps modulo 2**64, as intended
+        mixed = _splitmix64(np.array(seeds, dtype=np.uint64)) ^ np.array(positions, dtype=np.uint64)
+        return _splitmix64(mixed)
 
 
 def exponential_noise(batch: SamplingBatch, vocab_size: int, device: torch.device) -> torch.Tensor:
@@ -140,8 +146,9 @@ def exponential_noise(batch: SamplingBatch, vocab_size: int, device: torch.devic
     noise = torch.ones(batch.temperatures.shape[0], vocab_size, device=device)  # [B, V]
     if not batch.sampled_rows:
         return noise
-    signed_keys = [k - (1 << 64) if k >= 1 << 63 else k for k in batch.rng_keys]  # as int64 bits
-    keys = _to_device(signed_keys, torch.int64, device)
+    signed_keys = np.array(batch.rng_keys, dtype=np.uint64).view(np.int64)  # same 64 bits, as int64
+    keys = torch.from_numpy(signed_keys)
+    keys = keys.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else keys
     rows = _to_device(list(batch.sampled_rows), torch.int64, device)
     if device.type == "cuda" and HAS_TRITON:
         kernel_exponential_noise(keys, rows, noise)
@@ -210,12 +217,12 @@ def _suppress(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     return logits.index_put((batch.suppress_rows, batch.suppress_token_ids), minus_inf)
 
 
-def _splitmix64(x: int) -> int:
-    """One splitmix64 step: a 64-bit bijection whose output bits all depend on every input bit."""
-    x = (x + 0x9E3779B97F4A7C15) & _MASK64
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
-    return x ^ (x >> 31)
+def _splitmix64(x: np.ndarray) -> np.ndarray:
+    """One splitmix64 step (uint64, wrapping): a bijection whose output bits all depend on every input bit."""
+    x = x + np.uint64(0x9E3779B97F4A7C15)
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
 
 
 def _to_device(values: list[int] | list[float], dtype: torch.dtype, device: torch.device) -> torch.Tensor:

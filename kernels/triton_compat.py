@@ -7,6 +7,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import torch
+
 try:
     import triton
     import triton.language as tl
@@ -23,4 +25,11 @@ except ImportError:
     triton = _NoTriton()  # type: ignore[assignment]
     tl = None  # type: ignore[assignment]
 
-__all__ = ["HAS_TRITON", "tl", "triton"]
+
+
+def use_triton(tensor: torch.Tensor) -> bool:
+    """Whether Triton kernels can run on `tensor` (a CUDA tensor, with Triton installed)."""
+    return HAS_TRITON and tensor.is_cuda
+
+
+__all__ = ["HAS_TRITON", "tl", "triton", "use_triton"]

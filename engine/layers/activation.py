@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from kernels.silu_and_mul import silu_and_mul, silu_and_mul_ref
+from kernels.triton_compat import use_triton
 
 
 class SiluAndMul(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [T, 2 * I] as [gate | up] -> silu(gate) * up: [T, I]."""
-        gate, up = x.chunk(2, dim=-1)
-        return F.silu(gate) * up
+        return silu_and_mul(x) if use_triton(x) else silu_and_mul_ref(x)

@@ -1,12 +1,18 @@
-"""Rotary position embedding (RoPE) with a precomputed cos/sin table."""
+"""Rotary position embedding (RoPE), applied together with Qwen3's per-head q/k RMSNorm."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
+from engine.layers.layernorm import RMSNorm
+from kernels.qk_norm_rope import qk_norm_rope, qk_norm_rope_ref
+from kernels.triton_compat import use_triton
+
 
 class RotaryEmbedding(nn.Module):
+    """Holds the cos/sin tables; `forward` normalises and rotates q and k straight from the QKV output."""
+
     def __init__(self, head_dim: int, max_position: int, base: float) -> None:
         super().__init__()
         # Same arithmetic as Hugging Face's default RoPE, so fp32 results match bit for bit.
@@ -19,14 +25,9 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("sin", emb.sin(), persistent=False)
 
     def forward(
-        self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
+        self, positions: torch.Tensor, qkv: torch.Tensor, q_norm: RMSNorm, k_norm: RMSNorm,
+        num_heads: int, num_kv_heads: int,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions: [T]; q: [T, Hq, D]; k: [T, Hkv, D]."""
-        cos = self.cos[positions].unsqueeze(1).to(q.dtype)  # [T, 1, D]
-        sin = self.sin[positions].unsqueeze(1).to(q.dtype)
-        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
+        """positions: [T], qkv: [T, (Hq + 2 Hkv) D] -> q [T, Hq, D], k [T, Hkv, D], normalised and rotated."""
+        fn = qk_norm_rope if use_triton(qkv) else qk_norm_rope_ref
+        return fn(qkv, positions, q_norm.weight, k_norm.weight, self.cos, self.sin, q_norm.eps, num_heads, num_kv_heads)

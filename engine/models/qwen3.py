@@ -33,13 +33,10 @@ class Qwen3Attention(nn.Module):
         self.attn = Attention(self.num_heads, self.num_kv_heads, cfg.head_dim, cfg.head_dim**-0.5)
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, metadata: AttentionMetadata) -> torch.Tensor:
-        qkv = self.qkv_proj(x)
-        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
-        q = self.q_norm(q.view(-1, self.num_heads, self.head_dim))
-        k = self.k_norm(k.view(-1, self.num_kv_heads, self.head_dim))
-        q, k = self.rotary(positions, q, k)
-        o = self.attn(q, k, v.view(-1, self.num_kv_heads, self.head_dim), metadata)
+        qkv = self.qkv_proj(x)  # [T, (Hq + 2 Hkv) D]
+        q, k = self.rotary(positions, qkv, self.q_norm, self.k_norm, self.num_heads, self.num_kv_heads)
+        v = qkv[:, (self.num_heads + self.num_kv_heads) * self.head_dim :].view(-1, self.num_kv_heads, self.head_dim)
+        o = self.attn(q, k, v, metadata)
         return self.o_proj(o.flatten(1))
 
 

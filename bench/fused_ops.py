@@ -1,0 +1,48 @@
+"""Fused kernels against the unfused torch code they replace, on Qwen3-0.6B shapes (GPU).
+
+    python bench/fused_ops.py
+"""
+
+from __future__ import annotations
+
+import torch
+from common import time_cuda
+
+from kernels.qk_norm_rope import qk_norm_rope, qk_norm_rope_ref
+from kernels.rms_norm import rms_norm, rms_norm_ref
+from kernels.silu_and_mul import silu_and_mul, silu_and_mul_ref
+
+HIDDEN, HEADS, KV_HEADS, HEAD_DIM, INTERMEDIATE = 1024, 16, 8, 128, 3072
+
+
+def compare(tokens: int) -> None:
+    """Time each fused kernel and its unfused torch reference on `tokens` rows."""
+    dt = torch.bfloat16
+    x = torch.randn(tokens, HIDDEN, device="cuda", dtype=dt)
+    residual = torch.randn_like(x)
+    weight = torch.randn(HIDDEN, device="cuda", dtype=dt)
+    qkv = torch.randn(tokens, (HEADS + 2 * KV_HEADS) * HEAD_DIM, device="cuda", dtype=dt)
+    positions = torch.randint(0, 4096, (tokens,), device="cuda")
+    cos, sin = torch.rand(4096, HEAD_DIM, device="cuda"), torch.rand(4096, HEAD_DIM, device="cuda")
+    head_w = torch.randn(HEAD_DIM, device="cuda", dtype=dt)
+    gate_up = torch.randn(tokens, 2 * INTERMEDIATE, device="cuda", dtype=dt)
+    rope_args = (qkv, positions, head_w, head_w, cos, sin, 1e-6, HEADS, KV_HEADS)
+    cases = {
+        "rms_norm + residual": (lambda: rms_norm(x, weight, 1e-6, residual),
+                                lambda: rms_norm_ref(x, weight, 1e-6, residual)),
+        "q/k norm + rotary": (lambda: qk_norm_rope(*rope_args), lambda: qk_norm_rope_ref(*rope_args)),
+        "silu_and_mul": (lambda: silu_and_mul(gate_up), lambda: silu_and_mul_ref(gate_up)),
+    }
+    for name, (fused, unfused) in cases.items():
+        f, u = time_cuda(fused, iters=50), time_cuda(unfused, iters=50)
+        print(f"{tokens:5d} tokens  {name:20s} fused {f * 1e6:7.1f} us  unfused {u * 1e6:7.1f} us  "
+              f"speed-up {u / f:4.1f}x")
+
+
+def main() -> None:
+    for tokens in (256, 8192):
+        compare(tokens)
+
+
+if __name__ == "__main__":
+    main()

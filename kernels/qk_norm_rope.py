@@ -1,0 +1,94 @@
+"""Qwen3's per-head RMSNorm of q and k followed by rotary embedding, straight out of the fused QKV
+projection: one program per (token, head) reads the head once and writes the rotated result.
+
+Roundings follow the unfused torch code: the normalised head is rounded to the input dtype and
+scaled by the weight, then q*cos and rotate_half(q)*sin are each rounded before their sum.
+"""
+
+from __future__ import annotations
+
+from typing import cast
+
+import torch
+
+from kernels.rms_norm import rms_norm_ref
+from kernels.triton_compat import tl, triton
+
+
+def qk_norm_rope(
+    qkv: torch.Tensor,  # [T, (Hq + 2 Hkv) * D]
+    positions: torch.Tensor,  # [T]
+    q_weight: torch.Tensor,  # [D]
+    k_weight: torch.Tensor,  # [D]
+    cos: torch.Tensor,  # [max_position, D] float32
+    sin: torch.Tensor,  # [max_position, D] float32
+    eps: float,
+    num_heads: int,
+    num_kv_heads: int,
+) -> tuple[torch.Tensor, torch.Tensor]:  # q [T, Hq, D], k [T, Hkv, D]
+    """Triton version of `qk_norm_rope_ref`."""
+    num_tokens = qkv.shape[0]
+    head_dim = q_weight.shape[0]
+    assert qkv.stride(-1) == 1 and cos.is_contiguous() and sin.is_contiguous()
+    q = torch.empty(num_tokens, num_heads, head_dim, dtype=qkv.dtype, device=qkv.device)
+    k = torch.empty(num_tokens, num_kv_heads, head_dim, dtype=qkv.dtype, device=qkv.device)
+    _qk_norm_rope_kernel[(num_tokens, num_heads + num_kv_heads)](
+        qkv, positions, q_weight, k_weight, cos, sin, q, k, qkv.stride(0), eps, num_heads, num_kv_heads,
+        HALF=head_dim // 2,
+    )
+    return q, k
+
+
+@triton.jit
+def _qk_norm_rope_kernel(
+    QKV, positions, Wq, Wk, Cos, Sin, Q, K, stride_t, eps, num_heads, num_kv_heads, HALF: tl.constexpr
+):
+    t = tl.program_id(0)
+    h = tl.program_id(1)
+    is_q = h < num_heads
+    offs = tl.arange(0, HALF)
+    src = QKV + t * stride_t + h * 2 * HALF
+    x1 = tl.load(src + offs)
+    x2 = tl.load(src + HALF + offs)
+    dtype = x1.dtype
+    if is_q:
+        w1 = tl.load(Wq + offs).to(tl.float32)
+        w2 = tl.load(Wq + HALF + offs).to(tl.float32)
+    else:
+        w1 = tl.load(Wk + offs).to(tl.float32)
+        w2 = tl.load(Wk + HALF + offs).to(tl.float32)
+    f1, f2 = x1.to(tl.float32), x2.to(tl.float32)
+    rstd = tl.rsqrt((tl.sum(f1 * f1, 0) + tl.sum(f2 * f2, 0)) / (2 * HALF) + eps)
+    n1 = ((f1 * rstd).to(dtype).to(tl.float32) * w1).to(dtype).to(tl.float32)
+    n2 = ((f2 * rstd).to(dtype).to(tl.float32) * w2).to(dtype).to(tl.float32)
+    pos = tl.load(positions + t)
+    cos = tl.load(Cos + pos * 2 * HALF + offs).to(dtype).to(tl.float32)  # both halves of the row are equal
+    sin = tl.load(Sin + pos * 2 * HALF + offs).to(dtype).to(tl.float32)
+    o1 = (n1 * cos).to(dtype).to(tl.float32) + (-n2 * sin).to(dtype).to(tl.float32)
+    o2 = (n2 * cos).to(dtype).to(tl.float32) + (n1 * sin).to(dtype).to(tl.float32)
+    if is_q:
+        dst = Q + (t * num_heads + h) * 2 * HALF
+    else:
+        dst = K + (t * num_kv_heads + h - num_heads) * 2 * HALF
+    tl.store(dst + offs, o1.to(dtype))
+    tl.store(dst + HALF + offs, o2.to(dtype))
+
+
+def qk_norm_rope_ref(
+    qkv: torch.Tensor, positions: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor,
+    cos: torch.Tensor, sin: torch.Tensor, eps: float, num_heads: int, num_kv_heads: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    head_dim = q_weight.shape[0]
+    q, k = qkv[:, : (num_heads + num_kv_heads) * head_dim].split(
+        [num_heads * head_dim, num_kv_heads * head_dim], dim=-1
+    )
+    q = cast(torch.Tensor, rms_norm_ref(q.reshape(-1, num_heads, head_dim), q_weight, eps))
+    k = cast(torch.Tensor, rms_norm_ref(k.reshape(-1, num_kv_heads, head_dim), k_weight, eps))
+    c = cos[positions].unsqueeze(1).to(qkv.dtype)  # [T, 1, D]
+    s = sin[positions].unsqueeze(1).to(qkv.dtype)
+    return q * c + _rotate_half(q) * s, k * c + _rotate_half(k) * s
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)

@@ -1,0 +1,62 @@
+"""Fused RMSNorm(+residual), q/k-norm + rotary and SiLU-and-mul against their torch references."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kernels.qk_norm_rope import qk_norm_rope, qk_norm_rope_ref
+from kernels.rms_norm import rms_norm, rms_norm_ref
+from kernels.silu_and_mul import silu_and_mul, silu_and_mul_ref
+from kernels.triton_compat import HAS_TRITON
+
+pytestmark = pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed")
+ON_GPU = torch.cuda.is_available()
+DEVICE = "cuda" if ON_GPU else "cpu"
+DTYPES = [torch.float32, torch.bfloat16, torch.float16] if ON_GPU else [torch.float32]
+
+
+def randn(*shape: int, dtype: torch.dtype, seed: int = 0) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(DEVICE, dtype)
+
+
+def assert_matches(out: torch.Tensor, ref: torch.Tensor) -> None:
+    # Same roundings as the reference: equal up to float32 arithmetic order.
+    assert not out.isnan().any()
+    tol = 1e-5 if out.dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(out.float(), ref.float(), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("num_rows,hidden", [(1, 64), (7, 1024), (33, 100)])
+def test_rms_norm(dtype: torch.dtype, num_rows: int, hidden: int) -> None:
+    x, residual = randn(num_rows, hidden, dtype=dtype), randn(num_rows, hidden, dtype=dtype, seed=1)
+    weight = randn(hidden, dtype=dtype, seed=2)
+    assert_matches(rms_norm(x, weight, 1e-6), rms_norm_ref(x, weight, 1e-6))
+    out, new_residual = rms_norm(x, weight, 1e-6, residual)
+    ref_out, ref_residual = rms_norm_ref(x, weight, 1e-6, residual)
+    assert_matches(out, ref_out)
+    assert_matches(new_residual, ref_residual)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("num_heads,num_kv_heads,head_dim", [(4, 2, 64), (16, 8, 128), (2, 2, 16)])
+def test_qk_norm_rope(dtype: torch.dtype, num_heads: int, num_kv_heads: int, head_dim: int) -> None:
+    num_tokens, max_position = 9, 64
+    qkv = randn(num_tokens, (num_heads + 2 * num_kv_heads) * head_dim, dtype=dtype)
+    positions = torch.randint(0, max_position, (num_tokens,), generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    angles = torch.outer(torch.arange(max_position).float(), torch.rand(head_dim // 2) * 0.5)
+    cos, sin = torch.cat([angles, angles], -1).cos().to(DEVICE), torch.cat([angles, angles], -1).sin().to(DEVICE)
+    args = (qkv, positions, randn(head_dim, dtype=dtype, seed=4), randn(head_dim, dtype=dtype, seed=5),
+            cos, sin, 1e-6, num_heads, num_kv_heads)
+    (q, k), (q_ref, k_ref) = qk_norm_rope(*args), qk_norm_rope_ref(*args)
+    assert q.shape == (num_tokens, num_heads, head_dim) and k.shape == (num_tokens, num_kv_heads, head_dim)
+    assert_matches(q, q_ref)
+    assert_matches(k, k_ref)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("num_rows,size", [(1, 128), (5, 3072), (3, 1500)])
+def test_silu_and_mul(dtype: torch.dtype, num_rows: int, size: int) -> None:
+    x = randn(num_rows, 2 * size, dtype=dtype)
+    assert_matches(silu_and_mul(x), silu_and_mul_ref(x))
