@@ -67,15 +67,19 @@ class Scheduler:
         batch = ScheduledBatch()
         budget = self.max_num_batched_tokens
         num_preemptions_before = self.num_preemptions
+        prefills: list[Sequence] = []  # seen by 1); they stay running, as 1) preempts only from the unvisited tail
         i = 0
         while i < len(self.running) and budget > 0:  # 1) decodes
             seq = self.running[i]
-            if seq.num_tokens - seq.num_computed_tokens == 1 and self._make_room_for_decode(seq):
+            num_remaining = len(seq.token_ids) - seq.num_computed_tokens
+            if num_remaining > 1:
+                prefills.append(seq)
+            elif num_remaining == 1 and self._make_room_for_decode(seq):
                 batch.add(seq, 1)
                 budget -= 1
             i += 1
-        for seq in self.running:  # 2) running prefills
-            if budget > 0 and seq.num_tokens - seq.num_computed_tokens > 1:
+        for seq in prefills:  # 2) running prefills
+            if budget > 0:
                 budget -= self._schedule_chunk(seq, budget, batch)
         preempted = self.num_preemptions > num_preemptions_before
         while self.waiting and not preempted and budget > 0 and len(self.running) < self.max_num_seqs:
@@ -102,7 +106,8 @@ class Scheduler:
         end = min(seq.num_tokens, start + budget, self.block_manager.max_allocatable_tokens(seq))
         if end <= start:
             return 0
-        assert self.block_manager.allocate(seq, end)
+        allocated = self.block_manager.allocate(seq, end)  # not inside the assert: `python -O` would skip it
+        assert allocated, "max_allocatable_tokens promised these blocks"
         batch.add(seq, end - start)
         return end - start
 

@@ -14,7 +14,8 @@ def check_stop(seq: Sequence, eos_token_ids: frozenset[int], max_model_len: int)
     # The sampler bans EOS and stop ids until min_tokens, so any seen here are real stops.
     if (token in eos_token_ids and not params.ignore_eos) or token in params.stop_token_ids:
         return "stop"
-    if seq.num_output_tokens >= params.max_tokens or seq.num_tokens >= max_model_len:
+    num_tokens = len(seq.token_ids)
+    if num_tokens - seq.num_prompt_tokens >= params.max_tokens or num_tokens >= max_model_len:
         return "length"
     return None
 

@@ -3,6 +3,7 @@ bf16 greedy with CUDA graphs equals the eager run. Skipped without a GPU; run on
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Callable
 from pathlib import Path
 
@@ -20,12 +21,21 @@ def test_fp32_greedy_equals_hf_on_gpu(tiny_checkpoint: Callable[..., Path]) -> N
     model_dir = tiny_checkpoint("tied-gqa4-hd32", vocab_size=VOCAB)
     prompts = random_prompts(0, PROMPT_LENGTHS)
     expected = hf_greedy(model_dir, prompts)
-    engine = LLMEngine(model_dir, device="cuda", dtype="float32", max_model_len=512, max_num_seqs=32)
+    engine = LLMEngine(model_dir, device="cuda", dtype="float32", max_model_len=512, max_num_seqs=32,
+                       gpu_memory_utilization=0.2)
     assert engine.model_runner.graphs is not None
     for _ in range(2):  # the second pass hits the prefix cache
         results = engine.generate(prompts, GREEDY, use_tqdm=False)
         assert [r["token_ids"] for r in results] == expected
     assert engine.block_manager.num_used_blocks == 0
+    del engine
+    free_gpu_memory()
+
+
+def free_gpu_memory() -> None:
+    """Release deleted engines' GPU memory now (a KV cache holds most of gpu_memory_utilization)."""
+    gc.collect()
+    torch.cuda.empty_cache()
 
 
 def test_bf16_cuda_graphs_equal_eager(tmp_path: Path) -> None:
@@ -39,5 +49,5 @@ def test_bf16_cuda_graphs_equal_eager(tmp_path: Path) -> None:
                            gpu_memory_utilization=0.5)
         outputs.append([r["token_ids"] for r in engine.generate(prompts, params, use_tqdm=False)])
         del engine
-        torch.cuda.empty_cache()
+        free_gpu_memory()
     assert outputs[0] == outputs[1]

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import random
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -12,6 +15,7 @@ from engine.scheduler import ScheduledBatch, Scheduler
 from engine.sequence import Sequence, SequenceStatus
 from engine.stopping import check_stop
 
+REPO_ROOT = Path(__file__).resolve().parents[2]
 BS = 4  # block size
 SAMPLED = 7  # the token every fake sample returns
 NO_EOS: frozenset[int] = frozenset()
@@ -319,3 +323,15 @@ def test_random_workloads_finish_and_release_every_block(seed: int) -> None:
             break
     assert_completed(*seqs)
     assert_no_block_referenced(scheduler)
+
+
+def test_prefill_allocates_blocks_under_python_O() -> None:
+    """`python -O` strips asserts: allocation must not live inside one."""
+    code = (
+        "from engine.block_manager import BlockManager; from engine.scheduler import Scheduler; "
+        "from tests.engine.test_scheduler import make_seq; "
+        "s = Scheduler(BlockManager(8, 4), 8, 64); seq = make_seq('a', 0, range(10), 1); s.add(seq); "
+        "s.schedule(); print(seq.block_table)"
+    )
+    out = subprocess.run([sys.executable, "-O", "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[0, 1, 2]"
