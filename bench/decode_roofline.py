@@ -41,7 +41,7 @@ def measure(engine: LLMEngine, batch_size: int, context: int, steps: int) -> tup
     step_s = (time.perf_counter() - start) / steps
     graphs = engine.model_runner.graphs
     replay_s = None
-    if graphs is not None:
+    if graphs is not None and graphs.graphs:
         graph = graphs.graphs[graphs.padded_size(batch_size)]
         replay_s = time_cuda(graph.replay)  # re-runs the last step's inputs: same work, same slots
     for i in ids:

@@ -1,9 +1,10 @@
-"""CUDA graphs for decode steps: captured once per batch size, replayed with padding.
+"""Decode steps on fixed batch sizes: CUDA graphs captured once per size, replayed with padding.
 
 A decode step launches hundreds of small kernels; replaying a captured graph removes their
-launch cost. Inputs live in static buffers that each replay overwrites; a batch of n sequences
-runs the graph of the smallest captured size >= n, its extra rows padded so they do nothing
-(no query tokens, K/V slot -1).
+launch cost. Inputs live in static buffers that each step overwrites; a batch of n sequences
+runs at the smallest size >= n, its extra rows padded so they do nothing (no query tokens, K/V
+slot -1). With `enforce_eager` the same padded forward runs without a graph, so eager and graph
+steps do the same arithmetic (same matrix shapes, same KV splits) and give the same tokens.
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ def capture_sizes(max_num_seqs: int) -> list[int]:
 
 
 class DecodeGraphs:
-    """Captured decode forwards (model only; logits and sampling run after the replay)."""
+    """Padded decode forwards, captured as CUDA graphs unless `capture` is False (model only: logits
+    and sampling run after the replay)."""
 
     def __init__(
         self,
@@ -38,6 +40,7 @@ class DecodeGraphs:
         dtype: torch.dtype,
         device: torch.device,
         num_kv_splits: Callable[[int], int],
+        capture: bool = True,
     ) -> None:
         self.sizes = capture_sizes(max_num_seqs)
         n = self.sizes[-1]
@@ -49,18 +52,20 @@ class DecodeGraphs:
             self.seq_lens = torch.zeros(n, dtype=torch.int32)
             self.block_tables = torch.zeros(n, max_blocks_per_seq, dtype=torch.int32)
             self.hidden = torch.zeros(n, hidden_size, dtype=dtype)
+        self.model = model
+        self.metadata = {size: self._metadata(size, num_kv_splits(size)) for size in self.sizes}
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         pool = None
-        for size in reversed(self.sizes):  # largest first, so smaller graphs fit in its memory pool
-            metadata = self._metadata(size, num_kv_splits(size))
-            self._forward(model, size, metadata)  # warm-up: compiles kernels outside the capture
+        for size in reversed(self.sizes) if capture else ():  # largest first: smaller graphs reuse its pool
+            self._forward(size)  # warm-up: compiles kernels outside the capture
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool):
-                self._forward(model, size, metadata)
+                self._forward(size)
             pool = graph.pool()
             self.graphs[size] = graph
         torch.cuda.synchronize(device)
-        log.info("captured CUDA graphs for decode batch sizes %s", self.sizes)
+        if capture:
+            log.info("captured CUDA graphs for decode batch sizes %s", self.sizes)
 
     def _metadata(self, size: int, num_splits: int) -> AttentionMetadata:
         return AttentionMetadata(
@@ -73,8 +78,8 @@ class DecodeGraphs:
             num_splits=num_splits,
         )
 
-    def _forward(self, model: nn.Module, size: int, metadata: AttentionMetadata) -> None:
-        self.hidden[:size] = model(self.input_ids[:size], self.positions[:size], metadata)
+    def _forward(self, size: int) -> None:
+        self.hidden[:size] = self.model(self.input_ids[:size], self.positions[:size], self.metadata[size])
 
     def padded_size(self, num_seqs: int) -> int | None:
         """The captured size a decode batch of `num_seqs` would replay, or None if it is too big."""
@@ -84,7 +89,7 @@ class DecodeGraphs:
     def replay(
         self, input_ids: torch.Tensor, positions: torch.Tensor, metadata: AttentionMetadata
     ) -> torch.Tensor:
-        """Run a decode batch (one token per sequence) through its graph; returns hidden [n, H]."""
+        """Run a decode batch (one token per sequence) at its padded size; returns hidden [n, H]."""
         n = input_ids.shape[0]
         size = self.padded_size(n)
         assert size is not None and metadata.max_query_len == 1
@@ -96,5 +101,8 @@ class DecodeGraphs:
         self.query_start_loc[n + 1 : size + 1].fill_(n)  # padded rows have no query tokens
         self.seq_lens[:n].copy_(metadata.seq_lens)
         self.block_tables[:n, : metadata.block_tables.shape[1]].copy_(metadata.block_tables)
-        self.graphs[size].replay()
+        if self.graphs:
+            self.graphs[size].replay()
+        else:
+            self._forward(size)
         return self.hidden[:n]

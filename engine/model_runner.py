@@ -50,12 +50,12 @@ class ModelRunner:
         on_gpu = self.device.type == "cuda"
         self.num_sms = torch.cuda.get_device_properties(self.device).multi_processor_count if on_gpu else 1
         self.num_kv_blocks = self._setup_kv_cache()
-        self.graphs: DecodeGraphs | None = None
-        if on_gpu and not config.enforce_eager:
+        self.graphs: DecodeGraphs | None = None  # decode at fixed, padded batch sizes (GPU only)
+        if on_gpu:
             self.graphs = DecodeGraphs(
                 self.model, config.max_num_seqs, -(-config.max_model_len // config.block_size),
-                config.model_config.hidden_size, config.dtype, self.device,
-                lambda n: self._num_kv_splits(n, 1, config.max_model_len),
+                config.model_config.hidden_size, config.dtype, self.device, self._num_kv_splits,
+                capture=not config.enforce_eager,
             )
 
     @torch.inference_mode()
@@ -103,7 +103,7 @@ class ModelRunner:
             block_tables=self._to_device(_pad_block_tables([seq.block_table for seq in batch.seqs])),
             max_query_len=max(batch.num_new_tokens),
             max_seq_len=max(seq_lens),
-            num_splits=self._num_kv_splits(len(batch), max(batch.num_new_tokens), max(seq_lens)),
+            num_splits=1,  # prefill and mixed steps; decode steps take their split count from DecodeGraphs
         )
         return StepInputs(
             input_ids=self._tensor(input_ids, torch.int64),
@@ -113,13 +113,11 @@ class ModelRunner:
             sampling_seqs=sampling_seqs,
         )
 
-    def _num_kv_splits(self, num_seqs: int, max_query_len: int, max_seq_len: int) -> int:
-        """Flash-decoding splits: enough programs to fill the GPU, each split covering >= 256 tokens."""
-        if self.device.type != "cuda" or max_query_len > 1:
-            return 1
-        programs = num_seqs * self.config.model_config.num_key_value_heads  # one per (sequence, KV head)
+    def _num_kv_splits(self, batch_size: int) -> int:
+        """Flash-decoding splits for a decode batch: enough programs to fill the GPU (at most 16)."""
+        programs = batch_size * self.config.model_config.num_key_value_heads  # one per (sequence, KV head)
         splits = 1
-        while splits < 16 and programs * splits < 2 * self.num_sms and max_seq_len >= 512 * splits:
+        while splits < 16 and programs * splits < 2 * self.num_sms:
             splits *= 2
         return splits
 
