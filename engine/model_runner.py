@@ -21,6 +21,7 @@ from engine.sampler import Sampler, SamplingBatch
 from engine.sampling_params import SamplingParams
 from engine.scheduler import ScheduledBatch
 from engine.sequence import Sequence, TokenLogprobs
+from engine.transfer import to_device
 
 log = logging.getLogger(__name__)
 
@@ -97,19 +98,19 @@ class ModelRunner:
                 sample_indices.append(query_start_loc[i + 1] - 1)
                 sampling_seqs.append(seq)
         metadata = AttentionMetadata(
-            slot_mapping=self._tensor(slots, torch.int64),
-            query_start_loc=self._tensor(query_start_loc, torch.int32),
-            seq_lens=self._tensor(seq_lens, torch.int32),
-            block_tables=self._to_device(_pad_block_tables([seq.block_table for seq in batch.seqs])),
+            slot_mapping=to_device(slots, self.device, torch.int64),
+            query_start_loc=to_device(query_start_loc, self.device, torch.int32),
+            seq_lens=to_device(seq_lens, self.device, torch.int32),
+            block_tables=to_device(_pad_block_tables([seq.block_table for seq in batch.seqs]), self.device),
             max_query_len=max(batch.num_new_tokens),
             max_seq_len=max(seq_lens),
             num_splits=1,  # prefill and mixed steps; decode steps take their split count from DecodeGraphs
         )
         return StepInputs(
-            input_ids=self._tensor(input_ids, torch.int64),
-            positions=self._tensor(positions, torch.int64),
+            input_ids=to_device(input_ids, self.device, torch.int64),
+            positions=to_device(positions, self.device, torch.int64),
             metadata=metadata,
-            sample_indices=self._tensor(sample_indices, torch.int64),
+            sample_indices=to_device(sample_indices, self.device, torch.int64),
             sampling_seqs=sampling_seqs,
         )
 
@@ -148,15 +149,6 @@ class ModelRunner:
             return []
         eos = [] if seq.params.ignore_eos else sorted(self.eos_token_ids)
         return eos + list(seq.params.stop_token_ids)
-
-    def _tensor(self, data: list, dtype: torch.dtype) -> torch.Tensor:
-        return self._to_device(torch.tensor(data, dtype=dtype))
-
-    def _to_device(self, host: torch.Tensor) -> torch.Tensor:
-        """Copy to the device from pinned memory, so the host does not wait for the copy."""
-        if self.device.type == "cpu":
-            return host
-        return host.pin_memory().to(self.device, non_blocking=True)
 
     def _setup_kv_cache(self) -> int:
         """Size the KV cache (profiling the largest step on a GPU), allocate it; return its block count."""

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from engine.sampling_params import SamplingParams
+from engine.transfer import to_device
 from kernels.exponential_noise import exponential_noise as kernel_exponential_noise
 from kernels.exponential_noise import exponential_noise_ref
 from kernels.triton_compat import HAS_TRITON
@@ -81,14 +82,14 @@ class SamplingBatch:
         suppress_rows = [row for row, ids in enumerate(suppressed) for _ in ids]
         suppress_ids = [tok for ids in suppressed for tok in ids]
         return cls(
-            temperatures=_to_device([p.temperature for p in params], torch.float32, device),
-            top_ks=_to_device([p.top_k for p in params], torch.int64, device),
-            top_ps=_to_device([p.top_p for p in params], torch.float32, device),
-            min_ps=_to_device([p.min_p for p in params], torch.float32, device),
-            seeds=_to_device(seeds, torch.int64, device),
-            positions=_to_device(positions, torch.int64, device),
-            suppress_rows=_to_device(suppress_rows, torch.int64, device),
-            suppress_token_ids=_to_device(suppress_ids, torch.int64, device),
+            temperatures=to_device([p.temperature for p in params], device, torch.float32),
+            top_ks=to_device([p.top_k for p in params], device, torch.int64),
+            top_ps=to_device([p.top_p for p in params], device, torch.float32),
+            min_ps=to_device([p.min_p for p in params], device, torch.float32),
+            seeds=to_device(seeds, device, torch.int64),
+            positions=to_device(positions, device, torch.int64),
+            suppress_rows=to_device(suppress_rows, device, torch.int64),
+            suppress_token_ids=to_device(suppress_ids, device, torch.int64),
             num_logprobs=max(asked, default=-1),
             all_greedy=not sampled,
             any_greedy=len(sampled) < len(params),
@@ -147,9 +148,8 @@ def exponential_noise(batch: SamplingBatch, vocab_size: int, device: torch.devic
     if not batch.sampled_rows:
         return noise
     signed_keys = np.array(batch.rng_keys, dtype=np.uint64).view(np.int64)  # same 64 bits, as int64
-    keys = torch.from_numpy(signed_keys)
-    keys = keys.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else keys
-    rows = _to_device(list(batch.sampled_rows), torch.int64, device)
+    keys = to_device(torch.from_numpy(signed_keys), device)
+    rows = to_device(list(batch.sampled_rows), device, torch.int64)
     if device.type == "cuda" and HAS_TRITON:
         kernel_exponential_noise(keys, rows, noise)
     else:
@@ -223,9 +223,3 @@ def _splitmix64(x: np.ndarray) -> np.ndarray:
     x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
     x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
     return x ^ (x >> np.uint64(31))
-
-
-def _to_device(values: list[int] | list[float], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A host list as a 1-D tensor on `device`; pinned for CUDA so the copy does not block the host."""
-    host = torch.tensor(values, dtype=dtype, pin_memory=device.type == "cuda")  # [len(values)]
-    return host.to(device, non_blocking=True)
