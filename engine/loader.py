@@ -35,7 +35,14 @@ def load_weights(model: nn.Module, model_dir: Path) -> None:
                 if param is None:
                     raise ValueError(f"model: checkpoint tensor {name!r} in {file.name} matches no model parameter")
                 weight_loader = getattr(param, "weight_loader", _copy_whole)
-                weight_loader(param, f.get_tensor(name), shard_id)
+                tensor = f.get_tensor(name)
+                try:
+                    weight_loader(param, tensor, shard_id)
+                except (RuntimeError, ValueError) as e:  # shapes that do not fit config.json
+                    raise ValueError(
+                        f"model: checkpoint tensor {name!r} {tuple(tensor.shape)} does not fit parameter "
+                        f"{target!r} {tuple(param.shape)}; does config.json match the weights?"
+                    ) from e
                 loaded.add(target)
     missing = sorted(set(params) - loaded)
     if missing:

@@ -7,11 +7,13 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from engine.layers.linear import check_shape
+
 
 class VocabParallelEmbedding(nn.Module):
     def __init__(self, vocab_size: int, hidden_size: int, tp_rank: int = 0, tp_size: int = 1) -> None:
         super().__init__()
-        self.tp_rank, self.tp_size = tp_rank, tp_size
+        self.tp_rank, self.tp_size, self.vocab_size = tp_rank, tp_size, vocab_size
         self.shard_size = -(-vocab_size // tp_size)
         self.vocab_start = tp_rank * self.shard_size
         self.weight = nn.Parameter(torch.empty(self.shard_size, hidden_size), requires_grad=False)
@@ -19,6 +21,7 @@ class VocabParallelEmbedding(nn.Module):
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: object = None) -> None:
         """Copy this rank's rows; the last rank's padding rows (vocab not divisible by tp) are zeroed."""
+        check_shape(loaded, (self.vocab_size, param.shape[1]))
         rows = loaded[self.vocab_start : self.vocab_start + self.shard_size]
         param.data.zero_()
         param.data[: rows.size(0)].copy_(rows)
@@ -38,7 +41,6 @@ class ParallelLMHead(VocabParallelEmbedding):
 
     def __init__(self, vocab_size: int, hidden_size: int, tp_rank: int = 0, tp_size: int = 1) -> None:
         super().__init__(vocab_size, hidden_size, tp_rank, tp_size)
-        self.vocab_size = vocab_size
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor | None:  # type: ignore[override]
         logits = F.linear(hidden, self.weight)

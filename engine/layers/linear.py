@@ -33,12 +33,22 @@ class LinearBase(nn.Module):
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: object = None) -> None:
         """Copy this rank's slice of a full checkpoint tensor into `param`."""
+        full_shape = list(param.shape)
+        if param.ndim == 2 or self.tp_dim == 0:
+            full_shape[0 if param.ndim == 1 else self.tp_dim] *= self.tp_size
+        check_shape(loaded, tuple(full_shape))
         dim = 0 if param.ndim == 1 else self.tp_dim
         if param.ndim == 1 and self.tp_dim == 1:  # row-parallel bias is not sharded
             param.data.copy_(loaded)
             return
         size = param.size(dim)
         param.data.copy_(loaded.narrow(dim, self.tp_rank * size, size))
+
+
+def check_shape(loaded: torch.Tensor, expected: tuple[int, ...]) -> None:
+    """A checkpoint tensor must have exactly the full (unsharded) shape config.json implies."""
+    if tuple(loaded.shape) != tuple(expected):
+        raise ValueError(f"shape {tuple(loaded.shape)} in the checkpoint, {tuple(expected)} expected from config.json")
 
 
 class ColumnParallelLinear(LinearBase):
@@ -60,6 +70,7 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: object = None) -> None:
         assert isinstance(shard_id, int)
+        check_shape(loaded, (self.output_sizes[shard_id], *param.shape[1:]))
         size = self.output_sizes[shard_id] // self.tp_size
         offset = sum(self.output_sizes[:shard_id]) // self.tp_size
         param.data.narrow(0, offset, size).copy_(loaded.narrow(0, self.tp_rank * size, size))
@@ -87,6 +98,7 @@ class QKVParallelLinear(ColumnParallelLinear):
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: object = None) -> None:
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         offset, size = {"q": (0, q_size), "k": (q_size, kv_size), "v": (q_size + kv_size, kv_size)}[str(shard_id)]
+        check_shape(loaded, (size * self.tp_size, *param.shape[1:]))
         param.data.narrow(0, offset, size).copy_(loaded.narrow(0, self.tp_rank * size, size))
 
 
