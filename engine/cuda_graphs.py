@@ -74,7 +74,6 @@ class DecodeGraphs:
             seq_lens=self.seq_lens[:size],
             block_tables=self.block_tables[:size],
             max_query_len=1,
-            max_seq_len=0,  # unused by the decode kernel
             num_splits=num_splits,
         )
 

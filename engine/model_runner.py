@@ -103,7 +103,6 @@ class ModelRunner:
             seq_lens=to_device(seq_lens, self.device, torch.int32),
             block_tables=to_device(_pad_block_tables([seq.block_table for seq in batch.seqs]), self.device),
             max_query_len=max(batch.num_new_tokens),
-            max_seq_len=max(seq_lens),
             num_splits=1,  # prefill and mixed steps; decode steps take their split count from DecodeGraphs
         )
         return StepInputs(
@@ -191,7 +190,6 @@ class ModelRunner:
                 num_seqs, blocks_per_seq
             ),
             max_query_len=seq_len,
-            max_seq_len=seq_len,
         )
         input_ids = torch.zeros(num_tokens, dtype=torch.int64, device=self.device)
         positions = torch.cat([torch.arange(n, device=self.device) for n in lens])

@@ -26,7 +26,6 @@ class AttentionMetadata:
     seq_lens: torch.Tensor  # [B] int32: cached + new tokens of each sequence
     block_tables: torch.Tensor  # [B, max_blocks] int32
     max_query_len: int
-    max_seq_len: int
     num_splits: int = 1  # KV splits per sequence (flash-decoding) for the GPU kernel
 
 

@@ -121,7 +121,7 @@ def test_prompt_logits_close_to_hf(tiny_checkpoint: Callable[..., Path]) -> None
     metadata = AttentionMetadata(
         slot_mapping=torch.arange(n), query_start_loc=torch.tensor([0, n], dtype=torch.int32),
         seq_lens=torch.tensor([n], dtype=torch.int32), block_tables=torch.tensor([blocks], dtype=torch.int32),
-        max_query_len=n, max_seq_len=n,
+        max_query_len=n,
     )
     model = engine.model_runner.model
     with torch.no_grad():
