@@ -115,8 +115,6 @@ class EngineConfig:
         if not model_dir.is_dir():
             raise ValueError(f"model: {str(model)!r} is not a directory holding a Hugging Face checkpoint")
         _positive_int("tensor_parallel_size", tensor_parallel_size)
-        if tensor_parallel_size != 1:
-            raise ValueError("tensor_parallel_size: only 1 is supported in this version")
         _positive_int("max_num_batched_tokens", max_num_batched_tokens)
         _positive_int("max_num_seqs", max_num_seqs)
         _positive_int("block_size", block_size)
@@ -132,6 +130,7 @@ class EngineConfig:
             raise ValueError(f"enforce_eager must be a bool, got {enforce_eager!r}")
         model_config = ModelConfig.from_dir(model_dir)
         resolved_device = _resolve_device(device)
+        _check_tensor_parallel_size(tensor_parallel_size, model_config, resolved_device)
         return cls(
             model=model_dir,
             model_config=model_config,
@@ -151,6 +150,22 @@ class EngineConfig:
 def _positive_int(name: str, value: object) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def _check_tensor_parallel_size(tp_size: int, model_config: ModelConfig, device: torch.device) -> None:
+    """Each rank holds a whole number of query and KV heads (and of MLP columns), on its own GPU."""
+    for name in ("num_attention_heads", "num_key_value_heads", "intermediate_size"):
+        value = getattr(model_config, name)
+        if value % tp_size:
+            raise ValueError(
+                f"tensor_parallel_size={tp_size} does not divide the model's {name}={value}; "
+                "choose a size that divides the head counts"
+            )
+    if device.type == "cuda" and (device.index or 0) + tp_size > torch.cuda.device_count():
+        raise ValueError(
+            f"tensor_parallel_size={tp_size} needs {tp_size} GPUs from {device}, "
+            f"but {torch.cuda.device_count()} are visible"
+        )
 
 
 def _resolve_max_model_len(max_model_len: int | None, model_config: ModelConfig) -> int:

@@ -24,6 +24,7 @@ from engine.scheduler import ScheduledBatch, Scheduler
 from engine.sequence import Sequence
 from engine.stopping import check_stop
 from engine.tokenizer import Tokenizer
+from engine.tp.group import RankGroup
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +36,13 @@ class LLMEngine:
         self.config = EngineConfig.create(model, **kwargs)
         self.tokenizer = Tokenizer.from_dir(self.config.model)
         self.eos_token_ids = frozenset(self.config.model_config.eos_token_ids) | self.tokenizer.eos_token_ids
-        self.model_runner = ModelRunner(self.config, self.eos_token_ids)
+        self.ranks = RankGroup(self.config, self.eos_token_ids) if self.config.tensor_parallel_size > 1 else None
+        try:
+            self.model_runner = ModelRunner(self.config, self.eos_token_ids, ranks=self.ranks)
+        except BaseException as e:
+            if self.ranks is not None:
+                self.ranks.fail(e)
+            raise
         self.block_manager = BlockManager(self.model_runner.num_kv_blocks, self.config.block_size)
         self.scheduler = Scheduler(self.block_manager, self.config.max_num_seqs, self.config.max_num_batched_tokens)
         self._requests: dict[str, Sequence] = {}
@@ -47,6 +54,18 @@ class LLMEngine:
         # stall a step for ~100 ms every few hundred steps.
         gc.collect()
         gc.freeze()
+
+    def close(self) -> None:
+        """Stop the tensor-parallel rank processes and free their shared memory (a no-op at TP=1).
+        Also done when the engine is garbage-collected and at interpreter exit."""
+        if self.ranks is not None:
+            self.ranks.close()
+
+    def __enter__(self) -> LLMEngine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def add_request(
         self, prompt: Prompt, params: SamplingParams | None = None, request_id: str | None = None

@@ -6,10 +6,10 @@ import contextlib
 import itertools
 import logging
 from collections.abc import Iterator
-from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import numpy as np
 import torch
+import torch.distributed as dist
 
 from engine.config import EngineConfig
 from engine.cuda_graphs import DecodeGraphs
@@ -21,31 +21,30 @@ from engine.sampler import Sampler, SamplingBatch
 from engine.sampling_params import SamplingParams
 from engine.scheduler import ScheduledBatch
 from engine.sequence import Sequence, TokenLogprobs
+from engine.step_plan import StepPlan
+from engine.tp.channel import Method
 from engine.transfer import to_device
 
+if TYPE_CHECKING:
+    from engine.tp.group import RankGroup
+
 log = logging.getLogger(__name__)
-
-
-@dataclass(slots=True)
-class StepInputs:
-    """Host-built tensors of one step, already on the device."""
-
-    input_ids: torch.Tensor  # [T]
-    positions: torch.Tensor  # [T]
-    metadata: AttentionMetadata
-    sample_indices: torch.Tensor  # [S]: row of each sampling sequence's last token in the step
-    sampling_seqs: list[Sequence]
 
 
 class ModelRunner:
     """Owns the model, its KV cache and the sampler on one device."""
 
-    def __init__(self, config: EngineConfig, eos_token_ids: frozenset[int]) -> None:
+    def __init__(
+        self, config: EngineConfig, eos_token_ids: frozenset[int], rank: int = 0, ranks: RankGroup | None = None
+    ) -> None:
+        """`rank` is this process's tensor-parallel rank; on rank 0 of a TP group, `ranks` drives the others."""
         self.config = config
         self.device = config.device
         self.eos_token_ids = eos_token_ids
+        self.rank, self.ranks = rank, ranks
+        tp_size = config.tensor_parallel_size
         with _default_dtype(config.dtype), torch.device(self.device):
-            self.model = Qwen3ForCausalLM(config.model_config, config.max_model_len)
+            self.model = Qwen3ForCausalLM(config.model_config, config.max_model_len, rank, tp_size)
         load_weights(self.model, config.model)
         self.sampler = Sampler()
         on_gpu = self.device.type == "cuda"
@@ -61,57 +60,46 @@ class ModelRunner:
 
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> list[tuple[int, TokenLogprobs | None]]:
-        """Compute the batch; return (token id, logprobs) for each sequence that reached its end."""
-        inputs = self._prepare(batch)
-        if self.graphs is not None and inputs.metadata.max_query_len == 1 and self.graphs.padded_size(len(batch)):
-            hidden = self.graphs.replay(inputs.input_ids, inputs.positions, inputs.metadata)
-        else:
-            hidden = self.model(inputs.input_ids, inputs.positions, inputs.metadata)
-        if not inputs.sampling_seqs:
+        """Compute the batch on every rank; return (token id, logprobs) for each sequence that reached its end."""
+        plan, sampling_seqs = StepPlan.build(batch, self.config.block_size)
+        logits = self.execute(plan) if self.ranks is None else self._execute_on_all_ranks(plan)
+        if logits is None:
             return []
-        logits = self.model.compute_logits(hidden[inputs.sample_indices])
-        assert logits is not None
-        return self._sample(logits, inputs.sampling_seqs)
+        return self._sample(logits, sampling_seqs)
 
-    def _prepare(self, batch: ScheduledBatch) -> StepInputs:
-        bs = self.config.block_size
-        input_ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        query_start_loc = [0, *itertools.accumulate(batch.num_new_tokens)]
-        seq_lens: list[int] = []
-        sample_indices: list[int] = []
-        sampling_seqs: list[Sequence] = []
-        for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens)):
-            start, end = seq.num_computed_tokens, seq.num_computed_tokens + n
-            table = seq.block_table
-            if n == 1:  # decode: the common case, kept cheap
-                input_ids.append(seq.token_ids[start])
-                positions.append(start)
-                slots.append(table[start // bs] * bs + start % bs)
-            else:
-                input_ids += seq.token_ids[start:end]
-                positions += range(start, end)
-                slots += [table[p // bs] * bs + p % bs for p in range(start, end)]
-            seq_lens.append(end)
-            if end == seq.num_tokens:
-                sample_indices.append(query_start_loc[i + 1] - 1)
-                sampling_seqs.append(seq)
+    @torch.inference_mode()
+    def execute(self, plan: StepPlan) -> torch.Tensor | None:
+        """The forward of one step (the part every rank runs): logits [S, V] of the sampling rows on
+        rank 0; None on other ranks and when no row samples."""
+        device = self.device
+        input_ids = to_device(torch.from_numpy(plan.input_ids), device)
+        positions = to_device(torch.from_numpy(plan.positions), device)
         metadata = AttentionMetadata(
-            slot_mapping=to_device(slots, self.device, torch.int64),
-            query_start_loc=to_device(query_start_loc, self.device, torch.int32),
-            seq_lens=to_device(seq_lens, self.device, torch.int32),
-            block_tables=to_device(_pad_block_tables([seq.block_table for seq in batch.seqs]), self.device),
-            max_query_len=max(batch.num_new_tokens),
+            slot_mapping=to_device(torch.from_numpy(plan.slot_mapping), device),
+            query_start_loc=to_device(torch.from_numpy(plan.query_start_loc), device),
+            seq_lens=to_device(torch.from_numpy(plan.seq_lens), device),
+            block_tables=to_device(torch.from_numpy(plan.block_tables), device),
+            max_query_len=plan.max_query_len,
             num_splits=1,  # prefill and mixed steps; decode steps take their split count from DecodeGraphs
         )
-        return StepInputs(
-            input_ids=to_device(input_ids, self.device, torch.int64),
-            positions=to_device(positions, self.device, torch.int64),
-            metadata=metadata,
-            sample_indices=to_device(sample_indices, self.device, torch.int64),
-            sampling_seqs=sampling_seqs,
-        )
+        num_seqs = len(plan.seq_lens)
+        if self.graphs is not None and plan.max_query_len == 1 and self.graphs.padded_size(num_seqs):
+            hidden = self.graphs.replay(input_ids, positions, metadata)
+        else:
+            hidden = self.model(input_ids, positions, metadata)
+        if len(plan.sample_indices) == 0:
+            return None
+        return self.model.compute_logits(hidden[to_device(torch.from_numpy(plan.sample_indices), device)])
+
+    def _execute_on_all_ranks(self, plan: StepPlan) -> torch.Tensor | None:
+        """Send the plan to ranks 1..N-1 and run our share; a rank's death becomes a RankDiedError naming it."""
+        assert self.ranks is not None
+        try:
+            self.ranks.send(Method.RUN, plan.encode())
+            return self.execute(plan)
+        except RuntimeError as e:
+            self.ranks.fail(e)
+            raise
 
     def _num_kv_splits(self, batch_size: int) -> int:
         """Flash-decoding splits for a decode batch: enough programs to fill the GPU (at most 16)."""
@@ -159,6 +147,10 @@ class ModelRunner:
             num_blocks = num_cpu_blocks(cfg, block_bytes)
         else:
             num_blocks = num_gpu_blocks(cfg, block_bytes, self._profile_peak_activation_bytes())
+        if cfg.tensor_parallel_size > 1:  # every rank must hold the same blocks: agree on the smallest count
+            count = torch.tensor([num_blocks], device=self.device)
+            dist.all_reduce(count, op=dist.ReduceOp.MIN)
+            num_blocks = int(count.item())
         if num_blocks < 1:
             raise ValueError(
                 "KV cache: no room for a single block; raise gpu_memory_utilization, "
@@ -196,27 +188,17 @@ class ModelRunner:
         hidden = self.model(input_ids, positions, metadata)
         rows = hidden[-1:].expand(cfg.max_num_seqs, -1)
         logits = self.model.compute_logits(rows)
-        assert logits is not None
-        self.sampler(logits, SamplingBatch.build(
-            [SamplingParams(temperature=1.0, top_p=0.9, logprobs=20)] * cfg.max_num_seqs,
-            seeds=[0] * cfg.max_num_seqs, positions=[0] * cfg.max_num_seqs,
-            suppressed=[[]] * cfg.max_num_seqs, device=self.device,
-        ))
+        if logits is not None:  # rank 0 samples
+            self.sampler(logits, SamplingBatch.build(
+                [SamplingParams(temperature=1.0, top_p=0.9, logprobs=20)] * cfg.max_num_seqs,
+                seeds=[0] * cfg.max_num_seqs, positions=[0] * cfg.max_num_seqs,
+                suppressed=[[]] * cfg.max_num_seqs, device=self.device,
+            ))
         torch.cuda.synchronize(self.device)
         peak = torch.cuda.max_memory_allocated(self.device) - baseline
         del scratch_cache, hidden, logits
         torch.cuda.empty_cache()
         return peak
-
-
-def _pad_block_tables(tables: list[list[int]]) -> torch.Tensor:
-    """Block tables as one zero-padded [B, max_blocks] int32 tensor (numpy: ~2x faster than nested lists)."""
-    lengths = np.fromiter(map(len, tables), np.int64, len(tables))
-    padded = np.zeros((len(tables), int(lengths.max())), np.int32)
-    padded[np.arange(padded.shape[1])[None, :] < lengths[:, None]] = np.fromiter(
-        itertools.chain.from_iterable(tables), np.int32, int(lengths.sum())
-    )
-    return torch.from_numpy(padded)
 
 
 @contextlib.contextmanager

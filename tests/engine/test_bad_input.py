@@ -131,7 +131,8 @@ def test_bad_batch_beside_a_streaming_request(engine: LLMEngine) -> None:
 # (argument, bad value): the error must name the argument.
 BAD_ENGINE_ARGS: list[tuple[str, Any]] = [
     ("tensor_parallel_size", 0),
-    ("tensor_parallel_size", 2),
+    ("tensor_parallel_size", 3),  # does not divide the 4 query heads
+    ("tensor_parallel_size", 4),  # does not divide the 2 KV heads
     ("max_num_seqs", 0),
     ("max_num_batched_tokens", -1),
     ("block_size", 0),

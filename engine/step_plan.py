@@ -1,0 +1,100 @@
+"""One step's model inputs, built on the host from a scheduled batch.
+
+Every tensor-parallel rank runs the forward on the same plan, so it is plain numpy: rank 0 sends
+it to the other ranks as raw bytes (no pickling) and each rank moves it to its own device.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import msgpack
+import numpy as np
+
+from engine.scheduler import ScheduledBatch
+from engine.sequence import Sequence
+
+
+@dataclass(slots=True)
+class StepPlan:
+    input_ids: np.ndarray  # [T] int64
+    positions: np.ndarray  # [T] int64
+    slot_mapping: np.ndarray  # [T] int64: cache slot of each new token
+    query_start_loc: np.ndarray  # [B + 1] int32: cumulative new-token counts
+    seq_lens: np.ndarray  # [B] int32: cached + new tokens of each sequence
+    block_tables: np.ndarray  # [B, max_blocks] int32, zero-padded
+    sample_indices: np.ndarray  # [S] int64: row of each sampling sequence's last token
+    max_query_len: int
+
+    @classmethod
+    def build(cls, batch: ScheduledBatch, block_size: int) -> tuple[StepPlan, list[Sequence]]:
+        """The plan of `batch`, and the sequences that sample a token this step (in sample_indices order)."""
+        bs = block_size
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        query_start_loc = [0, *itertools.accumulate(batch.num_new_tokens)]
+        seq_lens: list[int] = []
+        sample_indices: list[int] = []
+        sampling_seqs: list[Sequence] = []
+        for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens)):
+            start, end = seq.num_computed_tokens, seq.num_computed_tokens + n
+            table = seq.block_table
+            if n == 1:  # decode: the common case, kept cheap
+                input_ids.append(seq.token_ids[start])
+                positions.append(start)
+                slots.append(table[start // bs] * bs + start % bs)
+            else:
+                input_ids += seq.token_ids[start:end]
+                positions += range(start, end)
+                slots += [table[p // bs] * bs + p % bs for p in range(start, end)]
+            seq_lens.append(end)
+            if end == seq.num_tokens:
+                sample_indices.append(query_start_loc[i + 1] - 1)
+                sampling_seqs.append(seq)
+        plan = cls(
+            input_ids=np.array(input_ids, np.int64),
+            positions=np.array(positions, np.int64),
+            slot_mapping=np.array(slots, np.int64),
+            query_start_loc=np.array(query_start_loc, np.int32),
+            seq_lens=np.array(seq_lens, np.int32),
+            block_tables=_pad_block_tables([seq.block_table for seq in batch.seqs]),
+            sample_indices=np.array(sample_indices, np.int64),
+            max_query_len=max(batch.num_new_tokens),
+        )
+        return plan, sampling_seqs
+
+    def encode(self) -> bytes:
+        arrays = (self.input_ids, self.positions, self.slot_mapping, self.query_start_loc, self.seq_lens,
+                  self.block_tables, self.sample_indices)
+        return msgpack.packb((self.max_query_len, self.block_tables.shape[1], *(a.tobytes() for a in arrays)))
+
+    @classmethod
+    def decode(cls, data: bytes) -> StepPlan:
+        max_query_len, num_cols, ids, pos, slots, qsl, lens, tables, samples = msgpack.unpackb(data)
+        return cls(
+            input_ids=_array(ids, np.int64),
+            positions=_array(pos, np.int64),
+            slot_mapping=_array(slots, np.int64),
+            query_start_loc=_array(qsl, np.int32),
+            seq_lens=_array(lens, np.int32),
+            block_tables=_array(tables, np.int32).reshape(-1, num_cols),
+            sample_indices=_array(samples, np.int64),
+            max_query_len=max_query_len,
+        )
+
+
+def _array(data: bytes, dtype: type) -> np.ndarray:
+    """A writable copy (torch refuses to share read-only numpy memory without a warning)."""
+    return np.frombuffer(data, dtype).copy()
+
+
+def _pad_block_tables(tables: list[list[int]]) -> np.ndarray:
+    """Block tables as one zero-padded [B, max_blocks] int32 array (numpy: ~2x faster than nested lists)."""
+    lengths = np.fromiter(map(len, tables), np.int64, len(tables))
+    padded = np.zeros((len(tables), int(lengths.max())), np.int32)
+    padded[np.arange(padded.shape[1])[None, :] < lengths[:, None]] = np.fromiter(
+        itertools.chain.from_iterable(tables), np.int32, int(lengths.sum())
+    )
+    return padded

@@ -1,0 +1,142 @@
+"""Rank 0's handle on ranks 1..N-1: spawn them, send them each step, notice a death, shut them down."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import multiprocessing as mp
+import signal
+import threading
+import time
+import weakref
+from multiprocessing.process import BaseProcess
+
+import torch.distributed as dist
+
+from engine.config import EngineConfig
+from engine.tp.channel import ControlChannel, Method
+from engine.tp.process_group import destroy_process_group, free_port, init_process_group
+from engine.tp.rank import run_rank
+
+log = logging.getLogger(__name__)
+
+SHUTDOWN_TIMEOUT_S = 10.0
+# Room for the largest step plan: ids, positions and slots per token; lengths and block tables per sequence.
+_CHANNEL_HEADROOM = 1 << 16
+
+
+class RankDiedError(RuntimeError):
+    """A tensor-parallel rank process exited while the engine was using it."""
+
+
+class RankGroup:
+    """Ranks 1..N-1 of one engine's tensor-parallel group, seen from rank 0."""
+
+    def __init__(self, config: EngineConfig, eos_token_ids: frozenset[int]) -> None:
+        """Spawn the ranks and join their process group (they then build their model shards alongside ours)."""
+        world_size = config.tensor_parallel_size
+        if dist.is_initialized():
+            raise ValueError(
+                "tensor_parallel_size: this process already has a torch.distributed group (another "
+                "tensor-parallel engine not yet closed?); close() it before starting another"
+            )
+        ctx = mp.get_context("spawn")  # fork would copy rank 0's CUDA context and threads
+        wakeups = [ctx.Semaphore(0) for _ in range(1, world_size)]
+        self.channel = ControlChannel.create(_channel_size(config), wakeups, world_size)
+        port = free_port()
+        self.processes: list[BaseProcess] = []
+        for rank in range(1, world_size):
+            process = ctx.Process(
+                target=run_rank, args=(config, eos_token_ids, rank, port, self.channel.name, wakeups),
+                name=f"nanoserve-tp-rank-{rank}", daemon=True,
+            )
+            process.start()
+            self.processes.append(process)
+        self._closed = False
+        # Ranks and shared memory go away with the engine, even if nobody calls close().
+        self._finalizer = weakref.finalize(self, _shutdown, self.channel, self.processes)
+        _exit_cleanly_on_sigterm()
+        try:
+            init_process_group(config.device, 0, world_size, port)
+        except BaseException:
+            self.close()
+            raise
+        log.info("tensor parallelism: %d ranks, %s backend", world_size, dist.get_backend())
+
+    def send(self, method: Method, payload: bytes = b"") -> None:
+        if self._closed:
+            raise RankDiedError("the tensor-parallel group was shut down after a failure; create a new engine")
+        self.check_alive()
+        self.channel.send(method, payload, alive=self.check_alive)
+
+    def check_alive(self) -> None:
+        """Raise RankDiedError naming the first rank whose process has exited."""
+        for rank, process in enumerate(self.processes, start=1):
+            if process.exitcode is not None:
+                raise RankDiedError(
+                    f"tensor-parallel rank {rank} (pid {process.pid}) died with exit code {process.exitcode}; "
+                    "the engine cannot continue, create a new one"
+                )
+
+    def fail(self, error: BaseException, wait_s: float = 5.0) -> None:
+        """After a step or the start-up failed on rank 0: close the group (no rank or shared memory outlives
+        a broken engine), then raise RankDiedError if a rank died, waiting up to `wait_s` for the dead
+        process to be reaped. Returns if every rank was alive, so the caller re-raises `error`."""
+        died: RankDiedError | None = None
+        deadline = time.monotonic() + wait_s
+        while died is None and not isinstance(error, RankDiedError):
+            try:
+                self.check_alive()
+            except RankDiedError as e:
+                died = e
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        self.close()
+        if died is not None:
+            raise died from error
+
+    def close(self) -> None:
+        """Tell the ranks to exit, wait for them (killing stragglers), destroy the group, free the shared memory."""
+        if self._closed:
+            return
+        self._closed = True
+        self._finalizer.detach()
+        _shutdown(self.channel, self.processes)
+
+
+def _shutdown(channel: ControlChannel, processes: list[BaseProcess]) -> None:
+    if all(p.exitcode is None for p in processes):
+        with contextlib.suppress(RuntimeError):  # a rank is already gone: the others are killed below
+            channel.send(Method.SHUTDOWN, alive=lambda: _raise_if_any_dead(processes))
+    deadline = time.monotonic() + SHUTDOWN_TIMEOUT_S
+    for process in processes:
+        process.join(timeout=max(0.0, deadline - time.monotonic()))
+        if process.exitcode is None:
+            log.warning("tensor-parallel rank %s did not exit; killing it", process.name)
+            process.kill()
+            process.join()
+    channel.close()
+    destroy_process_group()
+
+
+def _raise_if_any_dead(processes: list[BaseProcess]) -> None:
+    if any(p.exitcode is not None for p in processes):
+        raise RuntimeError("a rank exited")
+
+
+def _channel_size(config: EngineConfig) -> int:
+    max_blocks = -(-config.max_model_len // config.block_size)
+    per_seq = 4 * max_blocks + 4 * 2 + 8
+    return _CHANNEL_HEADROOM + 3 * 8 * config.max_num_batched_tokens + config.max_num_seqs * per_seq
+
+
+def _exit_cleanly_on_sigterm() -> None:
+    """SIGTERM's default kills without cleanup; turn it into SystemExit so finalizers stop the ranks and
+    unlink the shared memory. Only when nobody installed a handler, and only from the main thread."""
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _raise_system_exit)
+
+
+def _raise_system_exit(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)

@@ -1,0 +1,41 @@
+"""The torch.distributed group of one engine's ranks: NCCL between GPUs, gloo on CPU."""
+
+from __future__ import annotations
+
+import datetime
+import socket
+
+import torch
+import torch.distributed as dist
+
+# Collectives only ever wait for the slowest rank of the same step; a rank that dies closes its
+# sockets, which fails the collective at once (gloo), so this bound is only a last resort.
+COLLECTIVE_TIMEOUT = datetime.timedelta(seconds=120)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_process_group(device: torch.device, rank: int, world_size: int, port: int) -> None:
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group(
+        "nccl" if device.type == "cuda" else "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world_size,
+        timeout=COLLECTIVE_TIMEOUT,
+    )
+
+
+def rank_device(device: torch.device, rank: int) -> torch.device:
+    """Rank r of a GPU group runs on the r-th GPU after the engine's own; CPU ranks share the CPU."""
+    return torch.device("cuda", (device.index or 0) + rank) if device.type == "cuda" else device
+
+
+def destroy_process_group() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,49 @@
+"""The main loop of tensor-parallel ranks 1..N-1: build the same model runner, then run what rank 0 sends."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import signal
+from multiprocessing.synchronize import Semaphore
+
+import torch
+
+from engine.config import EngineConfig
+from engine.model_runner import ModelRunner
+from engine.step_plan import StepPlan
+from engine.tp.channel import ChannelClosed, ControlChannel, Method
+from engine.tp.process_group import destroy_process_group, init_process_group, rank_device
+
+log = logging.getLogger(__name__)
+
+
+def run_rank(
+    config: EngineConfig,
+    eos_token_ids: frozenset[int],
+    rank: int,
+    port: int,
+    channel_name: str,
+    wakeups: list[Semaphore],
+) -> None:
+    """Entry point of a rank process (spawned by RankGroup). Exits when told to, or when rank 0 is gone."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group; rank 0 shuts us down
+    parent = os.getppid()
+    config = dataclasses.replace(config, device=rank_device(config.device, rank))
+    if config.device.type == "cpu":  # ranks share the CPU cores instead of each taking all of them
+        torch.set_num_threads(max(1, torch.get_num_threads() // config.tensor_parallel_size))
+    channel = ControlChannel.attach(channel_name, wakeups, config.tensor_parallel_size)
+    try:
+        init_process_group(config.device, rank, config.tensor_parallel_size, port)
+        runner = ModelRunner(config, eos_token_ids, rank)
+        while True:
+            method, payload = channel.receive(rank, parent_alive=lambda: os.getppid() == parent)
+            if method is Method.SHUTDOWN:
+                break
+            runner.execute(StepPlan.decode(payload))
+    except ChannelClosed:
+        log.warning("tensor-parallel rank %d: rank 0 exited; leaving", rank)
+    finally:
+        channel.close()
+        destroy_process_group()

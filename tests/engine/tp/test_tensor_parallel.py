@@ -1,0 +1,43 @@
+"""TP=2 on CPU (gloo): greedy ids equal TP=1 and Hugging Face, through prefix hits and chunked prefill."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from engine import LLMEngine
+from tests.engine.test_hf_parity import GREEDY, hf_greedy, random_prompts, shared_prefix_prompts
+
+# 2 KV heads (1 per rank), tied head with a vocabulary that does not split evenly; 4 KV heads, untied head.
+CASES = {"tied-gqa2-hd16": {"vocab_size": 1001}, "untied-mha-hd32": {"vocab_size": 1024}}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_tp2_equals_tp1_and_hugging_face(name: str, tiny_checkpoint: Callable[..., Path]) -> None:
+    model_dir = tiny_checkpoint(name, **CASES[name])
+    prompts = random_prompts(0, [1, 15, 16, 17, 100, 129]) + shared_prefix_prompts()[:3]
+    prompts = [[t % CASES[name]["vocab_size"] for t in p] for p in prompts]
+    expected = hf_greedy(model_dir, prompts)
+    with LLMEngine(model_dir, device="cpu", dtype="float32", max_model_len=512) as tp1:
+        tp1_ids = [r["token_ids"] for r in tp1.generate(prompts, GREEDY, use_tqdm=False)]
+    with LLMEngine(
+        model_dir, device="cpu", dtype="float32", max_model_len=512, tensor_parallel_size=2,
+        max_num_batched_tokens=37,  # chunked prefill
+    ) as tp2:
+        first = tp2.generate(prompts, GREEDY, use_tqdm=False)
+        again = tp2.generate(prompts, GREEDY, use_tqdm=False)  # now from the prefix cache
+        assert tp2.block_manager.num_used_blocks == 0
+    for i, ref in enumerate(expected):
+        assert first[i]["token_ids"] == ref, f"prompt {i}: TP=2 {first[i]['token_ids']} != HF {ref}"
+        assert again[i]["token_ids"] == ref, f"prompt {i} (prefix hit): TP=2 {again[i]['token_ids']} != HF {ref}"
+        assert tp1_ids[i] == ref
+    assert sum(r["num_cached_tokens"] for r in again) > sum(len(p) for p in prompts) // 2
+
+
+def test_each_rank_holds_its_share_of_kv_heads(tiny_checkpoint: Callable[..., Path]) -> None:
+    model_dir = tiny_checkpoint("untied-mha-hd32")
+    with LLMEngine(model_dir, device="cpu", dtype="float32", tensor_parallel_size=2, num_kv_blocks=8) as engine:
+        k_cache = engine.model_runner.kv_cache[0, 0]  # [blocks, block_size, kv heads, head_dim]
+        assert tuple(k_cache.shape) == (8, 16, 2, 32)  # 4 KV heads over 2 ranks
