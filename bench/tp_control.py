@@ -4,8 +4,8 @@ Runs the engine at TP=1 (decode at batch 1 and 256, ~1024-token contexts, Qwen3-
 records each step's StepPlan, then replays those plans through the shared-memory ControlChannel
 to a spawned rank process that decodes them exactly as TP ranks do (`run_rank` minus the model).
 Reports, per step:
-- rank 0's cost: StepPlan.encode() + ControlChannel.send() (the time TP adds to the scheduler's step);
-- delivery latency: from the start of encode on rank 0 to the decoded plan on the rank.
+- rank 0's cost: ControlChannel.send() of the plan's arrays (the time TP adds to the scheduler's step);
+- delivery latency: from the start of send on rank 0 to the plan rebuilt on the rank.
 
     python bench/tp_control.py [--model DIR] [--steps 200]
 """
@@ -34,10 +34,10 @@ def receive_plans(channel_name: str, wakeups: list[Semaphore], results: Connecti
     results.send("attached")
     ready: list[int] = []
     while True:
-        method, payload = channel.receive(1, parent_alive=lambda: True)
+        method, args, arrays = channel.receive(1, parent_alive=lambda: True)
         if method is Method.SHUTDOWN:
             break
-        StepPlan.decode(payload)
+        StepPlan.from_arrays(args[0], arrays)
         ready.append(time.perf_counter_ns())
     channel.close()
     results.send(ready)
@@ -77,7 +77,7 @@ def measure(plans: list[StepPlan], max_bytes: int) -> tuple[np.ndarray, np.ndarr
     sent, done = [], []
     for plan in plans:
         start = time.perf_counter_ns()
-        channel.send(Method.RUN, plan.encode())
+        channel.send(Method.RUN, [plan.max_query_len], plan.arrays())
         done.append(time.perf_counter_ns())
         sent.append(start)
         time.sleep(0.002)  # a step's GPU time: the rank reads while rank 0 would be running its forward
@@ -101,9 +101,9 @@ def main() -> None:
     for batch_size in (1, 256):
         plans = record_plans(engine, batch_size, args.context, args.steps)
         cost, latency = measure(plans, 1 << 22)
-        size = len(plans[-1].encode())
-        print(f"batch {batch_size:3d} ({size:,} B/msg): rank-0 encode+send p50 {np.median(cost):.1f} us "
-              f"p99 {np.percentile(cost, 99):.1f} us; delivered+decoded p50 {np.median(latency):.1f} us "
+        size = sum(a.nbytes for a in plans[-1].arrays())
+        print(f"batch {batch_size:3d} ({size:,} B/msg): rank-0 send p50 {np.median(cost):.1f} us "
+              f"p99 {np.percentile(cost, 99):.1f} us; delivered p50 {np.median(latency):.1f} us "
               f"p99 {np.percentile(latency, 99):.1f} us")
 
 

@@ -154,10 +154,16 @@ class LLMEngine:
         """Block hashes stored and evicted since the last call (for prefix-aware routing)."""
         return self.block_manager.take_events()
 
+    def cached_kv_hashes(self) -> list[int]:
+        """Every block hash the prefix cache holds now: the snapshot that `take_kv_events` deltas apply to."""
+        return self.block_manager.cached_hashes()
+
     def stats(self) -> EngineStats:
         return EngineStats(
             num_running=len(self.scheduler.running),
             num_waiting=len(self.scheduler.waiting),
+            num_running_tokens=sum(len(seq.token_ids) for seq in self.scheduler.running),
+            num_waiting_tokens=sum(len(seq.token_ids) for seq in self.scheduler.waiting),
             num_kv_blocks_used=self.block_manager.num_used_blocks,
             num_kv_blocks_total=self.block_manager.num_blocks,
             num_prefix_hit_tokens=self.scheduler.num_prefix_hit_tokens,

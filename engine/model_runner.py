@@ -95,7 +95,7 @@ class ModelRunner:
         """Send the plan to ranks 1..N-1 and run our share; a rank's death becomes a RankDiedError naming it."""
         assert self.ranks is not None
         try:
-            self.ranks.send(Method.RUN, plan.encode())
+            self.ranks.send(Method.RUN, [plan.max_query_len], plan.arrays())
             return self.execute(plan)
         except RuntimeError as e:
             self.ranks.fail(e)

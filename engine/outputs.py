@@ -28,6 +28,8 @@ class EngineStats:
 
     num_running: int
     num_waiting: int
+    num_running_tokens: int  # prompt + output tokens of running requests (their KV footprint)
+    num_waiting_tokens: int  # tokens of queued requests still to be prefilled: the load not yet started
     num_kv_blocks_used: int
     num_kv_blocks_total: int
     num_prefix_hit_tokens: int  # prompt tokens served from the prefix cache, since start

@@ -1,7 +1,7 @@
 """One step's model inputs, built on the host from a scheduled batch.
 
-Every tensor-parallel rank runs the forward on the same plan, so it is plain numpy: rank 0 sends
-it to the other ranks as raw bytes (no pickling) and each rank moves it to its own device.
+Every tensor-parallel rank runs the forward on the same plan, so it is plain numpy: rank 0 copies
+its arrays into the shared-memory control channel and each rank moves them to its own device.
 """
 
 from __future__ import annotations
@@ -9,7 +9,6 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass
 
-import msgpack
 import numpy as np
 
 from engine.scheduler import ScheduledBatch
@@ -65,29 +64,16 @@ class StepPlan:
         )
         return plan, sampling_seqs
 
-    def encode(self) -> bytes:
-        arrays = (self.input_ids, self.positions, self.slot_mapping, self.query_start_loc, self.seq_lens,
-                  self.block_tables, self.sample_indices)
-        return msgpack.packb((self.max_query_len, self.block_tables.shape[1], *(a.tobytes() for a in arrays)))
+    def arrays(self) -> list[np.ndarray]:
+        """The plan as the arrays a control message carries (with `max_query_len` as its one argument)."""
+        return [self.input_ids, self.positions, self.slot_mapping, self.query_start_loc, self.seq_lens,
+                self.block_tables, self.sample_indices]
 
     @classmethod
-    def decode(cls, data: bytes) -> StepPlan:
-        max_query_len, num_cols, ids, pos, slots, qsl, lens, tables, samples = msgpack.unpackb(data)
-        return cls(
-            input_ids=_array(ids, np.int64),
-            positions=_array(pos, np.int64),
-            slot_mapping=_array(slots, np.int64),
-            query_start_loc=_array(qsl, np.int32),
-            seq_lens=_array(lens, np.int32),
-            block_tables=_array(tables, np.int32).reshape(-1, num_cols),
-            sample_indices=_array(samples, np.int64),
-            max_query_len=max_query_len,
-        )
-
-
-def _array(data: bytes, dtype: type) -> np.ndarray:
-    """A writable copy (torch refuses to share read-only numpy memory without a warning)."""
-    return np.frombuffer(data, dtype).copy()
+    def from_arrays(cls, max_query_len: int, arrays: list[np.ndarray]) -> StepPlan:
+        input_ids, positions, slot_mapping, query_start_loc, seq_lens, block_tables, sample_indices = arrays
+        return cls(input_ids, positions, slot_mapping, query_start_loc, seq_lens, block_tables, sample_indices,
+                   max_query_len)
 
 
 def _pad_block_tables(tables: list[list[int]]) -> np.ndarray:

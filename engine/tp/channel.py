@@ -1,12 +1,14 @@
 """Rank 0 -> ranks 1..N-1 control messages through one shared-memory buffer and a semaphore per rank.
 
-A message is a method (an `Enum`) and an opaque payload, msgpack-encoded into the buffer: a step
-costs one memcpy and one semaphore post per rank (a single syscall, unlike a multiprocessing
-Event's condition variable), with no pickling and no socket round trip.
+A message is a method (an `Enum`), a few small arguments and some numpy arrays. The method, the
+arguments and the arrays' dtypes and shapes are msgpack-encoded; each array's bytes are copied
+straight into the buffer. A step costs one memcpy per array and one semaphore post per rank (a
+single syscall, unlike a multiprocessing Event's condition variable): no pickling, no socket.
 
 Buffer layout (little-endian uint64 header, then the message):
-    [0:8) sequence number of the latest message   [8:16) its length
+    [0:8) sequence number of the latest message   [8:16) length of its msgpack part
     [16 + 8 r : 24 + 8 r) sequence number rank r has read (its ack), for r in 1..N-1
+    then the msgpack part, then each array at the next 8-byte-aligned offset
 A new message is written only after every rank acked the previous one, so a reader never sees a
 half-overwritten buffer. In practice the acks are already there: every step contains collectives
 that a rank can only join after reading the step's message.
@@ -23,6 +25,7 @@ from multiprocessing.shared_memory import SharedMemory
 from multiprocessing.synchronize import Semaphore
 
 import msgpack
+import numpy as np
 
 _U64 = struct.Struct("<Q")
 _HEADER = struct.Struct("<QQ")
@@ -46,6 +49,7 @@ class ControlChannel:
         self.shm, self.wakeups, self.world_size, self.owner = shm, wakeups, world_size, owner
         assert shm.buf is not None
         self._buf: memoryview = shm.buf
+        self._bytes = np.frombuffer(self._buf, np.uint8)  # the same memory, for array copies
         self._data_offset = 16 + 8 * world_size
         self._seq = 0
 
@@ -66,15 +70,25 @@ class ControlChannel:
     def name(self) -> str:
         return self.shm.name
 
-    def send(self, method: Method, payload: bytes = b"", alive: Callable[[], None] = lambda: None) -> None:
+    def send(
+        self,
+        method: Method,
+        args: Sequence[int] = (),
+        arrays: Sequence[np.ndarray] = (),
+        alive: Callable[[], None] = lambda: None,
+    ) -> None:
         """Write a message and wake every rank. `alive` raises if a rank died while we wait for acks."""
-        message = msgpack.packb((int(method), payload))
-        if self._data_offset + len(message) > len(self._buf):
-            raise ValueError(f"control message of {len(message)} bytes exceeds the {len(self._buf)}-byte channel")
+        header = msgpack.packb((int(method), list(args), [(a.dtype.str, a.shape) for a in arrays]))
+        offsets = _array_offsets(self._data_offset + len(header), arrays)
+        end = offsets[-1] + arrays[-1].nbytes if arrays else self._data_offset + len(header)
+        if end > len(self._buf):
+            raise ValueError(f"control message of {end} bytes exceeds the {len(self._buf)}-byte channel")
         self._wait_for_acks(alive)
         self._seq += 1
-        self._buf[self._data_offset : self._data_offset + len(message)] = message
-        _HEADER.pack_into(self._buf, 0, self._seq, len(message))
+        self._buf[self._data_offset : self._data_offset + len(header)] = header
+        for offset, array in zip(offsets, arrays):
+            self._bytes[offset : offset + array.nbytes] = array.reshape(-1).view(np.uint8)  # a copy if not contiguous
+        _HEADER.pack_into(self._buf, 0, self._seq, len(header))
         for wakeup in self.wakeups:
             wakeup.release()
 
@@ -84,20 +98,43 @@ class ControlChannel:
                 alive()
                 time.sleep(1e-5)
 
-    def receive(self, rank: int, parent_alive: Callable[[], bool]) -> tuple[Method, bytes]:
-        """Block until rank 0's next message; raise ChannelClosed if `parent_alive()` turns False."""
+    def receive(self, rank: int, parent_alive: Callable[[], bool]) -> tuple[Method, list[int], list[np.ndarray]]:
+        """Block until rank 0's next message (arrays copied out); raise ChannelClosed if `parent_alive()` turns
+        False."""
         wakeup = self.wakeups[rank - 1]
         while not wakeup.acquire(timeout=1.0):
             if not parent_alive():
                 raise ChannelClosed("rank 0 exited")
         seq, length = _HEADER.unpack_from(self._buf, 0)
-        method, payload = msgpack.unpackb(self._buf[self._data_offset : self._data_offset + length])
+        method, args, specs = msgpack.unpackb(self._buf[self._data_offset : self._data_offset + length])
+        arrays: list[np.ndarray] = []
+        offset = self._data_offset + length
+        for dtype_str, shape in specs:
+            dtype = np.dtype(dtype_str)
+            offset = _align(offset)
+            count = int(np.prod(shape))
+            arrays.append(np.frombuffer(self._buf, dtype, count, offset).reshape(shape).copy())
+            offset += count * dtype.itemsize
         _U64.pack_into(self._buf, 16 + 8 * rank, seq)
-        return Method(method), payload
+        return Method(method), args, arrays
 
     def close(self) -> None:
         """Detach; the owner also unlinks the segment from /dev/shm."""
+        del self._bytes
         self._buf.release()
         self.shm.close()
         if self.owner:
             self.shm.unlink()
+
+
+def _align(offset: int) -> int:
+    return (offset + 7) & ~7
+
+
+def _array_offsets(start: int, arrays: Sequence[np.ndarray]) -> list[int]:
+    offsets = []
+    for array in arrays:
+        start = _align(start)
+        offsets.append(start)
+        start += array.nbytes
+    return offsets

@@ -9,8 +9,10 @@ import signal
 import threading
 import time
 import weakref
+from multiprocessing.connection import wait
 from multiprocessing.process import BaseProcess
 
+import numpy as np
 import torch.distributed as dist
 
 from engine.config import EngineConfig
@@ -53,8 +55,9 @@ class RankGroup:
             process.start()
             self.processes.append(process)
         self._closed = False
+        self._closing = threading.Event()
         # Ranks and shared memory go away with the engine, even if nobody calls close().
-        self._finalizer = weakref.finalize(self, _shutdown, self.channel, self.processes)
+        self._finalizer = weakref.finalize(self, _shutdown, self.channel, self.processes, self._closing)
         _exit_cleanly_on_sigterm()
         try:
             init_process_group(config.device, 0, world_size, port)
@@ -62,12 +65,17 @@ class RankGroup:
             self.close()
             raise
         log.info("tensor parallelism: %d ranks, %s backend", world_size, dist.get_backend())
+        if dist.get_backend() == "nccl":
+            threading.Thread(
+                target=_abort_collectives_on_rank_death, args=(self.processes, self._closing), daemon=True,
+                name="nanoserve-tp-watchdog",
+            ).start()
 
-    def send(self, method: Method, payload: bytes = b"") -> None:
+    def send(self, method: Method, args: list[int], arrays: list[np.ndarray]) -> None:
         if self._closed:
             raise RankDiedError("the tensor-parallel group was shut down after a failure; create a new engine")
         self.check_alive()
-        self.channel.send(method, payload, alive=self.check_alive)
+        self.channel.send(method, args, arrays, alive=self.check_alive)
 
     def check_alive(self) -> None:
         """Raise RankDiedError naming the first rank whose process has exited."""
@@ -102,10 +110,20 @@ class RankGroup:
             return
         self._closed = True
         self._finalizer.detach()
-        _shutdown(self.channel, self.processes)
+        _shutdown(self.channel, self.processes, self._closing)
 
 
-def _shutdown(channel: ControlChannel, processes: list[BaseProcess]) -> None:
+def _abort_collectives_on_rank_death(processes: list[BaseProcess], closing: threading.Event) -> None:
+    """NCCL collectives wait forever for a dead peer (gloo's fail at once, on the closed socket): when a rank
+    exits while the group is in use, abort the group so rank 0's pending step fails and `fail` names the rank."""
+    wait([p.sentinel for p in processes])
+    if not closing.is_set():
+        log.error("a tensor-parallel rank exited; aborting NCCL collectives")
+        dist.distributed_c10d._abort_process_group()
+
+
+def _shutdown(channel: ControlChannel, processes: list[BaseProcess], closing: threading.Event) -> None:
+    closing.set()
     if all(p.exitcode is None for p in processes):
         with contextlib.suppress(RuntimeError):  # a rank is already gone: the others are killed below
             channel.send(Method.SHUTDOWN, alive=lambda: _raise_if_any_dead(processes))

@@ -38,10 +38,10 @@ def run_rank(
         init_process_group(config.device, rank, config.tensor_parallel_size, port)
         runner = ModelRunner(config, eos_token_ids, rank)
         while True:
-            method, payload = channel.receive(rank, parent_alive=lambda: os.getppid() == parent)
+            method, args, arrays = channel.receive(rank, parent_alive=lambda: os.getppid() == parent)
             if method is Method.SHUTDOWN:
                 break
-            runner.execute(StepPlan.decode(payload))
+            runner.execute(StepPlan.from_arrays(args[0], arrays))
     except ChannelClosed:
         log.warning("tensor-parallel rank %d: rank 0 exited; leaving", rank)
     finally:

@@ -37,25 +37,31 @@ def assert_plans_equal(a: StepPlan, b: StepPlan) -> None:
             assert x == y, name
 
 
-@pytest.mark.parametrize(("num_seqs", "num_cols"), [(1, 1), (7, 3), (256, 64)])
-def test_step_plan_round_trips_through_bytes(num_seqs: int, num_cols: int) -> None:
-    plan = make_plan(num_seqs, num_cols)
-    assert_plans_equal(plan, StepPlan.decode(plan.encode()))
-
-
 @pytest.fixture
 def channel_pair() -> tuple[ControlChannel, ControlChannel]:
     wakeups = [mp.get_context("spawn").Semaphore(0)]
-    writer = ControlChannel.create(1 << 16, wakeups, world_size=2)
+    writer = ControlChannel.create(1 << 18, wakeups, world_size=2)
     reader = ControlChannel.attach(writer.name, wakeups, world_size=2)
     yield writer, reader
     reader.close()
     writer.close()
 
 
+@pytest.mark.parametrize(("num_seqs", "num_cols"), [(1, 1), (7, 3), (256, 64)])
+def test_step_plan_crosses_the_channel_intact(
+    channel_pair: tuple[ControlChannel, ControlChannel], num_seqs: int, num_cols: int
+) -> None:
+    writer, reader = channel_pair
+    plan = make_plan(num_seqs, num_cols)
+    writer.send(Method.RUN, [plan.max_query_len], plan.arrays())
+    method, args, arrays = reader.receive(1, parent_alive=lambda: True)
+    assert method is Method.RUN
+    assert_plans_equal(plan, StepPlan.from_arrays(args[0], arrays))
+
+
 def test_messages_arrive_in_order_and_wait_for_the_reader(channel_pair: tuple[ControlChannel, ControlChannel]) -> None:
     writer, reader = channel_pair
-    received: list[tuple[Method, bytes]] = []
+    received: list[tuple[Method, list[int], list[np.ndarray]]] = []
 
     def read() -> None:
         for _ in range(50):
@@ -63,18 +69,24 @@ def test_messages_arrive_in_order_and_wait_for_the_reader(channel_pair: tuple[Co
 
     thread = threading.Thread(target=read)
     thread.start()
-    payloads = [os.urandom(i * 100) for i in range(49)]
-    for payload in payloads:  # each send waits for the previous message's ack, so none is overwritten
-        writer.send(Method.RUN, payload)
+    rng = np.random.default_rng(1)
+    messages = [([i, -i], [rng.integers(0, 100, i, dtype=np.int64), rng.random((i, 3)).astype(np.float32)])
+                for i in range(49)]  # includes empty arrays
+    for args, arrays in messages:  # each send waits for the previous message's ack, so none is overwritten
+        writer.send(Method.RUN, args, arrays)
     writer.send(Method.SHUTDOWN)
     thread.join(timeout=10)
-    assert received == [(Method.RUN, p) for p in payloads] + [(Method.SHUTDOWN, b"")]
+    assert len(received) == 50
+    for (method, args, arrays), (sent_args, sent_arrays) in zip(received, messages):
+        assert method is Method.RUN and args == sent_args
+        assert all(a.dtype == b.dtype and a.shape == b.shape and (a == b).all() for a, b in zip(arrays, sent_arrays))
+    assert received[-1] == (Method.SHUTDOWN, [], [])
 
 
 def test_message_too_large_is_a_clear_error(channel_pair: tuple[ControlChannel, ControlChannel]) -> None:
     writer, _ = channel_pair
-    with pytest.raises(ValueError, match="exceeds the 65536-byte channel"):
-        writer.send(Method.RUN, bytes(1 << 16))
+    with pytest.raises(ValueError, match="exceeds the 262144-byte channel"):
+        writer.send(Method.RUN, [], [np.zeros(1 << 15, np.int64)])
 
 
 def test_reader_leaves_when_rank_0_is_gone(channel_pair: tuple[ControlChannel, ControlChannel]) -> None:
@@ -85,13 +97,13 @@ def test_reader_leaves_when_rank_0_is_gone(channel_pair: tuple[ControlChannel, C
 
 def test_send_stops_waiting_when_a_rank_died(channel_pair: tuple[ControlChannel, ControlChannel]) -> None:
     writer, _ = channel_pair
-    writer.send(Method.RUN, b"x")  # never read: the next send waits for an ack that will not come
+    writer.send(Method.RUN)  # never read: the next send waits for an ack that will not come
 
     def rank_died() -> None:
         raise RuntimeError("rank 1 died")
 
     with pytest.raises(RuntimeError, match="rank 1 died"):
-        writer.send(Method.RUN, b"y", alive=rank_died)
+        writer.send(Method.RUN, alive=rank_died)
 
 
 def test_close_unlinks_the_segment() -> None:

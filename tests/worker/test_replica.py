@@ -1,0 +1,205 @@
+"""Replica as a real Ray actor on a local CPU cluster: streaming, batching, abort, KV snapshots, errors, naming."""
+
+from __future__ import annotations
+
+import random
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import ray
+from ray.actor import ActorHandle
+
+from engine import LLMEngine, SamplingParams
+from worker import RequestDelta, RequestSpec, StepEvents, SubmitError, get_replica, start_replica
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+VOCAB = 1024  # the tiny checkpoint's vocabulary
+# 32 blocks of 16 tokens: small enough that two rounds of 100-token prompts evict cached blocks.
+ENGINE_KWARGS: dict[str, Any] = dict(device="cpu", dtype="float32", num_kv_blocks=32, max_model_len=256)
+MAX_QUEUED = 4
+TIMEOUT_S = 60.0
+
+
+def prompt(seed: int, n: int) -> list[int]:
+    rng = random.Random(seed)
+    return [rng.randrange(VOCAB) for _ in range(n)]
+
+
+def spec(request_id: str, token_ids: list[int], max_tokens: int, **params: Any) -> RequestSpec:
+    """A greedy request that ignores EOS; `params` override."""
+    params = {"temperature": 0.0, "max_tokens": max_tokens, "ignore_eos": True, **params}
+    return RequestSpec(request_id, token_ids, params)
+
+
+class Stream:
+    """A subscription to a replica's event batches, read with a timeout."""
+
+    def __init__(self, replica: ActorHandle) -> None:
+        self._events = replica.events.remote()
+        self.opening = self.next()
+
+    def next(self) -> StepEvents:
+        ready, _ = ray.wait([self._events], timeout=TIMEOUT_S)
+        assert ready, f"no event batch within {TIMEOUT_S} s"
+        return ray.get(next(self._events))
+
+    def until_finished(self, request_ids: list[str]) -> list[StepEvents]:
+        """Batches until every one of `request_ids` has finished."""
+        batches: list[StepEvents] = []
+        unfinished = set(request_ids)
+        while unfinished:
+            batches.append(self.next())
+            unfinished -= {d.request_id for d in batches[-1].outputs if d.finished}
+        return batches
+
+
+def deltas_of(batches: list[StepEvents]) -> dict[str, list[RequestDelta]]:
+    by_id: dict[str, list[RequestDelta]] = {}
+    for batch in batches:
+        for delta in batch.outputs:
+            by_id.setdefault(delta.request_id, []).append(delta)
+    return by_id
+
+
+def tokens_of(deltas: list[RequestDelta]) -> list[int]:
+    return [t for d in deltas for t in d.new_token_ids]
+
+
+def submit(replica: ActorHandle, specs: list[RequestSpec]) -> list[SubmitError | None]:
+    return ray.get(replica.submit.remote(specs), timeout=TIMEOUT_S)
+
+
+@pytest.fixture(scope="module")
+def ray_cluster() -> Iterator[None]:
+    # Workers import `worker` and `engine` from this checkout, as the driver does.
+    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": str(REPO_ROOT)}})
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def model_dir(tiny_checkpoint: Callable[..., Path]) -> Path:
+    return tiny_checkpoint("tied-gqa2-hd16")
+
+
+@pytest.fixture(scope="module")
+def replica(ray_cluster: None, model_dir: Path) -> Iterator[ActorHandle]:
+    handle = start_replica(
+        f"test-{uuid.uuid4().hex[:8]}", model_dir, ENGINE_KWARGS, on_gpu=False, max_queued_requests=MAX_QUEUED
+    )
+    assert ray.get(handle.health.remote(), timeout=TIMEOUT_S).state == "running"
+    yield handle
+    ray.kill(handle)
+
+
+def test_greedy_stream_matches_offline_generate(replica: ActorHandle, model_dir: Path) -> None:
+    token_ids = prompt(1, 40)
+    offline = LLMEngine(model_dir, **ENGINE_KWARGS).generate(
+        token_ids, SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True), use_tqdm=False
+    )
+    stream = Stream(replica)
+    assert submit(replica, [spec("greedy", token_ids, 16)]) == [None]
+    deltas = deltas_of(stream.until_finished(["greedy"]))["greedy"]
+    assert tokens_of(deltas) == offline["token_ids"]  # type: ignore[index]
+    assert (deltas[-1].finish_reason, deltas[-1].num_prompt_tokens) == ("length", 40)
+
+
+def test_each_batch_carries_every_request_of_its_steps(replica: ActorHandle) -> None:
+    stream = Stream(replica)
+    steps_before = ray.get(replica.health.remote()).num_steps
+    lengths = {f"c{i}": max_tokens for i, max_tokens in enumerate((3, 6, 9, 12))}
+    specs = [spec(rid, prompt(10 + i, 20 + 10 * i), n) for i, (rid, n) in enumerate(lengths.items())]
+    assert submit(replica, specs) == [None] * 4
+    batches = stream.until_finished(list(lengths))
+    seqs = [b.seq for b in batches]
+    assert seqs == list(range(stream.opening.seq + 1, stream.opening.seq + 1 + len(batches)))
+    for batch in batches:
+        ids = [d.request_id for d in batch.outputs]
+        assert len(ids) == len(set(ids)), "a request appears once per batch"
+    deltas = deltas_of(batches)
+    assert {rid: len(tokens_of(deltas[rid])) for rid in lengths} == lengths
+    steps = ray.get(replica.health.remote()).num_steps - steps_before
+    assert sum(b.num_steps for b in batches) == steps  # every step went into exactly one batch
+
+
+def test_abort_frees_kv_blocks_at_once(replica: ActorHandle) -> None:
+    stream = Stream(replica)
+    assert submit(replica, [spec("long", prompt(2, 40), 200)]) == [None]
+    while "long" not in deltas_of([stream.next()]):
+        pass
+    assert ray.get(replica.stats.remote()).engine.num_kv_blocks_used > 0
+    ray.get(replica.abort.remote(["long"]))
+    last = deltas_of(stream.until_finished(["long"]))["long"][-1]
+    assert (last.finished, last.finish_reason) == (True, "abort")
+    engine_stats = ray.get(replica.stats.remote()).engine
+    assert (engine_stats.num_kv_blocks_used, engine_stats.num_running, engine_stats.num_waiting) == (0, 0, 0)
+
+
+def test_snapshot_plus_later_events_equals_a_later_snapshot(replica: ActorHandle) -> None:
+    """The router's view: a snapshot taken mid-run, plus every later batch, is exact (evictions included)."""
+    stream = Stream(replica)
+    rounds = [[spec(f"kv{r}{i}", prompt(100 + 10 * r + i, 100), 20) for i in range(3)] for r in range(2)]
+    assert submit(replica, rounds[0]) == [None] * 3
+    batches = [stream.next()]
+    snapshot = ray.get(replica.kv_snapshot.remote())
+    assert submit(replica, rounds[1]) == [None] * 3
+    batches += stream.until_finished([s.request_id for r in rounds for s in r])
+    view = set(snapshot.block_hashes)
+    for batch in batches:
+        if batch.seq > snapshot.seq:
+            view.update(batch.kv_stored)
+            view.difference_update(batch.kv_evicted)
+    later = ray.get(replica.kv_snapshot.remote())
+    assert later.seq == batches[-1].seq and later.epoch == snapshot.epoch
+    assert view == set(later.block_hashes)
+    assert any(b.kv_evicted for b in batches if b.seq > snapshot.seq), "the cache should have been too small"
+
+
+def test_a_bad_request_fails_alone(replica: ActorHandle) -> None:
+    stream = Stream(replica)
+    good = prompt(3, 10)
+    errors = submit(replica, [
+        spec("ok1", good, 2),
+        spec("bad-token", good[:3] + [VOCAB] + good[4:], 2),
+        spec("bad-param", good, 2, temperature=-1.0),
+        spec("ok1", good, 2),  # its id is in use
+        spec("ok2", good, 2),
+    ])
+    assert errors[0] is None and errors[4] is None
+    for error, field in zip(errors[1:4], ("prompt", "temperature", "request_id")):
+        assert error is not None and error.code == "invalid_argument" and error.message.startswith(field), error
+    stream.until_finished(["ok1", "ok2"])
+
+
+def test_a_full_queue_refuses_with_its_own_code(replica: ActorHandle) -> None:
+    stream = Stream(replica)
+    specs = [spec(f"q{i}", prompt(20 + i, 10), 2) for i in range(MAX_QUEUED + 2)]
+    errors = submit(replica, specs)
+    assert errors[:MAX_QUEUED] == [None] * MAX_QUEUED
+    for error in errors[MAX_QUEUED:]:
+        assert error is not None and error.code == "resource_exhausted" and "queue full" in error.message
+    stream.until_finished([s.request_id for s in specs[:MAX_QUEUED]])
+
+
+def test_a_detached_named_replica_is_found_again_stopped_and_killed(ray_cluster: None, model_dir: Path) -> None:
+    name = f"detached-{uuid.uuid4().hex[:8]}"
+    started = start_replica(name, model_dir, ENGINE_KWARGS, on_gpu=False)
+    found = get_replica(name)
+    assert ray.get(found.health.remote(), timeout=TIMEOUT_S).epoch == ray.get(started.health.remote()).epoch
+    ray.get(found.shutdown.remote())
+    assert ray.get(found.health.remote()).state == "stopped"
+    (error,) = submit(found, [spec("late", prompt(4, 10), 2)])
+    assert error is not None and error.code == "unavailable"
+    ray.kill(found)
+    deadline = time.monotonic() + TIMEOUT_S
+    while time.monotonic() < deadline:
+        try:
+            get_replica(name)
+        except ValueError:
+            return
+        time.sleep(0.1)
+    pytest.fail(f"replica {name} still registered after ray.kill")

@@ -1,0 +1,121 @@
+"""The typed messages a replica exchanges with its router across the Ray boundary.
+
+Plain data only (str, int, float, bool, None, lists, dicts, in dataclasses): they pickle cheaply,
+hold no torch object, and convert field by field to msgpack or protobuf. This module imports
+nothing heavy, so the router can unpickle them without loading torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal, TypedDict
+
+from engine.outputs import EngineStats
+from engine.sequence import FinishReason
+
+# Why a request was not queued; each maps onto one gRPC status of DESIGN.md.
+ErrorCode = Literal["invalid_argument", "resource_exhausted", "unavailable"]
+# running: stepping or idle; failed: the engine raised (see `error`) and the replica must be replaced;
+# stopped: shut down on request.
+ReplicaState = Literal["running", "failed", "stopped"]
+
+
+@dataclass(frozen=True, slots=True)
+class RequestSpec:
+    """One request to queue: prompt token ids, and engine `SamplingParams` fields by name."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling_params: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class SubmitError:
+    """Why one `RequestSpec` was not queued. `message` names the bad field for invalid_argument."""
+
+    code: ErrorCode
+    message: str
+
+
+class LogprobEntry(TypedDict):
+    """One sampled token's log-probability and the top-N alternatives (token id -> logprob)."""
+
+    token_id: int
+    logprob: float
+    top_logprobs: dict[int, float]
+
+
+@dataclass(slots=True)
+class RequestDelta:
+    """One request's progress since the previous batch: the tokens it gained, and whether it is done.
+
+    Mutable because the outbox merges a request's steps into one delta before sending it.
+    """
+
+    request_id: str
+    new_token_ids: list[int]
+    finished: bool
+    finish_reason: FinishReason | None
+    num_prompt_tokens: int
+    num_cached_tokens: int  # prompt tokens served by the prefix cache
+    logprobs: list[LogprobEntry]  # one per new token if the request asked for logprobs, else empty
+
+
+@dataclass(frozen=True, slots=True)
+class StepEvents:
+    """Everything a replica did since its previous batch: one message for all its requests.
+
+    `seq` counts batches from 1 within an `epoch` (one engine's life). Every batch gets a seq, even
+    one the replica had to drop (its consumer fell too far behind, or was replaced while the batch
+    was in flight), so a gap in the seqs a consumer sees means it lost data: it must re-snapshot
+    the KV view and recover the requests it has in flight on this replica.
+
+    A subscription's first batch comes at once with whatever was pending, and may be empty.
+
+    `kv_stored` / `kv_evicted` hold each block hash's last change in the window (the two never share
+    a hash). Applied as set add / discard, they bring a view that was exact at any step inside the
+    window (a `KVSnapshot` with seq == self.seq - 1, or an earlier batch) to the state at its end.
+    """
+
+    replica: str
+    epoch: str
+    seq: int
+    num_steps: int  # engine steps merged into this batch (more than 1 when the consumer lagged)
+    outputs: list[RequestDelta]  # at most one per request, except a finished id reused later
+    kv_stored: list[int]
+    kv_evicted: list[int]
+
+
+@dataclass(frozen=True, slots=True)
+class KVSnapshot:
+    """Every block hash resident on a replica. Batches with seq > `seq`, applied on top, keep it exact."""
+
+    replica: str
+    epoch: str
+    seq: int  # the latest batch seq already reflected here (0: none yet)
+    block_hashes: list[int]
+
+
+@dataclass(frozen=True, slots=True)
+class ReplicaHealth:
+    """Progress-based health: a replica that has work but whose last step is old is stuck."""
+
+    replica: str
+    epoch: str
+    state: ReplicaState
+    has_work: bool
+    num_steps: int
+    # Measured on the replica's own clock, so clock skew between hosts does not matter; None before any step.
+    seconds_since_last_step: float | None
+    error: str | None  # why the replica failed, when it did
+
+
+@dataclass(frozen=True, slots=True)
+class ReplicaStats:
+    """A replica's load and cache: its engine's stats plus the bound on its queue."""
+
+    replica: str
+    epoch: str
+    num_steps: int
+    max_queued_requests: int  # engine.num_waiting beyond this is refused as resource_exhausted
+    engine: EngineStats

@@ -1,0 +1,132 @@
+"""`Replica`: the Ray actor that serves one LLMEngine and streams its steps as batched events."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import ray
+
+from engine.sampling_params import SamplingParams
+from worker.messages import KVSnapshot, ReplicaHealth, ReplicaStats, RequestSpec, StepEvents, SubmitError
+from worker.outbox import Outbox
+from worker.step_loop import EngineUnavailableError, StepLoop
+
+if TYPE_CHECKING:
+    from engine.llm_engine import LLMEngine
+
+# Event batches Ray may hold unread before `events` pauses; meanwhile new steps coalesce in the outbox.
+EVENTS_IN_FLIGHT = 2
+# Threads apart from the default group's, so that neither calls queued behind a hung step nor a stream
+# can hold up the other: `health` always answers, and `events` has room for the live stream plus one
+# being replaced. Ray takes these at `ray.remote`; the methods name their group below.
+CONCURRENCY_GROUPS = {"health": 1, "events": 2}
+
+
+class Replica:
+    """One engine behind a Ray actor: submit / abort / snapshot calls, and one stream of step events.
+
+    A threaded actor, not an async one: engine calls block (torch, and a tensor-parallel step waits
+    on other processes), so an async actor would have to push them to a thread anyway. Here the
+    engine lives on its own `StepLoop` thread; every method is plain blocking code that hands the
+    loop a call, and `health` (its own thread, see CONCURRENCY_GROUPS) reads progress counters
+    without waiting, so it answers even while a step hangs.
+    """
+
+    def __init__(
+        self, name: str, model: str | Path, engine_kwargs: dict[str, Any] | None = None, max_queued_requests: int = 256
+    ) -> None:
+        if isinstance(max_queued_requests, bool) or not isinstance(max_queued_requests, int) or max_queued_requests < 1:
+            raise ValueError(f"max_queued_requests must be a positive integer, got {max_queued_requests!r}")
+        self.name = name
+        self.epoch = uuid.uuid4().hex  # a restarted replica is a new actor, hence a new epoch
+        self.max_queued_requests = max_queued_requests
+        self._outbox = Outbox(name, self.epoch)
+        self._loop = StepLoop(name, lambda: _build_engine(model, engine_kwargs or {}), self._outbox)
+
+    def __repr__(self) -> str:  # Ray prefixes the actor's log lines with this
+        return f"Replica({self.name})"
+
+    def submit(self, specs: list[RequestSpec]) -> list[SubmitError | None]:
+        """Queue each request; per spec, None if queued or why not. A bad spec fails alone."""
+        try:
+            return self._loop.call(lambda engine: [self._admit(engine, spec) for spec in specs])
+        except EngineUnavailableError as e:
+            return [SubmitError("unavailable", f"replica {self.name}: {e}")] * len(specs)
+
+    def _admit(self, engine: LLMEngine, spec: RequestSpec) -> SubmitError | None:
+        num_waiting = engine.stats().num_waiting
+        if num_waiting >= self.max_queued_requests:
+            return SubmitError(
+                "resource_exhausted",
+                f"queue full: replica {self.name} has {num_waiting} requests waiting "
+                f"(max_queued_requests={self.max_queued_requests})",
+            )
+        try:
+            params = SamplingParams.from_kwargs(**spec.sampling_params)
+            engine.add_request(spec.prompt_token_ids, params, spec.request_id)
+        except ValueError as e:
+            return SubmitError("invalid_argument", str(e))
+        return None
+
+    def abort(self, request_ids: list[str]) -> None:
+        """Stop these requests and free their KV blocks; each one's final delta ("abort") comes next step."""
+        with contextlib.suppress(EngineUnavailableError):  # a stopped or failed engine runs nothing to abort
+            self._loop.call(lambda engine: [engine.abort(request_id) for request_id in request_ids])
+
+    @ray.method(concurrency_group="health")
+    def health(self) -> ReplicaHealth:
+        """Progress counters; never waits for the engine."""
+        loop = self._loop
+        last = loop.last_step_at
+        return ReplicaHealth(
+            replica=self.name,
+            epoch=self.epoch,
+            state=loop.state,
+            has_work=loop.has_work,
+            num_steps=loop.num_steps,
+            seconds_since_last_step=None if last is None else time.monotonic() - last,
+            error=loop.error,
+        )
+
+    def stats(self) -> ReplicaStats:
+        """The engine's load and cache counters."""
+        engine_stats = self._loop.call(lambda engine: engine.stats())
+        return ReplicaStats(self.name, self.epoch, self._loop.num_steps, self.max_queued_requests, engine_stats)
+
+    def kv_snapshot(self) -> KVSnapshot:
+        """Every resident block hash, taken between two steps so it matches the event seq exactly."""
+        return self._loop.call(
+            lambda engine: KVSnapshot(
+                self.name, self.epoch, self._outbox.last_seq, engine.cached_kv_hashes()
+            )
+        )
+
+    @ray.method(
+        num_returns="streaming", _generator_backpressure_num_objects=EVENTS_IN_FLIGHT, concurrency_group="events"
+    )
+    def events(self) -> Iterator[StepEvents]:
+        """Stream step batches; replaces the previous subscriber's stream, which then ends.
+
+        The stream opens at once with what is pending (maybe nothing): from that batch on, the caller
+        gets every step. Take a `kv_snapshot` after it, and apply the batches with a later seq on top.
+        """
+        subscription, opening = self._outbox.subscribe()
+        yield opening
+        while (batch := self._outbox.next_batch(subscription)) is not None:
+            yield batch
+
+    def shutdown(self) -> None:
+        """Stop the step loop and release the engine; the event stream ends after its last batch."""
+        self._loop.stop()
+
+
+def _build_engine(model: str | Path, engine_kwargs: dict[str, Any]) -> LLMEngine:
+    # Imported here, in the actor: the router imports this module to start replicas and must not load torch.
+    from engine.llm_engine import LLMEngine
+
+    return LLMEngine(model, **engine_kwargs)
