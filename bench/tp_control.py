@@ -2,7 +2,8 @@
 
 Runs the engine at TP=1 (decode at batch 1 and 256, ~1024-token contexts, Qwen3-0.6B shape),
 records each step's StepPlan, then replays those plans through the shared-memory ControlChannel
-to a spawned rank process that decodes them exactly as TP ranks do (`run_rank` minus the model).
+to a spawned rank process that receives them exactly as GPU ranks do (`run_rank` minus the model:
+polling for GPU_SPIN_S before sleeping).
 Reports, per step:
 - rank 0's cost: ControlChannel.send() of the plan's arrays (the time TP adds to the scheduler's step);
 - delivery latency: from the start of send on rank 0 to the plan rebuilt on the rank.
@@ -26,6 +27,7 @@ from common import random_qwen3_0_6b
 from engine import LLMEngine, SamplingParams
 from engine.step_plan import StepPlan
 from engine.tp.channel import ControlChannel, Method
+from engine.tp.rank import GPU_SPIN_S
 
 
 def receive_plans(channel_name: str, wakeups: list[Semaphore], results: Connection) -> None:
@@ -34,7 +36,7 @@ def receive_plans(channel_name: str, wakeups: list[Semaphore], results: Connecti
     results.send("attached")
     ready: list[int] = []
     while True:
-        method, args, arrays = channel.receive(1, parent_alive=lambda: True)
+        method, args, arrays = channel.receive(1, lambda: True, GPU_SPIN_S)
         if method is Method.SHUTDOWN:
             break
         StepPlan.from_arrays(args[0], arrays)

@@ -5,10 +5,13 @@ arguments and the arrays' dtypes and shapes are msgpack-encoded; each array's by
 straight into the buffer. A step costs one memcpy per array and one semaphore post per rank (a
 single syscall, unlike a multiprocessing Event's condition variable): no pickling, no socket.
 
-Buffer layout (little-endian uint64 header, then the message):
-    [0:8) sequence number of the latest message   [8:16) length of its msgpack part
-    [16 + 8 r : 24 + 8 r) sequence number rank r has read (its ack), for r in 1..N-1
+Buffer layout (a uint64 header, then the message):
+    word 0: sequence number of the latest message   word 1: length of its msgpack part
+    word 1 + r: sequence number rank r has read (its ack), for r in 1..N-1
     then the msgpack part, then each array at the next 8-byte-aligned offset
+Header words are read and written whole through a numpy uint64 view: aligned 8-byte loads and
+stores, which x86-64 and ARM64 never tear (struct's "<Q" goes byte by byte, and a rank that read a
+half-written sequence number would run a step twice).
 A new message is written only after every rank acked the previous one, so a reader never sees a
 half-overwritten buffer. In practice the acks are already there: every step contains collectives
 that a rank can only join after reading the step's message.
@@ -18,7 +21,6 @@ from __future__ import annotations
 
 import enum
 import os
-import struct
 import time
 from collections.abc import Callable, Sequence
 from multiprocessing.shared_memory import SharedMemory
@@ -26,9 +28,6 @@ from multiprocessing.synchronize import Semaphore
 
 import msgpack
 import numpy as np
-
-_U64 = struct.Struct("<Q")
-_HEADER = struct.Struct("<QQ")
 
 
 class Method(enum.IntEnum):
@@ -50,14 +49,15 @@ class ControlChannel:
         assert shm.buf is not None
         self._buf: memoryview = shm.buf
         self._bytes = np.frombuffer(self._buf, np.uint8)  # the same memory, for array copies
-        self._data_offset = 16 + 8 * world_size
+        self._header = np.frombuffer(self._buf, np.uint64, 1 + world_size)  # seq, length, acks of ranks 1..N-1
+        self._data_offset = 8 * (1 + world_size)
         self._seq = 0
 
     @classmethod
     def create(cls, size: int, wakeups: Sequence[Semaphore], world_size: int) -> ControlChannel:
         shm = SharedMemory(name=f"nanoserve-tp-{os.getpid()}-{time.monotonic_ns()}", create=True, size=size)
         assert shm.buf is not None
-        shm.buf[: 16 + 8 * world_size] = bytes(16 + 8 * world_size)
+        shm.buf[: 8 * (1 + world_size)] = bytes(8 * (1 + world_size))
         return cls(shm, wakeups, world_size, owner=True)
 
     @classmethod
@@ -88,24 +88,26 @@ class ControlChannel:
         self._buf[self._data_offset : self._data_offset + len(header)] = header
         for offset, array in zip(offsets, arrays):
             self._bytes[offset : offset + array.nbytes] = array.reshape(-1).view(np.uint8)  # a copy if not contiguous
-        _HEADER.pack_into(self._buf, 0, self._seq, len(header))
+        self._header[1] = len(header)
+        self._header[0] = self._seq  # last: a rank that sees the new seq sees the whole message
         for wakeup in self.wakeups:
             wakeup.release()
 
     def _wait_for_acks(self, alive: Callable[[], None]) -> None:
         for rank in range(1, self.world_size):
-            while _U64.unpack_from(self._buf, 16 + 8 * rank)[0] != self._seq:
+            while self._header[1 + rank] != self._seq:
                 alive()
                 time.sleep(1e-5)
 
-    def receive(self, rank: int, parent_alive: Callable[[], bool]) -> tuple[Method, list[int], list[np.ndarray]]:
+    def receive(
+        self, rank: int, parent_alive: Callable[[], bool], spin_s: float = 0.0
+    ) -> tuple[Method, list[int], list[np.ndarray]]:
         """Block until rank 0's next message (arrays copied out); raise ChannelClosed if `parent_alive()` turns
-        False."""
-        wakeup = self.wakeups[rank - 1]
-        while not wakeup.acquire(timeout=1.0):
-            if not parent_alive():
-                raise ChannelClosed("rank 0 exited")
-        seq, length = _HEADER.unpack_from(self._buf, 0)
+        False. For `spin_s` seconds the rank polls the buffer instead of sleeping, so a message that comes
+        within a step's time is seen at once and rank 0's semaphore post wakes nobody (no syscall on either
+        side); after that it sleeps on the semaphore, which is only a doorbell: the sequence number decides."""
+        self._wait_for_message(rank, parent_alive, spin_s)
+        seq, length = int(self._header[0]), int(self._header[1])
         method, args, specs = msgpack.unpackb(self._buf[self._data_offset : self._data_offset + length])
         arrays: list[np.ndarray] = []
         offset = self._data_offset + length
@@ -115,12 +117,21 @@ class ControlChannel:
             count = int(np.prod(shape))
             arrays.append(np.frombuffer(self._buf, dtype, count, offset).reshape(shape).copy())
             offset += count * dtype.itemsize
-        _U64.pack_into(self._buf, 16 + 8 * rank, seq)
+        self._header[1 + rank] = seq
         return Method(method), args, arrays
+
+    def _wait_for_message(self, rank: int, parent_alive: Callable[[], bool], spin_s: float) -> None:
+        last_read = self._header[1 + rank]
+        spin_until = time.monotonic() + spin_s
+        while self._header[0] == last_read:
+            if time.monotonic() < spin_until:
+                continue
+            if not self.wakeups[rank - 1].acquire(timeout=1.0) and not parent_alive():
+                raise ChannelClosed("rank 0 exited")
 
     def close(self) -> None:
         """Detach; the owner also unlinks the segment from /dev/shm."""
-        del self._bytes
+        del self._bytes, self._header
         self._buf.release()
         self.shm.close()
         if self.owner:

@@ -18,6 +18,11 @@ from engine.tp.process_group import destroy_process_group, init_process_group, r
 
 log = logging.getLogger(__name__)
 
+# GPU ranks poll for the next step's message this long before sleeping (longer than a decode step, so
+# in steady serving they never sleep); a rank has a core to itself there. CPU ranks share the cores
+# with the computation itself, so they sleep at once.
+GPU_SPIN_S = 0.05
+
 
 def run_rank(
     config: EngineConfig,
@@ -30,6 +35,7 @@ def run_rank(
     """Entry point of a rank process (spawned by RankGroup). Exits when told to, or when rank 0 is gone."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group; rank 0 shuts us down
     parent = os.getppid()
+    spin_s = GPU_SPIN_S if config.device.type == "cuda" else 0.0
     config = dataclasses.replace(config, device=rank_device(config.device, rank))
     if config.device.type == "cpu":  # ranks share the CPU cores instead of each taking all of them
         torch.set_num_threads(max(1, torch.get_num_threads() // config.tensor_parallel_size))
@@ -38,7 +44,7 @@ def run_rank(
         init_process_group(config.device, rank, config.tensor_parallel_size, port)
         runner = ModelRunner(config, eos_token_ids, rank)
         while True:
-            method, args, arrays = channel.receive(rank, parent_alive=lambda: os.getppid() == parent)
+            method, args, arrays = channel.receive(rank, lambda: os.getppid() == parent, spin_s)
             if method is Method.SHUTDOWN:
                 break
             runner.execute(StepPlan.from_arrays(args[0], arrays))

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import random
 import threading
+import time
+from multiprocessing.connection import Connection
 
 import numpy as np
 import pytest
@@ -64,8 +67,8 @@ def test_messages_arrive_in_order_and_wait_for_the_reader(channel_pair: tuple[Co
     received: list[tuple[Method, list[int], list[np.ndarray]]] = []
 
     def read() -> None:
-        for _ in range(50):
-            received.append(reader.receive(1, parent_alive=lambda: True))
+        for i in range(50):  # sleeping and polling readers alike
+            received.append(reader.receive(1, lambda: True, spin_s=0.01 * (i % 2)))
 
     thread = threading.Thread(target=read)
     thread.start()
@@ -112,3 +115,37 @@ def test_close_unlinks_the_segment() -> None:
     assert os.path.exists(path)
     channel.close()
     assert not os.path.exists(path)
+
+
+def _count_messages(name: str, wakeups: list, results: Connection) -> None:
+    reader = ControlChannel.attach(name, wakeups, world_size=2)
+    seen: list[int] = []
+    while True:
+        method, args, arrays = reader.receive(1, lambda: True, spin_s=0.001)
+        if method is Method.SHUTDOWN:
+            break
+        assert len(arrays[0]) == args[0] % 7
+        seen.append(args[0])
+    reader.close()
+    results.send(seen)
+
+
+def test_every_message_is_read_exactly_once_by_a_polling_rank() -> None:
+    """A rank polling the sequence number while rank 0 writes it (seq crosses byte boundaries every 256
+    messages) must never run a message twice or skip one; a torn read of the seq once did the first."""
+    ctx = mp.get_context("spawn")
+    wakeups = [ctx.Semaphore(0)]
+    writer = ControlChannel.create(1 << 16, wakeups, world_size=2)
+    receiver, sender = ctx.Pipe()
+    reader = ctx.Process(target=_count_messages, args=(writer.name, wakeups, sender))
+    reader.start()
+    rng = random.Random(0)
+    for i in range(3000):
+        writer.send(Method.RUN, [i], [np.arange(i % 7)])
+        if rng.random() < 0.3:
+            time.sleep(0.0001)
+    writer.send(Method.SHUTDOWN)
+    seen = receiver.recv()
+    reader.join(timeout=10)
+    writer.close()
+    assert seen == list(range(3000))
