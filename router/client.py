@@ -1,0 +1,243 @@
+"""A small client for the nanoserve router: blocking `Client`, asyncio `AsyncClient`, and a CLI.
+
+`python -m router.client "Hello"` streams the answer to stdout and a usage line to stderr.
+It needs only grpcio and proto/ (never torch), so it runs on any machine that talks to a router.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from collections.abc import AsyncIterable, Iterator, Mapping, Sequence
+from pathlib import Path
+from types import ModuleType, TracebackType
+from typing import Any
+
+import grpc
+import grpc.aio
+
+from proto import nanoserve_pb2 as pb
+from proto import nanoserve_pb2_grpc as pb_grpc
+
+DEFAULT_TARGET = "localhost:50051"
+
+# Text, token ids, or chat messages such as [{"role": "user", "content": "Hi"}].
+Prompt = str | Sequence[int] | Sequence[Mapping[str, str]]
+Metadata = tuple[tuple[str, str], ...]
+
+# The sampling kwargs accepted by generate/complete: exactly the fields of SamplingParams.
+SAMPLING_FIELDS = frozenset(field.name for field in pb.SamplingParams.DESCRIPTOR.fields)
+
+
+def build_request(prompt: Prompt, request_id: str | None, sampling: Mapping[str, Any]) -> pb.GenerateRequest:
+    """The GenerateRequest both clients send: the one place kwargs are mapped onto the proto."""
+    request = pb.GenerateRequest(request_id=request_id or "", params=build_sampling_params(sampling))
+    if isinstance(prompt, str):
+        request.text = prompt
+    elif not prompt:
+        raise ValueError("prompt is an empty list: give at least one token id or chat message")
+    elif all(isinstance(token_id, int) for token_id in prompt):
+        request.token_ids.ids.extend(prompt)
+    elif all(isinstance(message, Mapping) for message in prompt):
+        request.chat.messages.extend(pb.ChatMessage(**message) for message in prompt)  # type: ignore[arg-type]
+    else:
+        raise TypeError("prompt must be a str, a list of token ids, or a list of {'role', 'content'} dicts")
+    return request
+
+
+def build_sampling_params(sampling: Mapping[str, Any]) -> pb.SamplingParams | None:
+    """SamplingParams with presence set exactly for the kwargs given; None kwargs stay unset (engine default)."""
+    unknown = sorted(set(sampling) - SAMPLING_FIELDS)
+    if unknown:
+        raise TypeError(f"unexpected sampling parameter {unknown[0]!r}; known: {', '.join(sorted(SAMPLING_FIELDS))}")
+    given = {name: value for name, value in sampling.items() if value is not None}
+    if isinstance(given.get("stop"), str):
+        given["stop"] = [given["stop"]]  # protobuf would otherwise split a lone string into characters
+    return pb.SamplingParams(**given) if given else None
+
+
+def auth_metadata(api_key: str | None) -> Metadata | None:
+    """The call metadata that carries the API key, as the router expects it."""
+    return None if api_key is None else (("authorization", f"Bearer {api_key}"),)
+
+
+def open_channel(channels: ModuleType, target: str, tls_root_cert: bytes | None) -> Any:
+    """A channel from `grpc` or `grpc.aio` (same function names): TLS when a root certificate is given."""
+    if tls_root_cert is None:
+        return channels.insecure_channel(target)
+    return channels.secure_channel(target, grpc.ssl_channel_credentials(root_certificates=tls_root_cert))
+
+
+class Client:
+    """Blocking client over one channel, reused by every call; close it, or use it as a context manager."""
+
+    def __init__(
+        self, target: str = DEFAULT_TARGET, *, api_key: str | None = None, tls_root_cert: bytes | None = None
+    ) -> None:
+        self._channel = open_channel(grpc, target, tls_root_cert)
+        self._stub = pb_grpc.NanoServeStub(self._channel)
+        self._metadata = auth_metadata(api_key)
+
+    def generate(
+        self, prompt: Prompt, *, timeout: float | None = None, request_id: str | None = None, **sampling: Any
+    ) -> Iterator[pb.GenerateResponse]:
+        """Stream the answer; the last chunk carries finish_reason and usage. The iterator is the gRPC
+        call, so `.cancel()` on it aborts the request (and frees its KV cache) at once."""
+        request = build_request(prompt, request_id, sampling)
+        return self._stub.Generate(request, timeout=timeout, metadata=self._metadata)
+
+    def complete(
+        self, prompt: Prompt, *, timeout: float | None = None, request_id: str | None = None, **sampling: Any
+    ) -> pb.CompleteResponse:
+        """The whole answer at once, when it finishes."""
+        request = build_request(prompt, request_id, sampling)
+        return self._stub.Complete(request, timeout=timeout, metadata=self._metadata)
+
+    def model_info(self, *, timeout: float | None = None) -> pb.ModelInfo:
+        """What model is served, and its limits."""
+        return self._stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=timeout, metadata=self._metadata)
+
+    def cluster_status(self, *, timeout: float | None = None) -> pb.ClusterStatus:
+        """Every replica's state and load, as the router sees it."""
+        return self._stub.GetClusterStatus(pb.GetClusterStatusRequest(), timeout=timeout, metadata=self._metadata)
+
+    def close(self) -> None:
+        """Close the channel; calls in flight are cancelled."""
+        self._channel.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+
+class AsyncClient:
+    """The asyncio twin of `Client` (grpc.aio); create it inside the event loop that will use it."""
+
+    def __init__(
+        self, target: str = DEFAULT_TARGET, *, api_key: str | None = None, tls_root_cert: bytes | None = None
+    ) -> None:
+        self._channel = open_channel(grpc.aio, target, tls_root_cert)
+        self._stub = pb_grpc.NanoServeStub(self._channel)
+        self._metadata = auth_metadata(api_key)
+
+    def generate(
+        self, prompt: Prompt, *, timeout: float | None = None, request_id: str | None = None, **sampling: Any
+    ) -> AsyncIterable[pb.GenerateResponse]:
+        """Stream the answer with `async for`; the last chunk carries finish_reason and usage. The iterable
+        is the grpc.aio call, so `.cancel()` on it aborts the request at once."""
+        request = build_request(prompt, request_id, sampling)
+        return self._stub.Generate(request, timeout=timeout, metadata=self._metadata)
+
+    async def complete(
+        self, prompt: Prompt, *, timeout: float | None = None, request_id: str | None = None, **sampling: Any
+    ) -> pb.CompleteResponse:
+        """The whole answer at once, when it finishes."""
+        request = build_request(prompt, request_id, sampling)
+        return await self._stub.Complete(request, timeout=timeout, metadata=self._metadata)
+
+    async def model_info(self, *, timeout: float | None = None) -> pb.ModelInfo:
+        """What model is served, and its limits."""
+        return await self._stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=timeout, metadata=self._metadata)
+
+    async def cluster_status(self, *, timeout: float | None = None) -> pb.ClusterStatus:
+        """Every replica's state and load, as the router sees it."""
+        request = pb.GetClusterStatusRequest()
+        return await self._stub.GetClusterStatus(request, timeout=timeout, metadata=self._metadata)
+
+    async def close(self) -> None:
+        """Close the channel; calls in flight are cancelled."""
+        await self._channel.close()
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The CLI's arguments; `--help` documents each."""
+    parser = argparse.ArgumentParser(
+        prog="python -m router.client",
+        description="Send one prompt to a nanoserve router and stream the answer to stdout; "
+        "a usage line (tokens, finish reason, replica) goes to stderr.",
+    )
+    parser.add_argument("prompt", help="the prompt: text, or token ids with --token-ids")
+    parser.add_argument("--target", default=DEFAULT_TARGET, help="router address host:port (default: %(default)s)")
+    parser.add_argument("--max-tokens", type=int, help="most tokens to generate (server default: 16)")
+    parser.add_argument("--temperature", type=float, help="sampling temperature; 0 is greedy (server default: 1.0)")
+    parser.add_argument("--seed", type=int, help="sampling seed, for answers that repeat exactly (default: random)")
+    parser.add_argument("--timeout", type=float, help="deadline for the whole request, in seconds (default: none)")
+    kind = parser.add_mutually_exclusive_group()
+    kind.add_argument("--chat", action="store_true", help="send the prompt as one user message, with the chat template")
+    kind.add_argument("--token-ids", action="store_true", help="the prompt is token ids, e.g. '1,2,3' or '[1, 2, 3]'")
+    parser.add_argument(
+        "--api-key-file", type=Path, help="file holding the API key, sent as 'authorization: Bearer <key>'"
+    )
+    return parser
+
+
+def cli_prompt(args: argparse.Namespace) -> Prompt:
+    """The prompt as --chat / --token-ids ask for it; ValueError on ids that are not integers."""
+    if args.chat:
+        return [{"role": "user", "content": args.prompt}]
+    if args.token_ids:
+        return [int(token) for token in re.split(r"[\s,\[\]]+", args.prompt) if token]
+    return str(args.prompt)
+
+
+def usage_line(last: pb.GenerateResponse) -> str:
+    """One line for stderr summing up a finished stream (its last chunk)."""
+    finish = pb.FinishReason.Name(last.finish_reason).removeprefix("FINISH_REASON_").lower()
+    usage = last.usage
+    return (
+        f"prompt_tokens={usage.prompt_tokens} completion_tokens={usage.completion_tokens} "
+        f"cached_tokens={usage.cached_prompt_tokens} finish_reason={finish} replica={last.replica}\n"
+    )
+
+
+def stream_to_stdout(chunks: Iterator[pb.GenerateResponse]) -> pb.GenerateResponse:
+    """Write each chunk's text as it arrives; return the last chunk (the one with usage)."""
+    last = pb.GenerateResponse()
+    for last in chunks:
+        sys.stdout.write(last.text)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    return last
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; returns the exit status: 0, 1 on a gRPC error, 130 on Ctrl-C."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        prompt = cli_prompt(args)
+        api_key = args.api_key_file.read_text().strip() if args.api_key_file else None
+    except (ValueError, OSError) as error:
+        parser.error(str(error))
+    sampling = {"max_tokens": args.max_tokens, "temperature": args.temperature, "seed": args.seed}
+    try:
+        with Client(args.target, api_key=api_key) as client:
+            last = stream_to_stdout(client.generate(prompt, timeout=args.timeout, **sampling))
+    except grpc.RpcError as error:
+        sys.stderr.write(f"error: {error.code().name}: {error.details()}\n")
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    sys.stderr.write(usage_line(last))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,317 @@
+"""Tests for router/client.py against the in-process fake server: the kwargs-to-proto mapping, both
+clients' calls, the API key, and the CLI (in-process and as `python -m router.client`)."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from proto import nanoserve_pb2 as pb
+from router.client import SAMPLING_FIELDS, AsyncClient, Client, build_request, main
+from tests.router.fake_server import CLUSTER_STATUS, MODEL_INFO, FakeServer, running_fake_server
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+# A value for every sampling field, falsy where the type allows: presence must not depend on truthiness.
+SAMPLE_VALUES: dict[str, Any] = {
+    "temperature": 0.0, "top_p": 0.9, "top_k": 0, "min_p": 0.0, "max_tokens": 5, "min_tokens": 0,
+    "stop": ["\n\n"], "stop_token_ids": [7, 8], "ignore_eos": False, "seed": 0, "logprobs": 0,
+}
+REPEATED_FIELDS = ("stop", "stop_token_ids")
+
+
+@pytest.fixture
+def fake() -> Iterator[FakeServer]:
+    with running_fake_server() as server:
+        yield server
+
+
+def present_fields(params: pb.SamplingParams) -> set[str]:
+    """Names of the optional scalar fields set on `params`."""
+    return {name for name in SAMPLING_FIELDS - set(REPEATED_FIELDS) if params.HasField(name)}
+
+
+def closed_port() -> int:
+    """A local port nothing listens on (bound, then released)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "router.client", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=60
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# build_request: the one mapping both clients use
+
+
+def test_sample_values_cover_every_sampling_field() -> None:
+    assert set(SAMPLE_VALUES) == SAMPLING_FIELDS
+
+
+@pytest.mark.parametrize("name", sorted(set(SAMPLE_VALUES) - set(REPEATED_FIELDS)))
+def test_each_scalar_kwarg_sets_only_its_own_presence(name: str) -> None:
+    request = build_request("hi", None, {name: SAMPLE_VALUES[name]})
+    assert present_fields(request.params) == {name}
+    assert getattr(request.params, name) == SAMPLE_VALUES[name]
+
+
+def test_no_sampling_kwargs_leaves_params_unset() -> None:
+    request = build_request("hi", None, {})
+    assert not request.HasField("params")
+    assert request.request_id == ""
+
+
+def test_none_kwargs_mean_engine_default() -> None:
+    request = build_request("hi", None, {"temperature": None, "seed": 3})
+    assert present_fields(request.params) == {"seed"}
+
+
+def test_a_lone_stop_string_is_one_stop_string() -> None:
+    assert list(build_request("hi", None, {"stop": "###"}).params.stop) == ["###"]
+
+
+def test_prompt_kinds_fill_the_matching_oneof() -> None:
+    assert build_request("hi", "r1", {}).WhichOneof("prompt") == "text"
+    assert list(build_request([5, 6], None, {}).token_ids.ids) == [5, 6]
+    chat = build_request([{"role": "user", "content": "Hi"}], None, {}).chat.messages
+    assert [(m.role, m.content) for m in chat] == [("user", "Hi")]
+
+
+def test_unusable_prompts_fail_before_sending() -> None:
+    with pytest.raises(ValueError, match="empty list"):
+        build_request([], None, {})
+    with pytest.raises(TypeError, match="prompt must be"):
+        build_request([1, "two"], None, {})  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------------------------------------
+# Client (blocking)
+
+
+def test_generate_streams_one_chunk_per_word_then_usage(fake: FakeServer) -> None:
+    with Client(fake.address) as client:
+        chunks = list(client.generate("Hello big world", request_id="req-7"))
+    assert [chunk.text for chunk in chunks] == ["Hello ", "big ", "world"]
+    last = chunks[-1]
+    assert (last.finish_reason, last.replica, last.request_id) == (pb.FINISH_REASON_STOP, "fake-0", "req-7")
+    assert (last.usage.prompt_tokens, last.usage.completion_tokens) == (3, 3)
+    assert fake.servicer.last_request is not None and fake.servicer.last_request.text == "Hello big world"
+
+
+def test_sampling_kwargs_reach_the_server_with_presence_exactly_for_those_given(fake: FakeServer) -> None:
+    with Client(fake.address) as client:
+        list(client.generate("a b c", temperature=0.0, seed=0, ignore_eos=False, stop=["x"]))
+    request = fake.servicer.last_request
+    assert request is not None
+    assert present_fields(request.params) == {"temperature", "seed", "ignore_eos"}
+    assert list(request.params.stop) == ["x"] and list(request.params.stop_token_ids) == []
+
+
+def test_every_sampling_kwarg_at_once(fake: FakeServer) -> None:
+    with Client(fake.address) as client:
+        client.complete("a", **SAMPLE_VALUES)
+    request = fake.servicer.last_request
+    assert request is not None
+    assert request.params == pb.SamplingParams(**SAMPLE_VALUES)
+    assert present_fields(request.params) == SAMPLING_FIELDS - set(REPEATED_FIELDS)
+
+
+def test_unknown_kwarg_is_a_type_error_naming_it(fake: FakeServer) -> None:
+    with Client(fake.address) as client:
+        with pytest.raises(TypeError, match="'topp'"):
+            client.generate("hi", topp=0.5)
+        with pytest.raises(TypeError, match="'max_new_tokens'"):
+            client.complete("hi", max_new_tokens=5)
+    assert fake.servicer.last_request is None
+
+
+def test_max_tokens_cuts_the_stream_with_finish_length(fake: FakeServer) -> None:
+    with Client(fake.address) as client:
+        chunks = list(client.generate("one two three four", max_tokens=2))
+    assert "".join(chunk.text for chunk in chunks) == "one two "
+    assert chunks[-1].finish_reason == pb.FINISH_REASON_LENGTH
+
+
+def test_token_ids_and_chat_prompts(fake: FakeServer) -> None:
+    with Client(fake.address) as client:
+        ids_answer = client.complete([11, 12, 13])
+        chat_answer = client.complete([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}])
+    assert (ids_answer.text, list(ids_answer.token_ids)) == ("<11><12><13>", [11, 12, 13])
+    assert chat_answer.text == "system: Be brief.\nuser: Hi"
+    request = fake.servicer.last_request
+    assert request is not None and [m.role for m in request.chat.messages] == ["system", "user"]
+
+
+def test_complete_joins_the_stream(fake: FakeServer) -> None:
+    with Client(fake.address) as client:
+        answer = client.complete("Hello big world", max_tokens=2)
+    assert (answer.text, list(answer.token_ids)) == ("Hello big ", [0, 1])
+    assert answer.finish_reason == pb.FINISH_REASON_LENGTH
+    assert (answer.replica, answer.usage.completion_tokens) == ("fake-0", 2)
+
+
+def test_model_info_and_cluster_status(fake: FakeServer) -> None:
+    with Client(fake.address) as client:
+        assert client.model_info() == MODEL_INFO
+        assert client.cluster_status() == CLUSTER_STATUS
+
+
+def test_api_key_goes_as_bearer_authorization(fake: FakeServer) -> None:
+    with Client(fake.address, api_key="s3cret") as client:
+        client.model_info()
+        assert fake.servicer.last_metadata["authorization"] == "Bearer s3cret"
+        list(client.generate("hi"))
+        assert fake.servicer.last_metadata["authorization"] == "Bearer s3cret"
+    with Client(fake.address) as client:
+        client.cluster_status()
+    assert "authorization" not in fake.servicer.last_metadata
+
+
+def test_server_errors_surface_as_rpc_errors(fake: FakeServer) -> None:
+    fake.servicer.fail_with = (grpc.StatusCode.INVALID_ARGUMENT, "params.top_p must be in (0, 1], got 0")
+    with Client(fake.address) as client, pytest.raises(grpc.RpcError) as raised:
+        list(client.generate("hi", top_p=0.0))
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "params.top_p" in raised.value.details()
+
+
+def self_signed_certificate(tmp_path: Path) -> tuple[bytes, bytes]:
+    """(private key, certificate) PEMs for 127.0.0.1, made with the openssl CLI."""
+    if shutil.which("openssl") is None:
+        pytest.skip("the openssl CLI is needed to make a test certificate")
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
+         "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True, timeout=60,
+    )
+    return key.read_bytes(), cert.read_bytes()
+
+
+def test_tls_root_cert_opens_a_secure_channel(tmp_path: Path) -> None:
+    key, cert = self_signed_certificate(tmp_path)
+    with running_fake_server(grpc.ssl_server_credentials([(key, cert)])) as fake:
+        with Client(fake.address, tls_root_cert=cert) as client:
+            assert client.complete("over tls").text == "over tls"
+        with Client(fake.address) as client, pytest.raises(grpc.RpcError):
+            client.model_info(timeout=5)  # plaintext to a TLS port fails
+
+
+# ---------------------------------------------------------------------------------------------
+# AsyncClient
+
+
+def test_async_client_calls(fake: FakeServer) -> None:
+    async def calls() -> tuple[list[pb.GenerateResponse], pb.CompleteResponse, pb.ModelInfo, pb.ClusterStatus]:
+        async with AsyncClient(fake.address, api_key="k") as client:
+            chunks = [chunk async for chunk in client.generate([3, 4], seed=1)]
+            answer = await client.complete("x y", max_tokens=1)
+            return chunks, answer, await client.model_info(), await client.cluster_status()
+
+    chunks, answer, info, status = asyncio.run(calls())
+    assert [chunk.text for chunk in chunks] == ["<3>", "<4>"] and chunks[-1].replica == "fake-0"
+    assert (answer.text, answer.finish_reason) == ("x ", pb.FINISH_REASON_LENGTH)
+    assert (info, status) == (MODEL_INFO, CLUSTER_STATUS)
+    assert fake.servicer.last_metadata["authorization"] == "Bearer k"
+
+
+def test_async_client_maps_kwargs_like_the_sync_one(fake: FakeServer) -> None:
+    async def calls() -> pb.GenerateRequest | None:
+        async with AsyncClient(fake.address) as client:
+            with pytest.raises(TypeError, match="'topp'"):
+                client.generate("hi", topp=0.5)
+            [chunk async for chunk in client.generate("hi", temperature=0.0, stop="!")]
+            return fake.servicer.last_request
+
+    assert asyncio.run(calls()) == build_request("hi", None, {"temperature": 0.0, "stop": "!"})
+
+
+def test_async_client_over_tls(tmp_path: Path) -> None:
+    key, cert = self_signed_certificate(tmp_path)
+
+    async def call(address: str) -> pb.ModelInfo:
+        async with AsyncClient(address, tls_root_cert=cert) as client:
+            return await client.model_info()
+
+    with running_fake_server(grpc.ssl_server_credentials([(key, cert)])) as fake:
+        assert asyncio.run(call(fake.address)) == MODEL_INFO
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI
+
+
+def test_cli_help_explains_every_flag(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(["--help"])
+    assert exited.value.code == 0
+    out = capsys.readouterr().out
+    for flag in ("--target", "--max-tokens", "--temperature", "--seed", "--timeout", "--chat", "--token-ids",
+                 "--api-key-file"):
+        assert flag in out
+
+
+def test_cli_sends_flags_and_prints_usage(fake: FakeServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    key_file = tmp_path / "key"
+    key_file.write_text("k3y\n")
+    argv = ["[5, 6,7]", "--token-ids", "--target", fake.address, "--max-tokens", "2", "--temperature", "0",
+            "--seed", "9", "--api-key-file", str(key_file)]
+    assert main(argv) == 0
+    out, err = capsys.readouterr()
+    assert out == "<5><6>\n"
+    assert err == "prompt_tokens=3 completion_tokens=2 cached_tokens=0 finish_reason=length replica=fake-0\n"
+    request = fake.servicer.last_request
+    assert request is not None and list(request.token_ids.ids) == [5, 6, 7]
+    assert request.params == pb.SamplingParams(max_tokens=2, temperature=0.0, seed=9)
+    assert fake.servicer.last_metadata["authorization"] == "Bearer k3y"
+
+
+def test_cli_chat_flag_sends_one_user_message(fake: FakeServer, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["Hi there", "--chat", "--target", fake.address]) == 0
+    assert capsys.readouterr().out == "user: Hi there\n"
+    request = fake.servicer.last_request
+    assert request is not None and not request.HasField("params")
+
+
+def test_cli_reports_server_errors_in_one_line(fake: FakeServer, capsys: pytest.CaptureFixture[str]) -> None:
+    fake.servicer.fail_with = (grpc.StatusCode.INVALID_ARGUMENT, "params.max_tokens must be >= 1, got 0")
+    assert main(["hi", "--target", fake.address, "--max-tokens", "0"]) == 1
+    assert capsys.readouterr().err == "error: INVALID_ARGUMENT: params.max_tokens must be >= 1, got 0\n"
+
+
+def test_cli_rejects_bad_token_ids(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(["1,x", "--token-ids"])
+    assert exited.value.code == 2
+    assert "invalid literal" in capsys.readouterr().err
+
+
+def test_cli_as_a_module_streams_text(fake: FakeServer) -> None:
+    result = run_cli("Hello big world", "--target", fake.address, "--max-tokens", "2")
+    assert (result.returncode, result.stdout) == (0, "Hello big \n"), result.stderr
+    assert "completion_tokens=2" in result.stderr and "replica=fake-0" in result.stderr
+
+
+def test_cli_against_a_closed_port_fails_cleanly() -> None:
+    result = run_cli("hi", "--target", f"127.0.0.1:{closed_port()}", "--timeout", "5")
+    assert result.returncode == 1
+    assert result.stderr.startswith("error: UNAVAILABLE: ") and result.stderr.count("\n") == 1, result.stderr
+    assert result.stdout == ""
+
+
+def test_client_module_never_imports_torch() -> None:
+    code = "import sys, router.client; assert 'torch' not in sys.modules, 'torch imported'"
+    subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, check=True, timeout=60)
