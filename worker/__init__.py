@@ -7,6 +7,7 @@ does not load torch: the engine is built inside the actor.
 
 from worker.launch import get_replica, start_replica
 from worker.messages import (
+    EngineInfo,
     KVSnapshot,
     ReplicaHealth,
     ReplicaStats,
@@ -18,6 +19,7 @@ from worker.messages import (
 from worker.replica import Replica
 
 __all__ = [
+    "EngineInfo",
     "KVSnapshot",
     "Replica",
     "ReplicaHealth",

@@ -20,7 +20,7 @@ _ReplicaActor = ray.remote(concurrency_groups=CONCURRENCY_GROUPS)(Replica)  # ty
 
 def start_replica(
     name: str,
-    model: str | Path,
+    model: str | Path | None,
     engine_kwargs: dict[str, Any] | None = None,
     *,
     on_gpu: bool,
@@ -30,7 +30,8 @@ def start_replica(
 ) -> ActorHandle:
     """Create the replica actor. It outlives its creator, so a restarted router re-attaches with `get_replica`.
 
-    Returns at once; the engine loads in the actor, and its errors surface on the first call.
+    Returns at once; the engine loads in the actor, and its errors surface on the first call. `model`
+    None serves the embedded tiny random Qwen3.
     """
     engine_kwargs = dict(engine_kwargs or {})
     if engine_kwargs.setdefault("tensor_parallel_size", tensor_parallel_size) != tensor_parallel_size:
@@ -46,7 +47,8 @@ def start_replica(
         max_concurrency=MAX_CONCURRENCY,
     )
     # Ray's stubs type ActorClass.remote() as `ActorHandle | type`; it returns a handle.
-    return cast(ActorHandle, actor.remote(name, str(model), engine_kwargs, max_queued_requests))
+    return cast(ActorHandle, actor.remote(name, None if model is None else str(model), engine_kwargs,
+                                          max_queued_requests))
 
 
 def get_replica(name: str, namespace: str = NAMESPACE) -> ActorHandle:

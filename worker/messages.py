@@ -97,6 +97,21 @@ class KVSnapshot:
 
 
 @dataclass(frozen=True, slots=True)
+class EngineInfo:
+    """What the router must know of a replica's engine: limits for validation, the block size for hashing."""
+
+    model_dir: str
+    random_weights: bool  # the embedded default model (no --model given)
+    max_model_len: int
+    vocab_size: int
+    block_size: int
+    tensor_parallel_size: int
+    dtype: str
+    eos_token_ids: list[int]
+    num_kv_blocks: int
+
+
+@dataclass(frozen=True, slots=True)
 class ReplicaHealth:
     """Progress-based health: a replica that has work but whose last step is old is stuck."""
 

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 import ray
 
 from engine.sampling_params import SamplingParams
-from worker.messages import KVSnapshot, ReplicaHealth, ReplicaStats, RequestSpec, StepEvents, SubmitError
+from worker.messages import EngineInfo, KVSnapshot, ReplicaHealth, ReplicaStats, RequestSpec, StepEvents, SubmitError
 from worker.outbox import Outbox
 from worker.step_loop import EngineUnavailableError, StepLoop
 
@@ -38,14 +38,20 @@ class Replica:
     """
 
     def __init__(
-        self, name: str, model: str | Path, engine_kwargs: dict[str, Any] | None = None, max_queued_requests: int = 256
+        self,
+        name: str,
+        model: str | Path | None,
+        engine_kwargs: dict[str, Any] | None = None,
+        max_queued_requests: int = 256,
     ) -> None:
+        """`model` None serves the embedded tiny random Qwen3 (built on this node on first use)."""
         if isinstance(max_queued_requests, bool) or not isinstance(max_queued_requests, int) or max_queued_requests < 1:
             raise ValueError(f"max_queued_requests must be a positive integer, got {max_queued_requests!r}")
         self.name = name
         self.epoch = uuid.uuid4().hex  # a restarted replica is a new actor, hence a new epoch
         self.max_queued_requests = max_queued_requests
         self._outbox = Outbox(name, self.epoch)
+        self._random_weights = model is None
         self._loop = StepLoop(name, lambda: _build_engine(model, engine_kwargs or {}), self._outbox)
 
     def __repr__(self) -> str:  # Ray prefixes the actor's log lines with this
@@ -93,6 +99,10 @@ class Replica:
             error=loop.error,
         )
 
+    def describe(self) -> EngineInfo:
+        """The engine's model and limits (constant for this replica's life)."""
+        return self._loop.call(lambda engine: _describe(engine, self._random_weights))
+
     def stats(self) -> ReplicaStats:
         """The engine's load and cache counters."""
         engine_stats = self._loop.call(lambda engine: engine.stats())
@@ -125,8 +135,24 @@ class Replica:
         self._loop.stop()
 
 
-def _build_engine(model: str | Path, engine_kwargs: dict[str, Any]) -> LLMEngine:
+def _build_engine(model: str | Path | None, engine_kwargs: dict[str, Any]) -> LLMEngine:
     # Imported here, in the actor: the router imports this module to start replicas and must not load torch.
+    from engine.default_model import default_model_dir
     from engine.llm_engine import LLMEngine
 
-    return LLMEngine(model, **engine_kwargs)
+    return LLMEngine(model or default_model_dir(), **engine_kwargs)
+
+
+def _describe(engine: LLMEngine, random_weights: bool) -> EngineInfo:
+    config = engine.config
+    return EngineInfo(
+        model_dir=str(config.model),
+        random_weights=random_weights,
+        max_model_len=config.max_model_len,
+        vocab_size=config.model_config.vocab_size,
+        block_size=config.block_size,
+        tensor_parallel_size=config.tensor_parallel_size,
+        dtype=str(config.dtype).removeprefix("torch."),
+        eos_token_ids=sorted(engine.eos_token_ids),
+        num_kv_blocks=engine.block_manager.num_blocks,
+    )

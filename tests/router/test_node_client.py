@@ -14,7 +14,7 @@ import os
 import shutil
 import socket
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,7 @@ import pytest
 
 from proto import nanoserve_pb2 as pb
 from router.client import Client
+from tests.router.conftest import RouterThread
 from tests.router.fake_server import running_fake_server
 
 NODE_DIR = Path(__file__).resolve().parent / "node"
@@ -62,11 +63,12 @@ def node_modules() -> Path:
     return install_dir / "node_modules"
 
 
-@pytest.fixture
-def router_address() -> Iterator[str]:
-    """Where the Node.js client connects: the fake server for now (a real router later)."""
-    with running_fake_server() as server:
-        yield server.address
+@pytest.fixture(scope="module")
+def router_address(start_router: Callable[..., RouterThread]) -> str:
+    """A real router with one replica of the embedded model (the real Qwen vocabulary, so text prompts work)."""
+    from engine.default_model import default_model_dir
+
+    return start_router(num_replicas=1, model=str(default_model_dir())).address
 
 
 def run_node_client(node_modules: Path, *args: str) -> subprocess.CompletedProcess[str]:

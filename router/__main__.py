@@ -1,0 +1,89 @@
+"""`python -m router --replicas 4`: serve the nanoserve gRPC API from Ray replicas of the engine."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+
+from router.config import RouterConfig
+from router.policies import POLICY_NAMES
+from router.server import Router
+
+log = logging.getLogger("router")
+
+
+def parse_args(argv: list[str] | None = None) -> RouterConfig:
+    p = argparse.ArgumentParser(
+        prog="python -m router",
+        description="Serve the nanoserve gRPC API (nanoserve.v1.NanoServe, plus grpc.health.v1 and server "
+        "reflection) from Ray actor replicas of the engine, balanced by prefix-cache affinity, with failover.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--replicas", type=int, default=1, help="engine replicas to run (Ray actors)")
+    p.add_argument("--model", help="Hugging Face Qwen3 checkpoint directory; without it, the embedded tiny "
+                   "Qwen3 with RANDOM weights (gibberish text, for trying things out)")
+    p.add_argument("--tensor-parallel-size", type=int, default=1, help="GPUs per replica (one engine over them)")
+    p.add_argument("--policy", choices=POLICY_NAMES, default="prefix",
+                   help="prefix: the replica holding the longest cached prompt prefix unless loads are too "
+                   "uneven; least-load: fewest queued + running tokens; round-robin: in turn")
+    p.add_argument("--host", default="0.0.0.0", help="address to listen on")
+    p.add_argument("--port", type=int, default=50051, help="gRPC port (0 picks a free one)")
+    p.add_argument("--ray-address", help="'auto' joins the running Ray cluster (ray start / ray up); "
+                   "without it a local Ray instance is started")
+    p.add_argument("--metrics-port", type=int, default=9400, help="Prometheus metrics port; -1 turns it off")
+    p.add_argument("--device", default="auto", help="engine device: auto, cpu, cuda")
+    p.add_argument("--dtype", default="auto", help="engine dtype: auto, float32, bfloat16, float16")
+    p.add_argument("--max-model-len", type=int, help="longest prompt + output (default: the model's)")
+    p.add_argument("--max-num-seqs", type=int, default=256, help="sequences an engine batches at once")
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.9,
+                   help="fraction of each GPU for weights, activations and KV cache")
+    p.add_argument("--num-kv-blocks", type=int, help="KV cache blocks per replica (default: sized from memory)")
+    p.add_argument("--max-queued-per-replica", type=int, default=256,
+                   help="requests waiting in one replica before it refuses more (RESOURCE_EXHAUSTED)")
+    p.add_argument("--drain-timeout", type=float, default=30.0,
+                   help="seconds in-flight streams get to finish on SIGTERM/SIGINT")
+    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    args = p.parse_args(argv)
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    engine_kwargs = {
+        "device": args.device, "dtype": args.dtype, "max_num_seqs": args.max_num_seqs,
+        "gpu_memory_utilization": args.gpu_memory_utilization, "tensor_parallel_size": args.tensor_parallel_size,
+    }
+    if args.max_model_len is not None:
+        engine_kwargs["max_model_len"] = args.max_model_len
+    if args.num_kv_blocks is not None:
+        engine_kwargs["num_kv_blocks"] = args.num_kv_blocks
+    try:
+        return RouterConfig(
+            num_replicas=args.replicas, model=args.model, tensor_parallel_size=args.tensor_parallel_size,
+            engine_kwargs=engine_kwargs, policy=args.policy,
+            host=args.host, port=args.port, ray_address=args.ray_address,
+            metrics_port=None if args.metrics_port < 0 else args.metrics_port,
+            max_queued_per_replica=args.max_queued_per_replica, drain_timeout_s=args.drain_timeout,
+        )
+    except ValueError as e:
+        p.error(str(e))
+        raise
+
+
+async def serve(config: RouterConfig) -> None:
+    router = Router(config)
+    await router.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):  # after Ray's start, which installs handlers of its own
+        loop.add_signal_handler(sig, stop.set)
+    print(f"nanoserve router listening on {config.host}:{router.port}", flush=True)
+    await stop.wait()
+    log.info("signal received: draining")
+    await router.stop()
+
+
+def main(argv: list[str] | None = None) -> None:
+    asyncio.run(serve(parse_args(argv)))
+
+
+if __name__ == "__main__":
+    main()

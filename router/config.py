@@ -1,0 +1,47 @@
+"""The router's settings: one frozen, validated object built from the command line."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from router.policies import POLICY_NAMES
+
+NAMESPACE = "nanoserve"
+
+
+@dataclass(frozen=True, slots=True)
+class RouterConfig:
+    num_replicas: int = 1
+    model: str | None = None  # None: the embedded tiny random Qwen3
+    tensor_parallel_size: int = 1
+    engine_kwargs: dict[str, Any] = field(default_factory=dict)  # passed to LLMEngine as is
+    policy: str = "prefix"
+    host: str = "0.0.0.0"
+    port: int = 50051
+    ray_address: str | None = None  # None: start a local Ray; "auto": join the running cluster
+    metrics_port: int | None = 9400  # None: no metrics endpoint
+    namespace: str = NAMESPACE
+    replica_prefix: str = "nanoserve-replica"
+    max_queued_per_replica: int = 256  # requests waiting in a replica's engine before it refuses more
+    max_inflight_per_replica: int = 512  # requests the router places on one replica before RESOURCE_EXHAUSTED
+    health_interval_s: float = 1.0
+    health_timeout_s: float = 5.0  # a health call slower than this marks the replica down
+    stall_timeout_s: float = 30.0  # a replica with work but no step for this long is down
+    drain_timeout_s: float = 30.0  # on SIGTERM/SIGINT, how long in-flight streams may take to finish
+    max_message_bytes: int = 4 << 20  # larger gRPC requests get RESOURCE_EXHAUSTED
+
+    def __post_init__(self) -> None:
+        for name in ("num_replicas", "tensor_parallel_size", "max_queued_per_replica", "max_inflight_per_replica"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.policy not in POLICY_NAMES:
+            raise ValueError(f"policy must be one of {', '.join(POLICY_NAMES)}, got {self.policy!r}")
+        for name in ("health_interval_s", "health_timeout_s", "stall_timeout_s", "drain_timeout_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
+
+    @property
+    def replica_names(self) -> list[str]:
+        return [f"{self.replica_prefix}-{i}" for i in range(self.num_replicas)]

@@ -1,0 +1,113 @@
+"""The router's record of one request in flight: what it asked for, what the client has been sent,
+and the queue its stream reads from. It outlives any one replica: failover resubmits from it."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+from dataclasses import dataclass
+
+import grpc
+
+from engine.tokenizer import Tokenizer
+from proto import nanoserve_pb2 as pb
+from router.text_stream import TextStream
+from router.validation import PreparedRequest
+from worker.messages import RequestDelta, RequestSpec
+
+FINISH_REASONS = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH, "abort": pb.FINISH_REASON_ABORT}
+
+
+@dataclass(frozen=True, slots=True)
+class Failure:
+    """The stream ends with this gRPC status instead of a last chunk."""
+
+    code: grpc.StatusCode
+    message: str
+
+
+class InFlightRequest:
+    def __init__(self, prepared: PreparedRequest, tokenizer: Tokenizer) -> None:
+        self.prepared = prepared
+        self.output_token_ids: list[int] = []
+        self.num_cached_tokens: int | None = None  # from the first replica that admitted it
+        self.replica: str | None = None
+        self.attempt = 0  # bumped on every (re)submission: each attempt has its own engine request id
+        self.done = False
+        self.arrived_at = time.monotonic()
+        self.first_token_at: float | None = None
+        self._text = TextStream(tokenizer, prepared.params.stop)
+        self._chunks: asyncio.Queue[pb.GenerateResponse | Failure] = asyncio.Queue()
+
+    @property
+    def request_id(self) -> str:
+        return self.prepared.request_id
+
+    @property
+    def engine_request_id(self) -> str:
+        return f"{self.prepared.request_id}#{self.attempt}"
+
+    @property
+    def num_tokens(self) -> int:
+        """Prompt + output tokens so far: this request's KV footprint, the unit of replica load."""
+        return len(self.prepared.prompt_token_ids) + len(self.output_token_ids)
+
+    def spec(self) -> RequestSpec:
+        """What to submit for the current attempt: after a failover, prompt + the tokens already sent,
+        with the budgets reduced by them. The seed stays, and the engine keys randomness by token
+        position, so the continuation is the one an undisturbed run would have produced."""
+        params = self.prepared.params
+        n = len(self.output_token_ids)
+        sampling = {f.name: getattr(params, f.name) for f in dataclasses.fields(params)}
+        sampling.update(max_tokens=params.max_tokens - n, min_tokens=max(0, params.min_tokens - n))
+        return RequestSpec(self.engine_request_id, self.prepared.prompt_token_ids + self.output_token_ids, sampling)
+
+    def on_delta(self, delta: RequestDelta, replica: str) -> bool:
+        """Apply one replica delta; True when the request is now finished (by the engine or a stop string)."""
+        if self.done:
+            return True
+        if self.num_cached_tokens is None:
+            self.num_cached_tokens = delta.num_cached_tokens
+        if delta.new_token_ids and self.first_token_at is None:
+            self.first_token_at = time.monotonic()
+        self.output_token_ids += delta.new_token_ids
+        text = self._text.add(delta.new_token_ids)
+        finish_reason = "stop" if self._text.hit_stop else delta.finish_reason if delta.finished else None
+        chunk = pb.GenerateResponse(
+            text=text, token_ids=delta.new_token_ids, request_id=self.request_id, logprobs=_logprobs(delta)
+        )
+        if finish_reason is not None:
+            chunk.text += self._text.finish()
+            chunk.finish_reason = FINISH_REASONS[finish_reason]
+            chunk.replica = replica
+            chunk.usage.CopyFrom(self.usage())
+            self.done = True
+        if chunk.text or chunk.token_ids or self.done:
+            self._chunks.put_nowait(chunk)
+        return self.done
+
+    def usage(self) -> pb.Usage:
+        return pb.Usage(
+            prompt_tokens=len(self.prepared.prompt_token_ids),
+            completion_tokens=len(self.output_token_ids),
+            cached_prompt_tokens=self.num_cached_tokens or 0,
+        )
+
+    def fail(self, code: grpc.StatusCode, message: str) -> None:
+        if not self.done:
+            self.done = True
+            self._chunks.put_nowait(Failure(code, message))
+
+    async def next_chunk(self) -> pb.GenerateResponse | Failure:
+        return await self._chunks.get()
+
+
+def _logprobs(delta: RequestDelta) -> list[pb.TokenLogprob]:
+    return [
+        pb.TokenLogprob(
+            token_id=entry["token_id"], logprob=entry["logprob"],
+            top_logprobs=[pb.TopLogprob(token_id=t, logprob=lp) for t, lp in entry["top_logprobs"].items()],
+        )
+        for entry in delta.logprobs
+    ]

@@ -1,0 +1,35 @@
+"""The router's Prometheus metrics (text format on --metrics-port), one registry per router."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+class RouterMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("nanoserve_requests", "Finished requests by gRPC status code", ["status"], registry=r)
+        self.ttft = Histogram("nanoserve_time_to_first_token_seconds", "Time from arrival to the first token",
+                              buckets=_LATENCY_BUCKETS, registry=r)
+        self.itl = Histogram("nanoserve_inter_token_latency_seconds", "Mean time between tokens, per request",
+                             buckets=_LATENCY_BUCKETS, registry=r)
+        self.tokens = Counter("nanoserve_tokens", "Prompt (in) and generated (out) tokens", ["direction"], registry=r)
+        self.prefix_hit_rate = Gauge("nanoserve_prefix_cache_hit_rate",
+                                     "Prompt tokens served by the prefix cache / prompt tokens, since start",
+                                     ["replica"], registry=r)
+        self.kv_usage = Gauge("nanoserve_kv_cache_usage", "Fraction of KV blocks in use", ["replica"], registry=r)
+        self.queue_depth = Gauge("nanoserve_queue_depth", "Requests waiting in the replica's engine", ["replica"],
+                                 registry=r)
+        self.inflight = Gauge("nanoserve_inflight_requests", "Requests the router has in flight", ["replica"],
+                              registry=r)
+        self.replica_up = Gauge("nanoserve_replica_up", "1 while the replica serves", ["replica"], registry=r)
+        self.failovers = Counter("nanoserve_failovers", "Requests moved to another replica after a failure",
+                                 registry=r)
+        self.replica_restarts = Counter("nanoserve_replica_restarts", "Replicas restarted after a failure",
+                                        ["replica"], registry=r)
+
+    def serve(self, port: int, host: str = "0.0.0.0") -> None:
+        start_http_server(port, addr=host, registry=self.registry)

@@ -1,0 +1,358 @@
+"""The replicas as the router sees them: start or re-attach, route, stream their events, notice
+failures, move in-flight requests elsewhere, restart.
+
+All of it runs on the router's one asyncio loop, so no locks: state changes between awaits only.
+A replica is `serving` from its first snapshot on, `down` from the first sign of failure (its event
+stream breaks, a health call fails or times out, or it has work but stops stepping), `starting`
+while it is replaced.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Literal
+
+import grpc
+import ray
+from ray.actor import ActorHandle
+from ray.exceptions import RayError
+
+from router.config import RouterConfig
+from router.inflight import InFlightRequest
+from router.kv_view import KVView
+from router.metrics import RouterMetrics
+from router.policies import Candidate, RoutingPolicy
+from worker import get_replica, start_replica
+from worker.messages import EngineInfo, ReplicaHealth, ReplicaStats, StepEvents, SubmitError
+
+log = logging.getLogger(__name__)
+
+SlotState = Literal["starting", "serving", "down", "draining"]
+
+
+class PoolError(Exception):
+    """A request could not be placed: the gRPC status to answer with, and why."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code, self.message = code, message
+
+
+@dataclass(eq=False)
+class ReplicaSlot:
+    """One replica name: the live actor behind it (replaced on restart) and the router's view of it."""
+
+    name: str
+    actor: ActorHandle | None = None
+    state: SlotState = "starting"
+    kv: KVView = field(default_factory=KVView)
+    inflight: dict[str, InFlightRequest] = field(default_factory=dict)  # by engine request id
+    stats: ReplicaStats | None = None
+    num_restarts: int = 0
+    next_seq: int | None = None  # the event seq expected next; a jump means lost token deltas
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)
+
+    @property
+    def load_tokens(self) -> int:
+        return sum(r.num_tokens for r in self.inflight.values())
+
+
+class ReplicaPool:
+    def __init__(self, config: RouterConfig, policy: RoutingPolicy, metrics: RouterMetrics) -> None:
+        self.config, self.policy, self.metrics = config, policy, metrics
+        self.slots = [ReplicaSlot(name) for name in config.replica_names]
+        self.info: EngineInfo | None = None
+        self.on_serving_changed: Callable[[bool], None] = lambda serving: None
+        self._closing = False
+        self._on_gpu = False  # decided at start, from the cluster's resources
+
+    # --- life cycle ---
+
+    async def start(self) -> EngineInfo:
+        """Bring every replica up (re-attaching to live ones of the same name); return the engine info."""
+        device = self.config.engine_kwargs.get("device", "auto")
+        self._on_gpu = device != "cpu" and ray.cluster_resources().get("GPU", 0) > 0
+        await asyncio.gather(*(self._bring_up(slot) for slot in self.slots))
+        assert self.info is not None
+        return self.info
+
+    async def _bring_up(self, slot: ReplicaSlot) -> None:
+        actor = None
+        with contextlib.suppress(ValueError):
+            actor = get_replica(slot.name, self.config.namespace)
+            log.info("%s: re-attaching to the running replica", slot.name)
+        if actor is None:
+            actor = self._start_actor(slot)
+        try:
+            await self._attach(slot, actor)
+        except RayError:
+            if actor is not None and slot.actor is None:  # a dead leftover: start afresh
+                log.warning("%s: the running replica did not answer; starting a new one", slot.name)
+                await self._kill_and_wait(actor, slot.name)
+                await self._attach(slot, self._start_actor(slot))
+            else:
+                raise
+
+    def _start_actor(self, slot: ReplicaSlot) -> ActorHandle:
+        cfg = self.config
+        log.info("%s: starting a replica (model %s)", slot.name, cfg.model or "embedded tiny random Qwen3")
+        return start_replica(
+            slot.name, cfg.model, dict(cfg.engine_kwargs), on_gpu=self._on_gpu,
+            tensor_parallel_size=cfg.tensor_parallel_size, max_queued_requests=cfg.max_queued_per_replica,
+            namespace=cfg.namespace,
+        )
+
+    async def _attach(self, slot: ReplicaSlot, actor: ActorHandle) -> None:
+        """Wait for the engine, subscribe to its events (the pump takes the first snapshot), start health checks."""
+        info: EngineInfo = await actor.describe.remote()
+        self.info = self.info or info
+        slot.actor, slot.kv, slot.next_seq = actor, KVView(), None
+        subscribed = asyncio.get_running_loop().create_future()
+        slot.tasks = [
+            asyncio.create_task(self._pump(slot, actor, subscribed), name=f"{slot.name}-events"),
+            asyncio.create_task(self._watch_health(slot, actor), name=f"{slot.name}-health"),
+        ]
+        await subscribed
+        self._set_state(slot, "serving")
+        log.info("%s: serving (%d KV blocks, %d cached)", slot.name, info.num_kv_blocks, len(slot.kv.hashes))
+
+    async def close(self, kill_replicas: bool) -> None:
+        self._closing = True
+        for slot in self.slots:
+            for task in slot.tasks:
+                task.cancel()
+            if kill_replicas and slot.actor is not None:
+                with contextlib.suppress(RayError):
+                    ray.kill(slot.actor, no_restart=True)
+
+    # --- routing ---
+
+    def serving(self) -> list[ReplicaSlot]:
+        return [s for s in self.slots if s.state == "serving"]
+
+    async def submit(self, request: InFlightRequest, exclude: frozenset[str] = frozenset()) -> None:
+        """Place the request on a replica (trying others when one is full or fails); PoolError if none takes it."""
+        tried = set(exclude)
+        while True:
+            slot = self._choose(request, tried)
+            tried.add(slot.name)
+            request.attempt += 1
+            request.replica = slot.name
+            slot.inflight[request.engine_request_id] = request  # before the call: its events may come first
+            self.metrics.inflight.labels(slot.name).set(len(slot.inflight))
+            error = await self._submit_to(slot, request)
+            if error is None:
+                log.info("request %s -> %s (attempt %d, %d prompt tokens, %d cached blocks there)",
+                         request.request_id, slot.name, request.attempt, len(request.prepared.prompt_token_ids),
+                         slot.kv.num_cached_prefix_blocks(request.prepared.prompt_hashes))
+                return
+            slot.inflight.pop(request.engine_request_id, None)
+            if error.code == "invalid_argument":
+                raise PoolError(grpc.StatusCode.INVALID_ARGUMENT, error.message)
+
+    def _choose(self, request: InFlightRequest, tried: set[str]) -> ReplicaSlot:
+        slots = [s for s in self.serving() if s.name not in tried]
+        if not slots:
+            if not self.serving():
+                raise PoolError(grpc.StatusCode.UNAVAILABLE, "no healthy replica")
+            raise PoolError(grpc.StatusCode.RESOURCE_EXHAUSTED, "every replica's queue is full")
+        open_slots = [s for s in slots if len(s.inflight) < self.config.max_inflight_per_replica]
+        if not open_slots:
+            raise PoolError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"all replicas are at capacity ({self.config.max_inflight_per_replica} requests each)",
+            )
+        hashes = request.prepared.prompt_hashes
+        candidates = [
+            Candidate(s.name, s.load_tokens, len(s.inflight), s.kv.num_cached_prefix_blocks(hashes))
+            for s in open_slots
+        ]
+        chosen = self.policy.choose(candidates, len(hashes))
+        return next(s for s in open_slots if s.name == chosen.name)
+
+    async def _submit_to(self, slot: ReplicaSlot, request: InFlightRequest) -> SubmitError | None:
+        assert slot.actor is not None
+        try:
+            [error] = await slot.actor.submit.remote([request.spec()])
+        except RayError as e:
+            self._mark_down(slot, f"submit failed: {e.__class__.__name__}")
+            return SubmitError("unavailable", str(e))
+        return error
+
+    def abort(self, request: InFlightRequest) -> None:
+        """Stop the request for good (client gone or deadline passed): its blocks are freed within a step."""
+        request.done = True
+        self._cancel_on_replica(request)
+
+    def _cancel_on_replica(self, request: InFlightRequest) -> None:
+        for slot in self.slots:
+            if slot.inflight.pop(request.engine_request_id, None) is not None:
+                if slot.actor is not None:
+                    slot.actor.abort.remote([request.engine_request_id])  # fire and forget
+                self.metrics.inflight.labels(slot.name).set(len(slot.inflight))
+
+    # --- events ---
+
+    async def _pump(self, slot: ReplicaSlot, actor: ActorHandle, subscribed: asyncio.Future[None]) -> None:
+        """Apply the replica's step batches: token deltas to their requests, KV events to its view."""
+        try:
+            async for ref in actor.events.remote():
+                batch: StepEvents = await ref
+                if not slot.kv.apply(batch):  # first batch, a gap or a new epoch: re-snapshot, then re-apply
+                    slot.kv.reset(await actor.kv_snapshot.remote())
+                    slot.kv.apply(batch)
+                if not subscribed.done():
+                    subscribed.set_result(None)
+                elif slot.next_seq is not None and batch.seq != slot.next_seq:
+                    self._recover_lost_deltas(slot)
+                slot.next_seq = batch.seq + 1
+                self._deliver(slot, batch)
+        except (RayError, asyncio.CancelledError) as e:
+            if not subscribed.done():
+                subscribed.set_exception(e if isinstance(e, RayError) else RuntimeError("cancelled"))
+            if isinstance(e, asyncio.CancelledError):
+                raise
+            self._mark_down(slot, f"event stream broke: {e.__class__.__name__}")
+            return
+        self._mark_down(slot, "event stream ended")
+
+    def _deliver(self, slot: ReplicaSlot, batch: StepEvents) -> None:
+        for delta in batch.outputs:
+            request = slot.inflight.get(delta.request_id)
+            if request is None:
+                continue  # aborted, or from before this router attached
+            if request.first_token_at is None and delta.new_token_ids:
+                self.metrics.ttft.observe(time.monotonic() - request.arrived_at)
+            stop_seen = request.on_delta(delta, slot.name)
+            self.metrics.tokens.labels("out").inc(len(delta.new_token_ids))
+            if stop_seen:
+                del slot.inflight[delta.request_id]
+                if not delta.finished and slot.actor is not None:  # a stop string only the router saw (TextStream)
+                    slot.actor.abort.remote([delta.request_id])
+                self._record_finished(request)
+        self.metrics.inflight.labels(slot.name).set(len(slot.inflight))
+
+    def _record_finished(self, request: InFlightRequest) -> None:
+        self.metrics.requests.labels("OK").inc()
+        n = len(request.output_token_ids)
+        if request.first_token_at is not None and n > 1:
+            self.metrics.itl.observe((time.monotonic() - request.first_token_at) / (n - 1))
+
+    def _recover_lost_deltas(self, slot: ReplicaSlot) -> None:
+        """Batches were dropped, so some requests' tokens never reached us: restart them from what was sent."""
+        lost = list(slot.inflight.values())
+        log.warning("%s: event batches lost; resubmitting its %d requests", slot.name, len(lost))
+        for request in lost:
+            self._cancel_on_replica(request)
+        self._fail_over(lost, exclude=frozenset())
+
+    # --- failure handling ---
+
+    async def _watch_health(self, slot: ReplicaSlot, actor: ActorHandle) -> None:
+        """Progress-based health: a replica that does not answer, failed, or has work but stopped stepping is down."""
+        cfg = self.config
+        while slot.actor is actor and slot.state != "down":
+            await asyncio.sleep(cfg.health_interval_s)
+            reason = await self._health_problem(actor)
+            if reason is not None:
+                self._mark_down(slot, reason)
+                return
+            with contextlib.suppress(RayError, asyncio.TimeoutError):
+                slot.stats = await asyncio.wait_for(actor.stats.remote(), cfg.health_timeout_s)
+                self._publish_stats(slot)
+
+    async def _health_problem(self, actor: ActorHandle) -> str | None:
+        cfg = self.config
+        try:
+            health: ReplicaHealth = await asyncio.wait_for(actor.health.remote(), cfg.health_timeout_s)
+        except asyncio.TimeoutError:
+            return f"health check took over {cfg.health_timeout_s:g} s"
+        except RayError as e:
+            return f"health check failed: {e.__class__.__name__}"
+        if health.state != "running":
+            return f"engine {health.state}: {health.error}"
+        idle_s = health.seconds_since_last_step
+        if health.has_work and idle_s is not None and idle_s > cfg.stall_timeout_s:
+            return f"has work but made no step for {idle_s:.1f} s"
+        return None
+
+    def _publish_stats(self, slot: ReplicaSlot) -> None:
+        if slot.stats is None:
+            return
+        engine = slot.stats.engine
+        m = self.metrics
+        m.prefix_hit_rate.labels(slot.name).set(engine.num_prefix_hit_tokens / max(1, engine.num_prompt_tokens))
+        m.kv_usage.labels(slot.name).set(engine.num_kv_blocks_used / max(1, engine.num_kv_blocks_total))
+        m.queue_depth.labels(slot.name).set(engine.num_waiting)
+
+    def _mark_down(self, slot: ReplicaSlot, reason: str) -> None:
+        if slot.state == "down" or self._closing:
+            return
+        log.warning("%s: down (%s); failing over %d requests", slot.name, reason, len(slot.inflight))
+        self._set_state(slot, "down")
+        current = asyncio.current_task()
+        for task in slot.tasks:
+            if task is not current:
+                task.cancel()
+        requests = list(slot.inflight.values())
+        slot.inflight.clear()
+        self.metrics.inflight.labels(slot.name).set(0)
+        self._fail_over(requests, exclude=frozenset({slot.name}))
+        asyncio.create_task(self._restart(slot), name=f"{slot.name}-restart")
+
+    def _fail_over(self, requests: list[InFlightRequest], exclude: frozenset[str]) -> None:
+        for request in requests:
+            if not request.done:
+                self.metrics.failovers.inc()
+                asyncio.create_task(self._resubmit(request, exclude))
+
+    async def _resubmit(self, request: InFlightRequest, exclude: frozenset[str]) -> None:
+        try:
+            await self.submit(request, exclude)
+        except PoolError as e:
+            request.fail(e.code, f"{e.message} (after its replica failed)")
+
+    async def _restart(self, slot: ReplicaSlot) -> None:
+        """Replace the dead replica with a new actor of the same name; retry with backoff until it serves."""
+        delay = 1.0
+        while not self._closing:
+            self._set_state(slot, "starting")
+            try:
+                if slot.actor is not None:
+                    await self._kill_and_wait(slot.actor, slot.name)
+                slot.actor = None
+                await self._attach(slot, self._start_actor(slot))
+                slot.num_restarts += 1
+                self.metrics.replica_restarts.labels(slot.name).inc()
+                return
+            except (RayError, RuntimeError, ValueError) as e:
+                log.warning("%s: restart failed (%s); retrying in %.0f s", slot.name, e, delay)
+                self._set_state(slot, "down")
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 30.0)
+
+    async def _kill_and_wait(self, actor: ActorHandle, name: str, timeout_s: float = 30.0) -> None:
+        """Kill the actor and wait until its name is free for the replacement."""
+        with contextlib.suppress(RayError, ValueError):
+            ray.kill(actor, no_restart=True)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            try:
+                get_replica(name, self.config.namespace)
+            except ValueError:
+                return
+            await asyncio.sleep(0.2)
+        raise RuntimeError(f"{name}: the old actor still holds its name after {timeout_s:.0f} s")
+
+    def _set_state(self, slot: ReplicaSlot, state: SlotState) -> None:
+        was_serving = bool(self.serving())
+        slot.state = state
+        self.metrics.replica_up.labels(slot.name).set(1 if state == "serving" else 0)
+        if bool(self.serving()) != was_serving:
+            self.on_serving_changed(not was_serving)
+

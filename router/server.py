@@ -1,0 +1,86 @@
+"""The router process: Ray, the replica pool, the gRPC server (with health and reflection), metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+
+import grpc
+import ray
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+from grpc_reflection.v1alpha import reflection
+
+from engine.qwen_tokenizer import cached_qwen_tokenizer_dir
+from engine.tokenizer import Tokenizer
+from proto import nanoserve_pb2, nanoserve_pb2_grpc
+from router.config import RouterConfig
+from router.metrics import RouterMetrics
+from router.policies import make_policy
+from router.replica_pool import ReplicaPool
+from router.service import NanoServeService
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = nanoserve_pb2.DESCRIPTOR.services_by_name["NanoServe"].full_name
+
+
+class Router:
+    def __init__(self, config: RouterConfig) -> None:
+        self.config = config
+        self.metrics = RouterMetrics()
+        self.pool = ReplicaPool(config, make_policy(config.policy), self.metrics)
+        self.health = health_aio.HealthServicer()
+        self.service: NanoServeService | None = None
+        self.server: grpc.aio.Server | None = None
+        self.port: int | None = None
+
+    async def start(self) -> None:
+        cfg = self.config
+        if not ray.is_initialized():
+            ray.init(address=cfg.ray_address, namespace=cfg.namespace, include_dashboard=False,
+                     logging_level=logging.WARNING)
+        if cfg.metrics_port is not None:
+            self.metrics.serve(cfg.metrics_port)
+        info = await self.pool.start()
+        tokenizer = Tokenizer.from_dir(Path(cfg.model) if cfg.model else cached_qwen_tokenizer_dir())
+        model_name = Path(cfg.model).name if cfg.model else "tiny-random-qwen3 (random weights)"
+        self.service = NanoServeService(self.pool, tokenizer, info, model_name)
+        self.server = grpc.aio.server(options=[
+            ("grpc.max_receive_message_length", cfg.max_message_bytes),
+            ("grpc.max_send_message_length", cfg.max_message_bytes),
+        ])
+        nanoserve_pb2_grpc.add_NanoServeServicer_to_server(self.service, self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+            self.server,
+        )
+        self.port = self.server.add_insecure_port(f"{cfg.host}:{cfg.port}")
+        self.pool.on_serving_changed = self._on_serving_changed
+        await self.server.start()
+        await self._set_health(bool(self.pool.serving()))
+        log.info("serving %s on %s:%d with %d replicas (policy %s)%s", model_name, cfg.host, self.port,
+                 cfg.num_replicas, cfg.policy,
+                 f"; metrics on :{cfg.metrics_port}/metrics" if cfg.metrics_port is not None else "")
+
+    def _on_serving_changed(self, serving: bool) -> None:
+        asyncio.ensure_future(self._set_health(serving))
+
+    async def _set_health(self, serving: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, status)
+
+    async def stop(self, kill_replicas: bool = True) -> None:
+        """Stop accepting (health NOT_SERVING at once), let in-flight streams finish within the drain
+        timeout, then stop the replicas."""
+        if self.service is not None:
+            self.service.draining = True
+        await self._set_health(False)
+        if self.server is not None:
+            log.info("draining: waiting up to %.0f s for in-flight streams", self.config.drain_timeout_s)
+            await self.server.stop(self.config.drain_timeout_s)
+        await self.pool.close(kill_replicas)
+        log.info("router stopped")

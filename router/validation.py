@@ -1,0 +1,92 @@
+"""A client's GenerateRequest, checked field by field and turned into what a replica runs.
+
+Every problem is an InvalidRequest naming the field (the service answers INVALID_ARGUMENT), so a
+bad request never reaches a replica.
+"""
+
+from __future__ import annotations
+
+import random
+import uuid
+from dataclasses import dataclass
+
+from engine.block_hash import hash_blocks
+from engine.sampling_params import SamplingParams
+from engine.tokenizer import Tokenizer, validate_messages
+from proto import nanoserve_pb2 as pb
+from worker.messages import EngineInfo
+
+MAX_REQUEST_ID_LEN = 256
+_SAMPLING_FIELDS = tuple(f.name for f in pb.SamplingParams.DESCRIPTOR.fields)
+
+
+class InvalidRequest(ValueError):
+    """A request field is missing or out of range; the message names it."""
+
+
+@dataclass(frozen=True, slots=True)
+class PreparedRequest:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams  # always with a seed: a failed-over request resumes the same random stream
+    prompt_hashes: list[int]  # block-hash chain of the prompt's full blocks, as the replicas' prefix caches hash it
+
+
+class RequestValidator:
+    def __init__(self, tokenizer: Tokenizer, info: EngineInfo) -> None:
+        self.tokenizer, self.info = tokenizer, info
+
+    def prepare(self, request: pb.GenerateRequest) -> PreparedRequest:
+        request_id = request.request_id or uuid.uuid4().hex
+        if len(request_id) > MAX_REQUEST_ID_LEN or not request_id.isprintable():
+            raise InvalidRequest(f"request_id: at most {MAX_REQUEST_ID_LEN} printable characters")
+        params = self._params(request.params)
+        token_ids = self._prompt(request)
+        if len(token_ids) + 1 > self.info.max_model_len:
+            raise InvalidRequest(
+                f"prompt: {len(token_ids)} tokens leave no room to generate within "
+                f"max_model_len={self.info.max_model_len}"
+            )
+        return PreparedRequest(request_id, token_ids, params, hash_blocks(token_ids, self.info.block_size))
+
+    def _prompt(self, request: pb.GenerateRequest) -> list[int]:
+        kind = request.WhichOneof("prompt")
+        if kind == "text":
+            if not request.text:
+                raise InvalidRequest("text: must not be empty")
+            return self.tokenizer.encode(request.text)
+        if kind == "chat":
+            messages = [{"role": m.role, "content": m.content} for m in request.chat.messages]
+            try:
+                validate_messages(messages)
+            except ValueError as e:
+                raise InvalidRequest(f"chat.{e}") from None
+            return self.tokenizer.encode(self.tokenizer.apply_chat_template(messages))
+        if kind == "token_ids":
+            ids = list(request.token_ids.ids)
+            if not ids:
+                raise InvalidRequest("token_ids: must not be empty")
+            vocab_size = self.info.vocab_size
+            for i, t in enumerate(ids):
+                if not 0 <= t < vocab_size:
+                    raise InvalidRequest(f"token_ids.ids[{i}]: {t} is outside the vocabulary [0, {vocab_size})")
+            return ids
+        raise InvalidRequest("prompt: set one of text, chat or token_ids")
+
+    def _params(self, message: pb.SamplingParams) -> SamplingParams:
+        given = {name: getattr(message, name) for name in _SAMPLING_FIELDS if _is_set(message, name)}
+        if "stop" in given:
+            given["stop"] = tuple(given["stop"])
+        if "stop_token_ids" in given:
+            given["stop_token_ids"] = tuple(given["stop_token_ids"])
+        given.setdefault("seed", random.getrandbits(63))
+        try:
+            return SamplingParams.from_kwargs(**given)
+        except ValueError as e:
+            raise InvalidRequest(f"params.{e}") from None
+
+
+def _is_set(message: pb.SamplingParams, name: str) -> bool:
+    if message.DESCRIPTOR.fields_by_name[name].has_presence:  # the optional scalars
+        return message.HasField(name)
+    return len(getattr(message, name)) > 0  # the repeated fields
