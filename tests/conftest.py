@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from engine.qwen_tokenizer import cached_qwen_tokenizer_dir
+from engine.tokenizer import Tokenizer
 
 # Without a GPU, Triton kernels run in Triton's CPU interpreter; it must be chosen before any kernel
 # module is imported, since `triton.jit` reads it when decorating.
@@ -64,6 +65,18 @@ def write_tiny_qwen3(path: Path, seed: int = 0, **overrides: object) -> Path:
     for name in TOKENIZER_FILES:
         shutil.copy(cached_qwen_tokenizer_dir() / name, path / name)
     return path
+
+
+@pytest.fixture(scope="session")
+def qwen_tokenizer_dir() -> Path:
+    """Folder with Qwen3's tokenizer.json and tokenizer_config.json (cached across runs)."""
+    return cached_qwen_tokenizer_dir()
+
+
+@pytest.fixture(scope="session")
+def qwen_tokenizer(qwen_tokenizer_dir: Path) -> Tokenizer:
+    """Our Tokenizer wrapper over the cached Qwen3 tokenizer."""
+    return Tokenizer.from_dir(qwen_tokenizer_dir)
 
 
 @pytest.fixture(scope="session")

@@ -87,7 +87,7 @@ def start_router(ray_cluster: None, model_dir: Path) -> Iterator[Callable[..., R
             num_replicas=num_replicas, model=overrides.pop("model", str(model_dir)),
             engine_kwargs=dict(ENGINE_KWARGS), policy=policy,
             host="127.0.0.1", port=0, metrics_port=None, namespace="nanoserve-test",
-            replica_prefix=f"test-{uuid.uuid4().hex[:6]}", **overrides,
+            replica_prefix=overrides.pop("replica_prefix", f"test-{uuid.uuid4().hex[:6]}"), **overrides,
         )
         routers.append(RouterThread(config))
         return routers[-1]

@@ -213,3 +213,32 @@ async def _mark_all_down(router: RouterThread) -> None:
     pool._closing = True  # keep the replicas from restarting during this check
     for slot in pool.slots:
         pool._set_state(slot, "down")
+
+
+def test_full_router_is_resource_exhausted_at_once(start_router: Callable[..., RouterThread]) -> None:
+    router = start_router(num_replicas=1, policy="least-load", max_inflight_per_replica=2)
+    with router.client() as client:
+        streams = [client.generate(prompt(40 + i, 10), timeout=60, **greedy(400)) for i in range(2)]
+        for s in streams:
+            next(s)
+        started = time.monotonic()
+        with pytest.raises(grpc.RpcError) as info:
+            client.complete([1, 2, 3], timeout=30, **greedy(2))
+        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert time.monotonic() - started < 2.0
+        for s in streams:
+            s.cancel()
+
+
+def test_a_new_router_reattaches_to_running_replicas(start_router: Callable[..., RouterThread]) -> None:
+    first = start_router(num_replicas=2)
+    prefix = first.router.config.replica_prefix
+    epochs = {slot.name: slot.kv.epoch for slot in first.router.pool.slots}
+    with first.client() as client:
+        collect(client, prompt(50, 40), **greedy(2))  # leaves cached blocks behind
+    first.call(first.router.stop(kill_replicas=False))
+    second = start_router(num_replicas=2, replica_prefix=prefix)
+    assert {slot.name: slot.kv.epoch for slot in second.router.pool.slots} == epochs  # same engines, no reload
+    assert sum(len(slot.kv.hashes) for slot in second.router.pool.slots) >= 2  # the view came from snapshots
+    with second.client() as client:
+        assert collect(client, prompt(50, 40), **greedy(2))[1].usage.cached_prompt_tokens == 32
