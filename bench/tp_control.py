@@ -82,7 +82,7 @@ def measure(plans: list[StepPlan], max_bytes: int) -> tuple[np.ndarray, np.ndarr
         channel.send(Method.RUN, [plan.max_query_len], plan.arrays())
         done.append(time.perf_counter_ns())
         sent.append(start)
-        time.sleep(0.002)  # a step's GPU time: the rank reads while rank 0 would be running its forward
+        _busy_wait(0.002)  # a step: rank 0 is busy (preparing, launching, waiting on the GPU), never asleep
     channel.send(Method.SHUTDOWN)
     ready = parent_end.recv()
     rank.join()
@@ -90,6 +90,14 @@ def measure(plans: list[StepPlan], max_bytes: int) -> tuple[np.ndarray, np.ndarr
     warm = 10  # the first messages pay for imports and page faults in the rank
     sent_ns, done_ns, ready_ns = np.array(sent[warm:]), np.array(done[warm:]), np.array(ready[warm:])
     return (done_ns - sent_ns) / 1e3, (ready_ns - sent_ns) / 1e3
+
+
+def _busy_wait(seconds: float) -> None:
+    """Spin like rank 0 does during a step (a CUDA sync spins too); sleeping would let the core go cold and
+    charge the next send for it."""
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        pass
 
 
 def main() -> None:
