@@ -107,6 +107,10 @@ class LLMEngine:
         self._aborted.append(seq)
         return True
 
+    def abort_all(self) -> int:
+        """Abort every unfinished request (a drain, or requests whose client is gone); returns how many."""
+        return sum(self.abort(request_id) for request_id in list(self._requests))
+
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished() or bool(self._aborted)
 

@@ -85,8 +85,12 @@ class ReplicaPool:
         actor = None
         with contextlib.suppress(ValueError):
             actor = get_replica(slot.name, self.config.namespace)
-            log.info("%s: re-attaching to the running replica", slot.name)
-        if actor is None:
+        if actor is not None:
+            with contextlib.suppress(RayError):  # a dead leftover is handled below
+                num_orphans = await actor.abort_all.remote()  # they belonged to the router before us
+                log.info("%s: re-attaching to the running replica (%d orphaned requests aborted)", slot.name,
+                         num_orphans)
+        else:
             actor = self._start_actor(slot)
         try:
             await self._attach(slot, actor)
@@ -180,6 +184,7 @@ class ReplicaPool:
         try:
             [error] = await slot.actor.submit.remote([request.spec()])
         except RayError as e:
+            slot.inflight.pop(request.engine_request_id, None)  # this submit retries it; the failover must not
             self._mark_down(slot, f"submit failed: {e.__class__.__name__}")
             return SubmitError("unavailable", str(e))
         return error
@@ -224,8 +229,8 @@ class ReplicaPool:
     def _deliver(self, slot: ReplicaSlot, batch: StepEvents) -> None:
         for delta in batch.outputs:
             request = slot.inflight.get(delta.request_id)
-            if request is None:
-                continue  # aborted, or from before this router attached
+            if request is None or delta.request_id != request.engine_request_id:
+                continue  # aborted, superseded by a later attempt, or from before this router attached
             if request.first_token_at is None and delta.new_token_ids:
                 self.metrics.ttft.observe(time.monotonic() - request.arrived_at)
             stop_seen = request.on_delta(delta, slot.name)

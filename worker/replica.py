@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import logging
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -19,12 +21,17 @@ from worker.step_loop import EngineUnavailableError, StepLoop
 if TYPE_CHECKING:
     from engine.llm_engine import LLMEngine
 
+log = logging.getLogger(__name__)
+
 # Event batches Ray may hold unread before `events` pauses; meanwhile new steps coalesce in the outbox.
 EVENTS_IN_FLIGHT = 2
 # Threads apart from the default group's, so that neither calls queued behind a hung step nor a stream
 # can hold up the other: `health` always answers, and `events` has room for the live stream plus one
 # being replaced. Ray takes these at `ray.remote`; the methods name their group below.
 CONCURRENCY_GROUPS = {"health": 1, "events": 2}
+# A replica with requests but no word from its router (health checks come every second) for this long
+# aborts them: their router is gone, and nobody will read their tokens.
+ORPHAN_TIMEOUT_S = 5.0
 
 
 class Replica:
@@ -43,6 +50,7 @@ class Replica:
         model: str | Path | None,
         engine_kwargs: dict[str, Any] | None = None,
         max_queued_requests: int = 256,
+        orphan_timeout_s: float = ORPHAN_TIMEOUT_S,
     ) -> None:
         """`model` None serves the embedded tiny random Qwen3 (built on this node on first use)."""
         if isinstance(max_queued_requests, bool) or not isinstance(max_queued_requests, int) or max_queued_requests < 1:
@@ -53,6 +61,9 @@ class Replica:
         self._outbox = Outbox(name, self.epoch)
         self._random_weights = model is None
         self._loop = StepLoop(name, lambda: _build_engine(model, engine_kwargs or {}), self._outbox)
+        self._last_contact = time.monotonic()
+        threading.Thread(target=self._abort_orphans, args=(orphan_timeout_s,), name=f"{name}-orphans",
+                         daemon=True).start()
 
     def __repr__(self) -> str:  # Ray prefixes the actor's log lines with this
         return f"Replica({self.name})"
@@ -84,9 +95,25 @@ class Replica:
         with contextlib.suppress(EngineUnavailableError):  # a stopped or failed engine runs nothing to abort
             self._loop.call(lambda engine: [engine.abort(request_id) for request_id in request_ids])
 
+    def abort_all(self) -> int:
+        """Abort every request (a router starting up owns none of them: they belong to a dead router)."""
+        try:
+            return self._loop.call(lambda engine: engine.abort_all())
+        except EngineUnavailableError:
+            return 0
+
+    def _abort_orphans(self, timeout_s: float) -> None:
+        while self._loop.state == "running":
+            time.sleep(min(1.0, timeout_s / 2))
+            if self._loop.has_work and time.monotonic() - self._last_contact > timeout_s:
+                log.warning("%s: no word from the router for %.0f s; aborting its requests", self.name, timeout_s)
+                self.abort_all()
+                self._last_contact = time.monotonic()
+
     @ray.method(concurrency_group="health")
     def health(self) -> ReplicaHealth:
-        """Progress counters; never waits for the engine."""
+        """Progress counters; never waits for the engine. Also the router's heartbeat (see ORPHAN_TIMEOUT_S)."""
+        self._last_contact = time.monotonic()
         loop = self._loop
         last = loop.last_step_at
         return ReplicaHealth(

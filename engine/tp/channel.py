@@ -88,7 +88,7 @@ class ControlChannel:
         self._buf[self._data_offset : self._data_offset + len(header)] = header
         for offset, array in zip(offsets, arrays):  # memoryview copies cost a third of numpy slice assignment
             if array.nbytes:
-                self._buf[offset : offset + array.nbytes] = memoryview(np.ascontiguousarray(array)).cast("B")
+                self._buf[offset : offset + array.nbytes] = np.ascontiguousarray(array).data.cast("B")
         self._header[1] = len(header)
         self._header[0] = self._seq  # last: a rank that sees the new seq sees the whole message
         for wakeup in self.wakeups:

@@ -22,8 +22,8 @@ import pytest
 
 from proto import nanoserve_pb2 as pb
 from router.client import Client
-from tests.router.conftest import RouterThread
 from tests.router.fake_server import running_fake_server
+from tests.serving import RouterThread
 
 NODE_DIR = Path(__file__).resolve().parent / "node"
 INSTALLED_MARK = ".installed"  # written last, so a half-done install is redone

@@ -18,7 +18,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from engine import LLMEngine, SamplingParams
 from proto import nanoserve_pb2 as pb
 from router.client import Client
-from tests.router.conftest import ENGINE_KWARGS, VOCAB, RouterThread, greedy
+from tests.serving import ENGINE_KWARGS, VOCAB, RouterThread, greedy
 from worker import get_replica
 
 

@@ -1,0 +1,103 @@
+"""Test harness for the serving layer: a real router (in-process, on its own event-loop thread) over real Ray
+replicas of a tiny model. Packages that use it import its fixtures into their conftest.py."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+import uuid
+from collections.abc import Callable, Coroutine, Iterator
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+import ray
+
+from proto import nanoserve_pb2 as pb
+from router.client import Client
+from router.config import RouterConfig
+from router.server import Router
+
+T = TypeVar("T")
+VOCAB = 1024  # the tiny checkpoint's vocabulary
+ENGINE_KWARGS: dict[str, Any] = dict(device="cpu", dtype="float32", num_kv_blocks=128, max_model_len=512)
+
+
+class RouterThread:
+    """Runs a Router on a background asyncio loop; tests talk to it over gRPC or through `call`."""
+
+    def __init__(self, config: RouterConfig) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.router = Router(config)
+        self.call(self.router.start())
+        self.address = f"127.0.0.1:{self.router.port}"
+
+    def call(self, coro: Coroutine[Any, Any, T], timeout: float = 120.0) -> T:
+        future: Future[T] = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        return future.result(timeout)
+
+    def stop(self) -> None:
+        if not self.thread.is_alive():
+            return
+        self.call(self.router.stop(kill_replicas=True))
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+
+    def client(self) -> Client:
+        return Client(self.address)
+
+    def status(self) -> pb.ClusterStatus:
+        with self.client() as c:
+            return c.cluster_status(timeout=10)
+
+    def wait_for(self, condition: Callable[[pb.ClusterStatus], bool], timeout: float = 60.0) -> pb.ClusterStatus:
+        deadline = time.monotonic() + timeout
+        while True:
+            status = self.status()
+            if condition(status):
+                return status
+            assert time.monotonic() < deadline, f"cluster never reached the condition: {status}"
+            time.sleep(0.2)
+
+
+@pytest.fixture(scope="package")
+def ray_cluster() -> Iterator[None]:
+    """One local Ray for all router tests (starting Ray takes seconds)."""
+    # Logical CPUs: each replica actor takes one while it lives, and the tests run several routers.
+    ray.init(num_cpus=16, include_dashboard=False, namespace="nanoserve-test", logging_level="WARNING")
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="package")
+def model_dir(tiny_checkpoint: Callable[..., Path]) -> Path:
+    return tiny_checkpoint("tied-gqa2-hd16", vocab_size=VOCAB)
+
+
+@pytest.fixture(scope="package")
+def start_router(ray_cluster: None, model_dir: Path) -> Iterator[Callable[..., RouterThread]]:
+    """Factory: start_router(num_replicas=2, policy="prefix", **config) -> a running router; all stopped at the end."""
+    routers: list[RouterThread] = []
+
+    def start(num_replicas: int = 2, policy: str = "prefix", **overrides: Any) -> RouterThread:
+        config = RouterConfig(
+            num_replicas=num_replicas, model=overrides.pop("model", str(model_dir)),
+            engine_kwargs=dict(ENGINE_KWARGS), policy=policy,
+            host="127.0.0.1", port=0, metrics_port=None, namespace="nanoserve-test",
+            replica_prefix=overrides.pop("replica_prefix", f"test-{uuid.uuid4().hex[:6]}"), **overrides,
+        )
+        routers.append(RouterThread(config))
+        return routers[-1]
+
+    yield start
+    for router in routers:
+        router.stop()
+
+
+def greedy(max_tokens: int, **params: Any) -> dict[str, Any]:
+    """Sampling kwargs of a greedy request that runs to max_tokens."""
+    return dict(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, **params)
