@@ -86,7 +86,7 @@ def start_router(ray_cluster: None, model_dir: Path) -> Iterator[Callable[..., R
     def start(num_replicas: int = 2, policy: str = "prefix", **overrides: Any) -> RouterThread:
         config = RouterConfig(
             num_replicas=num_replicas, model=overrides.pop("model", str(model_dir)),
-            engine_kwargs=dict(ENGINE_KWARGS), policy=policy,
+            engine_kwargs=overrides.pop("engine_kwargs", dict(ENGINE_KWARGS)), policy=policy,
             host="127.0.0.1", port=0, metrics_port=None, namespace="nanoserve-test",
             replica_prefix=overrides.pop("replica_prefix", f"test-{uuid.uuid4().hex[:6]}"), **overrides,
         )
