@@ -135,7 +135,8 @@ class ModelRunner:
         if seq.num_output_tokens >= seq.params.min_tokens:
             return []
         eos = [] if seq.params.ignore_eos else sorted(self.eos_token_ids)
-        return eos + list(seq.params.stop_token_ids)
+        vocab_size = self.config.model_config.vocab_size  # a tokenizer's EOS may lie outside a small model's vocab
+        return [t for t in eos if t < vocab_size] + list(seq.params.stop_token_ids)
 
     def _setup_kv_cache(self) -> int:
         """Size the KV cache (profiling the largest step on a GPU), allocate it; return its block count."""

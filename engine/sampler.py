@@ -82,7 +82,7 @@ class SamplingBatch:
         suppress_rows = [row for row, ids in enumerate(suppressed) for _ in ids]
         suppress_ids = [tok for ids in suppressed for tok in ids]
         return cls(
-            temperatures=to_device([p.temperature for p in params], device, torch.float32),
+            temperatures=to_device([0.0 if p.is_greedy else p.temperature for p in params], device, torch.float32),
             top_ks=to_device([p.top_k for p in params], device, torch.int64),
             top_ps=to_device([p.top_p for p in params], device, torch.float32),
             min_ps=to_device([p.min_p for p in params], device, torch.float32),
@@ -199,7 +199,8 @@ def _top_k_top_p_floor(scaled: torch.Tensor, batch: SamplingBatch) -> torch.Tens
     top_ps = batch.top_ps[:, None]  # [B, 1]
     # top_p = 1 keeps all: rounding could otherwise push mass_before to 1.0 before the tail.
     keep = in_top_k & ((mass_before < top_ps) | (top_ps >= 1.0))  # [B, V], a prefix holding index 0
-    num_kept = keep.sum(dim=-1, keepdim=True)  # [B, 1], >= 1
+    # >= 1 (the docstring's promise) even where top_p rounds to 0 in float32 or the scaled logits overflow.
+    num_kept = keep.sum(dim=-1, keepdim=True).clamp_min(1)  # [B, 1]
     return sorted_logits.gather(1, num_kept - 1)
 
 

@@ -6,11 +6,14 @@ import math
 from dataclasses import dataclass, fields
 
 
+GREEDY_BELOW_TEMPERATURE = 1e-5
+
+
 @dataclass(frozen=True, slots=True)
 class SamplingParams:
     """How one request samples and when it stops. Every field is checked in `__post_init__`.
 
-    temperature 0 is greedy. Masks apply in the order top-k, top-p, min-p, on the
+    temperature 0 (below 1e-5) is greedy. Masks apply in the order top-k, top-p, min-p, on the
     temperature-scaled distribution. `seed` keys the random stream by (seed, token position),
     so re-running a request from any position reproduces the same tokens.
     `logprobs=N` returns the chosen token's log-probability and the top N of the model's
@@ -79,7 +82,8 @@ class SamplingParams:
 
     @property
     def is_greedy(self) -> bool:
-        return self.temperature == 0.0
+        """Temperature 0, or so close to it that sampling is argmax anyway (and logits / T would overflow)."""
+        return self.temperature < GREEDY_BELOW_TEMPERATURE
 
     @classmethod
     def from_kwargs(cls, **kwargs: object) -> SamplingParams:

@@ -71,6 +71,7 @@ BAD_GENERATE_CALLS: dict[str, tuple[Any, Any, dict[str, Any], str]] = {
     "min_tokens > max_tokens": ("hi", None, dict(max_tokens=3, min_tokens=4), "min_tokens"),
     "empty stop string": ("hi", None, dict(stop=["ok", ""]), "stop"),
     "negative stop token id": ("hi", None, dict(stop_token_ids=[-3]), "stop_token_ids"),
+    "stop token id >= vocab": ("hi", None, dict(stop_token_ids=[5, 10**7], min_tokens=2), "stop_token_ids\\[1\\]"),
     "seed < 0": ("hi", None, dict(seed=-1), "seed"),
     "logprobs > 20": ("hi", None, dict(logprobs=21), "logprobs"),
     "unknown keyword": ("hi", None, dict(max_token=3), "max_token"),

@@ -276,3 +276,12 @@ def test_rng_keys_are_distinct_64_bit_values() -> None:
     assert len(keys) == 10_000
     assert all(0 <= key < 2**64 for key in keys)
     assert rng_key(2**63 - 1, 10**9) == rng_key(2**63 - 1, 10**9)
+
+
+@pytest.mark.parametrize("params", [SamplingParams(top_p=1e-300), SamplingParams(temperature=1e-40, top_p=0.5)],
+                         ids=["top_p rounds to 0 in float32", "scaled logits overflow"])
+def test_extreme_top_p_keeps_the_most_likely_token(params: SamplingParams) -> None:
+    """Once crashed the step (top-p kept no token); now the most likely token always survives."""
+    row = make_logits(64)
+    out = run_sampler(row[None, :], [params])
+    assert out.token_ids.tolist() == [int(row.argmax())]
