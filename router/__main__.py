@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import logging
 import signal
+from pathlib import Path
 
 from router.config import RouterConfig
 from router.policies import POLICY_NAMES
@@ -14,7 +15,8 @@ from router.server import Router
 log = logging.getLogger("router")
 
 
-def parse_args(argv: list[str] | None = None) -> RouterConfig:
+def build_parser() -> argparse.ArgumentParser:
+    """The router's flags; `--help` documents each."""
     p = argparse.ArgumentParser(
         prog="python -m router",
         description="Serve the nanoserve gRPC API (nanoserve.v1.NanoServe, plus grpc.health.v1 and server "
@@ -44,8 +46,24 @@ def parse_args(argv: list[str] | None = None) -> RouterConfig:
                    help="requests waiting in one replica before it refuses more (RESOURCE_EXHAUSTED)")
     p.add_argument("--drain-timeout", type=float, default=30.0,
                    help="seconds in-flight streams get to finish on SIGTERM/SIGINT")
+    p.add_argument("--api-key-file", help="file of API keys, one a line (blank lines and # comments skipped); "
+                   "every NanoServe call must then send 'authorization: Bearer <key>' (health and reflection "
+                   "stay open)")
+    p.add_argument("--tls-cert", help="PEM certificate chain: serve over TLS (needs --tls-key)")
+    p.add_argument("--tls-key", help="PEM private key of --tls-cert")
+    p.add_argument("--replica-prefix", default="nanoserve-replica",
+                   help="replicas are the detached Ray actors PREFIX-0..N-1: a router started again with the same "
+                   "prefix re-attaches to them without reloading the model")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> RouterConfig:
+    """The RouterConfig the flags describe (exits with a usage error naming the bad flag)."""
+    p = build_parser()
     args = p.parse_args(argv)
+    if (args.tls_cert is None) != (args.tls_key is None):
+        p.error("--tls-cert and --tls-key go together: give both or neither")
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     engine_kwargs = {
         "device": args.device, "dtype": args.dtype, "max_num_seqs": args.max_num_seqs,
@@ -62,10 +80,34 @@ def parse_args(argv: list[str] | None = None) -> RouterConfig:
             host=args.host, port=args.port, ray_address=args.ray_address,
             metrics_port=None if args.metrics_port < 0 else args.metrics_port,
             max_queued_per_replica=args.max_queued_per_replica, drain_timeout_s=args.drain_timeout,
+            replica_prefix=args.replica_prefix, api_keys=read_api_keys(args.api_key_file) if args.api_key_file else (),
+            tls_cert=read_pem("--tls-cert", args.tls_cert), tls_key=read_pem("--tls-key", args.tls_key),
         )
     except ValueError as e:
         p.error(str(e))
         raise
+
+
+def read_api_keys(path: str) -> tuple[str, ...]:
+    """The keys of an --api-key-file: one a line, blank lines and # comments skipped; ValueError if none."""
+    try:
+        lines = Path(path).read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"--api-key-file: cannot read {path} ({e})") from None
+    keys = tuple(line.strip() for line in lines if line.strip() and not line.strip().startswith("#"))
+    if not keys:
+        raise ValueError(f"--api-key-file: {path} holds no key (one a line; blank lines and # comments are skipped)")
+    return keys
+
+
+def read_pem(flag: str, path: str | None) -> bytes | None:
+    """The bytes of a --tls-* file (None without the flag); ValueError naming the flag if unreadable."""
+    if path is None:
+        return None
+    try:
+        return Path(path).read_bytes()
+    except OSError as e:
+        raise ValueError(f"{flag}: cannot read {path} ({e.strerror})") from None
 
 
 async def serve(config: RouterConfig) -> None:

@@ -25,11 +25,16 @@ class RouterConfig:
     replica_prefix: str = "nanoserve-replica"
     max_queued_per_replica: int = 256  # requests waiting in a replica's engine before it refuses more
     max_inflight_per_replica: int = 512  # requests the router places on one replica before RESOURCE_EXHAUSTED
+    # A request whose replica failed this many times is not moved again: it may be what kills them.
+    max_failovers_per_request: int = 3
     health_interval_s: float = 1.0
     health_timeout_s: float = 5.0  # a health call slower than this marks the replica down
     stall_timeout_s: float = 30.0  # a replica with work but no step for this long is down
     drain_timeout_s: float = 30.0  # on SIGTERM/SIGINT, how long in-flight streams may take to finish
     max_message_bytes: int = 4 << 20  # larger gRPC requests get RESOURCE_EXHAUSTED
+    api_keys: tuple[str, ...] = field(default=(), repr=False)  # empty: no API key needed; else one of these
+    tls_cert: bytes | None = None  # PEM certificate chain; with tls_key, serve over TLS
+    tls_key: bytes | None = field(default=None, repr=False)  # PEM private key
 
     def __post_init__(self) -> None:
         for name in ("num_replicas", "tensor_parallel_size", "max_queued_per_replica", "max_inflight_per_replica"):
@@ -41,6 +46,11 @@ class RouterConfig:
         for name in ("health_interval_s", "health_timeout_s", "stall_timeout_s", "drain_timeout_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
+        for i, key in enumerate(self.api_keys):  # never echo a key: errors show where it is, not what it is
+            if not key or not key.isascii() or not key.isprintable() or any(c.isspace() for c in key):
+                raise ValueError(f"api_keys[{i}] must be printable ASCII without spaces (as gRPC metadata carries it)")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key go together: give both or neither")
 
     @property
     def replica_names(self) -> list[str]:

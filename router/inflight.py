@@ -34,6 +34,7 @@ class InFlightRequest:
         self.num_cached_tokens: int | None = None  # from the first replica that admitted it
         self.replica: str | None = None
         self.attempt = 0  # bumped on every (re)submission: each attempt has its own engine request id
+        self.num_failovers = 0
         self.done = False
         self.arrived_at = time.monotonic()
         self.first_token_at: float | None = None

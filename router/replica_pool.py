@@ -311,10 +311,19 @@ class ReplicaPool:
         asyncio.create_task(self._restart(slot), name=f"{slot.name}-restart")
 
     def _fail_over(self, requests: list[InFlightRequest], exclude: frozenset[str]) -> None:
+        limit = self.config.max_failovers_per_request
         for request in requests:
-            if not request.done:
-                self.metrics.failovers.inc()
-                asyncio.create_task(self._resubmit(request, exclude))
+            if request.done:
+                continue
+            request.num_failovers += 1
+            if request.num_failovers > limit:
+                log.warning("request %s: its replica failed %d times; not moving it again", request.request_id,
+                            request.num_failovers)
+                request.fail(grpc.StatusCode.UNAVAILABLE, f"the replicas serving this request failed "
+                             f"{request.num_failovers} times (max_failovers_per_request={limit})")
+                continue
+            self.metrics.failovers.inc()
+            asyncio.create_task(self._resubmit(request, exclude))
 
     async def _resubmit(self, request: InFlightRequest, exclude: frozenset[str]) -> None:
         try:

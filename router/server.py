@@ -14,16 +14,20 @@ from grpc_reflection.v1alpha import reflection
 
 from engine.qwen_tokenizer import cached_qwen_tokenizer_dir
 from engine.tokenizer import Tokenizer
-from proto import nanoserve_pb2, nanoserve_pb2_grpc
+from proto import nanoserve_pb2 as pb
+from router.auth import ApiKeyInterceptor
 from router.config import RouterConfig
 from router.metrics import RouterMetrics
 from router.policies import make_policy
 from router.replica_pool import ReplicaPool
 from router.service import NanoServeService
+from router.validation import request_parser
 
 log = logging.getLogger(__name__)
 
-SERVICE_NAME = nanoserve_pb2.DESCRIPTOR.services_by_name["NanoServe"].full_name
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["NanoServe"].full_name
+HEALTH_SERVICE_NAME = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+OPEN_SERVICES = (HEALTH_SERVICE_NAME, reflection.SERVICE_NAME)  # no API key needed: load balancers and probes
 
 
 class Router:
@@ -47,23 +51,36 @@ class Router:
         tokenizer = Tokenizer.from_dir(Path(cfg.model) if cfg.model else cached_qwen_tokenizer_dir())
         model_name = Path(cfg.model).name if cfg.model else "tiny-random-qwen3 (random weights)"
         self.service = NanoServeService(self.pool, tokenizer, info, model_name)
-        self.server = grpc.aio.server(options=[
+        self.server = grpc.aio.server(interceptors=self._interceptors(), options=[
             ("grpc.max_receive_message_length", cfg.max_message_bytes),
             ("grpc.max_send_message_length", cfg.max_message_bytes),
         ])
-        nanoserve_pb2_grpc.add_NanoServeServicer_to_server(self.service, self.server)
+        handlers = nanoserve_handlers(self.service)
+        self.server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+        self.server.add_registered_method_handlers(SERVICE_NAME, handlers)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        reflection.enable_server_reflection(
-            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
-            self.server,
-        )
-        self.port = self.server.add_insecure_port(f"{cfg.host}:{cfg.port}")
+        reflection.enable_server_reflection((SERVICE_NAME, *OPEN_SERVICES), self.server)
+        self.port = self._add_port(self.server)
         self.pool.on_serving_changed = self._on_serving_changed
         await self.server.start()
         await self._set_health(bool(self.pool.serving()))
-        log.info("serving %s on %s:%d with %d replicas (policy %s)%s", model_name, cfg.host, self.port,
+        log.info("serving %s on %s:%d (%s, %s) with %d replicas (policy %s)%s", model_name, cfg.host, self.port,
+                 "TLS" if cfg.tls_cert else "plaintext", "API keys required" if cfg.api_keys else "no API keys",
                  cfg.num_replicas, cfg.policy,
                  f"; metrics on :{cfg.metrics_port}/metrics" if cfg.metrics_port is not None else "")
+
+    def _interceptors(self) -> list[grpc.aio.ServerInterceptor]:
+        if not self.config.api_keys:
+            return []
+        refused = self.metrics.requests.labels(grpc.StatusCode.UNAUTHENTICATED.name)
+        return [ApiKeyInterceptor(self.config.api_keys, OPEN_SERVICES, on_refused=refused.inc)]
+
+    def _add_port(self, server: grpc.aio.Server) -> int:
+        cfg = self.config
+        address = f"{cfg.host}:{cfg.port}"
+        if cfg.tls_cert is None or cfg.tls_key is None:
+            return server.add_insecure_port(address)
+        return server.add_secure_port(address, grpc.ssl_server_credentials([(cfg.tls_key, cfg.tls_cert)]))
 
     def _on_serving_changed(self, serving: bool) -> None:
         asyncio.ensure_future(self._set_health(serving))
@@ -84,3 +101,22 @@ class Router:
             await self.server.stop(self.config.drain_timeout_s)
         await self.pool.close(kill_replicas)
         log.info("router stopped")
+
+
+def nanoserve_handlers(service: NanoServeService) -> dict[str, grpc.RpcMethodHandler]:
+    """NanoServe's method handlers, as `add_NanoServeServicer_to_server` makes them but with `request_parser`:
+    request bytes that do not parse get INVALID_ARGUMENT, where grpc's own parsing answers UNKNOWN."""
+    return {
+        "Generate": grpc.unary_stream_rpc_method_handler(
+            service.Generate, request_deserializer=request_parser(pb.GenerateRequest),
+            response_serializer=pb.GenerateResponse.SerializeToString),
+        "Complete": grpc.unary_unary_rpc_method_handler(
+            service.Complete, request_deserializer=request_parser(pb.GenerateRequest),
+            response_serializer=pb.CompleteResponse.SerializeToString),
+        "GetModelInfo": grpc.unary_unary_rpc_method_handler(
+            service.GetModelInfo, request_deserializer=request_parser(pb.GetModelInfoRequest),
+            response_serializer=pb.ModelInfo.SerializeToString),
+        "GetClusterStatus": grpc.unary_unary_rpc_method_handler(
+            service.GetClusterStatus, request_deserializer=request_parser(pb.GetClusterStatusRequest),
+            response_serializer=pb.ClusterStatus.SerializeToString),
+    }

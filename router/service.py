@@ -13,7 +13,7 @@ from proto import nanoserve_pb2 as pb
 from proto import nanoserve_pb2_grpc
 from router.inflight import Failure, InFlightRequest
 from router.replica_pool import PoolError, ReplicaPool
-from router.validation import InvalidRequest, RequestValidator
+from router.validation import InvalidRequest, RequestValidator, UndecodableRequest
 from worker.messages import EngineInfo
 
 log = logging.getLogger(__name__)
@@ -29,7 +29,7 @@ class NanoServeService(nanoserve_pb2_grpc.NanoServeServicer):
         self.draining = False
 
     async def Generate(  # noqa: N802 (gRPC method name)
-        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
+        self, request: pb.GenerateRequest | UndecodableRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.GenerateResponse]:
         inflight = await self._start(request, context)
         try:
@@ -49,7 +49,7 @@ class NanoServeService(nanoserve_pb2_grpc.NanoServeServicer):
                 log.info("request %s cancelled after %d tokens", inflight.request_id, len(inflight.output_token_ids))
 
     async def Complete(  # noqa: N802
-        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
+        self, request: pb.GenerateRequest | UndecodableRequest, context: grpc.aio.ServicerContext
     ) -> pb.CompleteResponse:
         response = pb.CompleteResponse()
         async for chunk in self.Generate(request, context):
@@ -63,8 +63,9 @@ class NanoServeService(nanoserve_pb2_grpc.NanoServeServicer):
         return response
 
     async def GetModelInfo(  # noqa: N802
-        self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext
+        self, request: pb.GetModelInfoRequest | UndecodableRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelInfo:
+        await self._refuse_undecodable(request, context)
         info = self.info
         return pb.ModelInfo(
             model_name=self.model_name, model_dir=info.model_dir, random_weights=info.random_weights,
@@ -74,8 +75,9 @@ class NanoServeService(nanoserve_pb2_grpc.NanoServeServicer):
         )
 
     async def GetClusterStatus(  # noqa: N802
-        self, request: pb.GetClusterStatusRequest, context: grpc.aio.ServicerContext
+        self, request: pb.GetClusterStatusRequest | UndecodableRequest, context: grpc.aio.ServicerContext
     ) -> pb.ClusterStatus:
+        await self._refuse_undecodable(request, context)
         status = pb.ClusterStatus(routing_policy=self.pool.policy.name)
         for slot in self.pool.slots:
             replica = status.replicas.add(name=slot.name, state=_STATES[slot.state],
@@ -88,7 +90,9 @@ class NanoServeService(nanoserve_pb2_grpc.NanoServeServicer):
                 replica.prefix_cache_hit_rate = engine.num_prefix_hit_tokens / max(1, engine.num_prompt_tokens)
         return status
 
-    async def _start(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> InFlightRequest:
+    async def _start(
+        self, request: pb.GenerateRequest | UndecodableRequest, context: grpc.aio.ServicerContext
+    ) -> InFlightRequest:
         """Validate and place the request, or end the RPC with the status that says why not."""
         if self.draining:
             await self._refuse(context, grpc.StatusCode.UNAVAILABLE, "the router is draining")
@@ -103,6 +107,10 @@ class NanoServeService(nanoserve_pb2_grpc.NanoServeServicer):
             await self._refuse(context, e.code, e.message)
         self.pool.metrics.tokens.labels("in").inc(len(prepared.prompt_token_ids))
         return inflight
+
+    async def _refuse_undecodable(self, request: object, context: grpc.aio.ServicerContext) -> None:
+        if isinstance(request, UndecodableRequest):
+            await self._refuse(context, grpc.StatusCode.INVALID_ARGUMENT, str(request.error()))
 
     async def _refuse(self, context: grpc.aio.ServicerContext, code: grpc.StatusCode, message: str) -> NoReturn:
         self._count(code)

@@ -8,7 +8,11 @@ from __future__ import annotations
 
 import random
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
+
+from google.protobuf.message import DecodeError, Message
 
 from engine.block_hash import hash_blocks
 from engine.sampling_params import SamplingParams
@@ -18,10 +22,36 @@ from worker.messages import EngineInfo
 
 MAX_REQUEST_ID_LEN = 256
 _SAMPLING_FIELDS = tuple(f.name for f in pb.SamplingParams.DESCRIPTOR.fields)
+M = TypeVar("M", bound=Message)
 
 
 class InvalidRequest(ValueError):
     """A request field is missing or out of range; the message names it."""
+
+
+@dataclass(frozen=True, slots=True)
+class UndecodableRequest:
+    """Request bytes that are not a valid `message_name` message (bad wire format, or invalid UTF-8 in a string)."""
+
+    message_name: str
+    reason: str
+
+    def error(self) -> InvalidRequest:
+        return InvalidRequest(f"request: not a valid {self.message_name} message ({self.reason})")
+
+
+def request_parser(message_type: type[M]) -> Callable[[bytes], M | UndecodableRequest]:
+    """A request deserializer for the server. grpc answers a deserializer's exception with UNKNOWN; this one
+    returns bad bytes as an UndecodableRequest instead, which the service refuses with INVALID_ARGUMENT."""
+    name = message_type.DESCRIPTOR.name
+
+    def parse(data: bytes) -> M | UndecodableRequest:
+        try:
+            return message_type.FromString(data)
+        except DecodeError as e:
+            return UndecodableRequest(name, str(e).rpartition(": ")[2] or "corrupt wire format")
+
+    return parse
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,7 +66,9 @@ class RequestValidator:
     def __init__(self, tokenizer: Tokenizer, info: EngineInfo) -> None:
         self.tokenizer, self.info = tokenizer, info
 
-    def prepare(self, request: pb.GenerateRequest) -> PreparedRequest:
+    def prepare(self, request: pb.GenerateRequest | UndecodableRequest) -> PreparedRequest:
+        if isinstance(request, UndecodableRequest):
+            raise request.error()
         request_id = request.request_id or uuid.uuid4().hex
         if len(request_id) > MAX_REQUEST_ID_LEN or not request_id.isprintable():
             raise InvalidRequest(f"request_id: at most {MAX_REQUEST_ID_LEN} printable characters")
@@ -81,9 +113,14 @@ class RequestValidator:
             given["stop_token_ids"] = tuple(given["stop_token_ids"])
         given.setdefault("seed", random.getrandbits(63))
         try:
-            return SamplingParams.from_kwargs(**given)
+            params = SamplingParams.from_kwargs(**given)
         except ValueError as e:
             raise InvalidRequest(f"params.{e}") from None
+        for i, t in enumerate(params.stop_token_ids):  # the engine bans them by index until min_tokens
+            if t >= self.info.vocab_size:
+                raise InvalidRequest(
+                    f"params.stop_token_ids[{i}]: {t} is outside the vocabulary [0, {self.info.vocab_size})")
+        return params
 
 
 def _is_set(message: pb.SamplingParams, name: str) -> bool:
