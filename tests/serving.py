@@ -4,6 +4,7 @@ replicas of a tiny model. Packages that use it import its fixtures into their co
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
 import uuid
@@ -78,9 +79,10 @@ def model_dir(tiny_checkpoint: Callable[..., Path]) -> Path:
     return tiny_checkpoint("tied-gqa2-hd16", vocab_size=VOCAB)
 
 
-@pytest.fixture(scope="package")
-def start_router(ray_cluster: None, model_dir: Path) -> Iterator[Callable[..., RouterThread]]:
-    """Factory: start_router(num_replicas=2, policy="prefix", **config) -> a running router; all stopped at the end."""
+@contextlib.contextmanager
+def _router_factory(model_dir: Path) -> Iterator[Callable[..., RouterThread]]:
+    """start(num_replicas=2, policy="prefix", **config) -> a running router; all stopped on exit, so their
+    replicas (a CPU and ~0.5 GB each) do not pile up across tests."""
     routers: list[RouterThread] = []
 
     def start(num_replicas: int = 2, policy: str = "prefix", **overrides: Any) -> RouterThread:
@@ -93,9 +95,25 @@ def start_router(ray_cluster: None, model_dir: Path) -> Iterator[Callable[..., R
         routers.append(RouterThread(config))
         return routers[-1]
 
-    yield start
-    for router in routers:
-        router.stop()
+    try:
+        yield start
+    finally:
+        for router in routers:
+            router.stop()
+
+
+@pytest.fixture
+def start_router(ray_cluster: None, model_dir: Path) -> Iterator[Callable[..., RouterThread]]:
+    """Routers for one test, stopped when it ends."""
+    with _router_factory(model_dir) as start:
+        yield start
+
+
+@pytest.fixture(scope="module")
+def start_module_router(ray_cluster: None, model_dir: Path) -> Iterator[Callable[..., RouterThread]]:
+    """Routers shared by a module's tests, stopped when the module ends."""
+    with _router_factory(model_dir) as start:
+        yield start
 
 
 def greedy(max_tokens: int, **params: Any) -> dict[str, Any]:

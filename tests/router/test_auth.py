@@ -23,8 +23,8 @@ WRONG_KEY = "not-a-key-7f3a"
 
 
 @pytest.fixture(scope="module")
-def router(start_router: Callable[..., RouterThread]) -> RouterThread:
-    return start_router(num_replicas=1, api_keys=KEYS)
+def router(start_module_router: Callable[..., RouterThread]) -> RouterThread:
+    return start_module_router(num_replicas=1, api_keys=KEYS)
 
 
 def every_call(client: Client) -> dict[str, Callable[[], object]]:

@@ -34,8 +34,8 @@ FLOAT_EDGES = [0.0, -0.0, 1.0, 0.5, 5e-324, -1.0, 2.0, 1e308, math.nan, math.inf
 
 
 @pytest.fixture(scope="module")
-def router(start_router: Callable[..., RouterThread]) -> RouterThread:
-    return start_router(num_replicas=1, max_message_bytes=MAX_MESSAGE_BYTES)
+def router(start_module_router: Callable[..., RouterThread]) -> RouterThread:
+    return start_module_router(num_replicas=1, max_message_bytes=MAX_MESSAGE_BYTES)
 
 
 @pytest.fixture(scope="module")

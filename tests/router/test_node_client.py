@@ -64,11 +64,11 @@ def node_modules() -> Path:
 
 
 @pytest.fixture(scope="module")
-def router_address(start_router: Callable[..., RouterThread]) -> str:
+def router_address(start_module_router: Callable[..., RouterThread]) -> str:
     """A real router with one replica of the embedded model (the real Qwen vocabulary, so text prompts work)."""
     from engine.default_model import default_model_dir
 
-    return start_router(num_replicas=1, model=str(default_model_dir())).address
+    return start_module_router(num_replicas=1, model=str(default_model_dir())).address
 
 
 def run_node_client(node_modules: Path, *args: str) -> subprocess.CompletedProcess[str]:

@@ -34,8 +34,8 @@ def collect(client: Client, token_ids: list[int], **params: Any) -> tuple[list[i
 
 
 @pytest.fixture(scope="module")
-def router(start_router: Callable[..., RouterThread]) -> RouterThread:
-    return start_router(num_replicas=2)
+def router(start_module_router: Callable[..., RouterThread]) -> RouterThread:
+    return start_module_router(num_replicas=2)
 
 
 @pytest.fixture(scope="module")
