@@ -53,7 +53,6 @@ class Router:
         self.service = NanoServeService(self.pool, tokenizer, info, model_name)
         self.server = grpc.aio.server(interceptors=self._interceptors(), options=[
             ("grpc.max_receive_message_length", cfg.max_message_bytes),
-            ("grpc.max_send_message_length", cfg.max_message_bytes),
         ])
         handlers = nanoserve_handlers(self.service)
         self.server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
