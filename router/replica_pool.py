@@ -261,15 +261,20 @@ class ReplicaPool:
     async def _watch_health(self, slot: ReplicaSlot, actor: ActorHandle) -> None:
         """Progress-based health: a replica that does not answer, failed, or has work but stopped stepping is down."""
         cfg = self.config
+        stats: asyncio.Task[None] | None = None
         while slot.actor is actor and slot.state != "down":
             await asyncio.sleep(cfg.health_interval_s)
             reason = await self._health_problem(actor)
             if reason is not None:
                 self._mark_down(slot, reason)
                 return
-            with contextlib.suppress(RayError, asyncio.TimeoutError):
-                slot.stats = await asyncio.wait_for(actor.stats.remote(), cfg.health_timeout_s)
-                self._publish_stats(slot)
+            if stats is None or stats.done():  # stats wait for a step: never let them hold up health checks
+                stats = asyncio.create_task(self._refresh_stats(slot, actor))
+
+    async def _refresh_stats(self, slot: ReplicaSlot, actor: ActorHandle) -> None:
+        with contextlib.suppress(RayError):
+            slot.stats = await actor.stats.remote()
+            self._publish_stats(slot)
 
     async def _health_problem(self, actor: ActorHandle) -> str | None:
         cfg = self.config
