@@ -27,7 +27,7 @@ visible GPU (Ray leaves CUDA_VISIBLE_DEVICES alone for actors without GPUs):
 
 (The engine sizes its KV cache as gpu_memory_utilization x total - memory in use, and "in use"
 includes the other replicas' memory, so on a shared GPU give `--num-kv-blocks`: 6,000 blocks of 16
-tokens is 10.5 GiB per replica at Qwen3-0.6B's 112 KiB per token.)
+tokens is 10.3 GiB per replica at Qwen3-0.6B's 112 KiB per token.)
 """
 
 from __future__ import annotations

@@ -110,10 +110,16 @@ class RouterProcess:
         raise RuntimeError(f"the router did not start within {timeout_s:.0f} s; see {self._log.name}")
 
     def cpu_seconds(self) -> float:
-        """User + system CPU time of the router process, all threads (fields 14 and 15 of /proc/<pid>/stat)."""
-        stat = Path(f"/proc/{self.process.pid}/stat").read_text()
-        fields = stat.rsplit(")", 1)[1].split()  # after "pid (comm)"; fields[0] is field 3
-        return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS_PER_S
+        """User + system CPU time of the router process, all threads."""
+        return stat_cpu_seconds(Path(f"/proc/{self.process.pid}/stat"))
+
+    def cpu_seconds_by_thread(self) -> dict[str, float]:
+        """CPU time of the router's threads, summed by thread name (the main one runs the asyncio loop)."""
+        by_name: dict[str, float] = {}
+        for task in Path(f"/proc/{self.process.pid}/task").iterdir():
+            name = "main (asyncio loop)" if task.name == str(self.process.pid) else (task / "comm").read_text().strip()
+            by_name[name] = by_name.get(name, 0.0) + stat_cpu_seconds(task / "stat")
+        return by_name
 
     def stop(self) -> None:
         """SIGTERM (drain, then kill the replicas) and wait until the replica's name is free."""
@@ -125,6 +131,12 @@ class RouterProcess:
                 self.process.kill()
         self._log.close()
         wait_until_gone(ROUTER_REPLICA_NAME)
+
+
+def stat_cpu_seconds(stat_path: Path) -> float:
+    """User + system CPU seconds from a /proc stat file (fields 14 and 15)."""
+    fields = stat_path.read_text().rsplit(")", 1)[1].split()  # after "pid (comm)"; fields[0] is field 3
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS_PER_S
 
 
 def wait_until_gone(name: str, timeout_s: float = 60.0) -> None:
@@ -277,9 +289,9 @@ def measure_added_latency(config: OverheadConfig) -> dict[str, Any]:
 class SleepingFixedTokenRunner:
     """Stands in for ModelRunner: sleeps `step_s` (a GPU step, no CPU used) and samples fixed tokens."""
 
-    def __init__(self, step_s: float, max_batch: int) -> None:
+    def __init__(self, step_s: float, max_batch: int, token_ids: list[int]) -> None:
         self._step_s = step_s
-        self._samples = [(100 + i % 800, None) for i in range(max_batch)]  # ordinary Qwen3 tokens
+        self._samples = [(token_ids[i % len(token_ids)], None) for i in range(max_batch)]
 
     def run(self, batch: object) -> list[tuple[int, None]]:
         time.sleep(self._step_s)
@@ -291,8 +303,14 @@ class ModelFreeReplica(Replica):
 
     def __init__(self, name: str, model: str, engine_kwargs: dict[str, Any], step_s: float) -> None:
         super().__init__(name, model, engine_kwargs, max_queued_requests=engine_kwargs["max_num_seqs"] + 16)
-        runner = SleepingFixedTokenRunner(step_s, engine_kwargs["max_num_seqs"])
-        self._loop.call(lambda engine: setattr(engine, "model_runner", runner))
+        self._loop.call(lambda engine: self._replace_model(engine, step_s, engine_kwargs["max_num_seqs"]))
+
+    @staticmethod
+    def _replace_model(engine: Any, step_s: float, max_batch: int) -> None:
+        # Tokens that decode to whole characters: a lone UTF-8 byte token (~15% of ids below 1000)
+        # repeated forever would keep the router's detokenizer from ever advancing its window.
+        whole = [i for i in range(1000, 2000) if "\ufffd" not in engine.tokenizer.decode([i])]
+        engine.model_runner = SleepingFixedTokenRunner(step_s, max_batch, whole)
 
 
 def start_model_free_replica(config: OverheadConfig) -> ActorHandle:
@@ -333,11 +351,14 @@ def measure_streaming(config: OverheadConfig) -> dict[str, Any]:
     router = RouterProcess(config, config.out_dir / "router_streaming.log")
     try:
         cpu0, busy0, client0 = router.cpu_seconds(), machine_busy_ticks(), time.process_time()
+        threads0 = router.cpu_seconds_by_thread()
         counts = asyncio.run(stream_many(router.address, config))
         cpu1, busy1, client1 = router.cpu_seconds(), machine_busy_ticks(), time.process_time()
+        threads1 = router.cpu_seconds_by_thread()
     finally:
         router.stop()
     seconds, router_cpu_s = counts["seconds"], cpu1 - cpu0
+    by_thread = {name: cpu - threads0.get(name, 0.0) for name, cpu in threads1.items()}
     return {
         **counts,
         "offered_tokens_per_s": config.num_streams * 1e3 / config.step_ms,
@@ -350,6 +371,7 @@ def measure_streaming(config: OverheadConfig) -> dict[str, Any]:
         "router_cpu_us_per_chunk": 1e6 * router_cpu_s / max(1, counts["chunks"]),
         "client_core_share": (client1 - client0) / seconds,
         "machine_busy_share": (busy1[0] - busy0[0]) / max(1, busy1[1] - busy0[1]),
+        "router_cpu_s_by_thread": dict(sorted(by_thread.items(), key=lambda item: -item[1])),
     }
 
 
@@ -383,3 +405,5 @@ def print_streaming(s: dict[str, Any], config: OverheadConfig) -> None:
     print(f"    router CPU {s['router_core_share']:.0%} of a core ({s['router_cpu_us_per_chunk']:.0f} µs per chunk) "
           f"-> {s['tokens_per_router_cpu_s']:,.0f} tokens per router CPU-second; client {s['client_core_share']:.0%}"
           f" of a core; machine {s['machine_busy_share']:.0%} busy")
+    threads = ", ".join(f"{name} {cpu:.1f}" for name, cpu in s["router_cpu_s_by_thread"].items() if cpu >= 0.05)
+    print(f"    router CPU seconds by thread: {threads}")
