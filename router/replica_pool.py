@@ -217,9 +217,9 @@ class ReplicaPool:
                     self._recover_lost_deltas(slot)
                 slot.next_seq = batch.seq + 1
                 self._deliver(slot, batch)
-        except (RayError, asyncio.CancelledError) as e:
+        except (Exception, asyncio.CancelledError) as e:  # any failure of the stream takes the replica down
             if not subscribed.done():
-                subscribed.set_exception(e if isinstance(e, RayError) else RuntimeError("cancelled"))
+                subscribed.set_exception(e if isinstance(e, Exception) else RuntimeError("event stream cancelled"))
             if isinstance(e, asyncio.CancelledError):
                 raise
             self._mark_down(slot, f"event stream broke: {e.__class__.__name__}")
