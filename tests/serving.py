@@ -13,6 +13,7 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, TypeVar
 
+import grpc
 import pytest
 import ray
 
@@ -119,3 +120,19 @@ def start_module_router(ray_cluster: None, model_dir: Path) -> Iterator[Callable
 def greedy(max_tokens: int, **params: Any) -> dict[str, Any]:
     """Sampling kwargs of a greedy request that runs to max_tokens."""
     return dict(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, **params)
+
+
+def served_services(address: str) -> set[str]:
+    """Check grpc.health.v1 says SERVING (overall and for NanoServe) with no credentials; return the
+    service names server reflection lists."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    with grpc.insecure_channel(address) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        for service in ("", "nanoserve.v1.NanoServe"):
+            response = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=10)
+            assert response.status == health_pb2.HealthCheckResponse.SERVING
+        reflect = reflection_pb2_grpc.ServerReflectionStub(channel)
+        [answer] = list(reflect.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")])))
+        return {s.name for s in answer.list_services_response.service}

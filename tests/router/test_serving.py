@@ -12,13 +12,11 @@ from typing import Any
 import grpc
 import pytest
 import ray
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from engine import LLMEngine, SamplingParams
 from proto import nanoserve_pb2 as pb
 from router.client import Client
-from tests.serving import ENGINE_KWARGS, VOCAB, RouterThread, greedy
+from tests.serving import ENGINE_KWARGS, VOCAB, RouterThread, greedy, served_services
 from worker import get_replica
 
 
@@ -182,15 +180,8 @@ def test_bad_input_is_invalid_argument_naming_the_field(
 
 
 def test_health_reflection_and_model_info(router: RouterThread) -> None:
-    with grpc.insecure_channel(router.address) as channel:
-        health = health_pb2_grpc.HealthStub(channel)
-        for service in ("", "nanoserve.v1.NanoServe"):
-            response = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=10)
-            assert response.status == health_pb2.HealthCheckResponse.SERVING
-        reflect = reflection_pb2_grpc.ServerReflectionStub(channel)
-        [answer] = list(reflect.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")])))
-        names = {s.name for s in answer.list_services_response.service}
-        assert {"nanoserve.v1.NanoServe", "grpc.health.v1.Health"} <= names
+    names = served_services(router.address)
+    assert {"nanoserve.v1.NanoServe", "grpc.health.v1.Health"} <= names
     with router.client() as client:
         info = client.model_info(timeout=10)
         assert (info.vocab_size, info.block_size, info.max_model_len) == (VOCAB, 16, 512)
