@@ -179,8 +179,10 @@ def _resolve_max_model_len(max_model_len: int | None, model_config: ModelConfig)
 
 
 def _resolve_device(device: str) -> torch.device:
+    """The device named, with its GPU index made explicit ("cuda" -> "cuda:<current>"): tensor-parallel
+    ranks count their GPUs from it and torch.cuda.set_device refuses an index-less device."""
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         resolved = torch.device(device)
     except (RuntimeError, TypeError) as e:
@@ -189,6 +191,8 @@ def _resolve_device(device: str) -> torch.device:
         raise ValueError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {device!r}")
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device={device!r} but CUDA is not available on this machine")
+    if resolved.type == "cuda" and resolved.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
     return resolved
 
 
