@@ -9,9 +9,10 @@ from pathlib import Path
 
 import torch
 
+from engine.architectures import find_architecture
+
 log = logging.getLogger(__name__)
 
-SUPPORTED_ARCHITECTURES = ("Qwen3ForCausalLM",)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # KV cache size on CPU when num_kv_blocks is not given (GPU sizes it from free memory).
 CPU_KV_CACHE_BYTES = 1 << 30
@@ -19,7 +20,9 @@ CPU_KV_CACHE_BYTES = 1 << 30
 
 @dataclass(frozen=True, slots=True)
 class ModelConfig:
-    """The Qwen3 architecture facts the engine needs, read once from config.json."""
+    """The architecture facts the engine needs (Qwen2, Qwen2.5 or Qwen3), read once from config.json."""
+
+    architecture: str  # a key of engine.architectures.SUPPORTED_ARCHITECTURES
 
     vocab_size: int
     hidden_size: int
@@ -32,7 +35,10 @@ class ModelConfig:
     rope_theta: float
     max_position_embeddings: int
     tie_word_embeddings: bool
-    attention_bias: bool
+    qk_norm: bool  # per-head RMSNorm of q and k before rotary (Qwen3)
+    qkv_bias: bool  # bias on the q/k/v projections (Qwen2)
+    o_proj_bias: bool
+    sliding_window: int | None  # window of the layers that slide; None: every layer attends to the whole sequence
     checkpoint_dtype: str
     eos_token_ids: tuple[int, ...]
 
@@ -42,15 +48,12 @@ class ModelConfig:
         if not path.is_file():
             raise ValueError(f"model: {model_dir} has no config.json (expected a Hugging Face checkpoint dir)")
         cfg = json.loads(path.read_text())
-        archs = cfg.get("architectures") or []
-        if not any(a in SUPPORTED_ARCHITECTURES for a in archs) and cfg.get("model_type") != "qwen3":
-            raise ValueError(
-                f"model: unsupported architecture {archs or cfg.get('model_type')!r}; "
-                f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
-            )
+        name, arch = find_architecture(cfg)
+        attention_bias = bool(cfg.get("attention_bias", False))
         eos = cfg.get("eos_token_id")
         num_heads = cfg["num_attention_heads"]
         return cls(
+            architecture=name,
             vocab_size=cfg["vocab_size"],
             hidden_size=cfg["hidden_size"],
             intermediate_size=cfg["intermediate_size"],
@@ -62,10 +65,34 @@ class ModelConfig:
             rope_theta=_rope_theta(cfg),
             max_position_embeddings=cfg.get("max_position_embeddings", 32768),
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-            attention_bias=bool(cfg.get("attention_bias", False)),
+            qk_norm=arch.qk_norm,
+            qkv_bias=attention_bias if arch.qkv_bias is None else arch.qkv_bias,
+            o_proj_bias=attention_bias if arch.o_proj_bias is None else arch.o_proj_bias,
+            sliding_window=_sliding_window(cfg),
             checkpoint_dtype=str(cfg.get("dtype") or cfg.get("torch_dtype") or "float32"),
             eos_token_ids=tuple(eos if isinstance(eos, list) else [] if eos is None else [eos]),
         )
+
+
+def _sliding_window(cfg: dict) -> int | None:
+    """The attention window when config.json makes any layer slide (as Hugging Face reads it), else None.
+
+    Sliding applies only with use_sliding_window on; then the layers listed as "sliding_attention" in
+    layer_types slide, or, without layer_types, those from max_window_layers on.
+    """
+    window = cfg.get("sliding_window")
+    if not cfg.get("use_sliding_window") or window is None:
+        return None
+    num_layers = cfg["num_hidden_layers"]
+    layer_types = cfg.get("layer_types")
+    if layer_types is not None:
+        slides = "sliding_attention" in layer_types
+    else:
+        slides = cfg.get("max_window_layers", 28) < num_layers  # 28: transformers' default
+    if not slides:
+        return None
+    _positive_int("config.json sliding_window", window)
+    return int(window)
 
 
 def _rope_theta(cfg: dict) -> float:
@@ -169,12 +196,25 @@ def _check_tensor_parallel_size(tp_size: int, model_config: ModelConfig, device:
 
 
 def _resolve_max_model_len(max_model_len: int | None, model_config: ModelConfig) -> int:
+    """The context length: the model's by default. A sliding-window model is served with full attention,
+    which computes exactly the same as long as no sequence outgrows the window, so the window caps it."""
     limit = model_config.max_position_embeddings
+    window = model_config.sliding_window
     if max_model_len is None:
+        if window is not None and window < limit:
+            log.warning("the model enables sliding-window attention (window %d tokens), which the engine serves "
+                        "as full attention: max_model_len defaults to %d instead of %d", window, window, limit)
+            return window
         return limit
     _positive_int("max_model_len", max_model_len)
     if max_model_len > limit:
         raise ValueError(f"max_model_len={max_model_len} exceeds the model's max_position_embeddings={limit}")
+    if window is not None and max_model_len > window:
+        raise ValueError(
+            f"max_model_len={max_model_len} exceeds the model's sliding_window={window}: the engine has no "
+            "sliding-window attention (it matches full attention only within the window); use max_model_len <= "
+            f"{window}"
+        )
     return max_model_len
 
 
