@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from engine.architectures import find_architecture
+from engine.hub import resolve_model_dir
 
 log = logging.getLogger(__name__)
 
@@ -137,10 +138,10 @@ class EngineConfig:
         dtype: str = "auto",
         device: str = "auto",
     ) -> EngineConfig:
-        """Validate the user's arguments (ValueError naming the field) and resolve the defaults."""
-        model_dir = Path(model)
-        if not model_dir.is_dir():
-            raise ValueError(f"model: {str(model)!r} is not a directory holding a Hugging Face checkpoint")
+        """Validate the user's arguments (ValueError naming the field) and resolve the defaults.
+
+        `model` is a checkpoint directory or a Hugging Face model id (see engine/hub.py).
+        """
         _positive_int("tensor_parallel_size", tensor_parallel_size)
         _positive_int("max_num_batched_tokens", max_num_batched_tokens)
         _positive_int("max_num_seqs", max_num_seqs)
@@ -155,6 +156,7 @@ class EngineConfig:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization}")
         if not isinstance(enforce_eager, bool):
             raise ValueError(f"enforce_eager must be a bool, got {enforce_eager!r}")
+        model_dir = resolve_model_dir(model)  # after the checks above: it may download the model
         model_config = ModelConfig.from_dir(model_dir)
         resolved_device = _resolve_device(device)
         _check_tensor_parallel_size(tensor_parallel_size, model_config, resolved_device)
