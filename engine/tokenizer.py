@@ -165,7 +165,7 @@ class Tokenizer:
     def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
         """Render chat `messages` into the prompt text, ending with the assistant header if asked."""
         if self._chat_template is None:
-            raise ValueError("messages: this tokenizer has no chat template")
+            raise ValueError("messages: the model has no chat template (its checkpoint ships none); send text instead")
         validate_messages(messages)
         return self._chat_template.render(
             messages=messages,
