@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import logging
 import signal
+import sys
 from pathlib import Path
 
 from router.config import RouterConfig
@@ -24,8 +25,10 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--replicas", type=int, default=1, help="engine replicas to run (Ray actors)")
-    p.add_argument("--model", help="Hugging Face Qwen3 checkpoint directory; without it, the embedded tiny "
-                   "Qwen3 with RANDOM weights (gibberish text, for trying things out)")
+    p.add_argument("--model", help="Hugging Face model id (e.g. Qwen/Qwen3-0.6B: each node finds it in its Hugging "
+                   "Face cache, honouring HF_HOME and HF_HUB_OFFLINE, or downloads it when the hub is reachable) or "
+                   "checkpoint directory; without it, the embedded tiny Qwen3 with RANDOM weights (gibberish "
+                   "text, for trying things out)")
     p.add_argument("--tensor-parallel-size", type=int, default=1, help="GPUs per replica (one engine over them)")
     p.add_argument("--policy", choices=POLICY_NAMES, default="prefix",
                    help="prefix: the replica holding the longest cached prompt prefix unless loads are too "
@@ -124,7 +127,12 @@ async def serve(config: RouterConfig) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    asyncio.run(serve(parse_args(argv)))
+    config = parse_args(argv)
+    try:
+        asyncio.run(serve(config))
+    except ValueError as e:  # found at start, e.g. a model that is neither a directory nor a findable id
+        log.error("%s", e)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

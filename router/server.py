@@ -12,6 +12,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
+from engine.hub import TOKENIZER_FILES, resolve_model_dir
 from engine.qwen_tokenizer import cached_qwen_tokenizer_dir
 from engine.tokenizer import Tokenizer
 from proto import nanoserve_pb2 as pb
@@ -42,14 +43,15 @@ class Router:
 
     async def start(self) -> None:
         cfg = self.config
+        # First: a model that cannot be found fails here, before replicas start loading it.
+        tokenizer = await asyncio.to_thread(load_tokenizer, cfg.model)
         if not ray.is_initialized():
             ray.init(address=cfg.ray_address, namespace=cfg.namespace, include_dashboard=False,
                      logging_level=logging.WARNING)
         if cfg.metrics_port is not None:
             self.metrics.serve(cfg.metrics_port)
         info = await self.pool.start()
-        tokenizer = Tokenizer.from_dir(Path(cfg.model) if cfg.model else cached_qwen_tokenizer_dir())
-        model_name = Path(cfg.model).name if cfg.model else "tiny-random-qwen3 (random weights)"
+        model_name = model_display_name(cfg.model)
         self.service = NanoServeService(self.pool, tokenizer, info, model_name)
         self.server = grpc.aio.server(interceptors=self._interceptors(), options=[
             ("grpc.max_receive_message_length", cfg.max_message_bytes),
@@ -100,6 +102,19 @@ class Router:
             await self.server.stop(self.config.drain_timeout_s)
         await self.pool.close(kill_replicas)
         log.info("router stopped")
+
+
+def load_tokenizer(model: str | None) -> Tokenizer:
+    """The tokenizer of `model` (a checkpoint directory or a Hugging Face model id, whose tokenizer files
+    alone are fetched), or of the embedded tiny model when None."""
+    return Tokenizer.from_dir(resolve_model_dir(model, TOKENIZER_FILES) if model else cached_qwen_tokenizer_dir())
+
+
+def model_display_name(model: str | None) -> str:
+    """A checkpoint directory's name, or the Hugging Face model id as given."""
+    if model is None:
+        return "tiny-random-qwen3 (random weights)"
+    return Path(model).name if Path(model).expanduser().is_dir() else model
 
 
 def nanoserve_handlers(service: NanoServeService) -> dict[str, grpc.RpcMethodHandler]:

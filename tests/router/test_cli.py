@@ -1,4 +1,5 @@
-"""`python -m router` as users run it: a subprocess with its own local Ray, serving the embedded model."""
+"""`python -m router` as users run it: a subprocess with its own local Ray, serving the embedded model or a
+model id from the Hugging Face cache."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -14,6 +16,7 @@ import pytest
 from engine import LLMEngine, SamplingParams
 from engine.default_model import default_model_dir
 from router.client import Client
+from tests.hub_cache import write_hub_cache
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -60,6 +63,40 @@ def test_serves_the_offline_engines_output_and_drains_on_sigterm(tmp_path: Path)
             router.send_signal(signal.SIGTERM)  # the stream in flight still finishes
             time.sleep(0.5)
             assert len([t for c in stream for t in c.token_ids]) + 1 >= 200
+        assert router.wait(timeout=60) == 0
+    finally:
+        if router.poll() is None:
+            router.kill()
+
+
+@pytest.mark.slow
+def test_serves_a_qwen2_model_id_from_the_hugging_face_cache(
+    tiny_checkpoint: Callable[..., Path], tmp_path: Path
+) -> None:
+    """The router (tokenizer) and its replica (weights) both find the id through HF_HOME, offline."""
+    checkpoint = tiny_checkpoint("qwen2.5-tied-gqa4", vocab_size=151936)
+    write_hub_cache(tmp_path / "hf" / "hub", "nanoserve-test/tiny-qwen2.5", checkpoint)
+    prompt, params = "Hello, how are you?", dict(temperature=0.0, max_tokens=8, ignore_eos=True)
+    expected = LLMEngine(checkpoint, device="cpu", max_model_len=256).generate(prompt, SamplingParams(**params),
+                                                                               use_tqdm=False)
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE")}
+    env.update(HF_HOME=str(tmp_path / "hf"), HF_HUB_OFFLINE="1", RAY_DEDUP_LOGS="0")
+    argv = [sys.executable, "-m", "router", "--replicas", "1", "--port", "0", "--metrics-port", "-1",
+            "--device", "cpu", "--max-model-len", "256"]
+    missing = subprocess.run([*argv, "--model", "nanoserve-test/not-cached"], cwd=ROOT, capture_output=True,
+                             text=True, env=env, timeout=120)
+    assert missing.returncode == 2 and "HF_HUB_OFFLINE is set" in missing.stderr, missing.stderr
+    router = subprocess.Popen([*argv, "--model", "nanoserve-test/tiny-qwen2.5"], cwd=ROOT, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
+    try:
+        assert router.stdout is not None
+        line = router.stdout.readline()
+        assert "listening on" in line, router.stderr.read() if router.poll() is not None else line
+        with Client("127.0.0.1:" + line.rsplit(":", 1)[1].strip()) as client:
+            assert client.model_info(timeout=30).model_name == "nanoserve-test/tiny-qwen2.5"
+            chunks = list(client.generate(prompt, timeout=60, **params))
+        assert [t for c in chunks for t in c.token_ids] == expected["token_ids"]  # type: ignore[index]
+        router.send_signal(signal.SIGTERM)
         assert router.wait(timeout=60) == 0
     finally:
         if router.poll() is None:
