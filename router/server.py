@@ -39,6 +39,7 @@ class Router:
         self.service: NanoServeService | None = None
         self.server: grpc.aio.Server | None = None
         self.port: int | None = None
+        self.metrics_port: int | None = None
 
     async def start(self) -> None:
         cfg = self.config
@@ -46,7 +47,7 @@ class Router:
             ray.init(address=cfg.ray_address, namespace=cfg.namespace, include_dashboard=False,
                      logging_level=logging.WARNING)
         if cfg.metrics_port is not None:
-            self.metrics.serve(cfg.metrics_port)
+            self.metrics_port = self.metrics.serve(cfg.metrics_port, cfg.host)
         info = await self.pool.start()
         tokenizer = Tokenizer.from_dir(Path(cfg.model) if cfg.model else cached_qwen_tokenizer_dir())
         model_name = Path(cfg.model).name if cfg.model else "tiny-random-qwen3 (random weights)"
@@ -66,7 +67,7 @@ class Router:
         log.info("serving %s on %s:%d (%s, %s) with %d replicas (policy %s)%s", model_name, cfg.host, self.port,
                  "TLS" if cfg.tls_cert else "plaintext", "API keys required" if cfg.api_keys else "no API keys",
                  cfg.num_replicas, cfg.policy,
-                 f"; metrics on :{cfg.metrics_port}/metrics" if cfg.metrics_port is not None else "")
+                 f"; metrics on :{self.metrics_port}/metrics" if self.metrics_port is not None else "")
 
     def _interceptors(self) -> list[grpc.aio.ServerInterceptor]:
         if not self.config.api_keys:
@@ -99,6 +100,7 @@ class Router:
             log.info("draining: waiting up to %.0f s for in-flight streams", self.config.drain_timeout_s)
             await self.server.stop(self.config.drain_timeout_s)
         await self.pool.close(kill_replicas)
+        self.metrics.close()
         log.info("router stopped")
 
 
