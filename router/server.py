@@ -15,8 +15,9 @@ from grpc_reflection.v1alpha import reflection
 from engine.qwen_tokenizer import cached_qwen_tokenizer_dir
 from engine.tokenizer import Tokenizer
 from proto import nanoserve_pb2 as pb
-from router.auth import ApiKeyInterceptor
+from router.auth import ApiKeyInterceptor, ApiKeys
 from router.config import RouterConfig
+from router.core import ServingCore
 from router.metrics import RouterMetrics
 from router.policies import make_policy
 from router.replica_pool import ReplicaPool
@@ -36,7 +37,8 @@ class Router:
         self.metrics = RouterMetrics()
         self.pool = ReplicaPool(config, make_policy(config.policy), self.metrics)
         self.health = health_aio.HealthServicer()
-        self.service: NanoServeService | None = None
+        self.api_keys = ApiKeys(config.api_keys) if config.api_keys else None
+        self.core: ServingCore | None = None
         self.server: grpc.aio.Server | None = None
         self.port: int | None = None
         self.metrics_port: int | None = None
@@ -51,11 +53,11 @@ class Router:
         info = await self.pool.start()
         tokenizer = Tokenizer.from_dir(Path(cfg.model) if cfg.model else cached_qwen_tokenizer_dir())
         model_name = Path(cfg.model).name if cfg.model else "tiny-random-qwen3 (random weights)"
-        self.service = NanoServeService(self.pool, tokenizer, info, model_name)
+        self.core = ServingCore(self.pool, tokenizer, info, model_name)
         self.server = grpc.aio.server(interceptors=self._interceptors(), options=[
             ("grpc.max_receive_message_length", cfg.max_message_bytes),
         ])
-        handlers = nanoserve_handlers(self.service)
+        handlers = nanoserve_handlers(NanoServeService(self.core))
         self.server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
         self.server.add_registered_method_handlers(SERVICE_NAME, handlers)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
@@ -70,10 +72,10 @@ class Router:
                  f"; metrics on :{self.metrics_port}/metrics" if self.metrics_port is not None else "")
 
     def _interceptors(self) -> list[grpc.aio.ServerInterceptor]:
-        if not self.config.api_keys:
+        if self.api_keys is None:
             return []
         refused = self.metrics.requests.labels(grpc.StatusCode.UNAUTHENTICATED.name)
-        return [ApiKeyInterceptor(self.config.api_keys, OPEN_SERVICES, on_refused=refused.inc)]
+        return [ApiKeyInterceptor(self.api_keys, OPEN_SERVICES, on_refused=refused.inc)]
 
     def _add_port(self, server: grpc.aio.Server) -> int:
         cfg = self.config
@@ -93,8 +95,8 @@ class Router:
     async def stop(self, kill_replicas: bool = True) -> None:
         """Stop accepting (health NOT_SERVING at once), let in-flight streams finish within the drain
         timeout, then stop the replicas."""
-        if self.service is not None:
-            self.service.draining = True
+        if self.core is not None:
+            self.core.draining = True
         await self._set_health(False)
         if self.server is not None:
             log.info("draining: waiting up to %.0f s for in-flight streams", self.config.drain_timeout_s)
