@@ -1,4 +1,5 @@
-"""The router process: Ray, the replica pool, the gRPC server (with health and reflection), metrics."""
+"""The router process: Ray, the replica pool, the gRPC server (with health and reflection), the optional
+OpenAI-compatible HTTP API, metrics."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from proto import nanoserve_pb2 as pb
 from router.auth import ApiKeyInterceptor, ApiKeys
 from router.config import RouterConfig
 from router.core import ServingCore
+from router.http_server import HttpFrontDoor
 from router.metrics import RouterMetrics
 from router.policies import make_policy
 from router.replica_pool import ReplicaPool
@@ -40,7 +42,9 @@ class Router:
         self.api_keys = ApiKeys(config.api_keys) if config.api_keys else None
         self.core: ServingCore | None = None
         self.server: grpc.aio.Server | None = None
+        self.http: HttpFrontDoor | None = None
         self.port: int | None = None
+        self.http_port: int | None = None
         self.metrics_port: int | None = None
 
     async def start(self) -> None:
@@ -65,10 +69,14 @@ class Router:
         self.port = self._add_port(self.server)
         self.pool.on_serving_changed = self._on_serving_changed
         await self.server.start()
+        if cfg.http_port is not None:
+            self.http = HttpFrontDoor(self.core, cfg, self.api_keys)
+            self.http_port = await self.http.start()
         await self._set_health(bool(self.pool.serving()))
-        log.info("serving %s on %s:%d (%s, %s) with %d replicas (policy %s)%s", model_name, cfg.host, self.port,
+        log.info("serving %s on %s:%d (%s, %s) with %d replicas (policy %s)%s%s", model_name, cfg.host, self.port,
                  "TLS" if cfg.tls_cert else "plaintext", "API keys required" if cfg.api_keys else "no API keys",
                  cfg.num_replicas, cfg.policy,
+                 f"; OpenAI-compatible HTTP API on :{self.http_port}/v1" if self.http_port is not None else "",
                  f"; metrics on :{self.metrics_port}/metrics" if self.metrics_port is not None else "")
 
     def _interceptors(self) -> list[grpc.aio.ServerInterceptor]:
@@ -98,9 +106,11 @@ class Router:
         if self.core is not None:
             self.core.draining = True
         await self._set_health(False)
-        if self.server is not None:
-            log.info("draining: waiting up to %.0f s for in-flight streams", self.config.drain_timeout_s)
-            await self.server.stop(self.config.drain_timeout_s)
+        log.info("draining: waiting up to %.0f s for in-flight streams", self.config.drain_timeout_s)
+        front_doors = [self.server.stop(self.config.drain_timeout_s)] if self.server is not None else []
+        if self.http is not None:
+            front_doors.append(self.http.stop())
+        await asyncio.gather(*front_doors)
         await self.pool.close(kill_replicas)
         self.metrics.close()
         log.info("router stopped")
