@@ -109,6 +109,19 @@ def test_chat_whole_and_streamed(router: RouterThread, client: openai.OpenAI, mo
     assert chunks[-1].choices[0].finish_reason == "length" and chunks[-1].object == "chat.completion.chunk"
 
 
+def test_chat_content_parts_and_the_developer_role(client: openai.OpenAI, model: str) -> None:
+    """Text parts are the string content they join to; "developer" is OpenAI's newer name for "system"."""
+    parts: list[ChatCompletionMessageParam] = [
+        {"role": "developer", "content": [{"type": "text", "text": "Be brief."}]},
+        {"role": "user", "content": [{"type": "text", "text": "Hello,"}, {"type": "text", "text": "how are you?"}]}]
+    plain: list[ChatCompletionMessageParam] = [
+        {"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello,\nhow are you?"}]
+    answers = [client.chat.completions.create(model=model, messages=m, max_tokens=8, **GREEDY) for m in (parts, plain)]
+    assert answers[0].choices[0].message.content == answers[1].choices[0].message.content
+    assert answers[0].usage is not None and answers[1].usage is not None
+    assert answers[0].usage.prompt_tokens == answers[1].usage.prompt_tokens
+
+
 def test_chat_without_max_tokens_runs_to_the_end_of_the_context(client: openai.OpenAI, model: str) -> None:
     answer = client.chat.completions.create(model=model, messages=MESSAGES, **GREEDY)
     assert answer.usage is not None and answer.choices[0].finish_reason == "length"
