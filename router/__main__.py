@@ -1,4 +1,5 @@
-"""`python -m router --replicas 4`: serve the nanoserve gRPC API from Ray replicas of the engine."""
+"""`python -m router --replicas 4`: serve the nanoserve gRPC API (and, with --http-port, an OpenAI-compatible
+HTTP API) from Ray replicas of the engine."""
 
 from __future__ import annotations
 
@@ -21,7 +22,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m router",
         description="Serve the nanoserve gRPC API (nanoserve.v1.NanoServe, plus grpc.health.v1 and server "
-        "reflection) from Ray actor replicas of the engine, balanced by prefix-cache affinity, with failover.",
+        "reflection), and with --http-port an OpenAI-compatible HTTP API, from Ray actor replicas of the engine, "
+        "balanced by prefix-cache affinity, with failover.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--replicas", type=int, default=1, help="engine replicas to run (Ray actors)")
@@ -35,6 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "uneven; least-load: fewest queued + running tokens; round-robin: in turn")
     p.add_argument("--host", default="0.0.0.0", help="address to listen on")
     p.add_argument("--port", type=int, default=50051, help="gRPC port (0 picks a free one)")
+    p.add_argument("--http-port", type=int, help="also serve the OpenAI-compatible HTTP API on this port "
+                   "(/v1/completions, /v1/chat/completions, /v1/models, /health; 0 picks a free one); "
+                   "off without it")
     p.add_argument("--ray-address", help="'auto' joins the running Ray cluster (ray start / ray up); "
                    "without it a local Ray instance is started")
     p.add_argument("--metrics-port", type=int, default=9400, help="Prometheus metrics port; -1 turns it off")
@@ -50,8 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--drain-timeout", type=float, default=30.0,
                    help="seconds in-flight streams get to finish on SIGTERM/SIGINT")
     p.add_argument("--api-key-file", help="file of API keys, one a line (blank lines and # comments skipped); "
-                   "every NanoServe call must then send 'authorization: Bearer <key>' (health and reflection "
-                   "stay open)")
+                   "every NanoServe call and /v1 HTTP request must then send 'authorization: Bearer <key>' "
+                   "(gRPC health, reflection and HTTP /health stay open)")
     p.add_argument("--tls-cert", help="PEM certificate chain: serve over TLS (needs --tls-key)")
     p.add_argument("--tls-key", help="PEM private key of --tls-cert")
     p.add_argument("--replica-prefix", default="nanoserve-replica",
@@ -80,7 +85,7 @@ def parse_args(argv: list[str] | None = None) -> RouterConfig:
         return RouterConfig(
             num_replicas=args.replicas, model=args.model, tensor_parallel_size=args.tensor_parallel_size,
             engine_kwargs=engine_kwargs, policy=args.policy,
-            host=args.host, port=args.port, ray_address=args.ray_address,
+            host=args.host, port=args.port, http_port=args.http_port, ray_address=args.ray_address,
             metrics_port=None if args.metrics_port < 0 else args.metrics_port,
             max_queued_per_replica=args.max_queued_per_replica, drain_timeout_s=args.drain_timeout,
             replica_prefix=args.replica_prefix, api_keys=read_api_keys(args.api_key_file) if args.api_key_file else (),
@@ -121,6 +126,8 @@ async def serve(config: RouterConfig) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):  # after Ray's start, which installs handlers of its own
         loop.add_signal_handler(sig, stop.set)
     print(f"nanoserve router listening on {config.host}:{router.port}", flush=True)
+    if router.http_port is not None:
+        print(f"OpenAI-compatible HTTP API on http://{config.host}:{router.http_port}/v1", flush=True)
     await stop.wait()
     log.info("signal received: draining")
     await router.stop()

@@ -89,11 +89,10 @@ class RequestValidator:
             return self.tokenizer.encode(request.text)
         if kind == "chat":
             messages = [{"role": m.role, "content": m.content} for m in request.chat.messages]
-            try:  # the model may have no chat template, or its template may refuse the conversation
-                text = self.tokenizer.apply_chat_template(messages)
+            try:  # the template may refuse messages too (Qwen's: "No user query found in messages.")
+                return self.tokenizer.encode(self.tokenizer.apply_chat_template(messages))
             except ValueError as e:
                 raise InvalidRequest(f"chat.{e}") from None
-            return self.tokenizer.encode(text)
         if kind == "token_ids":
             ids = list(request.token_ids.ids)
             if not ids:
