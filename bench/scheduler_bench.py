@@ -1,9 +1,10 @@
 """Host cost of one decode step: scheduler + block manager + output bookkeeping, with no model.
 
-Runs the engine's own `LLMEngine.step()` (schedule -> run -> `_process`) with a stand-in model
-runner that samples a fixed token, so what is timed is exactly the per-step Python work the
-engine does around the model: `Scheduler.schedule()`, then per sequence `num_computed_tokens`,
-`BlockManager.commit`, appending the token, the stop check and the `RequestOutput`.
+Runs the engine's own `LLMEngine.step()` (schedule -> launch -> `_process` of the step before) with a
+stand-in model runner that samples a fixed token, so what is timed is exactly the per-step Python work
+the engine does around the model: `Scheduler.schedule()`, then per sequence `num_computed_tokens` and
+a placeholder for its coming token, then for the step before: the token put in place,
+`BlockManager.commit`, the stop check and the `RequestOutput`.
 `--num-seqs` sequences are prefilled first, then every timed step decodes all of them.
 
     python bench/scheduler_bench.py [--num-seqs 512] [--steps 2000] [--block-size 16] [--prompt-len 512]
@@ -26,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from engine.block_manager import BlockManager  # noqa: E402
 from engine.llm_engine import LLMEngine  # noqa: E402
+from engine.pending_samples import PendingSamples  # noqa: E402
 from engine.sampling_params import SamplingParams  # noqa: E402
 from engine.scheduler import ScheduledBatch, Scheduler  # noqa: E402
 from engine.sequence import Sequence  # noqa: E402
@@ -40,7 +42,12 @@ class FixedTokenRunner:
     def __init__(self, max_batch: int) -> None:
         self._samples = [(SAMPLED_TOKEN, None)] * max_batch
 
-    def run(self, batch: ScheduledBatch) -> list[tuple[int, None]]:
+    def launch(self, batch: ScheduledBatch) -> PendingSamples:
+        sampling = [seq for seq, n in zip(batch.seqs, batch.num_new_tokens)
+                    if seq.num_computed_tokens + n == seq.num_tokens]
+        return PendingSamples(sampling, None, None, None)
+
+    def wait(self, pending: PendingSamples) -> list[tuple[int, None]]:
         return self._samples  # _process consumes one entry per sampling sequence
 
 
@@ -54,6 +61,7 @@ def engine_without_model(num_seqs: int, num_blocks: int, block_size: int, max_mo
     engine.scheduler = Scheduler(engine.block_manager, num_seqs, MAX_NUM_BATCHED_TOKENS)
     engine._requests = {}
     engine._aborted = []
+    engine._in_flight = None
     engine._arrivals = itertools.count()
     engine.last_step_tokens = (0, 0)
     gc.collect()

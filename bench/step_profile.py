@@ -1,7 +1,8 @@
 """Where a decode step's time goes: host time of each phase of `LLMEngine.step` at batch 256.
 
 Wraps the engine's phases with wall-clock timers (no extra synchronisation, so the numbers are
-what the step really spends; the wait for the GPU shows up inside `sample`, at the token read-back).
+what the step really spends). Steps overlap: each `step()` launches step n+1, then waits for step n's
+tokens (`wait`) while the GPU runs n+1, so host phases that fit inside the GPU's time cost nothing.
 
     python bench/step_profile.py [--model DIR] [--batch-size 256] [--context 1024]
 """
@@ -54,7 +55,8 @@ def main() -> None:
     if runner.graphs is not None:
         runner.graphs.replay = timed("graph replay (launch)", runner.graphs.replay)
     runner.model.compute_logits = timed("logits (launch)", runner.model.compute_logits)
-    runner._sample = timed("sample + wait for GPU", runner._sample)
+    runner._sample = timed("sampler (launch)", runner._sample)
+    runner.wait = timed("wait for the GPU", runner.wait)
     engine.scheduler.schedule = timed("schedule", engine.scheduler.schedule)
     engine._process = timed("postprocess", engine._process)
     torch.cuda.synchronize()

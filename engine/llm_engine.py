@@ -8,6 +8,7 @@ import logging
 import random
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,15 +19,26 @@ from engine.config import EngineConfig
 from engine.detokenizer import IncrementalDetokenizer
 from engine.model_runner import ModelRunner
 from engine.outputs import EngineStats, RequestOutput, final_output
+from engine.pending_samples import PendingSamples
 from engine.prompt import Prompt, validate_prompt
 from engine.sampling_params import SamplingParams
 from engine.scheduler import ScheduledBatch, Scheduler
 from engine.sequence import Sequence
-from engine.stopping import check_stop
+from engine.step_plan import placeholder
+from engine.stopping import check_stop, finishes_by_length
 from engine.tokenizer import Tokenizer
 from engine.tp.group import RankGroup
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class InFlightStep:
+    """A launched step whose tokens the host has not read yet."""
+
+    batch: ScheduledBatch
+    pending: PendingSamples
+    slots: list[int | None]  # per sampling row: index of its placeholder in token_ids; None: appended at the end
 
 
 class LLMEngine:
@@ -47,6 +59,7 @@ class LLMEngine:
         self.scheduler = Scheduler(self.block_manager, self.config.max_num_seqs, self.config.max_num_batched_tokens)
         self._requests: dict[str, Sequence] = {}
         self._aborted: list[Sequence] = []
+        self._in_flight: InFlightStep | None = None
         self._arrivals = itertools.count()
         self.last_step_tokens = (0, 0)  # (prefill, decode) tokens computed by the latest step
         # Everything built so far (tens of thousands of blocks, the model, torch's own objects) lives
@@ -104,6 +117,7 @@ class LLMEngine:
             return False
         self.scheduler.finish(seq)
         seq.finish_reason = "abort"
+        seq.drop_placeholders()
         self._aborted.append(seq)
         return True
 
@@ -112,41 +126,68 @@ class LLMEngine:
         return sum(self.abort(request_id) for request_id in list(self._requests))
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished() or bool(self._aborted)
+        return self.scheduler.has_unfinished() or bool(self._aborted) or self._in_flight is not None
 
     def step(self) -> list[RequestOutput]:
-        """Run one scheduling step and return every request's progress in it."""
+        """Launch the next step, then finish the previous one while the device runs the new one; returns
+        every request's progress in the previous step (so the host's work overlaps the device's)."""
         outputs = [self._abort_output(seq) for seq in self._aborted]
         self._aborted.clear()
         batch = self.scheduler.schedule()
-        num_decode = batch.num_new_tokens.count(1)
-        self.last_step_tokens = (batch.num_tokens - num_decode, num_decode)
-        if batch:
-            outputs += self._process(batch, self.model_runner.run(batch))
+        launched = self._launch(batch) if batch else None
+        if self._in_flight is not None:
+            outputs += self._process(self._in_flight)
+        self._in_flight = launched
         return outputs
 
-    def _process(self, batch: ScheduledBatch, sampled: list) -> list[RequestOutput]:
-        """Account computed tokens, append sampled ones, apply stops; one output per sampling request."""
-        outputs: list[RequestOutput] = []
-        samples = iter(sampled)
-        commit = self.block_manager.commit
-        eos_token_ids, max_model_len = self.eos_token_ids, self.config.max_model_len
+    def _launch(self, batch: ScheduledBatch) -> InFlightStep:
+        """Queue `batch` on the device and advance its sequences as if it were done: each sampling sequence
+        gets a placeholder for its coming token, so the next step can be planned before the token is known.
+        A sequence whose coming token is its last by length gets none: nothing is left to compute for it."""
+        num_decode = batch.num_new_tokens.count(1)
+        self.last_step_tokens = (batch.num_tokens - num_decode, num_decode)
+        pending = self.model_runner.launch(batch)
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
             seq.num_computed_tokens += n
-            commit(seq)
-            if seq.num_computed_tokens < len(seq.token_ids):
-                continue  # a prefill chunk that did not reach the end samples nothing
-            token_id, logprobs = next(samples)
-            seq.token_ids.append(token_id)
+        slots: list[int | None] = []
+        max_model_len = self.config.max_model_len
+        for row, seq in enumerate(pending.seqs):
+            if finishes_by_length(seq, seq.num_tokens + 1, max_model_len):
+                slots.append(None)
+            else:
+                slots.append(seq.num_tokens)
+                seq.token_ids.append(placeholder(row))
+        return InFlightStep(batch, pending, slots)
+
+    def _process(self, step: InFlightStep) -> list[RequestOutput]:
+        """Put a finished step's tokens in place, publish newly full blocks, apply stops; one output per
+        sampling request. Requests that finished or were aborted since its launch are skipped."""
+        outputs: list[RequestOutput] = []
+        commit = self.block_manager.commit
+        eos_token_ids, max_model_len = self.eos_token_ids, self.config.max_model_len
+        samples = zip(step.pending.seqs, step.slots, self.model_runner.wait(step.pending))
+        for seq, slot, (token_id, logprobs) in samples:
+            if seq.is_finished:
+                continue  # aborted, or it stopped the step before and its row here was wasted
+            if slot is None:
+                seq.token_ids.append(token_id)
+                slot = len(seq.token_ids) - 1
+            else:
+                seq.token_ids[slot] = token_id
+            commit(seq)  # now that every token it has computed is known
             new_logprobs = [] if logprobs is None else [logprobs]
             seq.logprobs += new_logprobs
-            finish_reason = seq.finish_reason = check_stop(seq, eos_token_ids, max_model_len)
+            finish_reason = seq.finish_reason = check_stop(seq, token_id, slot + 1, eos_token_ids, max_model_len)
             if finish_reason is not None:
+                del seq.token_ids[slot + 1 :]  # the placeholder that the step now running gave it
                 self.scheduler.finish(seq)
                 del self._requests[seq.request_id]
             # Positional: this runs per request per step, and keyword construction costs twice as much.
             outputs.append(RequestOutput(seq.request_id, [token_id], finish_reason is not None, finish_reason,
                                          seq.num_prompt_tokens, seq.num_cached_tokens or 0, new_logprobs))
+        for seq in step.batch.seqs:  # prefill chunks (sampling sequences are committed already: a no-op)
+            if not seq.is_finished:
+                commit(seq)
         return outputs
 
     def _abort_output(self, seq: Sequence) -> RequestOutput:

@@ -17,6 +17,7 @@ from engine.kv_cache import allocate_kv_cache, bytes_per_block, log_kv_cache, nu
 from engine.layers.attention import AttentionMetadata
 from engine.loader import load_weights
 from engine.models.qwen import QwenForCausalLM
+from engine.pending_samples import PendingSamples
 from engine.sampler import Sampler, SamplingBatch
 from engine.sampling_params import SamplingParams
 from engine.scheduler import ScheduledBatch
@@ -50,6 +51,9 @@ class ModelRunner:
         on_gpu = self.device.type == "cuda"
         self.num_sms = torch.cuda.get_device_properties(self.device).multi_processor_count if on_gpu else 1
         self.num_kv_blocks = self._setup_kv_cache()
+        # The latest step's sampled tokens [S], on the device: the next step's placeholders read them.
+        self._last_sampled: torch.Tensor | None = None
+        self._sampled_buffer = torch.zeros(config.max_num_seqs, dtype=torch.int64, device=self.device)  # ranks > 0
         self.graphs: DecodeGraphs | None = None  # decode at fixed, padded batch sizes (GPU only)
         if on_gpu:
             self.graphs = DecodeGraphs(
@@ -59,13 +63,29 @@ class ModelRunner:
             )
 
     @torch.inference_mode()
-    def run(self, batch: ScheduledBatch) -> list[tuple[int, TokenLogprobs | None]]:
-        """Compute the batch on every rank; return (token id, logprobs) for each sequence that reached its end."""
+    def launch(self, batch: ScheduledBatch) -> PendingSamples:
+        """Queue the batch's forward and sampling on every rank; return its tokens on their way to the host.
+
+        Nothing here waits for the device, so the host can plan the next step while this one runs.
+        """
         plan, sampling_seqs = StepPlan.build(batch, self.config.block_size)
-        logits = self.execute(plan) if self.ranks is None else self._execute_on_all_ranks(plan)
-        if logits is None:
-            return []
-        return self._sample(logits, sampling_seqs)
+        if self.ranks is None:
+            return self._forward_and_sample(plan, sampling_seqs)
+        try:
+            self.ranks.send(Method.RUN, [plan.max_query_len], plan.arrays())
+            return self._forward_and_sample(plan, sampling_seqs)
+        except RuntimeError as e:  # a rank's death becomes a RankDiedError naming it
+            self.ranks.fail(e)
+            raise
+
+    def wait(self, pending: PendingSamples) -> list[tuple[int, TokenLogprobs | None]]:
+        """A launched step's (token id, logprobs) per sampling sequence, once the device has them."""
+        try:
+            return pending.results()
+        except RuntimeError as e:
+            if self.ranks is not None:
+                self.ranks.fail(e)
+            raise
 
     @torch.inference_mode()
     def execute(self, plan: StepPlan) -> torch.Tensor | None:
@@ -73,6 +93,8 @@ class ModelRunner:
         rank 0; None on other ranks and when no row samples."""
         device = self.device
         input_ids = to_device(torch.from_numpy(plan.input_ids), device)
+        if plan.has_placeholders:
+            input_ids = self._fill_placeholders(input_ids)
         positions = to_device(torch.from_numpy(plan.positions), device)
         metadata = AttentionMetadata(
             slot_mapping=to_device(torch.from_numpy(plan.slot_mapping), device),
@@ -87,19 +109,27 @@ class ModelRunner:
             hidden = self.graphs.replay(input_ids, positions, metadata)
         else:
             hidden = self.model(input_ids, positions, metadata)
-        if len(plan.sample_indices) == 0:
+        num_samples = len(plan.sample_indices)
+        if num_samples == 0:
             return None
-        return self.model.compute_logits(hidden[to_device(torch.from_numpy(plan.sample_indices), device)])
+        logits = self.model.compute_logits(hidden[to_device(torch.from_numpy(plan.sample_indices), device)])
+        if self.rank > 0:  # rank 0 samples and broadcasts the tokens, which the next step's placeholders need
+            self._last_sampled = self._sampled_buffer[:num_samples]
+            dist.broadcast(self._last_sampled, src=0)
+        return logits
 
-    def _execute_on_all_ranks(self, plan: StepPlan) -> torch.Tensor | None:
-        """Send the plan to ranks 1..N-1 and run our share; a rank's death becomes a RankDiedError naming it."""
-        assert self.ranks is not None
-        try:
-            self.ranks.send(Method.RUN, [plan.max_query_len], plan.arrays())
-            return self.execute(plan)
-        except RuntimeError as e:
-            self.ranks.fail(e)
-            raise
+    def _fill_placeholders(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Input ids [T] with each placeholder replaced, on the device, by the previous step's sampled token
+        it stands for: the host never waits for those tokens to plan this step."""
+        assert self._last_sampled is not None, "a placeholder, but no step has sampled yet"
+        rows = (-1 - input_ids).clamp_(min=0)  # [T]; rows of real ids are clamped to 0 and not used
+        return torch.where(input_ids < 0, self._last_sampled[rows], input_ids)
+
+    def _forward_and_sample(self, plan: StepPlan, seqs: list[Sequence]) -> PendingSamples:
+        logits = self.execute(plan)
+        if logits is None:
+            return PendingSamples.none()
+        return self._sample(logits, seqs)
 
     def _num_kv_splits(self, batch_size: int) -> int:
         """Flash-decoding splits for a decode batch: enough programs to fill the GPU (at most 16)."""
@@ -109,7 +139,8 @@ class ModelRunner:
             splits *= 2
         return splits
 
-    def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[tuple[int, TokenLogprobs | None]]:
+    def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> PendingSamples:
+        """Sample on the device; the tokens stay there for the next step and start their way to the host."""
         batch = SamplingBatch.build(
             params=[seq.params for seq in seqs],
             seeds=[seq.seed for seq in seqs],
@@ -118,17 +149,10 @@ class ModelRunner:
             device=self.device,
         )
         out = self.sampler(logits, batch)
-        token_ids: list[int] = out.token_ids.tolist()  # the step's one device -> host sync
-        if out.logprobs is None:
-            return [(t, None) for t in token_ids]
-        assert out.top_token_ids is not None and out.top_logprobs is not None
-        chosen, top_ids, top_lps = out.logprobs.tolist(), out.top_token_ids.tolist(), out.top_logprobs.tolist()
-        results: list[tuple[int, TokenLogprobs | None]] = []
-        for i, seq in enumerate(seqs):
-            n = seq.params.logprobs
-            lp = None if n is None else TokenLogprobs(chosen[i], dict(zip(top_ids[i][:n], top_lps[i][:n])))
-            results.append((token_ids[i], lp))
-        return results
+        self._last_sampled = out.token_ids
+        if self.ranks is not None:
+            dist.broadcast(out.token_ids, src=0)
+        return PendingSamples.start(seqs, out)
 
     def _suppressed_tokens(self, seq: Sequence) -> list[int]:
         """Tokens that may not be sampled yet: EOS and stop ids until min_tokens is reached."""

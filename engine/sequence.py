@@ -65,6 +65,11 @@ class Sequence:
     def output_token_ids(self) -> list[int]:
         return self.token_ids[self.num_prompt_tokens :]
 
+    def drop_placeholders(self) -> None:
+        """Forget tokens a running step is still sampling (placeholders, always at the end: see step_plan)."""
+        while self.token_ids and self.token_ids[-1] < 0:
+            self.token_ids.pop()
+
     @property
     def is_finished(self) -> bool:
         return self.status is SequenceStatus.FINISHED

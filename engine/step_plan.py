@@ -2,6 +2,10 @@
 
 Every tensor-parallel rank runs the forward on the same plan, so it is plain numpy: rank 0 copies
 its arrays into the shared-memory control channel and each rank moves them to its own device.
+
+Steps overlap: the host plans step n+1 while the device still samples step n, so a sequence's newest
+token may not be known yet. Its slot in `token_ids` then holds `placeholder(row)` (negative), and the
+device takes the token from row `row` of step n's sampled tokens (`ModelRunner`). Real ids are >= 0.
 """
 
 from __future__ import annotations
@@ -15,9 +19,18 @@ from engine.scheduler import ScheduledBatch
 from engine.sequence import Sequence
 
 
+def placeholder(row: int) -> int:
+    """The stand-in id of the token that row `row` of the step now running on the device samples."""
+    return -1 - row
+
+
+def placeholder_row(token_id: int) -> int:
+    return -1 - token_id
+
+
 @dataclass(slots=True)
 class StepPlan:
-    input_ids: np.ndarray  # [T] int64
+    input_ids: np.ndarray  # [T] int64; < 0: a placeholder for a token the previous step samples
     positions: np.ndarray  # [T] int64
     slot_mapping: np.ndarray  # [T] int64: cache slot of each new token
     query_start_loc: np.ndarray  # [B + 1] int32: cumulative new-token counts
@@ -63,6 +76,10 @@ class StepPlan:
             max_query_len=max(batch.num_new_tokens),
         )
         return plan, sampling_seqs
+
+    @property
+    def has_placeholders(self) -> bool:
+        return len(self.input_ids) > 0 and int(self.input_ids.min()) < 0
 
     def arrays(self) -> list[np.ndarray]:
         """The plan as the arrays a control message carries (with `max_query_len` as its one argument)."""

@@ -5,25 +5,33 @@ from __future__ import annotations
 from engine.sequence import FinishReason, Sequence
 
 
-def check_stop(seq: Sequence, eos_token_ids: frozenset[int], max_model_len: int) -> FinishReason | None:
-    """Finish reason after `seq` gained its newest token, or None to keep going."""
+def check_stop(seq: Sequence, token_id: int, num_tokens: int, eos_token_ids: frozenset[int],
+               max_model_len: int) -> FinishReason | None:
+    """Finish reason once `seq` gained `token_id` as its `num_tokens`-th token (prompt included), or None.
+
+    The token is passed explicitly: with overlapped steps, placeholders of a step still running may
+    already follow it in `seq.token_ids`.
+    """
     params = seq.params
-    token = seq.token_ids[-1]
-    if seq.detokenizer is not None and _hit_stop_string(seq):
+    if seq.detokenizer is not None and _hit_stop_string(seq, token_id):
         return "stop"
     # The sampler bans EOS and stop ids until min_tokens, so any seen here are real stops.
-    if (token in eos_token_ids and not params.ignore_eos) or token in params.stop_token_ids:
+    if (token_id in eos_token_ids and not params.ignore_eos) or token_id in params.stop_token_ids:
         return "stop"
-    num_tokens = len(seq.token_ids)
-    if num_tokens - seq.num_prompt_tokens >= params.max_tokens or num_tokens >= max_model_len:
+    if finishes_by_length(seq, num_tokens, max_model_len):
         return "length"
     return None
 
 
-def _hit_stop_string(seq: Sequence) -> bool:
+def finishes_by_length(seq: Sequence, num_tokens: int, max_model_len: int) -> bool:
+    """Whether `seq` is done once it holds `num_tokens` tokens: known before the last token's value is."""
+    return num_tokens - seq.num_prompt_tokens >= seq.params.max_tokens or num_tokens >= max_model_len
+
+
+def _hit_stop_string(seq: Sequence, token_id: int) -> bool:
     """Feed the new token to the detokenizer; on a stop string, remember where the text ends."""
     assert seq.detokenizer is not None
-    delta = seq.detokenizer.add(seq.token_ids[-1:])
+    delta = seq.detokenizer.add([token_id])
     if not delta:
         return False
     text = seq.detokenizer.text

@@ -202,7 +202,7 @@ def test_abort_running_request_frees_its_blocks(engine: LLMEngine, hello_greedy:
     for request_id, outs in drain(engine).items():
         deltas[request_id] += outs
     assert deltas[gone][-1].finish_reason == "abort" and deltas[gone][-1].finished
-    assert len(tokens_of(deltas[gone])) == 2
+    assert len(tokens_of(deltas[gone])) == 1  # 2 steps launched, the first one's token returned
     assert tokens_of(deltas[keep]) == hello_greedy["token_ids"][:20]
     assert deltas[keep][-1].finish_reason == "length"
     assert_idle(engine)
@@ -263,6 +263,42 @@ def test_preemption_under_a_tiny_kv_cache(model_dir: Path, engine: LLMEngine) ->
     assert small.stats().num_preemptions > 0
     assert [r["token_ids"] for r in results] == [r["token_ids"] for r in many(engine, prompts, greedy(20))]
     assert_idle(small)
+
+
+# --- overlapped steps: step() launches step n+1, then returns step n's progress ---
+
+
+def test_step_returns_the_progress_of_the_step_before(engine: LLMEngine, hello_greedy: dict[str, Any]) -> None:
+    request_id = engine.add_request(HELLO, greedy(3))
+    assert engine.step() == []  # the prefill is launched; its token is not known yet
+    first = engine.step()  # the first decode is launched, the prefill's token comes back
+    assert [(out.request_id, out.new_token_ids) for out in first] == [(request_id, hello_greedy["token_ids"][:1])]
+    rest = drain(engine)[request_id]
+    assert tokens_of(first + rest) == hello_greedy["token_ids"][:3]
+    assert rest[-1].finish_reason == "length"
+    assert_idle(engine)
+
+
+def test_stop_on_a_sampled_token_caches_only_real_tokens(model_dir: Path, engine: LLMEngine) -> None:
+    """The step after a stop token still computes the stopped request's row (its stop is not known at
+    launch): that row's K/V is of the real stop token, and no placeholder reaches an output or a block."""
+    prompt, other_prompt = random_ids(12, 40), random_ids(13, 20)
+    reference = one(engine, prompt, greedy(40))["token_ids"]
+    j = next(i for i in range(24, 40) if reference[i] not in reference[:i])  # 40 + j + 1 tokens: past 4 blocks
+    fresh = LLMEngine(model_dir, device="cpu", dtype="float32", max_model_len=256)
+    other = fresh.add_request(other_prompt, greedy(40))
+    stopping = fresh.add_request(prompt, greedy(40, stop_token_ids=[reference[j]]))
+    deltas = drain(fresh)
+    assert tokens_of(deltas[stopping]) == reference[: j + 1] and deltas[stopping][-1].finish_reason == "stop"
+    assert tokens_of(deltas[other]) == one(engine, other_prompt, greedy(40))["token_ids"]
+    stored = set(fresh.take_kv_events().stored)
+    block_size = fresh.config.block_size
+    stopped_tokens = prompt + reference[: j + 1]  # all computed: the wasted row computed the stop token
+    assert set(hash_blocks(stopped_tokens, block_size)) <= stored
+    assert stored <= set(hash_blocks(stopped_tokens, block_size)) | set(
+        hash_blocks(other_prompt + tokens_of(deltas[other]), block_size))
+    assert all(min(block.token_ids) >= 0 for block in fresh.block_manager.blocks if block.hash is not None)
+    assert_idle(fresh)
 
 
 # --- seeds: the failover guarantee ---

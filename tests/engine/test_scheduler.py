@@ -45,7 +45,7 @@ def process(scheduler: Scheduler, batch: ScheduledBatch) -> None:
         if seq.num_computed_tokens < seq.num_tokens:
             continue
         seq.token_ids.append(SAMPLED)
-        if check_stop(seq, NO_EOS, MAX_MODEL_LEN) is not None:
+        if check_stop(seq, SAMPLED, seq.num_tokens, NO_EOS, MAX_MODEL_LEN) is not None:
             scheduler.finish(seq)
 
 

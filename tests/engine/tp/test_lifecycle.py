@@ -97,13 +97,14 @@ def test_killed_rank_raises_within_five_seconds_naming_it(model_dir: Path) -> No
 
 
 SIGNAL_SCRIPT = """
-import sys, time
+import os, sys, time
 from engine import LLMEngine, SamplingParams
 engine = LLMEngine(sys.argv[1], device="cpu", dtype="float32", tensor_parallel_size=2)
 print(*[p.pid for p in engine.ranks.processes], flush=True)
 engine.add_request(list(range(1, 100)), SamplingParams(max_tokens=100000, ignore_eos=True))
 print("stepping", flush=True)
-while True:
+parent, deadline = os.getppid(), time.monotonic() + 120
+while os.getppid() == parent and time.monotonic() < deadline:  # never outlive a killed test run
     engine.step()
 """
 
