@@ -30,7 +30,7 @@ def allocate_kv_cache(model: nn.Module, config: EngineConfig, num_blocks: int) -
     alloc = torch.empty if config.device.type == "cpu" else torch.zeros
     cache = alloc(shape, dtype=config.dtype, device=config.device)
     for i, layer in enumerate(layers):
-        layer.bind_kv_cache(cache[0, i], cache[1, i])
+        layer.bind_kv_cache(cache[0, i], cache[1, i], config.max_model_len)
     return cache
 
 
@@ -59,5 +59,5 @@ def log_kv_cache(config: EngineConfig, num_blocks: int, block_bytes: int) -> Non
     log.info(
         "KV cache: %d blocks x %d tokens (%.1f MiB) on %s; attention backend: %s",
         num_blocks, config.block_size, num_blocks * block_bytes / 2**20, config.device,
-        attention_backend(config.device),
+        attention_backend(config.device, config.block_size),
     )

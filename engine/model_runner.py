@@ -100,6 +100,7 @@ class ModelRunner:
             slot_mapping=to_device(torch.from_numpy(plan.slot_mapping), device),
             query_start_loc=to_device(torch.from_numpy(plan.query_start_loc), device),
             seq_lens=to_device(torch.from_numpy(plan.seq_lens), device),
+            cu_seq_lens=to_device(torch.from_numpy(plan.cu_seq_lens), device),
             block_tables=to_device(torch.from_numpy(plan.block_tables), device),
             max_query_len=plan.max_query_len,
             num_splits=1,  # prefill and mixed steps; decode steps take their split count from DecodeGraphs
@@ -203,6 +204,7 @@ class ModelRunner:
             slot_mapping=torch.arange(num_tokens, device=self.device),
             query_start_loc=torch.tensor([0, *itertools.accumulate(lens)], dtype=torch.int32, device=self.device),
             seq_lens=torch.tensor(lens, dtype=torch.int32, device=self.device),
+            cu_seq_lens=torch.tensor([0, *itertools.accumulate(lens)], dtype=torch.int32, device=self.device),
             block_tables=torch.arange(num_seqs * blocks_per_seq, dtype=torch.int32, device=self.device).view(
                 num_seqs, blocks_per_seq
             ),

@@ -1,8 +1,8 @@
 """The model's one attention entry point: store new K/V into the paged cache, then attend.
 
 The model runner builds one `AttentionMetadata` per step; every layer reads the same one.
-The backend behind it never changes the model code: Triton kernels on a GPU, the torch
-reference on CPU.
+The backend behind it never changes the model code: flash-attn on a GPU when it is installed and
+the cache's pages suit it, else Triton kernels on a GPU, the torch reference on CPU.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from kernels.flash_attention import flash_attn_supports, flash_paged_attention
 from kernels.kv_store import store_kv, store_kv_ref
 from kernels.paged_attention import paged_attention, paged_attention_ref
 from kernels.triton_compat import HAS_TRITON
@@ -24,14 +25,20 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor  # [T] int64: cache slot of each new token (-1 = padding)
     query_start_loc: torch.Tensor  # [B + 1] int32: cumulative new-token counts
     seq_lens: torch.Tensor  # [B] int32: cached + new tokens of each sequence
+    cu_seq_lens: torch.Tensor  # [B + 1] int32: cumulative seq_lens (flash-attn's form of them)
     block_tables: torch.Tensor  # [B, max_blocks] int32
     max_query_len: int
     num_splits: int = 1  # KV splits per sequence (flash-decoding) for the GPU kernel
 
 
-def attention_backend(device: torch.device) -> str:
-    """Which implementation runs attention on `device` ("triton" or "torch-reference")."""
-    return "triton" if device.type == "cuda" and HAS_TRITON else "torch-reference"
+def attention_backend(device: torch.device, block_size: int) -> str:
+    """Which implementation runs attention on `device` with `block_size`-token pages:
+    "flash-attn", "triton" or "torch-reference"."""
+    if device.type != "cuda":
+        return "torch-reference"
+    if flash_attn_supports(block_size):
+        return "flash-attn"
+    return "triton" if HAS_TRITON else "torch-reference"
 
 
 class Attention(nn.Module):
@@ -42,19 +49,27 @@ class Attention(nn.Module):
         self.num_heads, self.num_kv_heads, self.head_dim, self.scale = num_heads, num_kv_heads, head_dim, scale
         self.k_cache = torch.empty(0)  # [num_blocks, block_size, Hkv, D]
         self.v_cache = torch.empty(0)
-        self.use_triton = False
+        self.backend = "torch-reference"
+        self.max_seq_len = 0
 
-    def bind_kv_cache(self, k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
-        """Attach this layer's slice of the KV cache (called once by the model runner)."""
-        self.k_cache, self.v_cache = k_cache, v_cache
-        self.use_triton = attention_backend(k_cache.device) == "triton"
+    def bind_kv_cache(self, k_cache: torch.Tensor, v_cache: torch.Tensor, max_seq_len: int) -> None:
+        """Attach this layer's slice of the KV cache (called once by the model runner); no sequence is
+        ever longer than `max_seq_len` tokens."""
+        self.k_cache, self.v_cache, self.max_seq_len = k_cache, v_cache, max_seq_len
+        self.backend = attention_backend(k_cache.device, k_cache.shape[1])
 
     def forward(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, metadata: AttentionMetadata
     ) -> torch.Tensor:
         """q: [T, Hq, D], k/v: [T, Hkv, D] -> [T, Hq, D]."""
         m = metadata
-        if self.use_triton:
+        if self.backend == "flash-attn":
+            store_kv(k, v, self.k_cache, self.v_cache, m.slot_mapping)
+            return flash_paged_attention(
+                q, self.k_cache, self.v_cache, m.query_start_loc, m.cu_seq_lens, m.block_tables, self.scale,
+                m.max_query_len, self.max_seq_len,
+            )
+        if self.backend == "triton":
             store_kv(k, v, self.k_cache, self.v_cache, m.slot_mapping)
             return paged_attention(
                 q, self.k_cache, self.v_cache, m.query_start_loc, m.seq_lens, m.block_tables, self.scale,
