@@ -46,6 +46,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="requests waiting in one replica before it refuses more (RESOURCE_EXHAUSTED)")
     p.add_argument("--drain-timeout", type=float, default=30.0,
                    help="seconds in-flight streams get to finish on SIGTERM/SIGINT")
+    p.add_argument("--max-stream-buffer-tokens", type=int, default=1024,
+                   help="tokens the router holds for a client that reads slower than its request generates (beyond "
+                   "gRPC's own flow-control window); past it the request is paused, its KV cache freed, and resumed "
+                   "once the client has read them")
+    p.add_argument("--stalled-stream-timeout", type=float, default=60.0,
+                   help="seconds a client may take no output of its stream before the request is stopped and the "
+                   "stream ended with RESOURCE_EXHAUSTED")
     p.add_argument("--api-key-file", help="file of API keys, one a line (blank lines and # comments skipped); "
                    "every NanoServe call must then send 'authorization: Bearer <key>' (health and reflection "
                    "stay open)")
@@ -80,6 +87,8 @@ def parse_args(argv: list[str] | None = None) -> RouterConfig:
             host=args.host, port=args.port, ray_address=args.ray_address,
             metrics_port=None if args.metrics_port < 0 else args.metrics_port,
             max_queued_per_replica=args.max_queued_per_replica, drain_timeout_s=args.drain_timeout,
+            max_stream_buffer_tokens=args.max_stream_buffer_tokens,
+            stalled_stream_timeout_s=args.stalled_stream_timeout,
             replica_prefix=args.replica_prefix, api_keys=read_api_keys(args.api_key_file) if args.api_key_file else (),
             tls_cert=read_pem("--tls-cert", args.tls_cert), tls_key=read_pem("--tls-key", args.tls_key),
         )

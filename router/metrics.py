@@ -28,6 +28,10 @@ class RouterMetrics:
         self.replica_up = Gauge("nanoserve_replica_up", "1 while the replica serves", ["replica"], registry=r)
         self.failovers = Counter("nanoserve_failovers", "Requests moved to another replica after a failure",
                                  registry=r)
+        self.slow_clients = Counter("nanoserve_slow_client_streams",
+                                    "Streams whose client fell behind: paused (the request left its replica), "
+                                    "resumed, or ended (no output taken for the stalled-stream timeout)",
+                                    ["event"], registry=r)
         self.replica_restarts = Counter("nanoserve_replica_restarts", "Replicas restarted after a failure",
                                         ["replica"], registry=r)
 

@@ -240,7 +240,30 @@ class ReplicaPool:
                 if not delta.finished and slot.actor is not None:  # a stop string only the router saw (TextStream)
                     slot.actor.abort.remote([delta.request_id])
                 self._record_finished(request)
+            elif request.num_pending_tokens > self.config.max_stream_buffer_tokens:
+                self._pause(slot, request)
         self.metrics.inflight.labels(slot.name).set(len(slot.inflight))
+
+    def _pause(self, slot: ReplicaSlot, request: InFlightRequest) -> None:
+        """The client reads slower than its request generates: stop generating (its KV blocks are freed) until
+        the client has taken what waits for it; then `resume` continues from there, as a failover would."""
+        del slot.inflight[request.engine_request_id]
+        if slot.actor is not None:
+            slot.actor.abort.remote([request.engine_request_id])
+        request.paused = True
+        self.metrics.slow_clients.labels("paused").inc()
+        log.info("request %s paused after %d tokens: %d wait for its client (max_stream_buffer_tokens=%d)",
+                 request.request_id, len(request.output_token_ids), request.num_pending_tokens,
+                 self.config.max_stream_buffer_tokens)
+
+    async def resume(self, request: InFlightRequest) -> None:
+        """Place a paused request again (prompt + its output so far); its stream fails if no replica takes it."""
+        request.paused = False
+        self.metrics.slow_clients.labels("resumed").inc()
+        try:
+            await self.submit(request)
+        except PoolError as e:
+            request.fail(e.code, f"{e.message} (resuming the request after its client caught up)")
 
     def _record_finished(self, request: InFlightRequest) -> None:
         self.metrics.requests.labels("OK").inc()

@@ -39,6 +39,7 @@ class Router:
         self.service: NanoServeService | None = None
         self.server: grpc.aio.Server | None = None
         self.port: int | None = None
+        self._stall_watch: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         cfg = self.config
@@ -51,6 +52,7 @@ class Router:
         tokenizer = Tokenizer.from_dir(Path(cfg.model) if cfg.model else cached_qwen_tokenizer_dir())
         model_name = Path(cfg.model).name if cfg.model else "tiny-random-qwen3 (random weights)"
         self.service = NanoServeService(self.pool, tokenizer, info, model_name)
+        self._stall_watch = asyncio.create_task(self.service.end_stalled_streams(), name="stalled-streams")
         self.server = grpc.aio.server(interceptors=self._interceptors(), options=[
             ("grpc.max_receive_message_length", cfg.max_message_bytes),
         ])
@@ -98,6 +100,8 @@ class Router:
         if self.server is not None:
             log.info("draining: waiting up to %.0f s for in-flight streams", self.config.drain_timeout_s)
             await self.server.stop(self.config.drain_timeout_s)
+        if self._stall_watch is not None:
+            self._stall_watch.cancel()
         await self.pool.close(kill_replicas)
         log.info("router stopped")
 

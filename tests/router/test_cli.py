@@ -22,7 +22,8 @@ def test_help_explains_every_flag() -> None:
     out = subprocess.run([sys.executable, "-m", "router", "--help"], cwd=ROOT, capture_output=True, text=True,
                          timeout=60, check=True).stdout
     for flag in ("--replicas", "--model", "--tensor-parallel-size", "--policy", "--host", "--port",
-                 "--ray-address", "--metrics-port", "RANDOM weights", "prefix", "least-load", "round-robin"):
+                 "--ray-address", "--metrics-port", "RANDOM weights", "prefix", "least-load", "round-robin",
+                 "--max-stream-buffer-tokens", "--stalled-stream-timeout"):
         assert flag in out
 
 
