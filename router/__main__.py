@@ -45,7 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-queued-per-replica", type=int, default=256,
                    help="requests waiting in one replica before it refuses more (RESOURCE_EXHAUSTED)")
     p.add_argument("--drain-timeout", type=float, default=30.0,
-                   help="seconds in-flight streams get to finish on SIGTERM/SIGINT")
+                   help="seconds in-flight streams get to finish on SIGTERM/SIGINT to the router, or on SIGTERM to "
+                   "a replica's process (or its drain call); a drained replica's leftovers move to another replica")
     p.add_argument("--max-stream-buffer-tokens", type=int, default=1024,
                    help="tokens the router holds for a client that reads slower than its request generates (beyond "
                    "gRPC's own flow-control window); past it the request is paused, its KV cache freed, and resumed "

@@ -4,7 +4,8 @@ failures, move in-flight requests elsewhere, restart.
 All of it runs on the router's one asyncio loop, so no locks: state changes between awaits only.
 A replica is `serving` from its first snapshot on, `down` from the first sign of failure (its event
 stream breaks, a health call fails or times out, or it has work but stops stepping), `starting`
-while it is replaced.
+while it is replaced. A replica told to drain (SIGTERM, or its `drain` call) is `draining`: it gets no
+new request, its requests finish there, and when it exits it is down (what is left moves) and replaced.
 """
 
 from __future__ import annotations
@@ -108,7 +109,7 @@ class ReplicaPool:
         return start_replica(
             slot.name, cfg.model, dict(cfg.engine_kwargs), on_gpu=self._on_gpu,
             tensor_parallel_size=cfg.tensor_parallel_size, max_queued_requests=cfg.max_queued_per_replica,
-            namespace=cfg.namespace,
+            drain_timeout_s=cfg.drain_timeout_s, namespace=cfg.namespace,
         )
 
     async def _attach(self, slot: ReplicaSlot, actor: ActorHandle) -> None:
@@ -224,7 +225,7 @@ class ReplicaPool:
                 raise
             self._mark_down(slot, f"event stream broke: {e.__class__.__name__}")
             return
-        self._mark_down(slot, "event stream ended")
+        self._mark_down(slot, "drained" if slot.state == "draining" else "event stream ended")
 
     def _deliver(self, slot: ReplicaSlot, batch: StepEvents) -> None:
         for delta in batch.outputs:
@@ -287,10 +288,14 @@ class ReplicaPool:
         stats: asyncio.Task[None] | None = None
         while slot.actor is actor and slot.state != "down":
             await asyncio.sleep(cfg.health_interval_s)
-            reason = await self._health_problem(actor)
-            if reason is not None:
-                self._mark_down(slot, reason)
+            health = await self._health(actor)
+            if isinstance(health, str):
+                self._mark_down(slot, health)
                 return
+            if health.draining and slot.state == "serving":
+                log.info("%s: draining: new requests go elsewhere; its %d in flight finish there", slot.name,
+                         len(slot.inflight))
+                self._set_state(slot, "draining")
             if stats is None or stats.done():  # stats wait for a step: never let them hold up health checks
                 stats = asyncio.create_task(self._refresh_stats(slot, actor))
 
@@ -299,7 +304,8 @@ class ReplicaPool:
             slot.stats = await actor.stats.remote()
             self._publish_stats(slot)
 
-    async def _health_problem(self, actor: ActorHandle) -> str | None:
+    async def _health(self, actor: ActorHandle) -> ReplicaHealth | str:
+        """The replica's health, or why it is down."""
         cfg = self.config
         try:
             health: ReplicaHealth = await asyncio.wait_for(actor.health.remote(), cfg.health_timeout_s)
@@ -307,12 +313,14 @@ class ReplicaPool:
             return f"health check took over {cfg.health_timeout_s:g} s"
         except RayError as e:
             return f"health check failed: {e.__class__.__name__}"
+        if health.state == "stopped" and health.draining:
+            return health  # drained: its event stream ends after its last batch, and that takes it down
         if health.state != "running":
             return f"engine {health.state}: {health.error}"
         idle_s = health.seconds_since_last_step
         if health.has_work and idle_s is not None and idle_s > cfg.stall_timeout_s:
             return f"has work but made no step for {idle_s:.1f} s"
-        return None
+        return health
 
     def _publish_stats(self, slot: ReplicaSlot) -> None:
         if slot.stats is None:
