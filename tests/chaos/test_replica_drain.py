@@ -48,7 +48,7 @@ def test_draining_replica_finishes_its_streams_and_is_replaced(
         os.kill(pid, signal.SIGTERM)
     else:
         ray.get(actor.drain.remote(), timeout=30)
-    assert ray.get(actor.health.remote(), timeout=30).draining  # at once
+    wait_for(lambda: ray.get(actor.health.remote(), timeout=30).draining, 2, "the replica reporting draining")
     wait_for(lambda: victim.state != "serving", 10, "the router seeing the replica drain")
     if how == "SIGTERM":  # the long drain timeout: still draining, reported, and routed around
         assert victim.state == "draining"
