@@ -30,6 +30,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--policy", choices=POLICY_NAMES, default="prefix",
                    help="prefix: the replica holding the longest cached prompt prefix unless loads are too "
                    "uneven; least-load: fewest queued + running tokens; round-robin: in turn")
+    p.add_argument("--prefix-imbalance-ratio", type=float, default=1.5,
+                   help="prefix policy: a replica is a candidate for cache affinity only while its load (queued + "
+                   "running tokens) is at most RATIO x the least-loaded replica's + --prefix-imbalance-slack-tokens; "
+                   "lower keeps loads more even, higher follows the cache further")
+    p.add_argument("--prefix-imbalance-slack-tokens", type=int, default=4096,
+                   help="prefix policy: the tokens added to that bound (so that light loads do not count as uneven)")
     p.add_argument("--host", default="0.0.0.0", help="address to listen on")
     p.add_argument("--port", type=int, default=50051, help="gRPC port (0 picks a free one)")
     p.add_argument("--ray-address", help="'auto' joins the running Ray cluster (ray start / ray up); "
@@ -84,7 +90,8 @@ def parse_args(argv: list[str] | None = None) -> RouterConfig:
     try:
         return RouterConfig(
             num_replicas=args.replicas, model=args.model, tensor_parallel_size=args.tensor_parallel_size,
-            engine_kwargs=engine_kwargs, policy=args.policy,
+            engine_kwargs=engine_kwargs, policy=args.policy, prefix_imbalance_ratio=args.prefix_imbalance_ratio,
+            prefix_imbalance_slack_tokens=args.prefix_imbalance_slack_tokens,
             host=args.host, port=args.port, ray_address=args.ray_address,
             metrics_port=None if args.metrics_port < 0 else args.metrics_port,
             max_queued_per_replica=args.max_queued_per_replica, drain_timeout_s=args.drain_timeout,

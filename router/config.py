@@ -17,6 +17,10 @@ class RouterConfig:
     tensor_parallel_size: int = 1
     engine_kwargs: dict[str, Any] = field(default_factory=dict)  # passed to LLMEngine as is
     policy: str = "prefix"
+    # The prefix policy weighs cache affinity only among replicas whose load is at most
+    # ratio x (the least load) + slack tokens; past that bound, load wins.
+    prefix_imbalance_ratio: float = 1.5
+    prefix_imbalance_slack_tokens: int = 4096
     host: str = "0.0.0.0"
     port: int = 50051
     ray_address: str | None = None  # None: start a local Ray; "auto": join the running cluster
@@ -49,6 +53,11 @@ class RouterConfig:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if self.policy not in POLICY_NAMES:
             raise ValueError(f"policy must be one of {', '.join(POLICY_NAMES)}, got {self.policy!r}")
+        if not self.prefix_imbalance_ratio >= 1:  # also refuses NaN
+            raise ValueError(f"prefix_imbalance_ratio must be >= 1, got {self.prefix_imbalance_ratio!r}")
+        slack = self.prefix_imbalance_slack_tokens
+        if isinstance(slack, bool) or not isinstance(slack, int) or slack < 0:
+            raise ValueError(f"prefix_imbalance_slack_tokens must be an integer >= 0, got {slack!r}")
         for name in ("health_interval_s", "health_timeout_s", "stall_timeout_s", "drain_timeout_s",
                      "stalled_stream_timeout_s"):
             if not getattr(self, name) > 0:

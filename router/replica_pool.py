@@ -62,6 +62,16 @@ class ReplicaSlot:
     def load_tokens(self) -> int:
         return sum(r.num_tokens for r in self.inflight.values())
 
+    def add(self, request: InFlightRequest) -> None:
+        """Track a request placed here; its prompt blocks count as cached in the view until its first token."""
+        self.inflight[request.engine_request_id] = request
+        self.kv.add_pending(request.engine_request_id, request.prepared.prompt_hashes)
+
+    def remove(self, engine_request_id: str) -> InFlightRequest | None:
+        """Stop tracking a request (finished, aborted, paused or moved); None if it was not here."""
+        self.kv.drop_pending(engine_request_id)
+        return self.inflight.pop(engine_request_id, None)
+
 
 class ReplicaPool:
     def __init__(self, config: RouterConfig, policy: RoutingPolicy, metrics: RouterMetrics) -> None:
@@ -148,7 +158,7 @@ class ReplicaPool:
             tried.add(slot.name)
             request.attempt += 1
             request.replica = slot.name
-            slot.inflight[request.engine_request_id] = request  # before the call: its events may come first
+            slot.add(request)  # before the call: its events may come first
             self.metrics.inflight.labels(slot.name).set(len(slot.inflight))
             error = await self._submit_to(slot, request)
             if error is None:
@@ -156,7 +166,7 @@ class ReplicaPool:
                          request.request_id, slot.name, request.attempt, len(request.prepared.prompt_token_ids),
                          slot.kv.num_cached_prefix_blocks(request.prepared.prompt_hashes))
                 return
-            slot.inflight.pop(request.engine_request_id, None)
+            slot.remove(request.engine_request_id)
             if error.code == "invalid_argument":
                 raise PoolError(grpc.StatusCode.INVALID_ARGUMENT, error.message)
 
@@ -185,7 +195,7 @@ class ReplicaPool:
         try:
             [error] = await slot.actor.submit.remote([request.spec()])
         except RayError as e:
-            slot.inflight.pop(request.engine_request_id, None)  # this submit retries it; the failover must not
+            slot.remove(request.engine_request_id)  # this submit retries it; the failover must not
             self._mark_down(slot, f"submit failed: {e.__class__.__name__}")
             return SubmitError("unavailable", str(e))
         return error
@@ -197,7 +207,7 @@ class ReplicaPool:
 
     def _cancel_on_replica(self, request: InFlightRequest) -> None:
         for slot in self.slots:
-            if slot.inflight.pop(request.engine_request_id, None) is not None:
+            if slot.remove(request.engine_request_id) is not None:
                 if slot.actor is not None:
                     slot.actor.abort.remote([request.engine_request_id])  # fire and forget
                 self.metrics.inflight.labels(slot.name).set(len(slot.inflight))
@@ -232,12 +242,14 @@ class ReplicaPool:
             request = slot.inflight.get(delta.request_id)
             if request is None or delta.request_id != request.engine_request_id:
                 continue  # aborted, superseded by a later attempt, or from before this router attached
-            if request.first_token_at is None and delta.new_token_ids:
-                self.metrics.ttft.observe(time.monotonic() - request.arrived_at)
+            if delta.new_token_ids:
+                slot.kv.drop_pending(delta.request_id)  # prefilled: its blocks are reported stored by now
+                if request.first_token_at is None:
+                    self.metrics.ttft.observe(time.monotonic() - request.arrived_at)
             stop_seen = request.on_delta(delta, slot.name)
             self.metrics.tokens.labels("out").inc(len(delta.new_token_ids))
             if stop_seen:
-                del slot.inflight[delta.request_id]
+                slot.remove(delta.request_id)
                 if not delta.finished and slot.actor is not None:  # a stop string only the router saw (TextStream)
                     slot.actor.abort.remote([delta.request_id])
                 self._record_finished(request)
@@ -248,7 +260,7 @@ class ReplicaPool:
     def _pause(self, slot: ReplicaSlot, request: InFlightRequest) -> None:
         """The client reads slower than its request generates: stop generating (its KV blocks are freed) until
         the client has taken what waits for it; then `resume` continues from there, as a failover would."""
-        del slot.inflight[request.engine_request_id]
+        slot.remove(request.engine_request_id)
         if slot.actor is not None:
             slot.actor.abort.remote([request.engine_request_id])
         request.paused = True
@@ -341,7 +353,8 @@ class ReplicaPool:
             if task is not current:
                 task.cancel()
         requests = list(slot.inflight.values())
-        slot.inflight.clear()
+        for request in requests:
+            slot.remove(request.engine_request_id)
         self.metrics.inflight.labels(slot.name).set(0)
         self._fail_over(requests, exclude=frozenset({slot.name}))
         asyncio.create_task(self._restart(slot), name=f"{slot.name}-restart")

@@ -34,7 +34,8 @@ class Router:
     def __init__(self, config: RouterConfig) -> None:
         self.config = config
         self.metrics = RouterMetrics()
-        self.pool = ReplicaPool(config, make_policy(config.policy), self.metrics)
+        policy = make_policy(config.policy, config.prefix_imbalance_ratio, config.prefix_imbalance_slack_tokens)
+        self.pool = ReplicaPool(config, policy, self.metrics)
         self.health = health_aio.HealthServicer()
         self.service: NanoServeService | None = None
         self.server: grpc.aio.Server | None = None
