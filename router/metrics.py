@@ -17,6 +17,7 @@ class RouterMetrics:
         self.itl = Histogram("nanoserve_inter_token_latency_seconds", "Mean time between tokens, per request",
                              buckets=_LATENCY_BUCKETS, registry=r)
         self.tokens = Counter("nanoserve_tokens", "Prompt (in) and generated (out) tokens", ["direction"], registry=r)
+        self.tokens_in, self.tokens_out = self.tokens.labels("in"), self.tokens.labels("out")
         self.prefix_hit_rate = Gauge("nanoserve_prefix_cache_hit_rate",
                                      "Prompt tokens served by the prefix cache / prompt tokens, since start",
                                      ["replica"], registry=r)

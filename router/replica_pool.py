@@ -238,16 +238,17 @@ class ReplicaPool:
         self._mark_down(slot, "drained" if slot.state == "draining" else "event stream ended")
 
     def _deliver(self, slot: ReplicaSlot, batch: StepEvents) -> None:
+        num_tokens = 0
         for delta in batch.outputs:
-            request = slot.inflight.get(delta.request_id)
-            if request is None or delta.request_id != request.engine_request_id:
-                continue  # aborted, superseded by a later attempt, or from before this router attached
+            request = slot.inflight.get(delta.request_id)  # keyed by attempt: a superseded one's deltas miss
+            if request is None:
+                continue  # aborted, paused, moved, or from before this router attached
             if delta.new_token_ids:
+                num_tokens += len(delta.new_token_ids)
                 slot.kv.drop_pending(delta.request_id)  # prefilled: its blocks are reported stored by now
                 if request.first_token_at is None:
                     self.metrics.ttft.observe(time.monotonic() - request.arrived_at)
             stop_seen = request.on_delta(delta, slot.name)
-            self.metrics.tokens.labels("out").inc(len(delta.new_token_ids))
             if stop_seen:
                 slot.remove(delta.request_id)
                 if not delta.finished and slot.actor is not None:  # a stop string only the router saw (TextStream)
@@ -255,6 +256,7 @@ class ReplicaPool:
                 self._record_finished(request)
             elif request.num_pending_tokens > self.config.max_stream_buffer_tokens:
                 self._pause(slot, request)
+        self.metrics.tokens_out.inc(num_tokens)  # once a batch: a labelled child costs a lookup each call
         self.metrics.inflight.labels(slot.name).set(len(slot.inflight))
 
     def _pause(self, slot: ReplicaSlot, request: InFlightRequest) -> None:

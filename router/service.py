@@ -119,7 +119,7 @@ class NanoServeService(nanoserve_pb2_grpc.NanoServeServicer):
             await self.pool.submit(inflight)
         except PoolError as e:
             await self._refuse(context, e.code, e.message)
-        self.pool.metrics.tokens.labels("in").inc(len(prepared.prompt_token_ids))
+        self.pool.metrics.tokens_in.inc(len(prepared.prompt_token_ids))
         return inflight
 
     async def end_stalled_streams(self) -> None:
