@@ -5,7 +5,7 @@ nano-vLLM's workload: 256 requests, prompt and output lengths uniform in [100, 1
 Qwen3-0.6B-shaped model with random bf16 weights. `--hf` also runs the fixed workload (256 x
 512-token prompts, 256 new tokens, greedy) through Hugging Face and through the engine.
 
-    python bench/offline_throughput.py [--model DIR] [--enforce-eager] [--hf]
+    python bench/offline_throughput.py [--model DIR] [--tensor-parallel-size N] [--enforce-eager] [--hf]
 """
 
 from __future__ import annotations
@@ -61,6 +61,7 @@ def main() -> None:
     p.add_argument("--model", type=Path, help="checkpoint dir (default: random Qwen3-0.6B shape, bf16)")
     p.add_argument("--num-seqs", type=int, default=256)
     p.add_argument("--max-num-batched-tokens", type=int, default=16384)
+    p.add_argument("--tensor-parallel-size", type=int, default=1, help="GPUs the model is split over")
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
     p.add_argument("--hf", action="store_true", help="also run the fixed workload through HF generate and the engine")
     args = p.parse_args()
@@ -68,17 +69,19 @@ def main() -> None:
     model_dir = args.model or random_qwen3_0_6b()
     engine = LLMEngine(
         model_dir, max_model_len=4096, max_num_seqs=256, max_num_batched_tokens=args.max_num_batched_tokens,
-        enforce_eager=args.enforce_eager,
+        enforce_eager=args.enforce_eager, tensor_parallel_size=args.tensor_parallel_size,
     )
     engine.generate([[1, 2, 3]], max_tokens=8, use_tqdm=False)  # warm-up
     prompts, params = nano_vllm_workload(args.num_seqs, seed=0)
     seconds, output_tokens = timed_generate(engine, prompts, params)
-    print(f"nano-vLLM workload: {len(prompts)} requests, {sum(map(len, prompts))} prompt + {output_tokens} output "
-          f"tokens in {seconds:.2f} s = {output_tokens / seconds:,.0f} output tok/s")
+    print(f"nano-vLLM workload, TP={args.tensor_parallel_size}: {len(prompts)} requests, "
+          f"{sum(map(len, prompts))} prompt + {output_tokens} output tokens "
+          f"in {seconds:.2f} s = {output_tokens / seconds:,.0f} output tok/s")
     if args.hf:
         fixed = fixed_workload()
         greedy = SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=256)
         ours_s, ours_tokens = timed_generate(engine, fixed, greedy)
+        engine.close()
         del engine
         torch.cuda.empty_cache()
         hf_s, hf_tokens = hf_generate(model_dir, fixed, 256)

@@ -1,8 +1,9 @@
 """`python -m engine "prompt" --max-tokens 32`: an offline generation demo.
 
 Without --model it runs the embedded tiny Qwen3 with RANDOM weights (real tokenizer, gibberish
-text): a check that the engine works on this machine. Pass a Hugging Face Qwen3 checkpoint
-directory with --model for real output.
+text): a check that the engine works on this machine. For real output pass --model: a Hugging Face
+model id (Qwen/Qwen3-0.6B, found in the Hugging Face cache, downloaded there when missing and the
+hub is reachable) or a checkpoint directory.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import argparse
 import logging
 import sys
 
+from engine.architectures import SUPPORTED_ARCHITECTURES
 from engine.default_model import default_model_dir
 from engine.llm_engine import LLMEngine
 from engine.sampling_params import SamplingParams
@@ -21,11 +23,12 @@ log = logging.getLogger("engine")
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m engine",
-        description=__doc__,
+        description=f"{__doc__}\nSupported architectures: {', '.join(SUPPORTED_ARCHITECTURES)}.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("prompts", nargs="+", help="one or more prompts; each is generated independently, in one batch")
-    p.add_argument("--model", help="Hugging Face Qwen3 checkpoint directory (default: embedded tiny random model)")
+    p.add_argument("--model", help="Hugging Face model id or checkpoint directory (default: embedded tiny random "
+                   "model); ids honour HF_HOME and HF_HUB_OFFLINE")
     p.add_argument("--chat", action="store_true", help="wrap each prompt as a user message in the chat template")
     g = p.add_argument_group("sampling")
     g.add_argument("--max-tokens", type=int, default=32, help="tokens to generate per prompt (default 32)")
@@ -54,7 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.model is None:
         print("Model: embedded tiny Qwen3 with RANDOM weights (real Qwen tokenizer; the text is gibberish).\n"
-              "       Pass --model DIR with a Hugging Face Qwen3 checkpoint for real output.", file=sys.stderr)
+              "       Pass --model with a Hugging Face model id or checkpoint directory for real output.",
+              file=sys.stderr)
     try:
         params = SamplingParams(
             temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,

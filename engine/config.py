@@ -9,9 +9,11 @@ from pathlib import Path
 
 import torch
 
+from engine.architectures import find_architecture
+from engine.hub import resolve_model_dir
+
 log = logging.getLogger(__name__)
 
-SUPPORTED_ARCHITECTURES = ("Qwen3ForCausalLM",)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # KV cache size on CPU when num_kv_blocks is not given (GPU sizes it from free memory).
 CPU_KV_CACHE_BYTES = 1 << 30
@@ -19,7 +21,9 @@ CPU_KV_CACHE_BYTES = 1 << 30
 
 @dataclass(frozen=True, slots=True)
 class ModelConfig:
-    """The Qwen3 architecture facts the engine needs, read once from config.json."""
+    """The architecture facts the engine needs (Qwen2, Qwen2.5 or Qwen3), read once from config.json."""
+
+    architecture: str  # a key of engine.architectures.SUPPORTED_ARCHITECTURES
 
     vocab_size: int
     hidden_size: int
@@ -32,7 +36,10 @@ class ModelConfig:
     rope_theta: float
     max_position_embeddings: int
     tie_word_embeddings: bool
-    attention_bias: bool
+    qk_norm: bool  # per-head RMSNorm of q and k before rotary (Qwen3)
+    qkv_bias: bool  # bias on the q/k/v projections (Qwen2)
+    o_proj_bias: bool
+    sliding_window: int | None  # window of the layers that slide; None: every layer attends to the whole sequence
     checkpoint_dtype: str
     eos_token_ids: tuple[int, ...]
 
@@ -42,15 +49,12 @@ class ModelConfig:
         if not path.is_file():
             raise ValueError(f"model: {model_dir} has no config.json (expected a Hugging Face checkpoint dir)")
         cfg = json.loads(path.read_text())
-        archs = cfg.get("architectures") or []
-        if not any(a in SUPPORTED_ARCHITECTURES for a in archs) and cfg.get("model_type") != "qwen3":
-            raise ValueError(
-                f"model: unsupported architecture {archs or cfg.get('model_type')!r}; "
-                f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
-            )
+        name, arch = find_architecture(cfg)
+        attention_bias = bool(cfg.get("attention_bias", False))
         eos = cfg.get("eos_token_id")
         num_heads = cfg["num_attention_heads"]
         return cls(
+            architecture=name,
             vocab_size=cfg["vocab_size"],
             hidden_size=cfg["hidden_size"],
             intermediate_size=cfg["intermediate_size"],
@@ -62,10 +66,34 @@ class ModelConfig:
             rope_theta=_rope_theta(cfg),
             max_position_embeddings=cfg.get("max_position_embeddings", 32768),
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-            attention_bias=bool(cfg.get("attention_bias", False)),
+            qk_norm=arch.qk_norm,
+            qkv_bias=attention_bias if arch.qkv_bias is None else arch.qkv_bias,
+            o_proj_bias=attention_bias if arch.o_proj_bias is None else arch.o_proj_bias,
+            sliding_window=_sliding_window(cfg),
             checkpoint_dtype=str(cfg.get("dtype") or cfg.get("torch_dtype") or "float32"),
             eos_token_ids=tuple(eos if isinstance(eos, list) else [] if eos is None else [eos]),
         )
+
+
+def _sliding_window(cfg: dict) -> int | None:
+    """The attention window when config.json makes any layer slide (as Hugging Face reads it), else None.
+
+    Sliding applies only with use_sliding_window on; then the layers listed as "sliding_attention" in
+    layer_types slide, or, without layer_types, those from max_window_layers on.
+    """
+    window = cfg.get("sliding_window")
+    if not cfg.get("use_sliding_window") or window is None:
+        return None
+    num_layers = cfg["num_hidden_layers"]
+    layer_types = cfg.get("layer_types")
+    if layer_types is not None:
+        slides = "sliding_attention" in layer_types
+    else:
+        slides = cfg.get("max_window_layers", 28) < num_layers  # 28: transformers' default
+    if not slides:
+        return None
+    _positive_int("config.json sliding_window", window)
+    return int(window)
 
 
 def _rope_theta(cfg: dict) -> float:
@@ -110,10 +138,10 @@ class EngineConfig:
         dtype: str = "auto",
         device: str = "auto",
     ) -> EngineConfig:
-        """Validate the user's arguments (ValueError naming the field) and resolve the defaults."""
-        model_dir = Path(model)
-        if not model_dir.is_dir():
-            raise ValueError(f"model: {str(model)!r} is not a directory holding a Hugging Face checkpoint")
+        """Validate the user's arguments (ValueError naming the field) and resolve the defaults.
+
+        `model` is a checkpoint directory or a Hugging Face model id (see engine/hub.py).
+        """
         _positive_int("tensor_parallel_size", tensor_parallel_size)
         _positive_int("max_num_batched_tokens", max_num_batched_tokens)
         _positive_int("max_num_seqs", max_num_seqs)
@@ -128,6 +156,7 @@ class EngineConfig:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization}")
         if not isinstance(enforce_eager, bool):
             raise ValueError(f"enforce_eager must be a bool, got {enforce_eager!r}")
+        model_dir = resolve_model_dir(model)  # after the checks above: it may download the model
         model_config = ModelConfig.from_dir(model_dir)
         resolved_device = _resolve_device(device)
         _check_tensor_parallel_size(tensor_parallel_size, model_config, resolved_device)
@@ -169,18 +198,33 @@ def _check_tensor_parallel_size(tp_size: int, model_config: ModelConfig, device:
 
 
 def _resolve_max_model_len(max_model_len: int | None, model_config: ModelConfig) -> int:
+    """The context length: the model's by default. A sliding-window model is served with full attention,
+    which computes exactly the same as long as no sequence outgrows the window, so the window caps it."""
     limit = model_config.max_position_embeddings
+    window = model_config.sliding_window
     if max_model_len is None:
+        if window is not None and window < limit:
+            log.warning("the model enables sliding-window attention (window %d tokens), which the engine serves "
+                        "as full attention: max_model_len defaults to %d instead of %d", window, window, limit)
+            return window
         return limit
     _positive_int("max_model_len", max_model_len)
     if max_model_len > limit:
         raise ValueError(f"max_model_len={max_model_len} exceeds the model's max_position_embeddings={limit}")
+    if window is not None and max_model_len > window:
+        raise ValueError(
+            f"max_model_len={max_model_len} exceeds the model's sliding_window={window}: the engine has no "
+            "sliding-window attention (it matches full attention only within the window); use max_model_len <= "
+            f"{window}"
+        )
     return max_model_len
 
 
 def _resolve_device(device: str) -> torch.device:
+    """The device named, with its GPU index made explicit ("cuda" -> "cuda:<current>"): tensor-parallel
+    ranks count their GPUs from it and torch.cuda.set_device refuses an index-less device."""
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         resolved = torch.device(device)
     except (RuntimeError, TypeError) as e:
@@ -189,6 +233,8 @@ def _resolve_device(device: str) -> torch.device:
         raise ValueError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {device!r}")
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device={device!r} but CUDA is not available on this machine")
+    if resolved.type == "cuda" and resolved.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
     return resolved
 
 

@@ -16,7 +16,7 @@ from engine.cuda_graphs import DecodeGraphs
 from engine.kv_cache import allocate_kv_cache, bytes_per_block, log_kv_cache, num_cpu_blocks, num_gpu_blocks
 from engine.layers.attention import AttentionMetadata
 from engine.loader import load_weights
-from engine.models.qwen3 import Qwen3ForCausalLM
+from engine.models.qwen import QwenForCausalLM
 from engine.sampler import Sampler, SamplingBatch
 from engine.sampling_params import SamplingParams
 from engine.scheduler import ScheduledBatch
@@ -44,7 +44,7 @@ class ModelRunner:
         self.rank, self.ranks = rank, ranks
         tp_size = config.tensor_parallel_size
         with _default_dtype(config.dtype), torch.device(self.device):
-            self.model = Qwen3ForCausalLM(config.model_config, config.max_model_len, rank, tp_size)
+            self.model = QwenForCausalLM(config.model_config, config.max_model_len, rank, tp_size)
         load_weights(self.model, config.model)
         self.sampler = Sampler()
         on_gpu = self.device.type == "cuda"

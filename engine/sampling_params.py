@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, fields
 
-
 GREEDY_BELOW_TEMPERATURE = 1e-5
 
 

@@ -52,6 +52,15 @@ def _select_chat_template(value: str | list[dict[str, str]] | None) -> str | Non
     return named.get("default")
 
 
+def _chat_template_source(model_dir: Path, config: dict[str, Any]) -> str | None:
+    """The checkpoint's chat template: `chat_template.jinja` (where recent transformers save it; it wins,
+    as in transformers), else tokenizer_config.json's `chat_template`; None when it has neither."""
+    jinja_file = model_dir / "chat_template.jinja"
+    if jinja_file.is_file():
+        return jinja_file.read_text(encoding="utf-8")
+    return _select_chat_template(config.get("chat_template"))
+
+
 def _raise_exception(message: str) -> NoReturn:
     raise ValueError(f"messages: {message}")
 
@@ -112,7 +121,8 @@ class Tokenizer:
 
     @classmethod
     def from_dir(cls, model_dir: str | Path) -> Tokenizer:
-        """Load `tokenizer.json`, `tokenizer_config.json` and the eos ids of the model configs in `model_dir`."""
+        """Load `tokenizer.json`, `tokenizer_config.json`, the chat template and the eos ids of the model
+        configs in `model_dir`."""
         model_dir = Path(model_dir)
         tokenizer_file = model_dir / "tokenizer.json"
         if not tokenizer_file.is_file():
@@ -134,7 +144,7 @@ class Tokenizer:
         return cls(
             hf_tokenizer,
             eos_token_ids=frozenset(eos_ids),
-            chat_template=_select_chat_template(config.get("chat_template")),
+            chat_template=_chat_template_source(model_dir, config),
             bos_token=_token_content(config.get("bos_token")),
             eos_token=eos_token,
         )
@@ -155,7 +165,7 @@ class Tokenizer:
     def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
         """Render chat `messages` into the prompt text, ending with the assistant header if asked."""
         if self._chat_template is None:
-            raise ValueError("messages: this tokenizer has no chat template")
+            raise ValueError("messages: the model has no chat template (its checkpoint ships none); send text instead")
         validate_messages(messages)
         return self._chat_template.render(
             messages=messages,

@@ -1,5 +1,6 @@
-"""Qwen3's per-head RMSNorm of q and k followed by rotary embedding, straight out of the fused QKV
-projection: one program per (token, head) reads the head once and writes the rotated result.
+"""Rotary embedding of q and k straight out of the fused QKV projection, after Qwen3's per-head
+RMSNorm when norm weights are given (Qwen2 has none): one program per (token, head) reads the head
+once and writes the rotated result.
 
 Roundings follow the unfused torch code: the normalised head is rounded to the input dtype and
 scaled by the weight, then q*cos and rotate_half(q)*sin are each rounded before their sum.
@@ -18,8 +19,8 @@ from kernels.triton_compat import tl, triton
 def qk_norm_rope(
     qkv: torch.Tensor,  # [T, (Hq + 2 Hkv) * D]
     positions: torch.Tensor,  # [T]
-    q_weight: torch.Tensor,  # [D]
-    k_weight: torch.Tensor,  # [D]
+    q_weight: torch.Tensor | None,  # [D]; None (with k_weight None): rotary only, no norm
+    k_weight: torch.Tensor | None,  # [D]
     cos: torch.Tensor,  # [max_position, D] float32
     sin: torch.Tensor,  # [max_position, D] float32
     eps: float,
@@ -28,20 +29,23 @@ def qk_norm_rope(
 ) -> tuple[torch.Tensor, torch.Tensor]:  # q [T, Hq, D], k [T, Hkv, D]
     """Triton version of `qk_norm_rope_ref`."""
     num_tokens = qkv.shape[0]
-    head_dim = q_weight.shape[0]
+    head_dim = cos.shape[1]
+    has_norm = q_weight is not None
+    assert (k_weight is not None) == has_norm, "q and k norm weights come together"
     assert qkv.stride(-1) == 1 and cos.is_contiguous() and sin.is_contiguous()
     q = torch.empty(num_tokens, num_heads, head_dim, dtype=qkv.dtype, device=qkv.device)
     k = torch.empty(num_tokens, num_kv_heads, head_dim, dtype=qkv.dtype, device=qkv.device)
     _qk_norm_rope_kernel[(num_tokens, num_heads + num_kv_heads)](
         qkv, positions, q_weight, k_weight, cos, sin, q, k, qkv.stride(0), eps, num_heads, num_kv_heads,
-        HALF=head_dim // 2,
+        HALF=head_dim // 2, HAS_NORM=has_norm,
     )
     return q, k
 
 
 @triton.jit
 def _qk_norm_rope_kernel(
-    QKV, positions, Wq, Wk, Cos, Sin, Q, K, stride_t, eps, num_heads, num_kv_heads, HALF: tl.constexpr
+    QKV, positions, Wq, Wk, Cos, Sin, Q, K, stride_t, eps, num_heads, num_kv_heads,
+    HALF: tl.constexpr, HAS_NORM: tl.constexpr,
 ):
     t = tl.program_id(0)
     h = tl.program_id(1)
@@ -51,16 +55,17 @@ def _qk_norm_rope_kernel(
     x1 = tl.load(src + offs)
     x2 = tl.load(src + HALF + offs)
     dtype = x1.dtype
-    if is_q:
-        w1 = tl.load(Wq + offs).to(tl.float32)
-        w2 = tl.load(Wq + HALF + offs).to(tl.float32)
-    else:
-        w1 = tl.load(Wk + offs).to(tl.float32)
-        w2 = tl.load(Wk + HALF + offs).to(tl.float32)
-    f1, f2 = x1.to(tl.float32), x2.to(tl.float32)
-    rstd = tl.rsqrt((tl.sum(f1 * f1, 0) + tl.sum(f2 * f2, 0)) / (2 * HALF) + eps)
-    n1 = ((f1 * rstd).to(dtype).to(tl.float32) * w1).to(dtype).to(tl.float32)
-    n2 = ((f2 * rstd).to(dtype).to(tl.float32) * w2).to(dtype).to(tl.float32)
+    n1, n2 = x1.to(tl.float32), x2.to(tl.float32)
+    if HAS_NORM:  # the weights are None otherwise: this branch is compiled out
+        if is_q:
+            w1 = tl.load(Wq + offs).to(tl.float32)
+            w2 = tl.load(Wq + HALF + offs).to(tl.float32)
+        else:
+            w1 = tl.load(Wk + offs).to(tl.float32)
+            w2 = tl.load(Wk + HALF + offs).to(tl.float32)
+        rstd = tl.rsqrt((tl.sum(n1 * n1, 0) + tl.sum(n2 * n2, 0)) / (2 * HALF) + eps)
+        n1 = ((n1 * rstd).to(dtype).to(tl.float32) * w1).to(dtype).to(tl.float32)
+        n2 = ((n2 * rstd).to(dtype).to(tl.float32) * w2).to(dtype).to(tl.float32)
     pos = tl.load(positions + t)
     cos = tl.load(Cos + pos * 2 * HALF + offs).to(dtype).to(tl.float32)  # both halves of the row are equal
     sin = tl.load(Sin + pos * 2 * HALF + offs).to(dtype).to(tl.float32)
@@ -75,15 +80,18 @@ def _qk_norm_rope_kernel(
 
 
 def qk_norm_rope_ref(
-    qkv: torch.Tensor, positions: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor,
+    qkv: torch.Tensor, positions: torch.Tensor, q_weight: torch.Tensor | None, k_weight: torch.Tensor | None,
     cos: torch.Tensor, sin: torch.Tensor, eps: float, num_heads: int, num_kv_heads: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    head_dim = q_weight.shape[0]
+    head_dim = cos.shape[1]
+    assert (q_weight is None) == (k_weight is None), "q and k norm weights come together"
     q, k = qkv[:, : (num_heads + num_kv_heads) * head_dim].split(
         [num_heads * head_dim, num_kv_heads * head_dim], dim=-1
     )
-    q = cast(torch.Tensor, rms_norm_ref(q.reshape(-1, num_heads, head_dim), q_weight, eps))
-    k = cast(torch.Tensor, rms_norm_ref(k.reshape(-1, num_kv_heads, head_dim), k_weight, eps))
+    q, k = q.reshape(-1, num_heads, head_dim), k.reshape(-1, num_kv_heads, head_dim)
+    if q_weight is not None and k_weight is not None:
+        q = cast(torch.Tensor, rms_norm_ref(q, q_weight, eps))
+        k = cast(torch.Tensor, rms_norm_ref(k, k_weight, eps))
     c = cos[positions].unsqueeze(1).to(qkv.dtype)  # [T, 1, D]
     s = sin[positions].unsqueeze(1).to(qkv.dtype)
     return q * c + _rotate_half(q) * s, k * c + _rotate_half(k) * s

@@ -1,4 +1,5 @@
-"""`python -m router --replicas 4`: serve the nanoserve gRPC API from Ray replicas of the engine."""
+"""`python -m router --replicas 4`: serve the nanoserve gRPC API (and, with --http-port, an OpenAI-compatible
+HTTP API) from Ray replicas of the engine."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import argparse
 import asyncio
 import logging
 import signal
+import sys
 from pathlib import Path
 
 from router.config import RouterConfig
@@ -20,12 +22,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m router",
         description="Serve the nanoserve gRPC API (nanoserve.v1.NanoServe, plus grpc.health.v1 and server "
-        "reflection) from Ray actor replicas of the engine, balanced by prefix-cache affinity, with failover.",
+        "reflection), and with --http-port an OpenAI-compatible HTTP API, from Ray actor replicas of the engine, "
+        "balanced by prefix-cache affinity, with failover.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--replicas", type=int, default=1, help="engine replicas to run (Ray actors)")
-    p.add_argument("--model", help="Hugging Face Qwen3 checkpoint directory; without it, the embedded tiny "
-                   "Qwen3 with RANDOM weights (gibberish text, for trying things out)")
+    p.add_argument("--model", help="Hugging Face model id (e.g. Qwen/Qwen3-0.6B: each node finds it in its Hugging "
+                   "Face cache, honouring HF_HOME and HF_HUB_OFFLINE, or downloads it when the hub is reachable) or "
+                   "checkpoint directory; without it, the embedded tiny Qwen3 with RANDOM weights (gibberish "
+                   "text, for trying things out)")
     p.add_argument("--tensor-parallel-size", type=int, default=1, help="GPUs per replica (one engine over them)")
     p.add_argument("--policy", choices=POLICY_NAMES, default="prefix",
                    help="prefix: the replica holding the longest cached prompt prefix unless loads are too "
@@ -38,6 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="prefix policy: the tokens added to that bound (so that light loads do not count as uneven)")
     p.add_argument("--host", default="0.0.0.0", help="address to listen on")
     p.add_argument("--port", type=int, default=50051, help="gRPC port (0 picks a free one)")
+    p.add_argument("--http-port", type=int, help="also serve the OpenAI-compatible HTTP API on this port "
+                   "(/v1/completions, /v1/chat/completions, /v1/models, /health; 0 picks a free one); "
+                   "off without it")
     p.add_argument("--ray-address", help="'auto' joins the running Ray cluster (ray start / ray up); "
                    "without it a local Ray instance is started")
     p.add_argument("--metrics-port", type=int, default=9400, help="Prometheus metrics port; -1 turns it off")
@@ -61,8 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds a client may take no output of its stream before the request is stopped and the "
                    "stream ended with RESOURCE_EXHAUSTED")
     p.add_argument("--api-key-file", help="file of API keys, one a line (blank lines and # comments skipped); "
-                   "every NanoServe call must then send 'authorization: Bearer <key>' (health and reflection "
-                   "stay open)")
+                   "every NanoServe call and /v1 HTTP request must then send 'authorization: Bearer <key>' "
+                   "(gRPC health, reflection and HTTP /health stay open)")
     p.add_argument("--tls-cert", help="PEM certificate chain: serve over TLS (needs --tls-key)")
     p.add_argument("--tls-key", help="PEM private key of --tls-cert")
     p.add_argument("--replica-prefix", default="nanoserve-replica",
@@ -92,7 +100,7 @@ def parse_args(argv: list[str] | None = None) -> RouterConfig:
             num_replicas=args.replicas, model=args.model, tensor_parallel_size=args.tensor_parallel_size,
             engine_kwargs=engine_kwargs, policy=args.policy, prefix_imbalance_ratio=args.prefix_imbalance_ratio,
             prefix_imbalance_slack_tokens=args.prefix_imbalance_slack_tokens,
-            host=args.host, port=args.port, ray_address=args.ray_address,
+            host=args.host, port=args.port, http_port=args.http_port, ray_address=args.ray_address,
             metrics_port=None if args.metrics_port < 0 else args.metrics_port,
             max_queued_per_replica=args.max_queued_per_replica, drain_timeout_s=args.drain_timeout,
             max_stream_buffer_tokens=args.max_stream_buffer_tokens,
@@ -135,13 +143,20 @@ async def serve(config: RouterConfig) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):  # after Ray's start, which installs handlers of its own
         loop.add_signal_handler(sig, stop.set)
     print(f"nanoserve router listening on {config.host}:{router.port}", flush=True)
+    if router.http_port is not None:
+        print(f"OpenAI-compatible HTTP API on http://{config.host}:{router.http_port}/v1", flush=True)
     await stop.wait()
     log.info("signal received: draining")
     await router.stop()
 
 
 def main(argv: list[str] | None = None) -> None:
-    asyncio.run(serve(parse_args(argv)))
+    config = parse_args(argv)
+    try:
+        asyncio.run(serve(config))
+    except ValueError as e:  # found at start, e.g. a model that is neither a directory nor a findable id
+        log.error("%s", e)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

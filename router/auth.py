@@ -1,4 +1,5 @@
-"""API keys: every RPC but the open ones (health, reflection) must carry `authorization: Bearer <key>`."""
+"""API keys: every RPC but the open ones (health, reflection), and every /v1 HTTP request, must carry
+`authorization: Bearer <key>`."""
 
 from __future__ import annotations
 
@@ -24,13 +25,32 @@ _HANDLER_KINDS: dict[tuple[bool, bool], Callable[..., grpc.RpcMethodHandler]] = 
 }
 
 
+class ApiKeys:
+    """The configured keys, and why a presented `authorization` value is refused (shared by gRPC and HTTP)."""
+
+    def __init__(self, api_keys: Iterable[str]) -> None:
+        # Comparing SHA-256 digests keeps every comparison the same length, so not even a key's length leaks.
+        self._key_digests = [_digest(key) for key in api_keys]
+        assert self._key_digests, "ApiKeys needs at least one key"
+
+    def problem(self, authorization: str | None) -> str | None:
+        """Why this authorization value is refused, or None when it holds a configured key."""
+        if authorization is None:
+            return "missing API key: send 'authorization: Bearer <key>'"
+        if not authorization.startswith(BEARER):
+            return "invalid authorization: expected 'Bearer <key>'"
+        presented = _digest(authorization.removeprefix(BEARER))
+        matched = False
+        for digest in self._key_digests:  # every key, no early exit: the time taken says nothing of which matched
+            matched |= hmac.compare_digest(digest, presented)
+        return None if matched else "invalid API key"
+
+
 class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
     """Refuses calls without a configured API key with UNAUTHENTICATED; calls to `open_services` pass freely."""
 
-    def __init__(self, api_keys: Iterable[str], open_services: Collection[str], on_refused: Callable[[], None]) -> None:
-        # Comparing SHA-256 digests keeps every comparison the same length, so not even a key's length leaks.
-        self._key_digests = [_digest(key) for key in api_keys]
-        assert self._key_digests, "an ApiKeyInterceptor needs at least one key"
+    def __init__(self, api_keys: ApiKeys, open_services: Collection[str], on_refused: Callable[[], None]) -> None:
+        self._api_keys = api_keys
         self._open_services = frozenset(open_services)
         self._on_refused = on_refused
 
@@ -42,24 +62,12 @@ class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(details)
         if handler is None or _service_of(details.method) in self._open_services:
             return handler
-        problem = self._problem(_authorization(details.invocation_metadata))
+        problem = self._api_keys.problem(_authorization(details.invocation_metadata))
         if problem is None:
             return handler
         log.info("refused %s: %s", details.method, problem)
         self._on_refused()
         return _refusal(handler, problem)
-
-    def _problem(self, authorization: str | None) -> str | None:
-        """Why this authorization metadata is refused, or None when it holds a configured key."""
-        if authorization is None:
-            return "missing API key: send the metadata 'authorization: Bearer <key>'"
-        if not authorization.startswith(BEARER):
-            return "invalid authorization metadata: expected 'Bearer <key>'"
-        presented = _digest(authorization.removeprefix(BEARER))
-        matched = False
-        for digest in self._key_digests:  # every key, no early exit: the time taken says nothing of which matched
-            matched |= hmac.compare_digest(digest, presented)
-        return None if matched else "invalid API key"
 
 
 def _digest(key: str) -> bytes:

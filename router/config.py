@@ -23,6 +23,7 @@ class RouterConfig:
     prefix_imbalance_slack_tokens: int = 4096
     host: str = "0.0.0.0"
     port: int = 50051
+    http_port: int | None = None  # None: no OpenAI-compatible HTTP API; 0 picks a free port
     ray_address: str | None = None  # None: start a local Ray; "auto": join the running cluster
     metrics_port: int | None = 9400  # None: no metrics endpoint
     namespace: str = NAMESPACE
@@ -65,6 +66,10 @@ class RouterConfig:
         for i, key in enumerate(self.api_keys):  # never echo a key: errors show where it is, not what it is
             if not key or not key.isascii() or not key.isprintable() or any(c.isspace() for c in key):
                 raise ValueError(f"api_keys[{i}] must be printable ASCII without spaces (as gRPC metadata carries it)")
+        for name in ("port", "http_port"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 65536):
+                raise ValueError(f"{name} must be in [0, 65535], got {value!r}")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("tls_cert and tls_key go together: give both or neither")
 

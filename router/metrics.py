@@ -1,6 +1,13 @@
-"""The router's Prometheus metrics (text format on --metrics-port), one registry per router."""
+"""The router's Prometheus metrics (text format on --metrics-port), one registry per router.
+
+These are the names deploy/grafana/nanoserve.json and deploy/prometheus/alerts.yml query; the
+replicas' load and cache figures come through here too (the router publishes their stats), so
+one scrape of the router sees the whole cluster.
+"""
 
 from __future__ import annotations
+
+from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
@@ -18,6 +25,10 @@ class RouterMetrics:
                              buckets=_LATENCY_BUCKETS, registry=r)
         self.tokens = Counter("nanoserve_tokens", "Prompt (in) and generated (out) tokens", ["direction"], registry=r)
         self.tokens_in, self.tokens_out = self.tokens.labels("in"), self.tokens.labels("out")
+        self.prefix_hit_tokens = Counter(
+            "nanoserve_prefix_cache_hit_tokens",
+            "Prompt tokens a replica served from its prefix cache (over nanoserve_tokens_total{direction=\"in\"}: "
+            "the hit rate over any window)", registry=r)
         self.prefix_hit_rate = Gauge("nanoserve_prefix_cache_hit_rate",
                                      "Prompt tokens served by the prefix cache / prompt tokens, since start",
                                      ["replica"], registry=r)
@@ -33,8 +44,26 @@ class RouterMetrics:
                                     "Streams whose client fell behind: paused (the request left its replica), "
                                     "resumed, or ended (no output taken for the stalled-stream timeout)",
                                     ["event"], registry=r)
+        for event in ("paused", "resumed", "ended"):  # exported at 0 from the start, so rate() sees the first
+            self.slow_clients.labels(event)
         self.replica_restarts = Counter("nanoserve_replica_restarts", "Replicas restarted after a failure",
                                         ["replica"], registry=r)
+        self._server: WSGIServer | None = None
 
-    def serve(self, port: int, host: str = "0.0.0.0") -> None:
-        start_http_server(port, addr=host, registry=self.registry)
+    def add_replica(self, name: str) -> None:
+        """Export the replica's series at 0 from the start: dashboards list it before its first stats, and
+        increase() sees its first restart (a series that appears at 1 shows no increase)."""
+        for per_replica in (self.prefix_hit_rate, self.kv_usage, self.queue_depth, self.inflight, self.replica_up):
+            per_replica.labels(name).set(0)
+        self.replica_restarts.labels(name)
+
+    def serve(self, port: int, host: str) -> int:
+        """Serve /metrics on host:port (0 picks a free port); return the port."""
+        self._server, _ = start_http_server(port, addr=host, registry=self.registry)
+        return self._server.server_port
+
+    def close(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None

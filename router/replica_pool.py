@@ -77,6 +77,8 @@ class ReplicaPool:
     def __init__(self, config: RouterConfig, policy: RoutingPolicy, metrics: RouterMetrics) -> None:
         self.config, self.policy, self.metrics = config, policy, metrics
         self.slots = [ReplicaSlot(name) for name in config.replica_names]
+        for slot in self.slots:
+            metrics.add_replica(slot.name)
         self.info: EngineInfo | None = None
         self.on_serving_changed: Callable[[bool], None] = lambda serving: None
         self._closing = False
@@ -248,6 +250,8 @@ class ReplicaPool:
                 slot.kv.drop_pending(delta.request_id)  # prefilled: its blocks are reported stored by now
                 if request.first_token_at is None:
                     self.metrics.ttft.observe(time.monotonic() - request.arrived_at)
+            if request.num_cached_tokens is None:  # the replica that first admitted it; once per request
+                self.metrics.prefix_hit_tokens.inc(delta.num_cached_tokens)
             stop_seen = request.on_delta(delta, slot.name)
             if stop_seen:
                 slot.remove(delta.request_id)

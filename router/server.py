@@ -1,4 +1,5 @@
-"""The router process: Ray, the replica pool, the gRPC server (with health and reflection), metrics."""
+"""The router process: Ray, the replica pool, the gRPC server (with health and reflection), the optional
+OpenAI-compatible HTTP API, metrics."""
 
 from __future__ import annotations
 
@@ -12,11 +13,14 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
+from engine.hub import TOKENIZER_FILES, resolve_model_dir
 from engine.qwen_tokenizer import cached_qwen_tokenizer_dir
 from engine.tokenizer import Tokenizer
 from proto import nanoserve_pb2 as pb
-from router.auth import ApiKeyInterceptor
+from router.auth import ApiKeyInterceptor, ApiKeys
 from router.config import RouterConfig
+from router.core import ServingCore
+from router.http_server import HttpFrontDoor
 from router.metrics import RouterMetrics
 from router.policies import make_policy
 from router.replica_pool import ReplicaPool
@@ -37,27 +41,32 @@ class Router:
         policy = make_policy(config.policy, config.prefix_imbalance_ratio, config.prefix_imbalance_slack_tokens)
         self.pool = ReplicaPool(config, policy, self.metrics)
         self.health = health_aio.HealthServicer()
-        self.service: NanoServeService | None = None
+        self.api_keys = ApiKeys(config.api_keys) if config.api_keys else None
+        self.core: ServingCore | None = None
         self.server: grpc.aio.Server | None = None
+        self.http: HttpFrontDoor | None = None
         self.port: int | None = None
+        self.http_port: int | None = None
+        self.metrics_port: int | None = None
         self._stall_watch: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         cfg = self.config
+        # First: a model that cannot be found fails here, before replicas start loading it.
+        tokenizer = await asyncio.to_thread(load_tokenizer, cfg.model)
         if not ray.is_initialized():
             ray.init(address=cfg.ray_address, namespace=cfg.namespace, include_dashboard=False,
                      logging_level=logging.WARNING)
         if cfg.metrics_port is not None:
-            self.metrics.serve(cfg.metrics_port)
+            self.metrics_port = self.metrics.serve(cfg.metrics_port, cfg.host)
         info = await self.pool.start()
-        tokenizer = Tokenizer.from_dir(Path(cfg.model) if cfg.model else cached_qwen_tokenizer_dir())
-        model_name = Path(cfg.model).name if cfg.model else "tiny-random-qwen3 (random weights)"
-        self.service = NanoServeService(self.pool, tokenizer, info, model_name)
-        self._stall_watch = asyncio.create_task(self.service.end_stalled_streams(), name="stalled-streams")
+        model_name = model_display_name(cfg.model)
+        self.core = ServingCore(self.pool, tokenizer, info, model_name)
+        self._stall_watch = asyncio.create_task(self.core.end_stalled_streams(), name="stalled-streams")
         self.server = grpc.aio.server(interceptors=self._interceptors(), options=[
             ("grpc.max_receive_message_length", cfg.max_message_bytes),
         ])
-        handlers = nanoserve_handlers(self.service)
+        handlers = nanoserve_handlers(NanoServeService(self.core))
         self.server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
         self.server.add_registered_method_handlers(SERVICE_NAME, handlers)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
@@ -65,17 +74,21 @@ class Router:
         self.port = self._add_port(self.server)
         self.pool.on_serving_changed = self._on_serving_changed
         await self.server.start()
+        if cfg.http_port is not None:
+            self.http = HttpFrontDoor(self.core, cfg, self.api_keys)
+            self.http_port = await self.http.start()
         await self._set_health(bool(self.pool.serving()))
-        log.info("serving %s on %s:%d (%s, %s) with %d replicas (policy %s)%s", model_name, cfg.host, self.port,
+        log.info("serving %s on %s:%d (%s, %s) with %d replicas (policy %s)%s%s", model_name, cfg.host, self.port,
                  "TLS" if cfg.tls_cert else "plaintext", "API keys required" if cfg.api_keys else "no API keys",
                  cfg.num_replicas, cfg.policy,
-                 f"; metrics on :{cfg.metrics_port}/metrics" if cfg.metrics_port is not None else "")
+                 f"; OpenAI-compatible HTTP API on :{self.http_port}/v1" if self.http_port is not None else "",
+                 f"; metrics on :{self.metrics_port}/metrics" if self.metrics_port is not None else "")
 
     def _interceptors(self) -> list[grpc.aio.ServerInterceptor]:
-        if not self.config.api_keys:
+        if self.api_keys is None:
             return []
         refused = self.metrics.requests.labels(grpc.StatusCode.UNAUTHENTICATED.name)
-        return [ApiKeyInterceptor(self.config.api_keys, OPEN_SERVICES, on_refused=refused.inc)]
+        return [ApiKeyInterceptor(self.api_keys, OPEN_SERVICES, on_refused=refused.inc)]
 
     def _add_port(self, server: grpc.aio.Server) -> int:
         cfg = self.config
@@ -95,16 +108,32 @@ class Router:
     async def stop(self, kill_replicas: bool = True) -> None:
         """Stop accepting (health NOT_SERVING at once), let in-flight streams finish within the drain
         timeout, then stop the replicas."""
-        if self.service is not None:
-            self.service.draining = True
+        if self.core is not None:
+            self.core.draining = True
         await self._set_health(False)
-        if self.server is not None:
-            log.info("draining: waiting up to %.0f s for in-flight streams", self.config.drain_timeout_s)
-            await self.server.stop(self.config.drain_timeout_s)
+        log.info("draining: waiting up to %.0f s for in-flight streams", self.config.drain_timeout_s)
+        front_doors = [self.server.stop(self.config.drain_timeout_s)] if self.server is not None else []
+        if self.http is not None:
+            front_doors.append(self.http.stop())
+        await asyncio.gather(*front_doors)
         if self._stall_watch is not None:
             self._stall_watch.cancel()
         await self.pool.close(kill_replicas)
+        self.metrics.close()
         log.info("router stopped")
+
+
+def load_tokenizer(model: str | None) -> Tokenizer:
+    """The tokenizer of `model` (a checkpoint directory or a Hugging Face model id, whose tokenizer files
+    alone are fetched), or of the embedded tiny model when None."""
+    return Tokenizer.from_dir(resolve_model_dir(model, TOKENIZER_FILES) if model else cached_qwen_tokenizer_dir())
+
+
+def model_display_name(model: str | None) -> str:
+    """A checkpoint directory's name, or the Hugging Face model id as given."""
+    if model is None:
+        return "tiny-random-qwen3 (random weights)"
+    return Path(model).name if Path(model).expanduser().is_dir() else model
 
 
 def nanoserve_handlers(service: NanoServeService) -> dict[str, grpc.RpcMethodHandler]:

@@ -16,7 +16,7 @@ from google.protobuf.message import DecodeError, Message
 
 from engine.block_hash import hash_blocks
 from engine.sampling_params import SamplingParams
-from engine.tokenizer import Tokenizer, validate_messages
+from engine.tokenizer import Tokenizer
 from proto import nanoserve_pb2 as pb
 from worker.messages import EngineInfo
 
@@ -89,11 +89,10 @@ class RequestValidator:
             return self.tokenizer.encode(request.text)
         if kind == "chat":
             messages = [{"role": m.role, "content": m.content} for m in request.chat.messages]
-            try:
-                validate_messages(messages)
+            try:  # the template may refuse messages too (Qwen's: "No user query found in messages.")
+                return self.tokenizer.encode(self.tokenizer.apply_chat_template(messages))
             except ValueError as e:
                 raise InvalidRequest(f"chat.{e}") from None
-            return self.tokenizer.encode(self.tokenizer.apply_chat_template(messages))
         if kind == "token_ids":
             ids = list(request.token_ids.ids)
             if not ids:

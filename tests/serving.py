@@ -90,7 +90,7 @@ def router_factory(model_dir: Path) -> Iterator[Callable[..., RouterThread]]:
         config = RouterConfig(
             num_replicas=num_replicas, model=overrides.pop("model", str(model_dir)),
             engine_kwargs=overrides.pop("engine_kwargs", dict(ENGINE_KWARGS)), policy=policy,
-            host="127.0.0.1", port=0, metrics_port=None, namespace="nanoserve-test",
+            host="127.0.0.1", port=0, metrics_port=overrides.pop("metrics_port", None), namespace="nanoserve-test",
             replica_prefix=overrides.pop("replica_prefix", f"test-{uuid.uuid4().hex[:6]}"), **overrides,
         )
         routers.append(RouterThread(config))

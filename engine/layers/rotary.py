@@ -1,4 +1,4 @@
-"""Rotary position embedding (RoPE), applied together with Qwen3's per-head q/k RMSNorm."""
+"""Rotary position embedding (RoPE), applied together with Qwen3's per-head q/k RMSNorm where the model has it."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ from kernels.triton_compat import use_triton
 
 
 class RotaryEmbedding(nn.Module):
-    """Holds the cos/sin tables; `forward` normalises and rotates q and k straight from the QKV output."""
+    """Holds the cos/sin tables; `forward` rotates q and k straight from the QKV output, normalised first
+    when the model has q/k norms."""
 
     def __init__(self, head_dim: int, max_position: int, base: float) -> None:
         super().__init__()
@@ -25,9 +26,13 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("sin", emb.sin(), persistent=False)
 
     def forward(
-        self, positions: torch.Tensor, qkv: torch.Tensor, q_norm: RMSNorm, k_norm: RMSNorm,
+        self, positions: torch.Tensor, qkv: torch.Tensor, q_norm: RMSNorm | None, k_norm: RMSNorm | None,
         num_heads: int, num_kv_heads: int,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions: [T], qkv: [T, (Hq + 2 Hkv) D] -> q [T, Hq, D], k [T, Hkv, D], normalised and rotated."""
+        """positions: [T], qkv: [T, (Hq + 2 Hkv) D] -> q [T, Hq, D], k [T, Hkv, D], rotated (and first
+        normalised, given the norms: both or neither)."""
         fn = qk_norm_rope if use_triton(qkv) else qk_norm_rope_ref
+        if q_norm is None or k_norm is None:
+            assert q_norm is k_norm, "q and k norms come together"
+            return fn(qkv, positions, None, None, self.cos, self.sin, 0.0, num_heads, num_kv_heads)
         return fn(qkv, positions, q_norm.weight, k_norm.weight, self.cos, self.sin, q_norm.eps, num_heads, num_kv_heads)

@@ -1,1 +1,1 @@
-"""Model definitions (Qwen3)."""
+"""Model definitions: the dense Qwen decoder (Qwen2, Qwen2.5, Qwen3)."""

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import datetime
+import logging
 import socket
+import threading
 
 import torch
 import torch.distributed as dist
+
+log = logging.getLogger(__name__)
 
 # Collectives only ever wait for the slowest rank of the same step; a rank that dies closes its
 # sockets, which fails the collective at once (gloo), so this bound is only a last resort.
@@ -36,6 +40,18 @@ def rank_device(device: torch.device, rank: int) -> torch.device:
     return torch.device("cuda", (device.index or 0) + rank) if device.type == "cuda" else device
 
 
-def destroy_process_group() -> None:
-    if dist.is_initialized():
+def destroy_process_group(timeout_s: float = 10.0) -> None:
+    """Leave the group. gloo: destroy it. NCCL: `destroy_process_group` hangs once collectives were captured
+    in CUDA graphs (pytorch/pytorch#115388, seen on two H200s), so abort the communicators instead, on a
+    daemon thread, and stop waiting after `timeout_s`: close() must not hang, and process exit frees them."""
+    if not dist.is_initialized():
+        return
+    if dist.get_backend() != "nccl":
         dist.destroy_process_group()
+        return
+    aborting = threading.Thread(target=dist.distributed_c10d._abort_process_group, daemon=True,
+                                name="nanoserve-nccl-abort")
+    aborting.start()
+    aborting.join(timeout_s)
+    if aborting.is_alive():
+        log.warning("NCCL did not shut down within %.0f s; its communicators go with the process", timeout_s)

@@ -6,6 +6,8 @@ import dataclasses
 import logging
 import os
 import signal
+import sys
+import traceback
 from multiprocessing.synchronize import Semaphore
 
 import torch
@@ -52,4 +54,17 @@ def run_rank(
         log.warning("tensor-parallel rank %d: rank 0 exited; leaving", rank)
     finally:
         channel.close()
+        if config.device.type == "cuda":
+            _exit_leaving_nccl_to_the_os()
         destroy_process_group()
+
+
+def _exit_leaving_nccl_to_the_os() -> None:
+    """End a GPU rank now: tearing NCCL down after CUDA-graph capture can hang (see destroy_process_group),
+    and the driver frees a process's communicators and memory when it exits. Exit code 1 on an exception."""
+    failed = sys.exc_info()[0] is not None
+    if failed:
+        traceback.print_exc()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(1 if failed else 0)

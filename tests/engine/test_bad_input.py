@@ -174,5 +174,6 @@ def test_model_dir_without_config(tmp_path: Path) -> None:
 
 def test_unsupported_architecture(tmp_path: Path) -> None:
     (tmp_path / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"], "model_type": "llama"}))
-    with pytest.raises(ValueError, match="model: unsupported architecture.*LlamaForCausalLM"):
+    with pytest.raises(ValueError, match="model: unsupported architecture.*LlamaForCausalLM.*supported: "
+                       "Qwen2ForCausalLM, Qwen3ForCausalLM"):
         LLMEngine(tmp_path, device="cpu")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import os
 import re
 import subprocess
 import sys
@@ -13,15 +14,18 @@ import pytest
 
 import engine.__main__ as cli
 from engine.llm_engine import LLMEngine
+from engine.sampling_params import SamplingParams
+from tests.hub_cache import write_hub_cache
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 RANDOM_WEIGHTS_LABEL = "RANDOM weights"
 
 
-def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+def run_cli(*args: str, timeout: float = 300, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     """`python -m engine ARGS` from the repo root, as a user would run it."""
     return subprocess.run(
-        [sys.executable, "-m", "engine", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout
+        [sys.executable, "-m", "engine", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout,
+        env=env,
     )
 
 
@@ -99,3 +103,22 @@ def test_model_and_chat(
     assert cli.main([*argv, "--max-tokens", "2", "--temperature", "0.8", "--seed", "3", "--stop", "zz"]) == 0
     assert prompts_seen[1] == ["Hello", "Bye now"]
     assert capsys.readouterr().out.count("finish: ") == 2
+
+
+def test_model_id_from_the_hugging_face_cache(tiny_checkpoint: Callable[..., Path], tmp_path: Path) -> None:
+    checkpoint = tiny_checkpoint("tied-gqa2-hd16", vocab_size=151936)
+    write_hub_cache(tmp_path / "hf" / "hub", "nanoserve-test/tiny", checkpoint)
+    # As a user sets them: HF_HOME locates the cache, HF_HUB_OFFLINE keeps the hub out of it.
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE")}
+    env.update(HF_HOME=str(tmp_path / "hf"), HF_HUB_OFFLINE="1")
+    argv = ["Hello", "--device", "cpu", "--max-tokens", "3", "--ignore-eos", "--no-progress"]
+    proc = run_cli(*argv, "--model", "nanoserve-test/tiny", env=env)
+    assert proc.returncode == 0, proc.stderr
+    params = SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True)
+    expected = LLMEngine(checkpoint, device="cpu", num_kv_blocks=8).generate("Hello", params, use_tqdm=False)
+    assert isinstance(expected, dict)
+    assert f">>> Hello\n{expected['text']}\n[3 tokens, finish: length]" in proc.stdout
+    proc = run_cli(*argv, "--model", "nanoserve-test/not-cached", env=env)
+    assert proc.returncode == 2
+    assert f"in the cache {tmp_path / 'hf' / 'hub'}" in proc.stderr and "HF_HUB_OFFLINE is set" in proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -29,10 +29,10 @@ def shared_prefix_prompts() -> list[list[int]]:
 
 
 def hf_greedy(model_dir: Path, prompts: list[list[int]]) -> list[list[int]]:
-    """Hugging Face `Qwen3ForCausalLM.generate`, greedy, one prompt at a time (no padding)."""
-    from transformers import Qwen3ForCausalLM
+    """Hugging Face's `generate` (Qwen2 or Qwen3 model), greedy, one prompt at a time (no padding)."""
+    from transformers import AutoModelForCausalLM
 
-    model = Qwen3ForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     outputs = []
     for ids in prompts:
         input_ids = torch.tensor([ids])
@@ -105,14 +105,15 @@ def test_preemption_under_tiny_kv_cache(case: tuple[Path, list, list]) -> None:
     assert_no_blocks_held(engine)
 
 
-def test_prompt_logits_close_to_hf(tiny_checkpoint: Callable[..., Path]) -> None:
-    from transformers import Qwen3ForCausalLM
+@pytest.mark.parametrize("name", ["untied-mha-hd32", "qwen2-untied-gqa2"])
+def test_prompt_logits_close_to_hf(name: str, tiny_checkpoint: Callable[..., Path]) -> None:
+    from transformers import AutoModelForCausalLM
 
     from engine.layers.attention import AttentionMetadata
 
-    model_dir = tiny_checkpoint("untied-mha-hd32", vocab_size=VOCAB)
+    model_dir = tiny_checkpoint(name, vocab_size=VOCAB)
     ids = random_prompts(3, [150])[0]
-    hf = Qwen3ForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     with torch.no_grad():
         ref = hf(torch.tensor([ids])).logits[0]
     engine = LLMEngine(model_dir, device="cpu", dtype="float32", max_model_len=512, num_kv_blocks=16)

@@ -95,6 +95,39 @@ def test_chat_template_list_form_takes_default(tmp_path: Path, qwen_tokenizer_di
     assert Tokenizer.from_dir(model_dir).apply_chat_template([{"role": "user", "content": "hi"}]) == "hi"
 
 
+# Qwen2.5's shape of template: a default system prompt unless the conversation brings one.
+SYSTEM_DEFAULT_TEMPLATE = (
+    "{%- if messages[0]['role'] == 'system' %}{{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}"
+    "{%- else %}{{- '<|im_start|>system\\nYou are Qwen, a helpful assistant.<|im_end|>\\n' }}{%- endif %}"
+    "{%- for message in messages %}{%- if message.role != 'system' %}"
+    "{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>\\n' }}{%- endif %}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+
+@pytest.mark.parametrize("conversation", [CONVERSATION, CONVERSATION[1:]], ids=["system", "default-system"])
+def test_chat_template_saved_by_transformers_renders_as_transformers_does(
+    conversation: list[dict[str, str]], tmp_path: Path, qwen_tokenizer_dir: Path
+) -> None:
+    from transformers import AutoTokenizer
+
+    hf_tokenizer = AutoTokenizer.from_pretrained(qwen_tokenizer_dir)
+    hf_tokenizer.chat_template = SYSTEM_DEFAULT_TEMPLATE
+    hf_tokenizer.save_pretrained(tmp_path)  # writes the template to chat_template.jinja, not tokenizer_config.json
+    assert (tmp_path / "chat_template.jinja").is_file()
+    assert "chat_template" not in json.loads((tmp_path / "tokenizer_config.json").read_text())
+    ours = Tokenizer.from_dir(tmp_path).apply_chat_template(conversation)
+    assert ours == hf_tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
+    assert ours.startswith("<|im_start|>system\n")
+
+
+def test_chat_template_jinja_file_wins_over_tokenizer_config(tmp_path: Path, qwen_tokenizer_dir: Path) -> None:
+    model_dir = make_model_dir(tmp_path, qwen_tokenizer_dir, {"chat_template": "from the config"})
+    assert Tokenizer.from_dir(model_dir).apply_chat_template([{"role": "user", "content": "hi"}]) == "from the config"
+    (model_dir / "chat_template.jinja").write_text("from the file: {{ messages[0]['content'] }}")
+    assert Tokenizer.from_dir(model_dir).apply_chat_template([{"role": "user", "content": "hi"}]) == "from the file: hi"
+
+
 @pytest.mark.parametrize(
     ("messages", "error"),
     [

@@ -40,19 +40,23 @@ def test_rms_norm(dtype: torch.dtype, num_rows: int, hidden: int) -> None:
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("norm", [True, False], ids=["qk-norm", "rope-only"])  # Qwen3, Qwen2
 @pytest.mark.parametrize("num_heads,num_kv_heads,head_dim", [(4, 2, 64), (16, 8, 128), (2, 2, 16)])
-def test_qk_norm_rope(dtype: torch.dtype, num_heads: int, num_kv_heads: int, head_dim: int) -> None:
+def test_qk_norm_rope(dtype: torch.dtype, norm: bool, num_heads: int, num_kv_heads: int, head_dim: int) -> None:
     num_tokens, max_position = 9, 64
     qkv = randn(num_tokens, (num_heads + 2 * num_kv_heads) * head_dim, dtype=dtype)
     positions = torch.randint(0, max_position, (num_tokens,), generator=torch.Generator().manual_seed(3)).to(DEVICE)
     angles = torch.outer(torch.arange(max_position).float(), torch.rand(head_dim // 2) * 0.5)
     cos, sin = torch.cat([angles, angles], -1).cos().to(DEVICE), torch.cat([angles, angles], -1).sin().to(DEVICE)
-    args = (qkv, positions, randn(head_dim, dtype=dtype, seed=4), randn(head_dim, dtype=dtype, seed=5),
-            cos, sin, 1e-6, num_heads, num_kv_heads)
+    weights = (randn(head_dim, dtype=dtype, seed=4), randn(head_dim, dtype=dtype, seed=5)) if norm else (None, None)
+    args = (qkv, positions, *weights, cos, sin, 1e-6, num_heads, num_kv_heads)
     (q, k), (q_ref, k_ref) = qk_norm_rope(*args), qk_norm_rope_ref(*args)
     assert q.shape == (num_tokens, num_heads, head_dim) and k.shape == (num_tokens, num_kv_heads, head_dim)
     assert_matches(q, q_ref)
     assert_matches(k, k_ref)
+    if not norm:  # rotation keeps each half-pair's length: the heads were not normalised
+        q_in = qkv[:, : num_heads * head_dim].view(num_tokens, num_heads, head_dim).float()
+        torch.testing.assert_close(q.float().norm(dim=-1), q_in.norm(dim=-1), rtol=1e-2, atol=1e-2)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -3,10 +3,15 @@ TLS, and the flags that configure both."""
 
 from __future__ import annotations
 
+import json
+import ssl
+import urllib.error
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
 import grpc
+import openai
 import pytest
 
 from proto import nanoserve_pb2 as pb
@@ -22,7 +27,7 @@ WRONG_KEY = "not-a-key-7f3a"
 
 @pytest.fixture(scope="module")
 def router(start_module_router: Callable[..., RouterThread]) -> RouterThread:
-    return start_module_router(num_replicas=1, api_keys=KEYS)
+    return start_module_router(num_replicas=1, api_keys=KEYS, http_port=0)
 
 
 def every_call(client: Client) -> dict[str, Callable[[], object]]:
@@ -83,6 +88,28 @@ def test_either_key_opens_every_call(router: RouterThread, key: str) -> None:
 
 def test_health_and_reflection_need_no_key(router: RouterThread) -> None:
     assert "nanoserve.v1.NanoServe" in served_services(router.address)
+    with urllib.request.urlopen(f"http://127.0.0.1:{router.router.http_port}/health", timeout=10) as answer:
+        assert answer.status == 200
+
+
+def test_the_http_api_needs_a_key_too(router: RouterThread) -> None:
+    base = f"http://127.0.0.1:{router.router.http_port}/v1"
+    before, tokens_before = refusals(router), prompt_tokens_in(router)
+    with pytest.raises(urllib.error.HTTPError) as missing:
+        urllib.request.urlopen(f"{base}/models", timeout=10)
+    error = json.loads(missing.value.read())["error"]
+    assert missing.value.code == 401 and error["type"] == "authentication_error" and "missing" in error["message"]
+    with openai.OpenAI(base_url=base, api_key=WRONG_KEY, max_retries=0) as client:
+        with pytest.raises(openai.AuthenticationError) as wrong:
+            client.completions.create(model="any", prompt=[1, 2, 3], max_tokens=2)
+        assert "invalid" in wrong.value.message and WRONG_KEY not in wrong.value.message
+    assert refusals(router) == before + 2
+    assert prompt_tokens_in(router) == tokens_before  # nothing reached a replica
+    with openai.OpenAI(base_url=base, api_key=KEYS[1], max_retries=0) as client:
+        model = client.models.list().data[0].id
+        answer = client.completions.create(model=model, prompt=[1, 2, 3], max_tokens=2, temperature=0)
+        assert answer.usage is not None and answer.usage.completion_tokens == 2
+    assert refusals(router) == before + 2
 
 
 @pytest.fixture
@@ -93,7 +120,7 @@ def certificate(tmp_path: Path) -> tuple[bytes, bytes]:
 def test_tls_serves_tls_clients_only(start_router: Callable[..., RouterThread],
                                      certificate: tuple[bytes, bytes]) -> None:
     key, cert = certificate
-    router = start_router(num_replicas=1, tls_cert=cert, tls_key=key, api_keys=("tls-key",))
+    router = start_router(num_replicas=1, tls_cert=cert, tls_key=key, api_keys=("tls-key",), http_port=0)
     try:
         with Client(router.address, api_key="tls-key", tls_root_cert=cert) as client:
             assert client.complete([1, 2, 3], timeout=30, **greedy(2)).finish_reason == pb.FINISH_REASON_LENGTH
@@ -103,6 +130,12 @@ def test_tls_serves_tls_clients_only(start_router: Callable[..., RouterThread],
         with Client(router.address, api_key="tls-key") as client, pytest.raises(grpc.RpcError) as plaintext:
             client.model_info(timeout=10)
         assert plaintext.value.code() == grpc.StatusCode.UNAVAILABLE
+        models = urllib.request.Request(f"https://127.0.0.1:{router.router.http_port}/v1/models",
+                                        headers={"Authorization": "Bearer tls-key"})
+        with urllib.request.urlopen(models, timeout=10, context=ssl.create_default_context(cadata=cert.decode())) as a:
+            assert a.status == 200  # the HTTP API serves HTTPS with the same certificate
+        with pytest.raises(ConnectionError):  # plaintext HTTP to the TLS port: the server hangs up
+            urllib.request.urlopen(f"http://127.0.0.1:{router.router.http_port}/health", timeout=10)
     finally:
         router.stop()
 

@@ -128,10 +128,10 @@ def generate_requests(draw: st.DrawFn) -> pb.GenerateRequest:
 def servable(router: RouterThread, request: pb.GenerateRequest) -> bool:
     """Whether the router must answer OK: its validator takes the request, and the prompt is in the tiny
     model's vocabulary (text is tokenized with Qwen's full tokenizer, whose ids go past it)."""
-    service = router.router.service
-    assert service is not None
+    core = router.router.core
+    assert core is not None
     try:
-        return max(service.validator.prepare(request).prompt_token_ids) < VOCAB
+        return max(core.validator.prepare(request).prompt_token_ids) < VOCAB
     except InvalidRequest:
         return False
 

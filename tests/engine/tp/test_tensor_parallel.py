@@ -10,8 +10,12 @@ import pytest
 from engine import LLMEngine
 from tests.engine.test_hf_parity import GREEDY, hf_greedy, random_prompts, shared_prefix_prompts
 
-# 2 KV heads (1 per rank), tied head with a vocabulary that does not split evenly; 4 KV heads, untied head.
-CASES = {"tied-gqa2-hd16": {"vocab_size": 1001}, "untied-mha-hd32": {"vocab_size": 1024}}
+# 2 KV heads (1 per rank), tied head with a vocabulary that does not split evenly; 4 KV heads, untied head;
+# Qwen2's q/k/v biases, split across ranks with their heads.
+CASES = {
+    "tied-gqa2-hd16": {"vocab_size": 1001}, "untied-mha-hd32": {"vocab_size": 1024},
+    "qwen2-untied-gqa2": {"vocab_size": 1024},
+}
 
 
 @pytest.mark.parametrize("name", list(CASES))

@@ -1,4 +1,9 @@
-"""Qwen3 decoder-only transformer (dense), written for the paged-attention engine."""
+"""The dense Qwen decoder (Qwen2, Qwen2.5 and Qwen3), written for the paged-attention engine.
+
+The architectures differ only in attention: Qwen3 normalises each q and k head (RMSNorm) before
+rotary, Qwen2 has a bias on the q/k/v projections. ModelConfig carries those flags
+(engine/architectures.py says which architecture sets which).
+"""
 
 from __future__ import annotations
 
@@ -14,7 +19,9 @@ from engine.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, 
 from engine.layers.rotary import RotaryEmbedding
 
 
-class Qwen3Attention(nn.Module):
+class QwenAttention(nn.Module):
+    """Self-attention over the paged KV cache; q/k norms and projection biases as the architecture has them."""
+
     def __init__(self, cfg: ModelConfig, max_position: int, tp_rank: int, tp_size: int) -> None:
         super().__init__()
         self.num_heads = cfg.num_attention_heads // tp_size
@@ -22,13 +29,13 @@ class Qwen3Attention(nn.Module):
         self.head_dim = cfg.head_dim
         self.qkv_proj = QKVParallelLinear(
             cfg.hidden_size, cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads,
-            cfg.attention_bias, tp_rank, tp_size,
+            cfg.qkv_bias, tp_rank, tp_size,
         )
         self.o_proj = RowParallelLinear(
-            cfg.num_attention_heads * cfg.head_dim, cfg.hidden_size, False, tp_rank, tp_size
+            cfg.num_attention_heads * cfg.head_dim, cfg.hidden_size, cfg.o_proj_bias, tp_rank, tp_size
         )
-        self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
-        self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
+        self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.rotary = RotaryEmbedding(cfg.head_dim, max_position, cfg.rope_theta)
         self.attn = Attention(self.num_heads, self.num_kv_heads, cfg.head_dim, cfg.head_dim**-0.5)
 
@@ -40,7 +47,9 @@ class Qwen3Attention(nn.Module):
         return self.o_proj(o.flatten(1))
 
 
-class Qwen3MLP(nn.Module):
+class QwenMLP(nn.Module):
+    """SwiGLU feed-forward: down(silu(gate(x)) * up(x)), gate and up in one matmul."""
+
     def __init__(self, cfg: ModelConfig, tp_rank: int, tp_size: int) -> None:
         super().__init__()
         size = cfg.intermediate_size
@@ -52,11 +61,13 @@ class Qwen3MLP(nn.Module):
         return self.down_proj(self.act(self.gate_up_proj(x)))
 
 
-class Qwen3DecoderLayer(nn.Module):
+class QwenDecoderLayer(nn.Module):
+    """Pre-norm attention and MLP; the residual add is fused into the following RMSNorm."""
+
     def __init__(self, cfg: ModelConfig, max_position: int, tp_rank: int, tp_size: int) -> None:
         super().__init__()
-        self.self_attn = Qwen3Attention(cfg, max_position, tp_rank, tp_size)
-        self.mlp = Qwen3MLP(cfg, tp_rank, tp_size)
+        self.self_attn = QwenAttention(cfg, max_position, tp_rank, tp_size)
+        self.mlp = QwenMLP(cfg, tp_rank, tp_size)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
@@ -72,12 +83,14 @@ class Qwen3DecoderLayer(nn.Module):
         return self.mlp(x), residual
 
 
-class Qwen3Model(nn.Module):
+class QwenModel(nn.Module):
+    """Embedding, the decoder layers and the final norm."""
+
     def __init__(self, cfg: ModelConfig, max_position: int, tp_rank: int, tp_size: int) -> None:
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, tp_rank, tp_size)
         self.layers = nn.ModuleList(
-            Qwen3DecoderLayer(cfg, max_position, tp_rank, tp_size) for _ in range(cfg.num_hidden_layers)
+            QwenDecoderLayer(cfg, max_position, tp_rank, tp_size) for _ in range(cfg.num_hidden_layers)
         )
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
@@ -89,7 +102,9 @@ class Qwen3Model(nn.Module):
         return x
 
 
-class Qwen3ForCausalLM(nn.Module):
+class QwenForCausalLM(nn.Module):
+    """The decoder with its LM head: what the model runner builds and `load_weights` fills."""
+
     # Checkpoint projection name -> (our packed parameter, shard id): a data table, not code.
     packed_modules_mapping = {
         "q_proj": ("qkv_proj", "q"),
@@ -101,7 +116,7 @@ class Qwen3ForCausalLM(nn.Module):
 
     def __init__(self, cfg: ModelConfig, max_position: int, tp_rank: int = 0, tp_size: int = 1) -> None:
         super().__init__()
-        self.model = Qwen3Model(cfg, max_position, tp_rank, tp_size)
+        self.model = QwenModel(cfg, max_position, tp_rank, tp_size)
         self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, tp_rank, tp_size)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight

@@ -1,0 +1,256 @@
+"""OpenAI request bodies (/v1/completions, /v1/chat/completions) read into the router's GenerateRequest.
+
+This module checks what JSON leaves open: types, OpenAI's spellings, and fields this server does not
+implement. Value ranges are checked once, by the validator both front doors share; its messages name
+GenerateRequest's fields, which `invalid_body` renames to the body's.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from proto import nanoserve_pb2 as pb
+
+Endpoint = Literal["completions", "chat"]
+
+_INT64 = range(-(2**63), 2**63)
+_NUMBER_FIELDS = ("temperature", "top_p", "min_p")
+_INT_FIELDS = ("top_k", "seed", "min_tokens")
+_COMMON_FIELDS = frozenset({"model", "max_tokens", *_NUMBER_FIELDS, *_INT_FIELDS, "stop", "stop_token_ids",
+                            "ignore_eos", "n", "stream", "stream_options", "logprobs"})
+_FIELDS: dict[Endpoint, frozenset[str]] = {
+    "completions": _COMMON_FIELDS | {"prompt"},
+    "chat": _COMMON_FIELDS | {"messages", "max_completion_tokens", "top_logprobs"},
+}
+# Fields that change the answer but are not implemented here: accepted only at a value that changes nothing.
+_NO_OP_VALUES: dict[str, tuple[object, ...]] = {
+    "frequency_penalty": (0,), "presence_penalty": (0,), "logit_bias": ({},), "best_of": (1,), "echo": (False,),
+    "suffix": ("",), "tools": ([],), "functions": ([],), "tool_choice": ("none", "auto"),
+    "parallel_tool_calls": (True, False), "response_format": ({"type": "text"},),
+}
+_IGNORED_FIELDS = frozenset({"user", "metadata", "store", "service_tier"})  # they do not change the answer
+_MESSAGE_FIELDS = frozenset({"role", "content", "name"})
+# The shared validator's field names -> the body's, first match wins.
+_RENAMES = (("params.", ""), ("token_ids.ids", "prompt"), ("token_ids", "prompt"), ("text", "prompt"),
+            ("chat.messages", "messages"))
+_PARAM = re.compile(r"[A-Za-z_]\w*(?:\[\d+\])?(?:\.\w+(?:\[\d+\])?)*")
+
+
+class InvalidBody(ValueError):
+    """A body field is missing, mistyped, out of range or unsupported; `param` names it (OpenAI's error JSON
+    carries it), and the message starts with it."""
+
+    def __init__(self, param: str | None, message: str) -> None:
+        super().__init__(f"{param}: {message}" if param else message)
+        self.param = param
+
+
+@dataclass(frozen=True, slots=True)
+class ApiRequest:
+    """One OpenAI request, read: what to generate, and how to answer it."""
+
+    endpoint: Endpoint
+    model: str | None  # None: the served model
+    generate: pb.GenerateRequest
+    stream: bool
+    include_usage: bool  # streaming: end with a chunk that carries usage
+    logprobs: bool  # answer with log-probabilities
+
+
+def read_request(endpoint: Endpoint, body: object, max_model_len: int) -> ApiRequest:
+    """The request a body describes; InvalidBody naming the field if it is not one this server can run."""
+    if not isinstance(body, dict):
+        raise InvalidBody(None, "the request body must be a JSON object")
+    _check_fields(endpoint, body)
+    given = {name: value for name, value in body.items() if value is not None}  # null means unset
+    request = pb.GenerateRequest(request_id=uuid.uuid4().hex)
+    if endpoint == "chat":
+        request.chat.CopyFrom(_messages(given))
+    else:
+        _prompt(given, request)
+    logprobs = _sampling(endpoint, given, request.params, max_model_len)
+    if "n" in given and _int(given, "n") != 1:
+        raise InvalidBody("n", f"only 1 is supported (one choice per request), got {given['n']}")
+    stream = _bool(given, "stream") if "stream" in given else False
+    return ApiRequest(endpoint, _str(given, "model") if "model" in given else None, request, stream,
+                      _include_usage(given, stream), logprobs)
+
+
+def invalid_body(endpoint: Endpoint, message: str) -> InvalidBody:
+    """The validator's message about a GenerateRequest field, about the body's field instead."""
+    for old, new in _RENAMES:
+        if message.startswith(old):
+            message = new + message[len(old):]
+            break
+    if endpoint == "chat" and message.startswith("prompt"):
+        message = "messages" + message[len("prompt"):]
+    match = _PARAM.match(message)
+    if match is None:
+        return InvalidBody(None, message)
+    return InvalidBody(match.group(), message[match.end():].lstrip(": "))
+
+
+def _check_fields(endpoint: Endpoint, body: dict[str, Any]) -> None:
+    for name, value in body.items():
+        if name in _FIELDS[endpoint] or name in _IGNORED_FIELDS or value is None:
+            continue
+        if name not in _NO_OP_VALUES:
+            raise InvalidBody(name, f"unknown field; this server takes {', '.join(sorted(_FIELDS[endpoint]))}")
+        if not any(value == ok and isinstance(value, bool) == isinstance(ok, bool) for ok in _NO_OP_VALUES[name]):
+            raise InvalidBody(name, f"not supported by this server (only {_NO_OP_VALUES[name][0]!r}), got {value!r}")
+
+
+def _prompt(given: dict[str, Any], request: pb.GenerateRequest) -> None:
+    if "prompt" not in given:
+        raise InvalidBody("prompt", "required")
+    prompt = given["prompt"]
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+        prompt = prompt[0]  # a batch of one
+    if isinstance(prompt, str):
+        request.text = prompt
+    elif isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        request.token_ids.ids.extend(_token_ids("prompt", prompt))
+    elif isinstance(prompt, list) and all(isinstance(p, (str, list)) for p in prompt):
+        raise InvalidBody("prompt", f"one prompt per request, got {len(prompt)}: send each as its own request")
+    else:
+        raise InvalidBody("prompt", "must be a string or a list of token ids")
+
+
+def _messages(given: dict[str, Any]) -> pb.ChatMessages:
+    messages = given.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise InvalidBody("messages", "must be a non-empty list of {role, content} objects")
+    chat = pb.ChatMessages()
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise InvalidBody(f"messages[{i}]", "must be an object with role and content")
+        for name in message.keys() - _MESSAGE_FIELDS:
+            raise InvalidBody(f"messages[{i}].{name}", "not supported by this server (messages take role and "
+                              "content; tool calls are not supported)")
+        role = _str(message, "role", f"messages[{i}].role")
+        chat.messages.add(role="system" if role == "developer" else role, content=_content(message, i))
+    return chat
+
+
+def _content(message: dict[str, Any], i: int) -> str:
+    """A message's text: a string, or a list of text parts (joined by newlines)."""
+    content = message.get("content")
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise InvalidBody(f"messages[{i}].content", "must be a string or a list of text parts")
+    texts = []
+    for j, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind != "text" or not isinstance(part.get("text"), str):
+            raise InvalidBody(f"messages[{i}].content[{j}]", f"only text parts are supported, got type {kind!r}")
+        texts.append(part["text"])
+    return "\n".join(texts)
+
+
+def _sampling(endpoint: Endpoint, given: dict[str, Any], params: pb.SamplingParams, max_model_len: int) -> bool:
+    """Fill the sampling parameters; whether the answer carries logprobs."""
+    for name in _NUMBER_FIELDS:
+        if name in given:
+            setattr(params, name, _number(given, name))
+    for name in _INT_FIELDS:
+        if name in given:
+            setattr(params, name, _int(given, name))
+    if "ignore_eos" in given:
+        params.ignore_eos = _bool(given, "ignore_eos")
+    if "stop" in given:
+        stop = given["stop"]
+        params.stop.extend([stop] if isinstance(stop, str) else _strs(given, "stop"))
+    if "stop_token_ids" in given:
+        params.stop_token_ids.extend(_token_ids("stop_token_ids", given["stop_token_ids"]))
+    _max_tokens(endpoint, given, params, max_model_len)
+    return _logprobs(endpoint, given, params)
+
+
+def _max_tokens(endpoint: Endpoint, given: dict[str, Any], params: pb.SamplingParams, max_model_len: int) -> None:
+    """Completions default to 16 tokens (OpenAI's default); chat answers run to the end of the context."""
+    if endpoint == "chat" and "max_completion_tokens" in given:
+        params.max_tokens = _int(given, "max_completion_tokens")
+    elif "max_tokens" in given:
+        params.max_tokens = _int(given, "max_tokens")
+    elif endpoint == "chat":
+        params.max_tokens = max_model_len
+
+
+def _logprobs(endpoint: Endpoint, given: dict[str, Any], params: pb.SamplingParams) -> bool:
+    """Completions: logprobs=N (the top N alternatives). Chat: logprobs=true, with top_logprobs=N alternatives."""
+    if endpoint == "completions":
+        if "logprobs" in given:
+            params.logprobs = _int(given, "logprobs")
+        return "logprobs" in given
+    wanted = _bool(given, "logprobs") if "logprobs" in given else False
+    if "top_logprobs" in given:
+        top = _int(given, "top_logprobs")
+        if not wanted:
+            raise InvalidBody("top_logprobs", "needs logprobs: true")
+        if not 0 <= top <= 20:
+            raise InvalidBody("top_logprobs", f"must be in [0, 20], got {top}")
+        params.logprobs = top
+    elif wanted:
+        params.logprobs = 0
+    return wanted
+
+
+def _include_usage(given: dict[str, Any], stream: bool) -> bool:
+    options = given.get("stream_options")
+    if options is None:
+        return False
+    if not stream:
+        raise InvalidBody("stream_options", "only allowed with stream: true")
+    if not isinstance(options, dict):
+        raise InvalidBody("stream_options", "must be an object")
+    for name in options.keys() - {"include_usage"}:
+        raise InvalidBody(f"stream_options.{name}", "unknown option (this server takes include_usage)")
+    return _bool(options, "include_usage", "stream_options.include_usage") if "include_usage" in options else False
+
+
+def _number(given: dict[str, Any], name: str) -> float:
+    value = given[name]
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise InvalidBody(name, f"must be a number, got {value!r}")
+    return float(value)
+
+
+def _int(given: dict[str, Any], name: str) -> int:
+    value = given[name]
+    if isinstance(value, bool) or not isinstance(value, int) or value not in _INT64:
+        raise InvalidBody(name, f"must be a 64-bit integer, got {value!r}")
+    return value
+
+
+def _bool(given: dict[str, Any], name: str, param: str | None = None) -> bool:
+    value = given[name]
+    if not isinstance(value, bool):
+        raise InvalidBody(param or name, f"must be true or false, got {value!r}")
+    return value
+
+
+def _str(given: dict[str, Any], name: str, param: str | None = None) -> str:
+    value = given.get(name)
+    if not isinstance(value, str):
+        raise InvalidBody(param or name, f"must be a string, got {value!r}")
+    return value
+
+
+def _strs(given: dict[str, Any], name: str) -> list[str]:
+    value = given[name]
+    if not isinstance(value, list) or not all(isinstance(s, str) for s in value):
+        raise InvalidBody(name, "must be a string or a list of strings")
+    return value
+
+
+def _token_ids(name: str, value: object) -> list[int]:
+    if not isinstance(value, list):
+        raise InvalidBody(name, "must be a list of token ids")
+    for i, t in enumerate(value):
+        if isinstance(t, bool) or not isinstance(t, int) or t not in _INT64:
+            raise InvalidBody(f"{name}[{i}]", f"must be a token id (an integer), got {t!r}")
+    return value

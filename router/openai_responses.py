@@ -1,0 +1,112 @@
+"""The router's chunks in OpenAI's answer shapes: text completions and chat completions, whole or as the
+chunks of a server-sent-event stream."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from engine.tokenizer import Tokenizer
+from proto import nanoserve_pb2 as pb
+from router.openai_requests import ApiRequest
+
+FINISH_REASONS: dict[pb.FinishReason, str] = {
+    pb.FINISH_REASON_STOP: "stop", pb.FINISH_REASON_LENGTH: "length", pb.FINISH_REASON_ABORT: "abort",
+}
+
+
+class Answer:
+    """One request's answer: its id, and the JSON objects that carry its chunks."""
+
+    def __init__(self, api: ApiRequest, model: str, tokenizer: Tokenizer) -> None:
+        self.api, self.model, self.tokenizer = api, model, tokenizer
+        self.is_chat = api.endpoint == "chat"
+        self.id = ("chatcmpl-" if self.is_chat else "cmpl-") + api.generate.request_id
+        self.created = int(time.time())
+        self._text_offset = 0  # completions' logprobs.text_offset: characters of the answer before a token
+
+    def whole(self, chunks: Sequence[pb.GenerateResponse]) -> dict[str, Any]:
+        """The answer of a request that did not stream, from all its chunks."""
+        text = "".join(c.text for c in chunks)
+        choice = self._choice(text, [lp for c in chunks for lp in c.logprobs], chunks[-1].finish_reason)
+        if self.is_chat:
+            choice["message"] = {"role": "assistant", "content": choice.pop("delta")["content"]}
+        return {**self._envelope("chat.completion" if self.is_chat else "text_completion"), "choices": [choice],
+                "usage": _usage(chunks[-1].usage)}
+
+    def opening(self) -> dict[str, Any] | None:
+        """The stream's first event, sent before the first token: chat announces the assistant's turn."""
+        if not self.is_chat:
+            return None
+        return self._event({"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                            "finish_reason": None})
+
+    def event(self, chunk: pb.GenerateResponse) -> dict[str, Any] | None:
+        """The stream event of one chunk; None when it carries nothing (text held back, e.g. before a stop)."""
+        if not chunk.text and not chunk.logprobs and not chunk.finish_reason:
+            return None
+        return self._event(self._choice(chunk.text, chunk.logprobs, chunk.finish_reason))
+
+    def usage_event(self, usage: pb.Usage) -> dict[str, Any]:
+        """The stream's last event when stream_options.include_usage is set: no choice, the usage."""
+        return {**self._envelope(self._stream_object), "choices": [], "usage": _usage(usage)}
+
+    @property
+    def _stream_object(self) -> str:
+        return "chat.completion.chunk" if self.is_chat else "text_completion"
+
+    def _event(self, choice: dict[str, Any]) -> dict[str, Any]:
+        event = {**self._envelope(self._stream_object), "choices": [choice]}
+        if self.api.include_usage:
+            event["usage"] = None  # as OpenAI: every chunk has the key, only the last one a value
+        return event
+
+    def _envelope(self, kind: str) -> dict[str, Any]:
+        return {"id": self.id, "object": kind, "created": self.created, "model": self.model}
+
+    def _choice(
+        self, text: str, logprobs: Sequence[pb.TokenLogprob], finish_reason: pb.FinishReason
+    ) -> dict[str, Any]:
+        choice: dict[str, Any] = {"index": 0}
+        if self.is_chat:
+            choice["delta"] = {"content": text}
+            choice["logprobs"] = {"content": self._chat_logprobs(logprobs)} if self.api.logprobs else None
+        else:
+            choice["text"] = text
+            choice["logprobs"] = self._completion_logprobs(logprobs) if self.api.logprobs else None
+        choice["finish_reason"] = FINISH_REASONS.get(finish_reason)
+        return choice
+
+    def _token(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id], skip_special_tokens=False)
+
+    def _chat_logprobs(self, entries: Sequence[pb.TokenLogprob]) -> list[dict[str, Any]]:
+        def one(token_id: int, logprob: float) -> dict[str, Any]:
+            token = self._token(token_id)
+            return {"token": token, "logprob": logprob, "bytes": list(token.encode())}
+
+        return [{**one(e.token_id, e.logprob), "top_logprobs": [one(t.token_id, t.logprob) for t in e.top_logprobs]}
+                for e in entries]
+
+    def _completion_logprobs(self, entries: Sequence[pb.TokenLogprob]) -> dict[str, Any]:
+        tokens = [self._token(e.token_id) for e in entries]
+        offsets = []
+        for token in tokens:
+            offsets.append(self._text_offset)
+            self._text_offset += len(token)
+        return {
+            "tokens": tokens,
+            "token_logprobs": [e.logprob for e in entries],
+            "top_logprobs": [{self._token(t.token_id): t.logprob for t in e.top_logprobs} for e in entries],
+            "text_offset": offsets,
+        }
+
+
+def _usage(usage: pb.Usage) -> dict[str, Any]:
+    return {
+        "prompt_tokens": usage.prompt_tokens,
+        "completion_tokens": usage.completion_tokens,
+        "total_tokens": usage.prompt_tokens + usage.completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": usage.cached_prompt_tokens},
+    }

@@ -1,0 +1,331 @@
+"""The OpenAI-compatible HTTP API, through the official `openai` client, against a real router with 2 replicas
+of the embedded tiny Qwen3 (Qwen's full vocabulary, so text and chat prompts run). Its answers equal the gRPC
+API's for the same request: one path below the two front doors."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import grpc
+import openai
+import pytest
+from openai.types.chat import ChatCompletionMessageParam
+
+from engine.default_model import default_model_dir
+from proto import nanoserve_pb2 as pb
+from tests.serving import RouterThread
+
+PROMPT = [9707, 11, 1246, 525, 498, 30]  # "Hello, how are you?"
+MESSAGES: list[ChatCompletionMessageParam] = [
+    {"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello, how are you?"}]
+GREEDY: dict[str, Any] = dict(temperature=0.0, extra_body={"ignore_eos": True})
+
+
+@pytest.fixture(scope="module")
+def router(start_module_router: Callable[..., RouterThread]) -> RouterThread:
+    return start_module_router(num_replicas=2, model=str(default_model_dir()), http_port=0)
+
+
+@pytest.fixture(scope="module")
+def client(router: RouterThread) -> Iterator[openai.OpenAI]:
+    # No retries: a 429 or 503 must reach the test as it was answered.
+    with openai.OpenAI(base_url=f"http://127.0.0.1:{router.router.http_port}/v1", api_key="none", max_retries=0,
+                       timeout=60) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def model(client: openai.OpenAI) -> str:
+    return client.models.list().data[0].id
+
+
+def post(router: RouterThread, path: str, body: bytes) -> tuple[int, dict[str, Any]]:
+    """A raw POST (for bodies the openai client would not send): status and JSON answer."""
+    request = urllib.request.Request(f"http://127.0.0.1:{router.router.http_port}{path}", data=body,
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as answer:
+            return answer.status, json.loads(answer.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def grpc_complete(router: RouterThread, prompt: Any, **params: Any) -> pb.CompleteResponse:
+    with router.client() as grpc_client:
+        return grpc_client.complete(prompt, timeout=60, **params)
+
+
+def test_models_and_health(router: RouterThread, client: openai.OpenAI, model: str) -> None:
+    [listed] = client.models.list().data
+    assert router.router.core is not None
+    assert listed.id == model == router.router.core.model_name and listed.owned_by == "nanoserve"
+    with urllib.request.urlopen(f"http://127.0.0.1:{router.router.http_port}/health", timeout=10) as answer:
+        assert answer.status == 200 and json.loads(answer.read()) == {"status": "serving"}
+
+
+@pytest.mark.parametrize("prompt", [PROMPT, "Hello, how are you?"], ids=["token-ids", "text"])
+@pytest.mark.parametrize("params", [dict(GREEDY), dict(temperature=0.9, top_p=0.9, seed=3, extra_body={
+    "top_k": 50, "min_p": 0.01, "ignore_eos": True})], ids=["greedy", "seeded"])
+def test_completion_equals_the_grpc_answer(router: RouterThread, client: openai.OpenAI, model: str,
+                                           prompt: Any, params: dict[str, Any]) -> None:
+    answer = client.completions.create(model=model, prompt=prompt, max_tokens=12, **params)
+    grpc_params = {k: v for k, v in params.items() if k != "extra_body"} | params["extra_body"]
+    expected = grpc_complete(router, prompt, max_tokens=12, **grpc_params)
+    [choice] = answer.choices
+    assert choice.text == expected.text and choice.finish_reason == "length"
+    assert answer.id.startswith("cmpl-") and answer.object == "text_completion" and answer.model == model
+    usage = answer.usage
+    assert usage is not None and (usage.prompt_tokens, usage.completion_tokens) == (6, 12)
+    assert usage.total_tokens == 18
+
+
+def test_streamed_completion_is_the_whole_one_in_pieces(client: openai.OpenAI, model: str) -> None:
+    whole = client.completions.create(model=model, prompt=PROMPT, max_tokens=16, **GREEDY)
+    events = list(client.completions.create(model=model, prompt=PROMPT, max_tokens=16, stream=True,
+                                            stream_options={"include_usage": True}, **GREEDY))
+    *chunks, last = events
+    assert "".join(c.choices[0].text for c in chunks) == whole.choices[0].text
+    assert [c.choices[0].finish_reason for c in chunks][-1] == "length"
+    assert all(c.usage is None for c in chunks) and last.choices == [] and last.usage == whole.usage
+
+
+def test_chat_whole_and_streamed(router: RouterThread, client: openai.OpenAI, model: str) -> None:
+    whole = client.chat.completions.create(model=model, messages=MESSAGES, max_completion_tokens=10, **GREEDY)
+    [choice] = whole.choices
+    expected = grpc_complete(router, MESSAGES, temperature=0.0, max_tokens=10, ignore_eos=True)
+    assert choice.message.role == "assistant" and choice.message.content == expected.text
+    assert whole.object == "chat.completion" and whole.id.startswith("chatcmpl-") and choice.finish_reason == "length"
+    assert whole.usage is not None and whole.usage.prompt_tokens == expected.usage.prompt_tokens
+    stream = client.chat.completions.create(model=model, messages=MESSAGES, max_tokens=10, stream=True, **GREEDY)
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == expected.text
+    assert chunks[-1].choices[0].finish_reason == "length" and chunks[-1].object == "chat.completion.chunk"
+
+
+def test_chat_content_parts_and_the_developer_role(client: openai.OpenAI, model: str) -> None:
+    """Text parts are the string content they join to; "developer" is OpenAI's newer name for "system"."""
+    parts: list[ChatCompletionMessageParam] = [
+        {"role": "developer", "content": [{"type": "text", "text": "Be brief."}]},
+        {"role": "user", "content": [{"type": "text", "text": "Hello,"}, {"type": "text", "text": "how are you?"}]}]
+    plain: list[ChatCompletionMessageParam] = [
+        {"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello,\nhow are you?"}]
+    answers = [client.chat.completions.create(model=model, messages=m, max_tokens=8, **GREEDY) for m in (parts, plain)]
+    assert answers[0].choices[0].message.content == answers[1].choices[0].message.content
+    assert answers[0].usage is not None and answers[1].usage is not None
+    assert answers[0].usage.prompt_tokens == answers[1].usage.prompt_tokens
+
+
+def test_chat_without_max_tokens_runs_to_the_end_of_the_context(client: openai.OpenAI, model: str) -> None:
+    answer = client.chat.completions.create(model=model, messages=MESSAGES, **GREEDY)
+    assert answer.usage is not None and answer.choices[0].finish_reason == "length"
+    assert answer.usage.total_tokens == 512  # max_model_len
+
+
+def test_stop_strings_cut_the_text(client: openai.OpenAI, model: str) -> None:
+    text = client.completions.create(model=model, prompt=PROMPT, max_tokens=24, **GREEDY).choices[0].text
+    stop = text[12:15]
+    whole = client.completions.create(model=model, prompt=PROMPT, max_tokens=24, stop=[stop, "never"], **GREEDY)
+    streamed = list(client.completions.create(model=model, prompt=PROMPT, max_tokens=24, stop=[stop, "never"],
+                                              stream=True, **GREEDY))
+    for chunks in ([whole], streamed):
+        assert "".join(c.choices[0].text for c in chunks) == text[: text.index(stop)]
+        assert chunks[-1].choices[0].finish_reason == "stop"
+
+
+def test_a_seed_reproduces_the_answer(client: openai.OpenAI, model: str) -> None:
+    def sample(seed: int) -> str:
+        answer = client.chat.completions.create(model=model, messages=MESSAGES, max_tokens=16, temperature=1.0,
+                                                seed=seed, extra_body={"ignore_eos": True})
+        return answer.choices[0].message.content or ""
+
+    assert sample(11) == sample(11) != sample(12)
+
+
+def test_completion_logprobs(client: openai.OpenAI, model: str) -> None:
+    answer = client.completions.create(model=model, prompt=PROMPT, max_tokens=6, logprobs=3, **GREEDY)
+    logprobs = answer.choices[0].logprobs
+    assert logprobs is not None and logprobs.tokens and logprobs.token_logprobs and logprobs.top_logprobs
+    assert len(logprobs.tokens) == len(logprobs.token_logprobs) == len(logprobs.top_logprobs) == 6
+    assert "".join(logprobs.tokens) == answer.choices[0].text
+    assert logprobs.text_offset == [sum(map(len, logprobs.tokens[:i])) for i in range(6)]
+    for token, logprob, top in zip(logprobs.tokens, logprobs.token_logprobs, logprobs.top_logprobs):
+        assert 1 <= len(top) <= 3 and logprob <= 0
+        assert top[token] == pytest.approx(logprob) == pytest.approx(max(top.values()))  # greedy: the top token
+
+
+def test_chat_logprobs_streamed(client: openai.OpenAI, model: str) -> None:
+    chunks = list(client.chat.completions.create(model=model, messages=MESSAGES, max_tokens=5, logprobs=True,
+                                                 top_logprobs=2, stream=True, **GREEDY))
+    entries = [e for c in chunks if c.choices[0].logprobs for e in c.choices[0].logprobs.content or []]
+    assert len(entries) == 5
+    assert "".join(e.token for e in entries) == "".join(c.choices[0].delta.content or "" for c in chunks)
+    for entry in entries:
+        assert [t.token for t in entry.top_logprobs][0] == entry.token and len(entry.top_logprobs) == 2
+        assert entry.bytes == list(entry.token.encode())
+
+
+def test_a_client_that_leaves_frees_its_kv_blocks(router: RouterThread, client: openai.OpenAI, model: str) -> None:
+    cancelled = router.router.metrics.requests.labels("CANCELLED")
+    before = cancelled._value.get()
+    for chat in (False, True):
+        create = client.chat.completions.create if chat else client.completions.create
+        prompt: dict[str, Any] = {"messages": MESSAGES} if chat else {"prompt": PROMPT * 8}
+        with create(model=model, max_tokens=400, stream=True, **prompt, **GREEDY) as stream:  # type: ignore[call-overload]
+            for _, _ in zip(range(3), stream):
+                pass
+            assert sum(r.num_inflight_requests for r in router.status().replicas) == 1
+        router.wait_for(lambda s: sum(r.num_kv_blocks_used for r in s.replicas) == 0, timeout=15)
+        assert sum(r.num_inflight_requests for r in router.status().replicas) == 0
+    with pytest.raises(openai.APITimeoutError):  # a client that hangs up on a whole answer: 450 tokens take > 1 s
+        client.with_options(timeout=1.0).completions.create(model=model, prompt=PROMPT, max_tokens=450, **GREEDY)
+    router.wait_for(lambda s: sum(r.num_kv_blocks_used + r.num_inflight_requests for r in s.replicas) == 0, timeout=15)
+    assert cancelled._value.get() == before + 3
+
+
+def test_a_failure_mid_stream_ends_it_with_an_error_event(router: RouterThread, client: openai.OpenAI,
+                                                          model: str) -> None:
+    """After the first event the status line is sent: a request that fails then (its replicas failed too often)
+    ends with OpenAI's error object as an event, which the client raises."""
+    pool = router.router.pool
+
+    async def fail_everything() -> None:
+        for slot in pool.slots:
+            for request in list(slot.inflight.values()):
+                request.fail(grpc.StatusCode.UNAVAILABLE, "the replicas serving this request failed 4 times")
+
+    stream = client.completions.create(model=model, prompt=PROMPT, max_tokens=400, stream=True, **GREEDY)
+    next(iter(stream))
+    router.call(fail_everything())
+    with pytest.raises(openai.APIError) as info:
+        list(stream)
+    assert "failed 4 times" in info.value.message
+    assert info.value.body == {"message": info.value.message, "type": "service_unavailable_error", "param": None,
+                               "code": None}
+    router.wait_for(lambda s: sum(r.num_kv_blocks_used + r.num_inflight_requests for r in s.replicas) == 0, timeout=15)
+
+
+BAD_BODIES: list[tuple[str, dict[str, Any], str]] = [
+    ("completions", {"prompt": PROMPT, "temperature": -1}, "temperature"),
+    ("completions", {"prompt": PROMPT, "temperature": "hot"}, "temperature"),
+    ("completions", {"prompt": PROMPT, "top_p": 0}, "top_p"),
+    ("completions", {"prompt": PROMPT, "top_k": 0}, "top_k"),
+    ("completions", {"prompt": PROMPT, "min_p": 2}, "min_p"),
+    ("completions", {"prompt": PROMPT, "max_tokens": 0}, "max_tokens"),
+    ("completions", {"prompt": PROMPT, "seed": -1}, "seed"),
+    ("completions", {"prompt": PROMPT, "seed": 2**64}, "seed"),
+    ("completions", {"prompt": PROMPT, "stop": [""]}, "stop"),
+    ("completions", {"prompt": PROMPT, "stop": 7}, "stop"),
+    ("completions", {"prompt": PROMPT, "logprobs": 21}, "logprobs"),
+    ("completions", {"prompt": PROMPT, "n": 2}, "n"),
+    ("completions", {"prompt": PROMPT, "best_of": 3}, "best_of"),
+    ("completions", {"prompt": PROMPT, "frequency_penalty": 0.5}, "frequency_penalty"),
+    ("completions", {"prompt": PROMPT, "temprature": 0.5}, "temprature"),
+    ("completions", {"prompt": PROMPT, "stream_options": {"include_usage": True}}, "stream_options"),
+    ("completions", {"prompt": PROMPT, "stream": True, "stream_options": {"usage": True}}, "stream_options.usage"),
+    ("completions", {"prompt": ""}, "prompt"),
+    ("completions", {"prompt": []}, "prompt"),
+    ("completions", {"prompt": ["one", "two"]}, "prompt"),
+    ("completions", {"prompt": [1, 10**7]}, "prompt[1]"),
+    ("completions", {"prompt": [1, "x"]}, "prompt"),
+    ("completions", {"prompt": [1] * 600}, "prompt"),
+    ("completions", {}, "prompt"),
+    ("chat", {"messages": []}, "messages"),
+    ("chat", {"messages": [{"role": "wizard", "content": "hi"}]}, "messages[0].role"),
+    ("chat", {"messages": [{"role": "user", "content": 5}]}, "messages[0].content"),
+    ("chat", {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+     "messages[0].content[0]"),
+    ("chat", {"messages": [{"role": "user", "content": "hi", "tool_calls": []}]}, "messages[0].tool_calls"),
+    ("chat", {"messages": MESSAGES, "top_logprobs": 2}, "top_logprobs"),
+    ("chat", {"messages": MESSAGES, "logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+    ("chat", {"messages": MESSAGES, "max_completion_tokens": 0}, "max_tokens"),
+    ("chat", {"messages": MESSAGES, "tools": [{"type": "function"}]}, "tools"),
+    ("chat", {"prompt": PROMPT}, "prompt"),
+]
+
+
+@pytest.mark.parametrize(("endpoint", "body", "param"), BAD_BODIES, ids=[f"{e}-{p}" for e, _, p in BAD_BODIES])
+def test_bad_input_is_400_naming_the_field(router: RouterThread, endpoint: str, body: dict[str, Any],
+                                           param: str) -> None:
+    status, answer = post(router, f"/v1/{'chat/' if endpoint == 'chat' else ''}completions",
+                          json.dumps(body).encode())
+    assert status == 400, answer
+    error = answer["error"]
+    assert error["type"] == "invalid_request_error" and error["param"] == param, error
+    assert error["message"].startswith(param), error
+
+
+def test_openai_client_sees_bad_input_as_bad_request(client: openai.OpenAI, model: str) -> None:
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model=model, messages=MESSAGES, n=2)
+    assert info.value.status_code == 400 and info.value.param == "n" and "only 1" in info.value.message
+
+
+def test_unparsable_bodies_unknown_models_and_paths(router: RouterThread, client: openai.OpenAI) -> None:
+    for body in (b"{not json", b"[1, 2]", b"\xff\xfe"):
+        status, answer = post(router, "/v1/completions", body)
+        assert status == 400 and "request body" in answer["error"]["message"], answer
+    with pytest.raises(openai.NotFoundError) as info:
+        client.completions.create(model="Qwen/Qwen3-235B", prompt=PROMPT, max_tokens=2)
+    assert info.value.param == "model" and "GET /v1/models" in info.value.message
+    status, answer = post(router, "/v1/embeddings", b"{}")
+    assert status == 404 and answer["error"]["type"] == "invalid_request_error"
+    status, answer = post(router, "/v1/completions", json.dumps({"prompt": "x" * (4 << 20)}).encode())
+    assert status == 413 and "error" in answer  # over max_message_bytes, as gRPC refuses it
+
+
+@contextlib.contextmanager
+def replicas_marked_down(router: RouterThread) -> Iterator[None]:
+    """Every replica marked down for the router (they keep running), then serving again."""
+    pool = router.router.pool
+    slots = list(pool.slots)
+
+    async def mark(state: str) -> None:
+        for slot in slots:
+            pool._set_state(slot, state)  # type: ignore[arg-type]
+
+    router.call(mark("down"))
+    try:
+        yield
+    finally:
+        router.call(mark("serving"))
+
+
+def test_no_replica_draining_and_overload(router: RouterThread, client: openai.OpenAI, model: str) -> None:
+    with replicas_marked_down(router), pytest.raises(openai.InternalServerError) as unavailable:
+        client.completions.create(model=model, prompt=PROMPT, max_tokens=2)
+    assert unavailable.value.status_code == 503 and "no healthy replica" in unavailable.value.message
+    core = router.router.core
+    assert core is not None
+    core.draining = True
+    try:
+        with pytest.raises(openai.InternalServerError) as draining:
+            client.completions.create(model=model, prompt=PROMPT, max_tokens=2)
+        assert draining.value.status_code == 503 and "draining" in draining.value.message
+        with pytest.raises(urllib.error.HTTPError) as health:
+            urllib.request.urlopen(f"http://127.0.0.1:{router.router.http_port}/health", timeout=10)
+        assert health.value.code == 503
+    finally:
+        core.draining = False
+    pool = router.router.pool
+    config = pool.config
+    pool.config = dataclasses.replace(config, max_inflight_per_replica=1)
+    try:
+        streams = [client.completions.create(model=model, prompt=PROMPT, max_tokens=400, stream=True, **GREEDY)
+                   for _ in range(2)]  # one on each replica
+        for stream in streams:
+            next(iter(stream))
+        with pytest.raises(openai.RateLimitError) as overloaded:
+            client.completions.create(model=model, prompt=PROMPT, max_tokens=2)
+        assert overloaded.value.status_code == 429 and "capacity" in overloaded.value.message
+        for stream in streams:
+            stream.close()
+    finally:
+        pool.config = config
+    router.wait_for(lambda s: sum(r.num_kv_blocks_used for r in s.replicas) == 0, timeout=15)

@@ -1,0 +1,45 @@
+"""RequestValidator: chat prompts the model cannot render are INVALID_ARGUMENT (InvalidRequest), naming the field."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from tokenizers import Tokenizer as HFTokenizer
+
+from engine.tokenizer import Tokenizer
+from proto import nanoserve_pb2 as pb
+from router.validation import InvalidRequest, RequestValidator
+from worker.messages import EngineInfo
+
+INFO = EngineInfo(
+    model_dir="/nowhere", random_weights=True, max_model_len=1024, vocab_size=151936, block_size=16,
+    tensor_parallel_size=1, dtype="float32", eos_token_ids=[151645], num_kv_blocks=64,
+)
+
+
+def chat_request(*roles: str) -> pb.GenerateRequest:
+    return pb.GenerateRequest(chat=pb.ChatMessages(messages=[pb.ChatMessage(role=r, content="hi") for r in roles]))
+
+
+def validator(qwen_tokenizer_dir: Path, chat_template: str | None) -> RequestValidator:
+    hf = HFTokenizer.from_file(str(qwen_tokenizer_dir / "tokenizer.json"))
+    return RequestValidator(Tokenizer(hf, frozenset({151645}), chat_template=chat_template), INFO)
+
+
+def test_chat_for_a_model_without_chat_template(qwen_tokenizer_dir: Path) -> None:
+    with pytest.raises(InvalidRequest, match="chat.messages: the model has no chat template"):
+        validator(qwen_tokenizer_dir, None).prepare(chat_request("user"))
+
+
+def test_chat_the_template_refuses(qwen_tokenizer_dir: Path) -> None:
+    template = "{% if messages[0]['role'] != 'user' %}{{ raise_exception('start with a user turn') }}{% endif %}x"
+    refusing = validator(qwen_tokenizer_dir, template)
+    assert refusing.prepare(chat_request("user")).prompt_token_ids == [87]  # "x"
+    with pytest.raises(InvalidRequest, match="chat.messages: start with a user turn"):
+        refusing.prepare(chat_request("assistant"))
+
+
+def test_chat_messages_are_still_checked(qwen_tokenizer_dir: Path) -> None:
+    with pytest.raises(InvalidRequest, match=r"chat.messages\[0\].role: unknown role 'wizard'"):
+        validator(qwen_tokenizer_dir, "x").prepare(chat_request("wizard"))
