@@ -38,6 +38,7 @@ class InFlightRequest:
         self.num_failovers = 0
         self.done = False
         self.paused = False  # taken off its replica until the client reads what waits for it (see ReplicaPool)
+        self.placing = False  # a ReplicaPool.submit of it is in progress
         self.arrived_at = time.monotonic()
         self.first_token_at: float | None = None
         self.writing_since: float | None = None  # time.monotonic() while the client is being sent a chunk

@@ -82,6 +82,7 @@ class ReplicaPool:
         self.info: EngineInfo | None = None
         self.on_serving_changed: Callable[[bool], None] = lambda serving: None
         self._closing = False
+        self._restarts: set[asyncio.Task[None]] = set()
         self._on_gpu = False  # decided at start, from the cluster's resources
 
     # --- life cycle ---
@@ -140,6 +141,8 @@ class ReplicaPool:
 
     async def close(self, kill_replicas: bool) -> None:
         self._closing = True
+        for restart in list(self._restarts):  # a replica being replaced would otherwise come up after we left
+            restart.cancel()
         for slot in self.slots:
             for task in slot.tasks:
                 task.cancel()
@@ -155,22 +158,28 @@ class ReplicaPool:
     async def submit(self, request: InFlightRequest, exclude: frozenset[str] = frozenset()) -> None:
         """Place the request on a replica (trying others when one is full or fails); PoolError if none takes it."""
         tried = set(exclude)
-        while True:
-            slot = self._choose(request, tried)
-            tried.add(slot.name)
-            request.attempt += 1
-            request.replica = slot.name
-            slot.add(request)  # before the call: its events may come first
-            self.metrics.inflight.labels(slot.name).set(len(slot.inflight))
-            error = await self._submit_to(slot, request)
-            if error is None:
-                log.info("request %s -> %s (attempt %d, %d prompt tokens, %d cached blocks there)",
-                         request.request_id, slot.name, request.attempt, len(request.prepared.prompt_token_ids),
-                         slot.kv.num_cached_prefix_blocks(request.prepared.prompt_hashes))
-                return
-            slot.remove(request.engine_request_id)
-            if error.code == "invalid_argument":
-                raise PoolError(grpc.StatusCode.INVALID_ARGUMENT, error.message)
+        request.placing = True  # a failover meanwhile leaves it to this loop: one placement at a time
+        try:
+            while True:
+                slot = self._choose(request, tried)
+                tried.add(slot.name)
+                request.attempt += 1
+                request.replica = slot.name
+                slot.add(request)  # before the call: its events may come first
+                self.metrics.inflight.labels(slot.name).set(len(slot.inflight))
+                error = await self._submit_to(slot, request)
+                if request.done or request.paused:  # it ended, or was paused, while the call was out
+                    return
+                if error is None and slot.inflight.get(request.engine_request_id) is request:
+                    log.info("request %s -> %s (attempt %d, %d prompt tokens, %d cached blocks there)",
+                             request.request_id, slot.name, request.attempt, len(request.prepared.prompt_token_ids),
+                             slot.kv.num_cached_prefix_blocks(request.prepared.prompt_hashes))
+                    return
+                slot.remove(request.engine_request_id)  # refused, or queued on a replica that went down meanwhile
+                if error is not None and error.code == "invalid_argument":
+                    raise PoolError(grpc.StatusCode.INVALID_ARGUMENT, error.message)
+        finally:
+            request.placing = False
 
     def _choose(self, request: InFlightRequest, tried: set[str]) -> ReplicaSlot:
         slots = [s for s in self.serving() if s.name not in tried]
@@ -242,9 +251,12 @@ class ReplicaPool:
     def _deliver(self, slot: ReplicaSlot, batch: StepEvents) -> None:
         num_tokens = 0
         for delta in batch.outputs:
-            request = slot.inflight.get(delta.request_id)  # keyed by attempt: a superseded one's deltas miss
+            request = slot.inflight.get(delta.request_id)
             if request is None:
                 continue  # aborted, paused, moved, or from before this router attached
+            if delta.request_id != request.engine_request_id:  # an attempt superseded by a later one: never stream
+                self._drop_superseded(slot, delta.request_id)  # two attempts' tokens (they would duplicate)
+                continue
             if delta.new_token_ids:
                 num_tokens += len(delta.new_token_ids)
                 slot.kv.drop_pending(delta.request_id)  # prefilled: its blocks are reported stored by now
@@ -262,6 +274,12 @@ class ReplicaPool:
                 self._pause(slot, request)
         self.metrics.tokens_out.inc(num_tokens)  # once a batch: a labelled child costs a lookup each call
         self.metrics.inflight.labels(slot.name).set(len(slot.inflight))
+
+    def _drop_superseded(self, slot: ReplicaSlot, engine_request_id: str) -> None:
+        log.warning("%s: dropping %s, superseded by a later attempt", slot.name, engine_request_id)
+        slot.remove(engine_request_id)
+        if slot.actor is not None:
+            slot.actor.abort.remote([engine_request_id])
 
     def _pause(self, slot: ReplicaSlot, request: InFlightRequest) -> None:
         """The client reads slower than its request generates: stop generating (its KV blocks are freed) until
@@ -363,12 +381,14 @@ class ReplicaPool:
             slot.remove(request.engine_request_id)
         self.metrics.inflight.labels(slot.name).set(0)
         self._fail_over(requests, exclude=frozenset({slot.name}))
-        asyncio.create_task(self._restart(slot), name=f"{slot.name}-restart")
+        restart = asyncio.create_task(self._restart(slot), name=f"{slot.name}-restart")
+        self._restarts.add(restart)
+        restart.add_done_callback(self._restarts.discard)
 
     def _fail_over(self, requests: list[InFlightRequest], exclude: frozenset[str]) -> None:
         limit = self.config.max_failovers_per_request
         for request in requests:
-            if request.done:
+            if request.done or request.placing:  # a submit in progress places it elsewhere if this one failed
                 continue
             request.num_failovers += 1
             if request.num_failovers > limit:
@@ -391,14 +411,21 @@ class ReplicaPool:
         delay = 1.0
         while not self._closing:
             self._set_state(slot, "starting")
+            actor = None
             try:
                 if slot.actor is not None:
                     await self._kill_and_wait(slot.actor, slot.name)
                 slot.actor = None
-                await self._attach(slot, self._start_actor(slot))
+                actor = self._start_actor(slot)
+                await self._attach(slot, actor)
                 slot.num_restarts += 1
                 self.metrics.replica_restarts.labels(slot.name).inc()
                 return
+            except asyncio.CancelledError:  # the pool closed while the new replica was starting: it must not live on
+                if actor is not None:
+                    with contextlib.suppress(RayError):
+                        ray.kill(actor, no_restart=True)
+                raise
             except (RayError, RuntimeError, ValueError) as e:
                 log.warning("%s: restart failed (%s); retrying in %.0f s", slot.name, e, delay)
                 self._set_state(slot, "down")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from engine.block_hash import hash_blocks
 from engine.sampling_params import SamplingParams
 from engine.tokenizer import Tokenizer
@@ -72,3 +74,67 @@ def test_the_balance_bound_still_caps_a_burst(qwen_tokenizer: Tokenizer) -> None
     chosen = [place(pool, group_request(qwen_tokenizer, 0, i)).name for i in range(4)]
     # Each request is 272 tokens: with a bound of least load + 600, the holder takes 3, then the other one.
     assert chosen == [chosen[0]] * 3 + [next(s.name for s in pool.slots if s.name != chosen[0])]
+
+
+def test_a_replica_dying_while_a_request_is_submitted_to_it_moves_the_request_once(
+    qwen_tokenizer: Tokenizer,
+) -> None:
+    """Before: the failover of the dead replica resubmitted the request while its first submit was still out,
+    and that submit then placed it a second time: two attempts streamed, every token twice."""
+
+    async def scenario() -> None:
+        pool = pool_of(3, policy="round-robin")
+        pool.policy = make_policy("round-robin")
+        restarted: list[str] = []
+
+        async def restart(slot: ReplicaSlot) -> None:
+            restarted.append(slot.name)
+
+        pool._restart = restart  # type: ignore[method-assign]
+        calls: list[tuple[str, str]] = []
+        first_call_out = asyncio.Event()
+        release_first_call = asyncio.Event()
+
+        async def submit_to(slot: ReplicaSlot, request: InFlightRequest) -> None:
+            calls.append((slot.name, request.engine_request_id))
+            if len(calls) == 1:  # the first replica takes the call, then dies before our answer comes
+                first_call_out.set()
+                await release_first_call.wait()
+            return None
+
+        pool._submit_to = submit_to  # type: ignore[method-assign]
+        request = group_request(qwen_tokenizer, 0, 0)
+        placing = asyncio.ensure_future(pool.submit(request))
+        await first_call_out.wait()
+        [first_slot] = [s for s in pool.slots if s.inflight]
+        pool._mark_down(first_slot, "killed")
+        assert request.num_failovers == 0  # left to the submit in progress
+        release_first_call.set()
+        await placing
+        await asyncio.sleep(0)
+        assert [name for name, _ in calls] == [first_slot.name, request.replica] and request.replica != first_slot.name
+        live = [(s.name, key) for s in pool.slots for key in s.inflight]
+        assert live == [(request.replica, request.engine_request_id)]  # one attempt, on one live replica
+        assert restarted == [first_slot.name]
+
+    asyncio.run(scenario())
+
+
+def test_deltas_of_a_superseded_attempt_are_never_streamed(qwen_tokenizer: Tokenizer) -> None:
+    async def scenario() -> None:
+        pool = pool_of(2)
+        request = group_request(qwen_tokenizer, 0, 0)
+        old = place(pool, request)
+        old_id = request.engine_request_id
+        new = next(s for s in pool.slots if s is not old)
+        request.attempt += 1
+        new.add(request)  # a later attempt elsewhere, while the old one still runs (a race this guards against)
+        prompt_len = len(request.prepared.prompt_token_ids)
+        pool._deliver(old, StepEvents(old.name, "e", 1, 1, [RequestDelta(old_id, [5], False, None, prompt_len, 0, [])],
+                                      [], []))
+        pool._deliver(new, StepEvents(new.name, "e", 1, 1, [
+            RequestDelta(request.engine_request_id, [7], False, None, prompt_len, 0, [])], [], []))
+        assert request.output_token_ids == [7] and old_id not in old.inflight
+        assert list((await request.next_chunk()).token_ids) == [7]
+
+    asyncio.run(scenario())
