@@ -77,6 +77,7 @@ from worker import get_replica  # noqa: E402
 T = TypeVar("T")
 NAMESPACE = "nanoserve-bench"
 WORKLOAD_NAMES = {SharedPrefixWorkload: "shared-prefix", MultiTurnWorkload: "multi-turn"}
+ROUTER_DEFAULTS = RouterConfig()
 
 # Random Qwen3 shapes for the default checkpoint: a tiny vocabulary keeps the LM head cheap on CPU.
 MODEL_SHAPES: dict[str, dict[str, Any]] = {
@@ -109,6 +110,8 @@ class SweepConfig:
     out_dir: Path = Path("bench-out/serving")
     plot_path: Path | None = None  # None: out_dir/serving_ttft.png
     seed: int = 0
+    prefix_imbalance_ratio: float = ROUTER_DEFAULTS.prefix_imbalance_ratio  # the prefix policy's balance bound
+    prefix_imbalance_slack_tokens: int = ROUTER_DEFAULTS.prefix_imbalance_slack_tokens
 
     def __post_init__(self) -> None:
         for policy in self.policies:
@@ -202,7 +205,8 @@ def run_once(config: SweepConfig, workload: Workload, policy: str, rate: float) 
     router_config = RouterConfig(
         num_replicas=config.num_replicas, model=str(config.model), engine_kwargs=dict(config.engine_kwargs),
         policy=policy, host="127.0.0.1", port=0, metrics_port=None, namespace=NAMESPACE,
-        replica_prefix=f"bench-{uuid.uuid4().hex[:6]}",
+        replica_prefix=f"bench-{uuid.uuid4().hex[:6]}", prefix_imbalance_ratio=config.prefix_imbalance_ratio,
+        prefix_imbalance_slack_tokens=config.prefix_imbalance_slack_tokens,
     )
     load_before = os.getloadavg()[0]
     started = time.perf_counter()
@@ -263,6 +267,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rates", help="comma-separated arrival rates; 'inf' sends everything at once")
     p.add_argument("--replicas", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--prefix-imbalance-ratio", type=float, default=ROUTER_DEFAULTS.prefix_imbalance_ratio,
+                   help="the prefix policy's balance bound, as the router's flag of that name")
+    p.add_argument("--prefix-imbalance-slack-tokens", type=int, default=ROUTER_DEFAULTS.prefix_imbalance_slack_tokens,
+                   help="the prefix policy's balance bound, as the router's flag of that name")
     p.add_argument("--out", type=Path, default=Path("bench-out/serving"), help="folder for JSON and plots")
     p.add_argument("--plot", type=Path, help="TTFT plot path (default: OUT/serving_ttft.png)")
     sizes = p.add_argument_group("workload sizes (defaults from --preset)")
@@ -333,6 +341,8 @@ def main(argv: list[str] | None = None) -> None:
         workloads=workloads, policies=tuple(args.policies.split(",")),
         rates=tuple(float(rate) for rate in args.rates.split(",")), num_replicas=args.replicas, model=model,
         engine_kwargs=engine_kwargs_from(args, workloads), out_dir=args.out, plot_path=args.plot, seed=args.seed,
+        prefix_imbalance_ratio=args.prefix_imbalance_ratio,
+        prefix_imbalance_slack_tokens=args.prefix_imbalance_slack_tokens,
     )
     runs = run_sweep(config)
     checks = check_targets(runs)

@@ -19,10 +19,14 @@ class IncrementalDetokenizer:
     """Turn a growing stream of token ids into text chunks, decoding only a short window per call.
 
     Window invariants: tokens before `_read_offset` are fully emitted, and (until `flush`) their decoded
-    text ends with a complete character, so appending tokens never changes it. Each call decodes
-    `ids[_prefix_offset:_read_offset]` (context) and `ids[_prefix_offset:]`; the difference is the text
-    of the unread tokens. Of that, `_num_unread_chars_emitted` characters are already out; a trailing
-    run of U+FFFD (a character whose bytes have not all arrived) is held back.
+    text is final: appending tokens never changes it. Each call decodes `ids[_prefix_offset:_read_offset]`
+    (context) and `ids[_prefix_offset:]`; the difference is the text of the unread tokens. Of that,
+    `_num_unread_chars_emitted` characters are already out.
+
+    A trailing U+FFFD may be a character whose bytes have not all arrived, so it is held back. Only the
+    last one can be: the decoder turns each maximal invalid byte run into one U+FFFD, and every run but
+    the last is already closed by the bytes after it. The read offset then moves up to the last token
+    whose text is final, so a long run of invalid bytes keeps the window short (not quadratic).
     """
 
     def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True) -> None:
@@ -45,12 +49,14 @@ class IncrementalDetokenizer:
         """Append generated tokens; return the text that is now complete and was not returned before."""
         self._token_ids.extend(token_ids)
         unread_text = self._decode_unread()
-        complete_end = len(unread_text.rstrip(REPLACEMENT_CHAR))
-        chunk = unread_text[self._num_unread_chars_emitted : complete_end]
-        if complete_end == len(unread_text):
+        if not unread_text.endswith(REPLACEMENT_CHAR):
+            chunk = unread_text[self._num_unread_chars_emitted :]
             self._advance()
-        else:
-            self._num_unread_chars_emitted = max(self._num_unread_chars_emitted, complete_end)
+            return self._emit(chunk)
+        final_end = len(unread_text) - 1  # all but the last U+FFFD (see the class docstring)
+        chunk = unread_text[self._num_unread_chars_emitted : final_end]
+        self._num_unread_chars_emitted = max(self._num_unread_chars_emitted, final_end)
+        self._advance_over_final_tokens(unread_text[:final_end])
         return self._emit(chunk)
 
     def flush(self) -> str:
@@ -74,9 +80,29 @@ class IncrementalDetokenizer:
 
     def _advance(self) -> None:
         """Mark every token read: the decoded text ended on a complete character."""
-        self._read_offset = len(self._token_ids)
-        self._prefix_offset = max(0, self._read_offset - NUM_CONTEXT_TOKENS)
+        self._move_read_offset(len(self._token_ids))
         self._num_unread_chars_emitted = 0
+
+    def _advance_over_final_tokens(self, final_text: str) -> None:
+        """Mark read the unread tokens up to the last one whose text is final, i.e. lies within `final_text`.
+
+        The held-back character's bytes come from at most the last 3 tokens (an incomplete UTF-8 sequence
+        has at most 3 bytes), so one of the 3 cut points before them ends in final text, unless a token
+        holds no byte (a skipped special token); then the window stays and the next call tries again.
+        """
+        window = self._token_ids[self._prefix_offset :]
+        num_context = self._read_offset - self._prefix_offset
+        context_text = self._decode(window[:num_context]) if num_context else ""
+        for cut in range(len(window) - 1, max(num_context, len(window) - 4), -1):
+            head_text = self._decode(window[:cut])
+            if head_text.startswith(context_text) and final_text.startswith(head_text[len(context_text) :]):
+                self._num_unread_chars_emitted -= len(head_text) - len(context_text)
+                self._move_read_offset(self._prefix_offset + cut)
+                return
+
+    def _move_read_offset(self, read_offset: int) -> None:
+        self._read_offset = read_offset
+        self._prefix_offset = max(0, read_offset - NUM_CONTEXT_TOKENS)
 
     def _decode(self, token_ids: list[int]) -> str:
         return self._tokenizer.decode(token_ids, skip_special_tokens=self._skip_special_tokens)

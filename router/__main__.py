@@ -35,6 +35,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--policy", choices=POLICY_NAMES, default="prefix",
                    help="prefix: the replica holding the longest cached prompt prefix unless loads are too "
                    "uneven; least-load: fewest queued + running tokens; round-robin: in turn")
+    p.add_argument("--prefix-imbalance-ratio", type=float, default=1.5,
+                   help="prefix policy: a replica is a candidate for cache affinity only while its load (queued + "
+                   "running tokens) is at most RATIO x the least-loaded replica's + --prefix-imbalance-slack-tokens; "
+                   "lower keeps loads more even, higher follows the cache further")
+    p.add_argument("--prefix-imbalance-slack-tokens", type=int, default=4096,
+                   help="prefix policy: the tokens added to that bound (so that light loads do not count as uneven)")
     p.add_argument("--host", default="0.0.0.0", help="address to listen on")
     p.add_argument("--port", type=int, default=50051, help="gRPC port (0 picks a free one)")
     p.add_argument("--http-port", type=int, help="also serve the OpenAI-compatible HTTP API on this port "
@@ -53,7 +59,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-queued-per-replica", type=int, default=256,
                    help="requests waiting in one replica before it refuses more (RESOURCE_EXHAUSTED)")
     p.add_argument("--drain-timeout", type=float, default=30.0,
-                   help="seconds in-flight streams get to finish on SIGTERM/SIGINT")
+                   help="seconds in-flight streams get to finish on SIGTERM/SIGINT to the router, or on SIGTERM to "
+                   "a replica's process (or its drain call); a drained replica's leftovers move to another replica")
+    p.add_argument("--max-stream-buffer-tokens", type=int, default=1024,
+                   help="tokens the router holds for a client that reads slower than its request generates (beyond "
+                   "gRPC's own flow-control window); past it the request is paused, its KV cache freed, and resumed "
+                   "once the client has read them")
+    p.add_argument("--stalled-stream-timeout", type=float, default=60.0,
+                   help="seconds a client may take no output of its stream before the request is stopped and the "
+                   "stream ended with RESOURCE_EXHAUSTED")
     p.add_argument("--api-key-file", help="file of API keys, one a line (blank lines and # comments skipped); "
                    "every NanoServe call and /v1 HTTP request must then send 'authorization: Bearer <key>' "
                    "(gRPC health, reflection and HTTP /health stay open)")
@@ -84,10 +98,13 @@ def parse_args(argv: list[str] | None = None) -> RouterConfig:
     try:
         return RouterConfig(
             num_replicas=args.replicas, model=args.model, tensor_parallel_size=args.tensor_parallel_size,
-            engine_kwargs=engine_kwargs, policy=args.policy,
+            engine_kwargs=engine_kwargs, policy=args.policy, prefix_imbalance_ratio=args.prefix_imbalance_ratio,
+            prefix_imbalance_slack_tokens=args.prefix_imbalance_slack_tokens,
             host=args.host, port=args.port, http_port=args.http_port, ray_address=args.ray_address,
             metrics_port=None if args.metrics_port < 0 else args.metrics_port,
             max_queued_per_replica=args.max_queued_per_replica, drain_timeout_s=args.drain_timeout,
+            max_stream_buffer_tokens=args.max_stream_buffer_tokens,
+            stalled_stream_timeout_s=args.stalled_stream_timeout,
             replica_prefix=args.replica_prefix, api_keys=read_api_keys(args.api_key_file) if args.api_key_file else (),
             tls_cert=read_pem("--tls-cert", args.tls_cert), tls_key=read_pem("--tls-key", args.tls_key),
         )

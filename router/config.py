@@ -17,6 +17,10 @@ class RouterConfig:
     tensor_parallel_size: int = 1
     engine_kwargs: dict[str, Any] = field(default_factory=dict)  # passed to LLMEngine as is
     policy: str = "prefix"
+    # The prefix policy weighs cache affinity only among replicas whose load is at most
+    # ratio x (the least load) + slack tokens; past that bound, load wins.
+    prefix_imbalance_ratio: float = 1.5
+    prefix_imbalance_slack_tokens: int = 4096
     host: str = "0.0.0.0"
     port: int = 50051
     http_port: int | None = None  # None: no OpenAI-compatible HTTP API; 0 picks a free port
@@ -31,20 +35,32 @@ class RouterConfig:
     health_interval_s: float = 1.0
     health_timeout_s: float = 5.0  # a health call slower than this marks the replica down
     stall_timeout_s: float = 30.0  # a replica with work but no step for this long is down
-    drain_timeout_s: float = 30.0  # on SIGTERM/SIGINT, how long in-flight streams may take to finish
+    drain_timeout_s: float = 30.0  # on SIGTERM to the router or a replica, how long its streams may take to finish
+    # A client that reads slower than its request generates: past this many tokens waiting for it (beyond what
+    # gRPC's flow-control window holds), the request is paused: taken off its replica, its KV blocks freed, and
+    # resumed from where it stopped once the client has read them. Bounds the router's memory per stream.
+    max_stream_buffer_tokens: int = 1024
+    stalled_stream_timeout_s: float = 60.0  # a stream whose client takes nothing for this long is ended
     max_message_bytes: int = 4 << 20  # larger gRPC requests get RESOURCE_EXHAUSTED
     api_keys: tuple[str, ...] = field(default=(), repr=False)  # empty: no API key needed; else one of these
     tls_cert: bytes | None = None  # PEM certificate chain; with tls_key, serve over TLS
     tls_key: bytes | None = field(default=None, repr=False)  # PEM private key
 
     def __post_init__(self) -> None:
-        for name in ("num_replicas", "tensor_parallel_size", "max_queued_per_replica", "max_inflight_per_replica"):
+        for name in ("num_replicas", "tensor_parallel_size", "max_queued_per_replica", "max_inflight_per_replica",
+                     "max_stream_buffer_tokens"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if self.policy not in POLICY_NAMES:
             raise ValueError(f"policy must be one of {', '.join(POLICY_NAMES)}, got {self.policy!r}")
-        for name in ("health_interval_s", "health_timeout_s", "stall_timeout_s", "drain_timeout_s"):
+        if not self.prefix_imbalance_ratio >= 1:  # also refuses NaN
+            raise ValueError(f"prefix_imbalance_ratio must be >= 1, got {self.prefix_imbalance_ratio!r}")
+        slack = self.prefix_imbalance_slack_tokens
+        if isinstance(slack, bool) or not isinstance(slack, int) or slack < 0:
+            raise ValueError(f"prefix_imbalance_slack_tokens must be an integer >= 0, got {slack!r}")
+        for name in ("health_interval_s", "health_timeout_s", "stall_timeout_s", "drain_timeout_s",
+                     "stalled_stream_timeout_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
         for i, key in enumerate(self.api_keys):  # never echo a key: errors show where it is, not what it is

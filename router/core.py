@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 
 import grpc
 
@@ -34,6 +36,7 @@ class ServingCore:
         self.pool, self.tokenizer, self.info, self.model_name = pool, tokenizer, info, model_name
         self.validator = RequestValidator(tokenizer, info)
         self.draining = False  # set on shutdown: new requests get UNAVAILABLE, those in flight finish
+        self._streams: set[_Stream] = set()  # requests being streamed, watched by `end_stalled_streams`
 
     async def start(self, request: pb.GenerateRequest | UndecodableRequest) -> InFlightRequest:
         """Validate and place the request; RequestFailed if it cannot be. The caller must `release` what it gets."""
@@ -51,19 +54,67 @@ class ServingCore:
         except asyncio.CancelledError:  # the client left while it was being placed
             self.release(inflight)
             raise
-        self.pool.metrics.tokens.labels("in").inc(len(prepared.prompt_token_ids))
+        self.pool.metrics.tokens_in.inc(len(prepared.prompt_token_ids))
         return inflight
 
-    async def chunks(self, inflight: InFlightRequest) -> AsyncIterator[pb.GenerateResponse]:
-        """The request's chunks, up to the last one (finish_reason set); RequestFailed if it fails on the way."""
+    async def chunks(
+        self, inflight: InFlightRequest, on_stalled: Callable[[str], None] | None = None
+    ) -> AsyncIterator[pb.GenerateResponse]:
+        """The request's chunks, up to the last one (finish_reason set); RequestFailed if it fails on the way.
+
+        The caller sends each chunk before it asks for the next. A request paused because its client fell
+        behind (see ReplicaPool) is resumed here once the client has taken everything. If sending one chunk
+        takes over the stalled-stream timeout, `end_stalled_streams` stops the request, calls
+        `on_stalled(message)` (how the front door ends its call, if it needs more than a cancelled task)
+        and cancels the caller's task.
+        """
+        task = asyncio.current_task()
+        assert task is not None
+        stream = _Stream(inflight, task, on_stalled)
+        self._streams.add(stream)
+        try:
+            while True:
+                if inflight.paused and not inflight.done:  # the client has read everything: generate again
+                    await self.pool.resume(inflight)
+                chunk = await inflight.next_chunk()
+                if isinstance(chunk, Failure):
+                    self.count(chunk.code)
+                    raise RequestFailed(chunk.code, chunk.message)
+                inflight.writing_since = time.monotonic()
+                yield chunk  # resumes once the caller sent it: the client's flow-control window had room
+                inflight.writing_since = None
+                if chunk.finish_reason:
+                    return
+        finally:
+            self._streams.discard(stream)
+
+    async def end_stalled_streams(self) -> None:
+        """Forever: end the streams whose client has taken no output for `stalled_stream_timeout_s`.
+
+        Such a client keeps its connection (so nothing cancels the call) but stopped reading. Its request
+        is stopped and counted as RESOURCE_EXHAUSTED; gRPC's status then reaches the client after the output
+        gRPC already holds for it (grpc.aio cannot reset one stream), which stays until the client reads or
+        disconnects, bounded by its flow-control window.
+        """
+        timeout_s = self.pool.config.stalled_stream_timeout_s
         while True:
-            chunk = await inflight.next_chunk()
-            if isinstance(chunk, Failure):
-                self.count(chunk.code)
-                raise RequestFailed(chunk.code, chunk.message)
-            yield chunk
-            if chunk.finish_reason:
-                return
+            await asyncio.sleep(min(1.0, timeout_s / 4))
+            now = time.monotonic()
+            for stream in [s for s in self._streams if s.stalled_for(now) > timeout_s]:
+                self._end_stalled(stream, timeout_s)
+
+    def _end_stalled(self, stream: _Stream, timeout_s: float) -> None:
+        self._streams.discard(stream)
+        inflight = stream.inflight
+        self.pool.abort(inflight)
+        self.pool.metrics.slow_clients.labels("ended").inc()
+        self.count(grpc.StatusCode.RESOURCE_EXHAUSTED)
+        log.warning("request %s: its client took no output for %g s; ending the stream after %d tokens",
+                    inflight.request_id, timeout_s, len(inflight.output_token_ids))
+        if stream.on_stalled is not None:
+            stream.on_stalled(f"the client read nothing for {timeout_s:g} s (stalled_stream_timeout_s); "
+                              "the request was stopped")
+        stream.task.cancel()  # its sender stops waiting for the write
 
     def release(self, inflight: InFlightRequest) -> None:
         """The front door is done with the request, however it ended. One the client left early (cancelled,
@@ -81,3 +132,17 @@ class ServingCore:
 
     def count(self, code: grpc.StatusCode) -> None:
         self.pool.metrics.requests.labels(code.name).inc()
+
+
+@dataclass(eq=False, slots=True)
+class _Stream:
+    """A request being streamed: the task sending its chunks, and how its front door ends a stalled call."""
+
+    inflight: InFlightRequest
+    task: asyncio.Task[object]
+    on_stalled: Callable[[str], None] | None
+
+    def stalled_for(self, now: float) -> float:
+        """Seconds the sender has been trying to send one chunk (0 if it is not sending)."""
+        since = self.inflight.writing_since
+        return 0.0 if since is None else now - since

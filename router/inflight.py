@@ -1,5 +1,6 @@
 """The router's record of one request in flight: what it asked for, what the client has been sent,
-and the queue its stream reads from. It outlives any one replica: failover resubmits from it."""
+and the output waiting for the client. It outlives any one replica: failover (and a pause for a slow
+client) resubmits from it."""
 
 from __future__ import annotations
 
@@ -36,10 +37,18 @@ class InFlightRequest:
         self.attempt = 0  # bumped on every (re)submission: each attempt has its own engine request id
         self.num_failovers = 0
         self.done = False
+        self.paused = False  # taken off its replica until the client reads what waits for it (see ReplicaPool)
+        self.placing = False  # a ReplicaPool.submit of it is in progress
         self.arrived_at = time.monotonic()
         self.first_token_at: float | None = None
+        self.writing_since: float | None = None  # time.monotonic() while the client is being sent a chunk
         self._text = TextStream(tokenizer, prepared.params.stop)
-        self._chunks: asyncio.Queue[pb.GenerateResponse | Failure] = asyncio.Queue()
+        # Output the client has not taken yet, coalesced into one message: a reader that falls behind gets
+        # fewer, larger chunks, and the router holds one message per request, whatever the lag.
+        self._pending: pb.GenerateResponse | None = None
+        self.num_pending_tokens = 0
+        self._failure: Failure | None = None  # sent after the pending output
+        self._reader: asyncio.Future[None] | None = None  # set while `next_chunk` waits
 
     @property
     def request_id(self) -> str:
@@ -75,17 +84,24 @@ class InFlightRequest:
         self.output_token_ids += delta.new_token_ids
         text = self._text.add(delta.new_token_ids)
         finish_reason = "stop" if self._text.hit_stop else delta.finish_reason if delta.finished else None
-        chunk = pb.GenerateResponse(
-            text=text, token_ids=delta.new_token_ids, request_id=self.request_id, logprobs=_logprobs(delta)
-        )
         if finish_reason is not None:
-            chunk.text += self._text.finish()
+            text += self._text.finish()
+            self.done = True
+        if not (text or delta.new_token_ids or self.done):
+            return False
+        chunk = self._pending
+        if chunk is None:
+            chunk = self._pending = pb.GenerateResponse(request_id=self.request_id)
+        chunk.text += text
+        chunk.token_ids.extend(delta.new_token_ids)
+        if delta.logprobs:
+            chunk.logprobs.extend(_logprobs(delta))
+        self.num_pending_tokens += len(delta.new_token_ids)
+        if finish_reason is not None:
             chunk.finish_reason = FINISH_REASONS[finish_reason]
             chunk.replica = replica
             chunk.usage.CopyFrom(self.usage())
-            self.done = True
-        if chunk.text or chunk.token_ids or self.done:
-            self._chunks.put_nowait(chunk)
+        self._wake_reader()
         return self.done
 
     def usage(self) -> pb.Usage:
@@ -96,12 +112,23 @@ class InFlightRequest:
         )
 
     def fail(self, code: grpc.StatusCode, message: str) -> None:
+        """End the stream with this status, after the output already waiting for the client."""
         if not self.done:
             self.done = True
-            self._chunks.put_nowait(Failure(code, message))
+            self._failure = Failure(code, message)
+            self._wake_reader()
 
     async def next_chunk(self) -> pb.GenerateResponse | Failure:
-        return await self._chunks.get()
+        """All the output that waits for the client, as one message; then, at the end, a Failure if any."""
+        while self._pending is None and self._failure is None:
+            self._reader = asyncio.get_running_loop().create_future()
+            await self._reader
+        chunk, self._pending, self.num_pending_tokens = self._pending, None, 0
+        return chunk if chunk is not None else self._failure  # type: ignore[return-value]
+
+    def _wake_reader(self) -> None:
+        if self._reader is not None and not self._reader.done():
+            self._reader.set_result(None)
 
 
 def _logprobs(delta: RequestDelta) -> list[pb.TokenLogprob]:

@@ -23,9 +23,13 @@ class KVView:
         self.seq = 0  # the latest batch seq reflected here
         self.hashes: set[int] = set()
         self.num_gaps = 0  # times a synced view found itself stale: a lost batch or a new epoch
+        # Prompt blocks of requests placed on the replica whose prefill has not reported them stored yet:
+        # counted as resident, so a burst of one prefix's requests follows the first instead of scattering.
+        self._pending: dict[str, Sequence[int]] = {}  # request id -> its prompt's block hashes
+        self._num_pending: dict[int, int] = {}  # block hash -> pending requests that will store it
 
     def reset(self, snapshot: KVSnapshot) -> None:
-        """Replace the whole view with a replica's snapshot."""
+        """Replace the whole view with a replica's snapshot (pending blocks stay: their requests still run)."""
         self.epoch, self.seq = snapshot.epoch, snapshot.seq
         self.hashes = set(snapshot.block_hashes)
 
@@ -49,6 +53,21 @@ class KVView:
         only an unbroken leading run, so a hit after a miss saves nothing.
         """
         for num_blocks, block_hash in enumerate(prompt_hashes):
-            if block_hash not in self.hashes:
+            if block_hash not in self.hashes and block_hash not in self._num_pending:
                 return num_blocks
         return len(prompt_hashes)
+
+    def add_pending(self, request_id: str, prompt_hashes: Sequence[int]) -> None:
+        """Count a request's prompt blocks as resident until `drop_pending` (its first token, or its end)."""
+        self._pending[request_id] = prompt_hashes
+        for block_hash in prompt_hashes:
+            self._num_pending[block_hash] = self._num_pending.get(block_hash, 0) + 1
+
+    def drop_pending(self, request_id: str) -> None:
+        """Stop counting the request's prompt blocks (a no-op when they are not counted)."""
+        for block_hash in self._pending.pop(request_id, ()):
+            count = self._num_pending[block_hash] - 1
+            if count:
+                self._num_pending[block_hash] = count
+            else:
+                del self._num_pending[block_hash]

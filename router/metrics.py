@@ -24,6 +24,7 @@ class RouterMetrics:
         self.itl = Histogram("nanoserve_inter_token_latency_seconds", "Mean time between tokens, per request",
                              buckets=_LATENCY_BUCKETS, registry=r)
         self.tokens = Counter("nanoserve_tokens", "Prompt (in) and generated (out) tokens", ["direction"], registry=r)
+        self.tokens_in, self.tokens_out = self.tokens.labels("in"), self.tokens.labels("out")
         self.prefix_hit_tokens = Counter(
             "nanoserve_prefix_cache_hit_tokens",
             "Prompt tokens a replica served from its prefix cache (over nanoserve_tokens_total{direction=\"in\"}: "
@@ -39,6 +40,12 @@ class RouterMetrics:
         self.replica_up = Gauge("nanoserve_replica_up", "1 while the replica serves", ["replica"], registry=r)
         self.failovers = Counter("nanoserve_failovers", "Requests moved to another replica after a failure",
                                  registry=r)
+        self.slow_clients = Counter("nanoserve_slow_client_streams",
+                                    "Streams whose client fell behind: paused (the request left its replica), "
+                                    "resumed, or ended (no output taken for the stalled-stream timeout)",
+                                    ["event"], registry=r)
+        for event in ("paused", "resumed", "ended"):  # exported at 0 from the start, so rate() sees the first
+            self.slow_clients.labels(event)
         self.replica_restarts = Counter("nanoserve_replica_restarts", "Replicas restarted after a failure",
                                         ["replica"], registry=r)
         self._server: WSGIServer | None = None

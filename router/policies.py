@@ -47,13 +47,17 @@ class RoundRobinPolicy:
 
 
 class LeastLoadPolicy:
-    """The fewest tokens queued + running; ties go to fewer in-flight requests, then to the name."""
+    """The fewest tokens queued + running, then the fewest in-flight requests; exact ties rotate in name order
+    (an idle cluster would otherwise send every request to the same replica)."""
 
     name = "least-load"
 
+    def __init__(self) -> None:
+        self._ties = TieBreaker()
+
     def choose(self, candidates: Sequence[Candidate], num_prompt_blocks: int) -> Candidate:
         """The least-loaded candidate."""
-        return min(candidates, key=lambda c: (c.load_tokens, c.num_inflight, c.name))
+        return self._ties.best(candidates, key=lambda c: (c.load_tokens, c.num_inflight))
 
 
 class PrefixAwarePolicy:
@@ -76,24 +80,35 @@ class PrefixAwarePolicy:
             raise ValueError(f"imbalance_slack_tokens: must be >= 0, got {imbalance_slack_tokens}")
         self.imbalance_ratio = imbalance_ratio
         self.imbalance_slack_tokens = imbalance_slack_tokens
-        self._num_tie_breaks = 0
+        self._ties = TieBreaker()
 
     def choose(self, candidates: Sequence[Candidate], num_prompt_blocks: int) -> Candidate:
         """The eligible candidate with the longest cached prefix (see the class docstring)."""
         bound = self.imbalance_ratio * min(c.load_tokens for c in candidates) + self.imbalance_slack_tokens
         eligible = [c for c in candidates if c.load_tokens <= bound]
-        best = min(map(_prefix_rank, eligible))
-        ties = sorted((c for c in eligible if _prefix_rank(c) == best), key=lambda c: c.name)
-        if len(ties) == 1:
-            return ties[0]
-        chosen = ties[self._num_tie_breaks % len(ties)]
-        self._num_tie_breaks += 1
-        return chosen
+        return self._ties.best(eligible, key=_prefix_rank)
 
 
 def _prefix_rank(candidate: Candidate) -> tuple[int, int, int]:
     """Sort key of `PrefixAwarePolicy`: smaller is better."""
     return -candidate.cached_prefix_blocks, candidate.load_tokens, candidate.num_inflight
+
+
+class TieBreaker:
+    """Picks the candidate with the smallest key; among exact ties, the next one in name order each time."""
+
+    def __init__(self) -> None:
+        self._num_tie_breaks = 0
+
+    def best(self, candidates: Sequence[Candidate], key: Callable[[Candidate], tuple[int, ...]]) -> Candidate:
+        """The candidate with the smallest key (candidates is not empty)."""
+        smallest = min(map(key, candidates))
+        ties = sorted((c for c in candidates if key(c) == smallest), key=lambda c: c.name)
+        if len(ties) == 1:
+            return ties[0]
+        chosen = ties[self._num_tie_breaks % len(ties)]
+        self._num_tie_breaks += 1
+        return chosen
 
 
 POLICIES: dict[str, Callable[[], RoutingPolicy]] = {
@@ -104,8 +119,11 @@ POLICIES: dict[str, Callable[[], RoutingPolicy]] = {
 POLICY_NAMES = tuple(POLICIES)  # for the command line's `choices`
 
 
-def make_policy(name: str) -> RoutingPolicy:
-    """A fresh policy by its command-line name; ValueError naming the field `policy` for an unknown one."""
+def make_policy(name: str, imbalance_ratio: float = 1.5, imbalance_slack_tokens: int = 4096) -> RoutingPolicy:
+    """A fresh policy by its command-line name (the imbalance bound is the prefix policy's; see its docstring);
+    ValueError naming the field `policy` for an unknown one."""
+    if name == PrefixAwarePolicy.name:
+        return PrefixAwarePolicy(imbalance_ratio, imbalance_slack_tokens)
     factory = POLICIES.get(name)
     if factory is None:
         raise ValueError(f"policy: unknown routing policy {name!r}; expected one of {', '.join(POLICY_NAMES)}")

@@ -4,7 +4,8 @@ failures, move in-flight requests elsewhere, restart.
 All of it runs on the router's one asyncio loop, so no locks: state changes between awaits only.
 A replica is `serving` from its first snapshot on, `down` from the first sign of failure (its event
 stream breaks, a health call fails or times out, or it has work but stops stepping), `starting`
-while it is replaced.
+while it is replaced. A replica told to drain (SIGTERM, or its `drain` call) is `draining`: it gets no
+new request, its requests finish there, and when it exits it is down (what is left moves) and replaced.
 """
 
 from __future__ import annotations
@@ -61,6 +62,16 @@ class ReplicaSlot:
     def load_tokens(self) -> int:
         return sum(r.num_tokens for r in self.inflight.values())
 
+    def add(self, request: InFlightRequest) -> None:
+        """Track a request placed here; its prompt blocks count as cached in the view until its first token."""
+        self.inflight[request.engine_request_id] = request
+        self.kv.add_pending(request.engine_request_id, request.prepared.prompt_hashes)
+
+    def remove(self, engine_request_id: str) -> InFlightRequest | None:
+        """Stop tracking a request (finished, aborted, paused or moved); None if it was not here."""
+        self.kv.drop_pending(engine_request_id)
+        return self.inflight.pop(engine_request_id, None)
+
 
 class ReplicaPool:
     def __init__(self, config: RouterConfig, policy: RoutingPolicy, metrics: RouterMetrics) -> None:
@@ -71,6 +82,7 @@ class ReplicaPool:
         self.info: EngineInfo | None = None
         self.on_serving_changed: Callable[[bool], None] = lambda serving: None
         self._closing = False
+        self._restarts: set[asyncio.Task[None]] = set()
         self._on_gpu = False  # decided at start, from the cluster's resources
 
     # --- life cycle ---
@@ -110,7 +122,7 @@ class ReplicaPool:
         return start_replica(
             slot.name, cfg.model, dict(cfg.engine_kwargs), on_gpu=self._on_gpu,
             tensor_parallel_size=cfg.tensor_parallel_size, max_queued_requests=cfg.max_queued_per_replica,
-            namespace=cfg.namespace,
+            drain_timeout_s=cfg.drain_timeout_s, namespace=cfg.namespace,
         )
 
     async def _attach(self, slot: ReplicaSlot, actor: ActorHandle) -> None:
@@ -129,6 +141,8 @@ class ReplicaPool:
 
     async def close(self, kill_replicas: bool) -> None:
         self._closing = True
+        for restart in list(self._restarts):  # a replica being replaced would otherwise come up after we left
+            restart.cancel()
         for slot in self.slots:
             for task in slot.tasks:
                 task.cancel()
@@ -144,22 +158,28 @@ class ReplicaPool:
     async def submit(self, request: InFlightRequest, exclude: frozenset[str] = frozenset()) -> None:
         """Place the request on a replica (trying others when one is full or fails); PoolError if none takes it."""
         tried = set(exclude)
-        while True:
-            slot = self._choose(request, tried)
-            tried.add(slot.name)
-            request.attempt += 1
-            request.replica = slot.name
-            slot.inflight[request.engine_request_id] = request  # before the call: its events may come first
-            self.metrics.inflight.labels(slot.name).set(len(slot.inflight))
-            error = await self._submit_to(slot, request)
-            if error is None:
-                log.info("request %s -> %s (attempt %d, %d prompt tokens, %d cached blocks there)",
-                         request.request_id, slot.name, request.attempt, len(request.prepared.prompt_token_ids),
-                         slot.kv.num_cached_prefix_blocks(request.prepared.prompt_hashes))
-                return
-            slot.inflight.pop(request.engine_request_id, None)
-            if error.code == "invalid_argument":
-                raise PoolError(grpc.StatusCode.INVALID_ARGUMENT, error.message)
+        request.placing = True  # a failover meanwhile leaves it to this loop: one placement at a time
+        try:
+            while True:
+                slot = self._choose(request, tried)
+                tried.add(slot.name)
+                request.attempt += 1
+                request.replica = slot.name
+                slot.add(request)  # before the call: its events may come first
+                self.metrics.inflight.labels(slot.name).set(len(slot.inflight))
+                error = await self._submit_to(slot, request)
+                if request.done or request.paused:  # it ended, or was paused, while the call was out
+                    return
+                if error is None and slot.inflight.get(request.engine_request_id) is request:
+                    log.info("request %s -> %s (attempt %d, %d prompt tokens, %d cached blocks there)",
+                             request.request_id, slot.name, request.attempt, len(request.prepared.prompt_token_ids),
+                             slot.kv.num_cached_prefix_blocks(request.prepared.prompt_hashes))
+                    return
+                slot.remove(request.engine_request_id)  # refused, or queued on a replica that went down meanwhile
+                if error is not None and error.code == "invalid_argument":
+                    raise PoolError(grpc.StatusCode.INVALID_ARGUMENT, error.message)
+        finally:
+            request.placing = False
 
     def _choose(self, request: InFlightRequest, tried: set[str]) -> ReplicaSlot:
         slots = [s for s in self.serving() if s.name not in tried]
@@ -186,7 +206,7 @@ class ReplicaPool:
         try:
             [error] = await slot.actor.submit.remote([request.spec()])
         except RayError as e:
-            slot.inflight.pop(request.engine_request_id, None)  # this submit retries it; the failover must not
+            slot.remove(request.engine_request_id)  # this submit retries it; the failover must not
             self._mark_down(slot, f"submit failed: {e.__class__.__name__}")
             return SubmitError("unavailable", str(e))
         return error
@@ -198,7 +218,7 @@ class ReplicaPool:
 
     def _cancel_on_replica(self, request: InFlightRequest) -> None:
         for slot in self.slots:
-            if slot.inflight.pop(request.engine_request_id, None) is not None:
+            if slot.remove(request.engine_request_id) is not None:
                 if slot.actor is not None:
                     slot.actor.abort.remote([request.engine_request_id])  # fire and forget
                 self.metrics.inflight.labels(slot.name).set(len(slot.inflight))
@@ -226,25 +246,61 @@ class ReplicaPool:
                 raise
             self._mark_down(slot, f"event stream broke: {e.__class__.__name__}")
             return
-        self._mark_down(slot, "event stream ended")
+        self._mark_down(slot, "drained" if slot.state == "draining" else "event stream ended")
 
     def _deliver(self, slot: ReplicaSlot, batch: StepEvents) -> None:
+        num_tokens = 0
         for delta in batch.outputs:
             request = slot.inflight.get(delta.request_id)
-            if request is None or delta.request_id != request.engine_request_id:
-                continue  # aborted, superseded by a later attempt, or from before this router attached
-            if request.first_token_at is None and delta.new_token_ids:
-                self.metrics.ttft.observe(time.monotonic() - request.arrived_at)
+            if request is None:
+                continue  # aborted, paused, moved, or from before this router attached
+            if delta.request_id != request.engine_request_id:  # an attempt superseded by a later one: never stream
+                self._drop_superseded(slot, delta.request_id)  # two attempts' tokens (they would duplicate)
+                continue
+            if delta.new_token_ids:
+                num_tokens += len(delta.new_token_ids)
+                slot.kv.drop_pending(delta.request_id)  # prefilled: its blocks are reported stored by now
+                if request.first_token_at is None:
+                    self.metrics.ttft.observe(time.monotonic() - request.arrived_at)
             if request.num_cached_tokens is None:  # the replica that first admitted it; once per request
                 self.metrics.prefix_hit_tokens.inc(delta.num_cached_tokens)
             stop_seen = request.on_delta(delta, slot.name)
-            self.metrics.tokens.labels("out").inc(len(delta.new_token_ids))
             if stop_seen:
-                del slot.inflight[delta.request_id]
+                slot.remove(delta.request_id)
                 if not delta.finished and slot.actor is not None:  # a stop string only the router saw (TextStream)
                     slot.actor.abort.remote([delta.request_id])
                 self._record_finished(request)
+            elif request.num_pending_tokens > self.config.max_stream_buffer_tokens:
+                self._pause(slot, request)
+        self.metrics.tokens_out.inc(num_tokens)  # once a batch: a labelled child costs a lookup each call
         self.metrics.inflight.labels(slot.name).set(len(slot.inflight))
+
+    def _drop_superseded(self, slot: ReplicaSlot, engine_request_id: str) -> None:
+        log.warning("%s: dropping %s, superseded by a later attempt", slot.name, engine_request_id)
+        slot.remove(engine_request_id)
+        if slot.actor is not None:
+            slot.actor.abort.remote([engine_request_id])
+
+    def _pause(self, slot: ReplicaSlot, request: InFlightRequest) -> None:
+        """The client reads slower than its request generates: stop generating (its KV blocks are freed) until
+        the client has taken what waits for it; then `resume` continues from there, as a failover would."""
+        slot.remove(request.engine_request_id)
+        if slot.actor is not None:
+            slot.actor.abort.remote([request.engine_request_id])
+        request.paused = True
+        self.metrics.slow_clients.labels("paused").inc()
+        log.info("request %s paused after %d tokens: %d wait for its client (max_stream_buffer_tokens=%d)",
+                 request.request_id, len(request.output_token_ids), request.num_pending_tokens,
+                 self.config.max_stream_buffer_tokens)
+
+    async def resume(self, request: InFlightRequest) -> None:
+        """Place a paused request again (prompt + its output so far); its stream fails if no replica takes it."""
+        request.paused = False
+        self.metrics.slow_clients.labels("resumed").inc()
+        try:
+            await self.submit(request)
+        except PoolError as e:
+            request.fail(e.code, f"{e.message} (resuming the request after its client caught up)")
 
     def _record_finished(self, request: InFlightRequest) -> None:
         self.metrics.requests.labels("OK").inc()
@@ -268,10 +324,14 @@ class ReplicaPool:
         stats: asyncio.Task[None] | None = None
         while slot.actor is actor and slot.state != "down":
             await asyncio.sleep(cfg.health_interval_s)
-            reason = await self._health_problem(actor)
-            if reason is not None:
-                self._mark_down(slot, reason)
+            health = await self._health(actor)
+            if isinstance(health, str):
+                self._mark_down(slot, health)
                 return
+            if health.draining and slot.state == "serving":
+                log.info("%s: draining: new requests go elsewhere; its %d in flight finish there", slot.name,
+                         len(slot.inflight))
+                self._set_state(slot, "draining")
             if stats is None or stats.done():  # stats wait for a step: never let them hold up health checks
                 stats = asyncio.create_task(self._refresh_stats(slot, actor))
 
@@ -280,7 +340,8 @@ class ReplicaPool:
             slot.stats = await actor.stats.remote()
             self._publish_stats(slot)
 
-    async def _health_problem(self, actor: ActorHandle) -> str | None:
+    async def _health(self, actor: ActorHandle) -> ReplicaHealth | str:
+        """The replica's health, or why it is down."""
         cfg = self.config
         try:
             health: ReplicaHealth = await asyncio.wait_for(actor.health.remote(), cfg.health_timeout_s)
@@ -288,12 +349,14 @@ class ReplicaPool:
             return f"health check took over {cfg.health_timeout_s:g} s"
         except RayError as e:
             return f"health check failed: {e.__class__.__name__}"
+        if health.state == "stopped" and health.draining:
+            return health  # drained: its event stream ends after its last batch, and that takes it down
         if health.state != "running":
             return f"engine {health.state}: {health.error}"
         idle_s = health.seconds_since_last_step
         if health.has_work and idle_s is not None and idle_s > cfg.stall_timeout_s:
             return f"has work but made no step for {idle_s:.1f} s"
-        return None
+        return health
 
     def _publish_stats(self, slot: ReplicaSlot) -> None:
         if slot.stats is None:
@@ -314,15 +377,18 @@ class ReplicaPool:
             if task is not current:
                 task.cancel()
         requests = list(slot.inflight.values())
-        slot.inflight.clear()
+        for request in requests:
+            slot.remove(request.engine_request_id)
         self.metrics.inflight.labels(slot.name).set(0)
         self._fail_over(requests, exclude=frozenset({slot.name}))
-        asyncio.create_task(self._restart(slot), name=f"{slot.name}-restart")
+        restart = asyncio.create_task(self._restart(slot), name=f"{slot.name}-restart")
+        self._restarts.add(restart)
+        restart.add_done_callback(self._restarts.discard)
 
     def _fail_over(self, requests: list[InFlightRequest], exclude: frozenset[str]) -> None:
         limit = self.config.max_failovers_per_request
         for request in requests:
-            if request.done:
+            if request.done or request.placing:  # a submit in progress places it elsewhere if this one failed
                 continue
             request.num_failovers += 1
             if request.num_failovers > limit:
@@ -345,14 +411,21 @@ class ReplicaPool:
         delay = 1.0
         while not self._closing:
             self._set_state(slot, "starting")
+            actor = None
             try:
                 if slot.actor is not None:
                     await self._kill_and_wait(slot.actor, slot.name)
                 slot.actor = None
-                await self._attach(slot, self._start_actor(slot))
+                actor = self._start_actor(slot)
+                await self._attach(slot, actor)
                 slot.num_restarts += 1
                 self.metrics.replica_restarts.labels(slot.name).inc()
                 return
+            except asyncio.CancelledError:  # the pool closed while the new replica was starting: it must not live on
+                if actor is not None:
+                    with contextlib.suppress(RayError):
+                        ray.kill(actor, no_restart=True)
+                raise
             except (RayError, RuntimeError, ValueError) as e:
                 log.warning("%s: restart failed (%s); retrying in %.0f s", slot.name, e, delay)
                 self._set_state(slot, "down")

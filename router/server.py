@@ -38,7 +38,8 @@ class Router:
     def __init__(self, config: RouterConfig) -> None:
         self.config = config
         self.metrics = RouterMetrics()
-        self.pool = ReplicaPool(config, make_policy(config.policy), self.metrics)
+        policy = make_policy(config.policy, config.prefix_imbalance_ratio, config.prefix_imbalance_slack_tokens)
+        self.pool = ReplicaPool(config, policy, self.metrics)
         self.health = health_aio.HealthServicer()
         self.api_keys = ApiKeys(config.api_keys) if config.api_keys else None
         self.core: ServingCore | None = None
@@ -47,6 +48,7 @@ class Router:
         self.port: int | None = None
         self.http_port: int | None = None
         self.metrics_port: int | None = None
+        self._stall_watch: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         cfg = self.config
@@ -60,6 +62,7 @@ class Router:
         info = await self.pool.start()
         model_name = model_display_name(cfg.model)
         self.core = ServingCore(self.pool, tokenizer, info, model_name)
+        self._stall_watch = asyncio.create_task(self.core.end_stalled_streams(), name="stalled-streams")
         self.server = grpc.aio.server(interceptors=self._interceptors(), options=[
             ("grpc.max_receive_message_length", cfg.max_message_bytes),
         ])
@@ -113,6 +116,8 @@ class Router:
         if self.http is not None:
             front_doors.append(self.http.stop())
         await asyncio.gather(*front_doors)
+        if self._stall_watch is not None:
+            self._stall_watch.cancel()
         await self.pool.close(kill_replicas)
         self.metrics.close()
         log.info("router stopped")

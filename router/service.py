@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from typing import NoReturn
 
@@ -19,6 +21,7 @@ _STATES = {"starting": pb.REPLICA_STATE_STARTING, "serving": pb.REPLICA_STATE_SE
 class NanoServeService(nanoserve_pb2_grpc.NanoServeServicer):
     def __init__(self, core: ServingCore) -> None:
         self.core = core
+        self._ending: set[asyncio.Task[None]] = set()
 
     async def Generate(  # noqa: N802 (gRPC method name)
         self, request: pb.GenerateRequest | UndecodableRequest, context: grpc.aio.ServicerContext
@@ -28,7 +31,7 @@ class NanoServeService(nanoserve_pb2_grpc.NanoServeServicer):
         except RequestFailed as e:
             await _abort(context, e)
         try:
-            async for chunk in self.core.chunks(inflight):
+            async for chunk in self.core.chunks(inflight, on_stalled=lambda message: self._end_call(context, message)):
                 yield chunk
         except RequestFailed as e:
             await _abort(context, e)
@@ -78,6 +81,12 @@ class NanoServeService(nanoserve_pb2_grpc.NanoServeServicer):
                 replica.prefix_cache_hit_rate = engine.num_prefix_hit_tokens / max(1, engine.num_prompt_tokens)
         return status
 
+    def _end_call(self, context: grpc.aio.ServicerContext, message: str) -> None:
+        """End a stalled call with RESOURCE_EXHAUSTED: cancelling its handler alone would leave it open."""
+        task = asyncio.create_task(_abort_quietly(context, message))
+        self._ending.add(task)  # the loop keeps only a weak reference to a task
+        task.add_done_callback(self._ending.discard)
+
     async def _refuse_undecodable(self, request: object, context: grpc.aio.ServicerContext) -> None:
         if isinstance(request, UndecodableRequest):
             await _abort(context, self.core.refuse(grpc.StatusCode.INVALID_ARGUMENT, str(request.error())))
@@ -86,3 +95,8 @@ class NanoServeService(nanoserve_pb2_grpc.NanoServeServicer):
 async def _abort(context: grpc.aio.ServicerContext, error: RequestFailed) -> NoReturn:
     await context.abort(error.code, error.message)
     raise AssertionError("context.abort raises")
+
+
+async def _abort_quietly(context: grpc.aio.ServicerContext, message: str) -> None:
+    with contextlib.suppress(grpc.aio.BaseError):  # AbortError is how abort returns; or the call already ended
+        await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, message)

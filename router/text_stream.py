@@ -15,42 +15,45 @@ from engine.tokenizer import Tokenizer
 
 
 class TextStream:
+    """Keeps only the text not yet sent plus the few characters before it a stop string could start in,
+    so each token costs the same however long the output grows (a whole-text string grew quadratically)."""
+
     def __init__(self, tokenizer: Tokenizer, stop: Sequence[str]) -> None:
         self._detokenizer = IncrementalDetokenizer(tokenizer)
         self._stop = tuple(s for s in stop if s)
-        self._text = ""
-        self._num_sent = 0  # characters of _text already handed out
+        self._lookbehind = max(map(len, self._stop), default=1) - 1  # sent characters a stop may start in
+        self._tail = ""  # the text from the lookbehind on: up to `_lookbehind` sent characters, then unsent ones
+        self._num_sent_in_tail = 0
         self.hit_stop = False  # a stop string appeared: the text is final
-        self._text_end = 0  # where the text ends once a stop string was hit
 
     def add(self, token_ids: Sequence[int]) -> str:
         """Feed new tokens; return the text that can be sent now."""
         if self.hit_stop:
             return ""
-        self._text += self._detokenizer.add(token_ids)
+        self._tail += self._detokenizer.add(token_ids)
         return self._release(final=False)
 
     def finish(self) -> str:
         """The rest of the text at the end of the stream (nothing is held back any more)."""
         if not self.hit_stop:
-            self._text += self._detokenizer.flush()
+            self._tail += self._detokenizer.flush()
         return self._release(final=True)
 
     def _release(self, final: bool) -> str:
-        end = len(self._text)
+        tail, end = self._tail, len(self._tail)
         if self._stop and not self.hit_stop:
-            longest = max(map(len, self._stop))
-            search_from = max(0, self._num_sent - longest + 1)
-            hits = [i for i in (self._text.find(s, search_from) for s in self._stop) if i >= 0]
+            hits = [i for i in (tail.find(s) for s in self._stop) if i >= 0]
             if hits:
                 self.hit_stop = True
-                end = self._text_end = min(hits)
+                end = min(hits)
             elif not final:
-                end -= _held_back(self._text, self._stop)
-        if self.hit_stop:
-            end = self._text_end
-        chunk = self._text[self._num_sent : end]
-        self._num_sent = max(self._num_sent, end)
+                end -= _held_back(tail, self._stop)
+        chunk = tail[self._num_sent_in_tail : end]
+        if self.hit_stop:  # nothing after the stop string is ever sent
+            self._tail, self._num_sent_in_tail = "", 0
+            return chunk
+        keep_from = max(0, end - self._lookbehind)
+        self._tail, self._num_sent_in_tail = tail[keep_from:], max(self._num_sent_in_tail, end) - keep_from
         return chunk
 
 

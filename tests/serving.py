@@ -81,7 +81,7 @@ def model_dir(tiny_checkpoint: Callable[..., Path]) -> Path:
 
 
 @contextlib.contextmanager
-def _router_factory(model_dir: Path) -> Iterator[Callable[..., RouterThread]]:
+def router_factory(model_dir: Path) -> Iterator[Callable[..., RouterThread]]:
     """start(num_replicas=2, policy="prefix", **config) -> a running router; all stopped on exit, so their
     replicas (a CPU and ~0.5 GB each) do not pile up across tests."""
     routers: list[RouterThread] = []
@@ -106,14 +106,14 @@ def _router_factory(model_dir: Path) -> Iterator[Callable[..., RouterThread]]:
 @pytest.fixture
 def start_router(ray_cluster: None, model_dir: Path) -> Iterator[Callable[..., RouterThread]]:
     """Routers for one test, stopped when it ends."""
-    with _router_factory(model_dir) as start:
+    with router_factory(model_dir) as start:
         yield start
 
 
 @pytest.fixture(scope="module")
 def start_module_router(ray_cluster: None, model_dir: Path) -> Iterator[Callable[..., RouterThread]]:
     """Routers shared by a module's tests, stopped when the module ends."""
-    with _router_factory(model_dir) as start:
+    with router_factory(model_dir) as start:
         yield start
 
 

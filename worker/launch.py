@@ -8,7 +8,7 @@ from typing import Any, cast
 import ray
 from ray.actor import ActorHandle
 
-from worker.replica import CONCURRENCY_GROUPS, Replica
+from worker.replica import CONCURRENCY_GROUPS, DRAIN_TIMEOUT_S, Replica
 
 NAMESPACE = "nanoserve"
 # Threads for the router's submit / abort / stats / snapshot calls; each waits for at most one step.
@@ -26,6 +26,7 @@ def start_replica(
     on_gpu: bool,
     tensor_parallel_size: int = 1,
     max_queued_requests: int = 256,
+    drain_timeout_s: float = DRAIN_TIMEOUT_S,
     namespace: str = NAMESPACE,
 ) -> ActorHandle:
     """Create the replica actor. It outlives its creator, so a restarted router re-attaches with `get_replica`.
@@ -48,7 +49,7 @@ def start_replica(
     )
     # Ray's stubs type ActorClass.remote() as `ActorHandle | type`; it returns a handle.
     return cast(ActorHandle, actor.remote(name, None if model is None else str(model), engine_kwargs,
-                                          max_queued_requests))
+                                          max_queued_requests, drain_timeout_s=drain_timeout_s))
 
 
 def get_replica(name: str, namespace: str = NAMESPACE) -> ActorHandle:

@@ -118,6 +118,7 @@ class ReplicaHealth:
     replica: str
     epoch: str
     state: ReplicaState
+    draining: bool  # takes no new request; exits once those it has are done (or its drain timeout passed)
     has_work: bool
     num_steps: int
     # Measured on the replica's own clock, so clock skew between hosts does not matter; None before any step.

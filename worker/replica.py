@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import signal
 import threading
 import time
 import uuid
@@ -32,6 +33,8 @@ CONCURRENCY_GROUPS = {"health": 1, "events": 2}
 # A replica with requests but no word from its router (health checks come every second) for this long
 # aborts them: their router is gone, and nobody will read their tokens.
 ORPHAN_TIMEOUT_S = 5.0
+# On SIGTERM (or a `drain` call), how long a replica lets its requests finish before it exits anyway.
+DRAIN_TIMEOUT_S = 30.0
 
 
 class Replica:
@@ -51,10 +54,13 @@ class Replica:
         engine_kwargs: dict[str, Any] | None = None,
         max_queued_requests: int = 256,
         orphan_timeout_s: float = ORPHAN_TIMEOUT_S,
+        drain_timeout_s: float = DRAIN_TIMEOUT_S,
     ) -> None:
         """`model` None serves the embedded tiny random Qwen3 (built on this node on first use)."""
         if isinstance(max_queued_requests, bool) or not isinstance(max_queued_requests, int) or max_queued_requests < 1:
             raise ValueError(f"max_queued_requests must be a positive integer, got {max_queued_requests!r}")
+        if not drain_timeout_s >= 0:
+            raise ValueError(f"drain_timeout_s must be >= 0, got {drain_timeout_s!r}")
         self.name = name
         self.epoch = uuid.uuid4().hex  # a restarted replica is a new actor, hence a new epoch
         self.max_queued_requests = max_queued_requests
@@ -64,6 +70,11 @@ class Replica:
         self._last_contact = time.monotonic()
         threading.Thread(target=self._abort_orphans, args=(orphan_timeout_s,), name=f"{name}-orphans",
                          daemon=True).start()
+        self.drain_timeout_s = drain_timeout_s
+        self._draining = False
+        self._drain_lock = threading.Lock()
+        if threading.current_thread() is threading.main_thread():  # Ray builds an actor on its process's main thread
+            signal.signal(signal.SIGTERM, lambda signum, frame: self.drain())  # instead of Ray's: exit at once
 
     def __repr__(self) -> str:  # Ray prefixes the actor's log lines with this
         return f"Replica({self.name})"
@@ -76,6 +87,8 @@ class Replica:
             return [SubmitError("unavailable", f"replica {self.name}: {e}")] * len(specs)
 
     def _admit(self, engine: LLMEngine, spec: RequestSpec) -> SubmitError | None:
+        if self._draining:
+            return SubmitError("unavailable", f"replica {self.name} is draining")
         num_waiting = engine.stats().num_waiting
         if num_waiting >= self.max_queued_requests:
             return SubmitError(
@@ -110,6 +123,30 @@ class Replica:
                 self.abort_all()
                 self._last_contact = time.monotonic()
 
+    def drain(self, timeout_s: float | None = None) -> None:
+        """Take no new request (health says draining at once), let the running ones finish within timeout_s
+        (default: the drain timeout), then stop the engine and exit the actor. Returns at once.
+
+        Requests still running at the deadline are not aborted: the event stream ends after their last
+        tokens, and the router continues them on another replica, as after a failure. SIGTERM does this too.
+        """
+        with self._drain_lock:
+            if self._draining:
+                return
+            self._draining = True
+        timeout_s = self.drain_timeout_s if timeout_s is None else timeout_s
+        threading.Thread(target=self._drain, args=(timeout_s,), name=f"{self.name}-drain", daemon=True).start()
+
+    def _drain(self, timeout_s: float) -> None:
+        log.info("%s: draining (up to %.0f s for its requests to finish)", self.name, timeout_s)
+        deadline = time.monotonic() + timeout_s
+        while self._loop.has_work and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if self._loop.has_work:
+            log.warning("%s: drain timeout reached with requests running; the router moves them", self.name)
+        self._loop.stop()  # the event stream ends once its last batch is sent
+        ray.get_runtime_context().current_actor.__ray_terminate__.remote()  # exits after running calls end
+
     @ray.method(concurrency_group="health")
     def health(self) -> ReplicaHealth:
         """Progress counters; never waits for the engine. Also the router's heartbeat (see ORPHAN_TIMEOUT_S)."""
@@ -120,6 +157,7 @@ class Replica:
             replica=self.name,
             epoch=self.epoch,
             state=loop.state,
+            draining=self._draining,
             has_work=loop.has_work,
             num_steps=loop.num_steps,
             seconds_since_last_step=None if last is None else time.monotonic() - last,

@@ -51,6 +51,7 @@ class ControlChannel:
         self._header = np.frombuffer(self._buf, np.uint64, 1 + world_size)  # seq, length, acks of ranks 1..N-1
         self._data_offset = 8 * (1 + world_size)
         self._seq = 0
+        self._unlinked = False
 
     @classmethod
     def create(cls, size: int, wakeups: Sequence[Semaphore], world_size: int) -> ControlChannel:
@@ -62,8 +63,16 @@ class ControlChannel:
     @classmethod
     def attach(cls, name: str, wakeups: Sequence[Semaphore], world_size: int) -> ControlChannel:
         # Spawned ranks share rank 0's resource tracker, so this attachment adds nothing for it to clean up:
-        # the segment is unlinked once, by its creator (or by the tracker if rank 0 is killed).
+        # the segment is unlinked once, by its creator (see `unlink`).
         return cls(SharedMemory(name=name), wakeups, world_size, owner=False)
+
+    def unlink(self) -> None:
+        """Remove the segment's name from /dev/shm (owner only, once every rank has attached): the mappings
+        stay valid, and no name is left behind however the processes end. The resource tracker would unlink
+        it after a SIGKILL to rank 0 alone, but Ray kills a dead worker's children with it, tracker included."""
+        if self.owner and not self._unlinked:
+            self._unlinked = True
+            self.shm.unlink()
 
     @property
     def name(self) -> str:
@@ -131,12 +140,11 @@ class ControlChannel:
                 raise ChannelClosed("rank 0 exited")
 
     def close(self) -> None:
-        """Detach; the owner also unlinks the segment from /dev/shm."""
+        """Detach; the owner also unlinks the segment from /dev/shm if it has not yet."""
         del self._header
         self._buf.release()
         self.shm.close()
-        if self.owner:
-            self.shm.unlink()
+        self.unlink()
 
 
 def _align(offset: int) -> int:

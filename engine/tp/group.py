@@ -64,6 +64,7 @@ class RankGroup:
         except BaseException:
             self.close()
             raise
+        self.channel.unlink()  # every rank attached it before joining the group
         log.info("tensor parallelism: %d ranks, %s backend", world_size, dist.get_backend())
         if dist.get_backend() == "nccl":
             threading.Thread(

@@ -1,4 +1,5 @@
-"""A steady load of streaming clients, and the invariants every chaos scenario checks (I1-I3, I5)."""
+"""A steady load of streaming clients, and the invariants a chaos scenario checks on it (I1-I3; I4 and I5 are
+in leaks.py, checked after every scenario)."""
 
 from __future__ import annotations
 

@@ -37,7 +37,8 @@ def test_killed_rank_takes_its_replica_down_and_its_requests_move(
     rank_pids, replica_pid = ray.get(victim.actor.__ray_call__.remote(
         lambda self: (self._loop.call(lambda engine: [p.pid for p in engine.ranks.processes]), os.getpid())),
         timeout=30)
-    assert any(seg.startswith(f"nanoserve-tp-{replica_pid}-") for seg in tp_segments())
+    # Its control channel's name was unlinked once the ranks attached: nothing in /dev/shm to leak.
+    assert not any(seg.startswith(f"nanoserve-tp-{replica_pid}-") for seg in tp_segments())
     os.kill(rank_pids[0], signal.SIGKILL)
     killed_at = time.monotonic()
     wait_for(lambda: victim.state != "serving", 5.0, "the replica with a dead rank marked down")
@@ -48,5 +49,4 @@ def test_killed_rank_takes_its_replica_down_and_its_requests_move(
     wait_for(lambda: all(s.state == "serving" for s in router.router.pool.slots), 90, "the replica recreated")
     assert not any(pid_alive(pid) for pid in rank_pids)
     assert_kv_conserved(router)
-    assert not any(seg.startswith(f"nanoserve-tp-{replica_pid}-") for seg in tp_segments())  # unlinked
-    assert len(tp_segments() - segments_before) == 1  # the recreated replica's channel
+    assert tp_segments() <= segments_before  # no segment, the recreated replica's included (I5 checks again)

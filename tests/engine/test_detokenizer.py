@@ -121,3 +121,31 @@ def test_decodes_only_a_short_window(qwen_tokenizer: Tokenizer) -> None:
     assert detokenizer.text == qwen_tokenizer.decode(token_ids)
     # Context plus the few tokens of one character split across byte tokens.
     assert max(counting.window_lengths) <= NUM_CONTEXT_TOKENS + 4
+
+
+@pytest.mark.parametrize("byte_run", [[0x80], [0xF0], [0xF0, 0x9F], [0xE2, 0x82, 0x80, 0x80]])
+def test_a_long_run_of_invalid_bytes_keeps_the_window_short(
+    qwen_tokenizer: Tokenizer, byte_ids: dict[int, int], byte_run: list[int]
+) -> None:
+    """Text ending in U+FFFD token after token (lone continuation bytes, lead bytes that never complete)
+    used to keep every token unread: each call decoded the whole run, quadratic in its length."""
+    token_ids = [byte_ids[b] for b in byte_run] * (2000 // len(byte_run))
+    counting = CountingTokenizer(qwen_tokenizer)
+    detokenizer = IncrementalDetokenizer(counting)  # type: ignore[arg-type]
+    emitted = [detokenizer.add([token_id]) for token_id in token_ids]
+    emitted.append(detokenizer.flush())
+    assert "".join(emitted) == detokenizer.text == qwen_tokenizer.decode(token_ids)
+    assert max(counting.window_lengths) <= NUM_CONTEXT_TOKENS + 4
+    assert len("".join(emitted[:-1])) >= len(detokenizer.text) - 1  # all but the last U+FFFD came out on the way
+
+
+def test_random_bytes_in_random_chunks_match_one_shot(qwen_tokenizer: Tokenizer, byte_ids: dict[int, int]) -> None:
+    """Valid, truncated and invalid UTF-8 sequences mixed: what is emitted early is never taken back."""
+    pieces = [b"a", "é".encode(), "€".encode(), "😀".encode(), b"\x80", b"\xf0\x9f", b"\xe2\x82", b"\xc3", b"\xff"]
+    rng = random.Random(3)
+    for _ in range(200):
+        data = b"".join(rng.choice(pieces) for _ in range(rng.randint(1, 30)))
+        token_ids = [byte_ids[b] for b in data]
+        detokenizer = IncrementalDetokenizer(qwen_tokenizer)
+        streamed = "".join(stream(detokenizer, token_ids, [rng.randint(1, 4) for _ in range(5)]))
+        assert streamed == qwen_tokenizer.decode(token_ids) == data.decode("utf-8", errors="replace")

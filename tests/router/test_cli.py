@@ -27,15 +27,23 @@ def test_help_explains_every_flag() -> None:
     out = subprocess.run([sys.executable, "-m", "router", "--help"], cwd=ROOT, capture_output=True, text=True,
                          timeout=60, check=True).stdout
     for flag in ("--replicas", "--model", "--tensor-parallel-size", "--policy", "--host", "--port", "--http-port",
-                 "--ray-address", "--metrics-port", "RANDOM weights", "prefix", "least-load", "round-robin"):
+                 "--ray-address", "--metrics-port", "RANDOM weights", "prefix", "least-load", "round-robin",
+                 "--max-stream-buffer-tokens", "--stalled-stream-timeout", "--prefix-imbalance-ratio",
+                 "--prefix-imbalance-slack-tokens"):
         assert flag in out
 
 
-def test_bad_flag_is_a_clear_error() -> None:
-    result = subprocess.run([sys.executable, "-m", "router", "--replicas", "0"], cwd=ROOT, capture_output=True,
+@pytest.mark.parametrize("flag, value, error", [
+    ("--replicas", "0", "num_replicas must be a positive integer"),
+    ("--prefix-imbalance-ratio", "0.9", "prefix_imbalance_ratio must be >= 1"),
+    ("--prefix-imbalance-slack-tokens", "-1", "prefix_imbalance_slack_tokens must be an integer >= 0"),
+    ("--max-stream-buffer-tokens", "0", "max_stream_buffer_tokens must be a positive integer"),
+])
+def test_bad_flag_is_a_clear_error(flag: str, value: str, error: str) -> None:
+    result = subprocess.run([sys.executable, "-m", "router", flag, value], cwd=ROOT, capture_output=True,
                             text=True, timeout=60)
     assert result.returncode == 2
-    assert "num_replicas must be a positive integer" in result.stderr
+    assert error in result.stderr
 
 
 def test_http_port_flag(capsys: pytest.CaptureFixture[str]) -> None:

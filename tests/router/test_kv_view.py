@@ -142,3 +142,19 @@ def test_a_lossy_consumer_that_re_snapshots_stays_exact() -> None:
         deliver(events)
     assert view.hashes == replica.resident
     assert view.num_gaps > 10
+
+
+def test_pending_prompt_blocks_count_as_cached_until_dropped() -> None:
+    view = KVView()
+    view.reset(KVSnapshot("r", "e", 0, [1]))
+    assert view.num_cached_prefix_blocks([1, 2, 3]) == 1
+    view.add_pending("a#1", [1, 2, 3])
+    view.add_pending("b#1", [1, 2])
+    assert view.num_cached_prefix_blocks([1, 2, 3, 4]) == 3  # placed here, prefill not reported yet
+    view.drop_pending("a#1")
+    assert view.num_cached_prefix_blocks([1, 2, 3, 4]) == 2  # b still pends 1 and 2
+    view.reset(KVSnapshot("r", "e", 5, []))  # a snapshot replaces the resident set, not the pending one
+    assert view.num_cached_prefix_blocks([1, 2, 3]) == 2
+    view.drop_pending("b#1")
+    view.drop_pending("b#1")  # dropping twice (its first token, then its end) is harmless
+    assert view.num_cached_prefix_blocks([1, 2, 3]) == 0

@@ -40,11 +40,13 @@ def test_round_robin_keeps_going_when_a_replica_leaves_or_joins() -> None:
     assert names_chosen(policy, [cand("a"), cand("b"), cand("c"), cand("d")], 4) == ["a", "b", "c", "d"]
 
 
-def test_least_load_breaks_ties_by_inflight_then_name() -> None:
+def test_least_load_breaks_ties_by_inflight_then_in_turn() -> None:
     policy = LeastLoadPolicy()
     assert policy.choose([cand("a", load=50), cand("b", load=10, cached=8)], 8).name == "b"
     assert policy.choose([cand("a", load=10, inflight=3), cand("b", load=10, inflight=1)], 8).name == "b"
-    assert names_chosen(policy, [cand("b", load=10), cand("a", load=10)], 2) == ["a", "a"]
+    # Exact ties rotate in name order: an idle cluster spreads requests instead of piling them on one replica.
+    assert names_chosen(policy, [cand("c", load=10), cand("b", load=10), cand("a", load=10)], 6) == ["a", "b", "c"] * 2
+    assert names_chosen(policy, [cand("a", load=10), cand("b", load=10), cand("c", load=9)], 2) == ["c", "c"]
 
 
 def test_prefix_prefers_the_longest_cached_prefix_at_equal_load() -> None:
@@ -94,6 +96,12 @@ def test_policies_by_name() -> None:
     for name in POLICY_NAMES:
         assert make_policy(name).name == name
     assert make_policy("round-robin") is not make_policy("round-robin")
+    policy = make_policy("prefix", imbalance_ratio=2.0, imbalance_slack_tokens=10)
+    assert isinstance(policy, PrefixAwarePolicy)
+    assert (policy.imbalance_ratio, policy.imbalance_slack_tokens) == (2.0, 10)
+    # Bound 2 * 100 + 10 = 210: the holder at 210 is eligible, at 211 not.
+    assert policy.choose([cand("a", load=100), cand("b", load=210, cached=1)], 8).name == "b"
+    assert policy.choose([cand("a", load=100), cand("b", load=211, cached=1)], 8).name == "a"
 
 
 def test_an_unknown_policy_names_the_field_and_the_choices() -> None:

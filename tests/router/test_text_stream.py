@@ -35,3 +35,15 @@ def test_a_possible_stop_prefix_is_held_back_until_settled(qwen_tokenizer: Token
     sent = "".join(stream.add([t]) for t in ids)
     assert not sent.endswith("END")  # could still become ENDING
     assert sent + stream.finish() == "abc END"  # the stream ended: it was not a stop after all
+
+
+def test_a_long_stream_keeps_only_a_short_tail(qwen_tokenizer: Tokenizer) -> None:
+    text = "Streaming text, token by token, with a stop string that may start anywhere. " * 200
+    ids = qwen_tokenizer.encode(text + "STOP and more")
+    stream = TextStream(qwen_tokenizer, ["STOP", "never seen"])
+    sent = []
+    for token_id in ids:
+        sent.append(stream.add([token_id]))
+        assert len(stream._tail) <= len("never seen") + 8  # not the whole text: each token costs the same
+    sent.append(stream.finish())
+    assert "".join(sent) == text and stream.hit_stop

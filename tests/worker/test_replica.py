@@ -203,3 +203,27 @@ def test_a_detached_named_replica_is_found_again_stopped_and_killed(ray_cluster:
             return
         time.sleep(0.1)
     pytest.fail(f"replica {name} still registered after ray.kill")
+
+
+def test_a_draining_replica_refuses_new_requests_finishes_its_own_then_exits(
+    ray_cluster: None, model_dir: Path
+) -> None:
+    name = f"drain-{uuid.uuid4().hex[:8]}"
+    replica = start_replica(name, model_dir, ENGINE_KWARGS, on_gpu=False)
+    stream = Stream(replica)
+    assert submit(replica, [spec("running", prompt(5, 10), 30)]) == [None]
+    ray.get(replica.drain.remote(), timeout=TIMEOUT_S)  # returns at once; the drain goes on in the actor
+    health = ray.get(replica.health.remote(), timeout=TIMEOUT_S)
+    assert health.draining and health.state == "running"
+    (error,) = submit(replica, [spec("late", prompt(6, 10), 2)])
+    assert error is not None and error.code == "unavailable" and "draining" in error.message
+    [finished] = [d for b in stream.until_finished(["running"]) for d in b.outputs if d.finished]
+    assert finished.finish_reason == "length"  # ran to its end: a drain does not abort
+    deadline = time.monotonic() + TIMEOUT_S
+    while time.monotonic() < deadline:  # then the actor exits on its own and frees its name
+        try:
+            get_replica(name)
+        except ValueError:
+            return
+        time.sleep(0.1)
+    pytest.fail(f"drained replica {name} still registered")

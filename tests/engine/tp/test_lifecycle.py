@@ -126,3 +126,24 @@ def test_signal_shuts_down_cleanly(model_dir: Path, sig: signal.Signals) -> None
     assert "Traceback" not in stderr or ("KeyboardInterrupt" in stderr or "SystemExit" in stderr), stderr
     assert not any(pid_alive(pid) for pid in pids)
     assert tp_segments() == segments_before
+
+
+def test_nothing_named_in_dev_shm_survives_a_sigkill_of_every_process(model_dir: Path) -> None:
+    """Ray kills a dead worker together with its children (ranks and resource tracker), so no cleanup code
+    runs: the control channel's name must already be gone while the engine serves."""
+    segments_before = tp_segments()
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SIGNAL_SCRIPT, str(model_dir)], cwd=ROOT, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )
+    assert proc.stdout is not None
+    pids = [int(p) for p in proc.stdout.readline().split()]
+    assert proc.stdout.readline().strip() == "stepping"
+    assert not any(seg.startswith(f"nanoserve-tp-{proc.pid}-") for seg in tp_segments())
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.communicate(timeout=30)
+    deadline = time.monotonic() + 10
+    while any(pid_alive(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(pid_alive(pid) for pid in pids)
+    assert tp_segments() <= segments_before
