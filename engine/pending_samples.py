@@ -38,9 +38,9 @@ class PendingSamples:
             tensors += [out.logprobs, out.top_token_ids, out.top_logprobs]
         host = [t.to("cpu", non_blocking=True) for t in tensors] if on_device else tensors
         ready = None
-        if on_device:
+        if on_device:  # recorded behind the copies, on the stream of the device that runs them
             ready = torch.cuda.Event()
-            ready.record()
+            ready.record(torch.cuda.current_stream(out.token_ids.device))
         logprobs = (host[1], host[2], host[3]) if len(host) == 4 else None
         return cls(seqs, host[0], logprobs, ready)
 
