@@ -19,7 +19,9 @@ Per row, computed in float32:
    picks token i with probability probs[i] (it is Gumbel-max in another form). A row's E comes from
    a stream keyed only by (seed, position), so its token is a function of its logits, params, seed
    and position, and not of the batch around it, the row order or any global RNG state. Re-running
-   from any position reproduces the same tokens.
+   from any position reproduces the same tokens. On a GPU, sampled rows without top-k/top-p/min-p
+   run the race in one fused pass in log space, argmax(logits / T - log E) (same E, same
+   distribution; which path a row takes depends on its own params only).
 
 Log-probs, when some row asks (num_logprobs >= 0), are of the raw model distribution:
 log_softmax of the unscaled, unsuppressed logits.
@@ -35,7 +37,7 @@ import torch
 from engine.sampling_params import SamplingParams
 from engine.transfer import to_device
 from kernels.exponential_noise import exponential_noise as kernel_exponential_noise
-from kernels.exponential_noise import exponential_noise_ref
+from kernels.exponential_noise import exponential_noise_ref, exponential_race
 from kernels.triton_compat import HAS_TRITON
 
 
@@ -58,6 +60,7 @@ class SamplingBatch:
     any_top_k: bool  # these three look at sampled rows only: masks never apply to greedy rows
     any_top_p: bool
     any_min_p: bool
+    masked: torch.Tensor  # [B] bool: the row uses top-k, top-p or min-p (only read when any is set)
     sampled_rows: tuple[int, ...]  # rows with temperature > 0
     rng_keys: tuple[int, ...]  # rng_key(seed, position) of each sampled row, same order
 
@@ -96,6 +99,7 @@ class SamplingBatch:
             any_top_k=any(p.top_k != -1 for p in sampled_params),
             any_top_p=any(p.top_p < 1.0 for p in sampled_params),
             any_min_p=any(p.min_p > 0.0 for p in sampled_params),
+            masked=to_device([p.top_k != -1 or p.top_p < 1.0 or p.min_p > 0.0 for p in params], device, torch.bool),
             sampled_rows=tuple(sampled),
             rng_keys=tuple(rng_keys([seeds[i] for i in sampled], [positions[i] for i in sampled]).tolist()),
         )
@@ -116,12 +120,11 @@ class Sampler(torch.nn.Module):
 
     def forward(self, logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
         """Pick a token per row of `logits` [B, V] (any float dtype; the math is float32)."""
-        raw = logits.float()  # [B, V]
-        suppressed = _suppress(raw, batch)  # [B, V]
+        suppressed = _suppress(logits, batch)  # [B, V], still in the logits' dtype: each path reads it once
         token_ids = _choose(suppressed, batch)  # [B]
         if batch.num_logprobs < 0:
             return SamplerOutput(token_ids, None, None, None)
-        raw_logprobs = raw.log_softmax(dim=-1)  # [B, V]
+        raw_logprobs = logits.float().log_softmax(dim=-1)  # [B, V]
         chosen = raw_logprobs.gather(1, token_ids[:, None]).squeeze(1)  # [B]
         top_logprobs, top_token_ids = raw_logprobs.topk(batch.num_logprobs, dim=-1)  # [B, N] each
         return SamplerOutput(token_ids, chosen, top_token_ids, top_logprobs)
@@ -147,21 +150,34 @@ def exponential_noise(batch: SamplingBatch, vocab_size: int, device: torch.devic
     noise = torch.ones(batch.temperatures.shape[0], vocab_size, device=device)  # [B, V]
     if not batch.sampled_rows:
         return noise
-    signed_keys = np.array(batch.rng_keys, dtype=np.uint64).view(np.int64)  # same 64 bits, as int64
-    keys = to_device(torch.from_numpy(signed_keys), device)
-    rows = to_device(list(batch.sampled_rows), device, torch.int64)
-    if device.type == "cuda" and HAS_TRITON:
+    keys, rows = _keys_and_rows(batch, device)
+    if _on_gpu(device):
         kernel_exponential_noise(keys, rows, noise)
     else:
         exponential_noise_ref(keys, rows, noise)
     return noise
 
 
+def _keys_and_rows(batch: SamplingBatch, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The sampled rows' stream keys [S] (their 64 bits as int64) and row indices [S], on `device`."""
+    signed_keys = np.array(batch.rng_keys, dtype=np.uint64).view(np.int64)
+    return to_device(torch.from_numpy(signed_keys), device), to_device(list(batch.sampled_rows), device, torch.int64)
+
+
+def _on_gpu(device: torch.device) -> bool:
+    return device.type == "cuda" and HAS_TRITON
+
+
 def _choose(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
-    """Greedy or sampled token per row of suppressed float32 logits [B, V] -> [B]."""
+    """Greedy or sampled token per row of suppressed logits [B, V] -> [B]."""
     if batch.all_greedy:
         return logits.argmax(dim=-1)
-    sampled = _sample(logits, batch)  # [B]
+    if _on_gpu(logits.device):
+        sampled = _race_in_one_pass(logits, batch)  # [B]
+        if batch.any_top_k or batch.any_top_p or batch.any_min_p:
+            sampled = torch.where(batch.masked, _sample(logits, batch), sampled)
+    else:
+        sampled = _sample(logits, batch)  # [B]
     if not batch.any_greedy:
         return sampled
     # Greedy rows' noise is 1, so `sampled` is already their softmax argmax; this makes it exactly
@@ -169,8 +185,16 @@ def _choose(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     return torch.where(batch.temperatures == 0.0, logits.argmax(dim=-1), sampled)
 
 
+def _race_in_one_pass(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    """The exponential race of every sampled row, fused (no masks applied) -> [B] (greedy rows: garbage)."""
+    keys, rows = _keys_and_rows(batch, logits.device)
+    tokens = torch.zeros(logits.shape[0], dtype=torch.int64, device=logits.device)  # [B]
+    return tokens.index_copy_(0, rows, exponential_race(logits, keys, rows, batch.temperatures[rows]))
+
+
 def _sample(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     """Temperature, masks and the exponential race over logits [B, V] -> [B] (greedy rows: garbage)."""
+    logits = logits.float()
     temperatures = torch.where(batch.temperatures > 0.0, batch.temperatures, 1.0)  # [B]
     scaled = logits / temperatures[:, None]  # [B, V]
     if batch.any_top_k or batch.any_top_p:
@@ -214,7 +238,7 @@ def _suppress(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     """Logits [B, V] with the batch's (row, token) pairs set to -inf (a new tensor when any)."""
     if batch.suppress_rows.numel() == 0:
         return logits
-    minus_inf = torch.tensor(float("-inf"), device=logits.device)
+    minus_inf = torch.tensor(float("-inf"), dtype=logits.dtype, device=logits.device)
     return logits.index_put((batch.suppress_rows, batch.suppress_token_ids), minus_inf)
 
 

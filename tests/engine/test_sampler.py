@@ -6,8 +6,10 @@ import numpy as np
 import pytest
 import torch
 
+from engine import sampler as sampler_module
 from engine.sampler import Sampler, SamplerOutput, SamplingBatch, _top_k_top_p_floor, rng_key
 from engine.sampling_params import SamplingParams
+from kernels.triton_compat import HAS_TRITON
 
 CPU = torch.device("cpu")
 NUM_DRAWS = 2000
@@ -173,7 +175,17 @@ def test_same_seed_and_position_give_the_same_token() -> None:
     assert len(by_seed) >= 18 and len(by_position) >= 18
 
 
-def test_a_row_does_not_depend_on_the_rest_of_the_batch() -> None:
+@pytest.fixture(params=["torch", "gpu-kernels"])
+def sampler_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run a test through the CPU code and through the GPU code (Triton kernels, interpreted on CPU)."""
+    if request.param == "gpu-kernels":
+        if not HAS_TRITON:
+            pytest.skip("Triton is not installed")
+        monkeypatch.setattr(sampler_module, "_on_gpu", lambda device: True)
+    return request.param
+
+
+def test_a_row_does_not_depend_on_the_rest_of_the_batch(sampler_path: str) -> None:
     params = [
         SamplingParams(temperature=0.0),
         SamplingParams(temperature=1.0),
@@ -186,6 +198,8 @@ def test_a_row_does_not_depend_on_the_rest_of_the_batch() -> None:
     seeds, positions = [11, 22, 33, 44, 55, 66], [3, 9, 0, 14, 2, 30]
     banned = [[1], [], [2, 5], [], [0], []]
     full = run_sampler(logits, params, seeds, positions, banned).token_ids
+    assert all(int(token) not in ban for token, ban in zip(full, banned))
+    assert int(full[0]) == int(logits[0].index_fill(0, torch.tensor(banned[0]), float("-inf")).argmax())
     for rows in ([5, 3, 1, 0, 4, 2], [2], [4, 0], [1, 2, 3]):
         subset = run_sampler(
             logits[rows],
