@@ -1,4 +1,5 @@
-"""Fused kernels against the unfused torch code they replace, on Qwen3-0.6B shapes (GPU).
+"""Fused kernels against the unfused torch code they replace, on Qwen3-0.6B shapes (GPU), and the
+sampler's one-pass exponential race against its softmax / noise / argmax path at batch 256.
 
     python bench/fused_ops.py
 """
@@ -8,11 +9,13 @@ from __future__ import annotations
 import torch
 from common import time_cuda
 
+from engine.sampler import Sampler, SamplingBatch
+from engine.sampling_params import SamplingParams
 from kernels.qk_norm_rope import qk_norm_rope, qk_norm_rope_ref
 from kernels.rms_norm import rms_norm, rms_norm_ref
 from kernels.silu_and_mul import silu_and_mul, silu_and_mul_ref
 
-HIDDEN, HEADS, KV_HEADS, HEAD_DIM, INTERMEDIATE = 1024, 16, 8, 128, 3072
+HIDDEN, HEADS, KV_HEADS, HEAD_DIM, INTERMEDIATE, VOCAB = 1024, 16, 8, 128, 3072, 151936
 
 
 def compare(tokens: int) -> None:
@@ -39,9 +42,25 @@ def compare(tokens: int) -> None:
               f"speed-up {u / f:4.1f}x")
 
 
+def compare_sampler(rows: int = 256) -> None:
+    """One step's sampling at temperature 0.6: the fused race (no masks) vs the path with a mask (top-k at
+    the whole vocabulary: the same tokens' distribution, through sort, softmax, noise and argmax)."""
+    logits = torch.randn(rows, VOCAB, device="cuda", dtype=torch.bfloat16)
+    sampler = Sampler()
+
+    def batch(params: SamplingParams) -> SamplingBatch:
+        return SamplingBatch.build([params] * rows, list(range(rows)), [0] * rows, [[]] * rows, torch.device("cuda"))
+
+    fused, masked = batch(SamplingParams(temperature=0.6)), batch(SamplingParams(temperature=0.6, top_p=0.999))
+    f, u = time_cuda(lambda: sampler(logits, fused), iters=50), time_cuda(lambda: sampler(logits, masked), iters=50)
+    print(f"{rows:5d} rows    sampling (T=0.6)     fused {f * 1e6:7.1f} us  top-p path {u * 1e6:7.1f} us  "
+          f"speed-up {u / f:4.1f}x")
+
+
 def main() -> None:
     for tokens in (256, 8192):
         compare(tokens)
+    compare_sampler()
 
 
 if __name__ == "__main__":
