@@ -16,27 +16,16 @@ import os
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from common import ROOT  # noqa: F401  (bench/common.py puts the repo root on sys.path)
+from common import time_cuda  # bench/common.py also puts the repo root on sys.path
 
 from engine.tp.process_group import free_port
 
 BATCH_SIZES = (1, 64, 256, 8192)
 
 
-def time_events(fn, iters: int, warmup: int = 5) -> float:
-    """Median seconds of `fn()` by CUDA events (all ranks run the same sequence)."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        dist.barrier()
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    return sorted(times)[len(times) // 2]
+def time_events(fn, iters: int) -> float:
+    """Median seconds of `fn()` by CUDA events, every rank starting together."""
+    return time_cuda(fn, iters=iters, warmup=5, before=dist.barrier)
 
 
 def run(rank: int, world_size: int, port: int, hidden: int, layers: int) -> None:

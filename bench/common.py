@@ -22,13 +22,16 @@ def random_qwen3_0_6b() -> Path:
     return path
 
 
-def time_cuda(fn, iters: int = 20, warmup: int = 3) -> float:
-    """Median seconds of `fn()` measured with CUDA events."""
+def time_cuda(fn, iters: int = 20, warmup: int = 3, before=None) -> float:
+    """Median seconds of `fn()` measured with CUDA events; `before()`, if given, runs untimed before each
+    timed call (e.g. a barrier, so every rank starts together)."""
     for _ in range(warmup):
         fn()
     times = []
     for _ in range(iters):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        if before is not None:
+            before()
         start.record()
         fn()
         end.record()

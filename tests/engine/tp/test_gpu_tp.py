@@ -4,11 +4,6 @@ device machine's multi-GPU kinds."""
 
 from __future__ import annotations
 
-import gc
-import os
-import signal
-import threading
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -17,15 +12,11 @@ import torch
 
 from engine import LLMEngine, SamplingParams
 from engine.default_model import QWEN3_0_6B, write_random_qwen3
-from engine.tp.group import RankDiedError
+from tests.engine.test_gpu_runner import free_gpu_memory
 from tests.engine.test_hf_parity import GREEDY, PROMPT_LENGTHS, VOCAB, hf_greedy, random_prompts, shared_prefix_prompts
+from tests.engine.tp.test_lifecycle import kill_rank_mid_generation
 
 pytestmark = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
-
-
-def free_gpu_memory() -> None:
-    gc.collect()
-    torch.cuda.empty_cache()
 
 
 def test_tp2_fp32_greedy_equals_hf(tiny_checkpoint: Callable[..., Path]) -> None:
@@ -62,25 +53,7 @@ def test_tp2_bf16_greedy_equals_tp1_with_cuda_graphs(tmp_path: Path) -> None:
 
 
 def test_killed_rank_fails_the_step_naming_it(tiny_checkpoint: Callable[..., Path]) -> None:
+    """The NCCL watchdog aborts the collectives a dead rank never joins."""
     model_dir = tiny_checkpoint("tied-gqa4-hd32", vocab_size=VOCAB)
-    engine = LLMEngine(model_dir, device="cuda", dtype="float32", tensor_parallel_size=2, max_model_len=512,
-                       gpu_memory_utilization=0.2)
-    assert engine.ranks is not None
-    [pid] = [p.pid for p in engine.ranks.processes]
-    for i in range(8):
-        engine.add_request(list(range(1, 200)), SamplingParams(max_tokens=100_000, ignore_eos=True), f"r{i}")
-    for _ in range(3):
-        engine.step()
-    killed_at: list[float] = []
-
-    def kill() -> None:
-        killed_at.append(time.monotonic())
-        os.kill(pid, signal.SIGKILL)
-
-    threading.Timer(0.2, kill).start()
-    with pytest.raises(RankDiedError, match=f"rank 1 \\(pid {pid}\\)"):
-        while engine.has_unfinished():
-            engine.step()
-    assert time.monotonic() - killed_at[0] < 5.0
-    with pytest.raises(RankDiedError):
-        engine.step()
+    kill_rank_mid_generation(LLMEngine(model_dir, device="cuda", dtype="float32", tensor_parallel_size=2,
+                                       max_model_len=512, gpu_memory_utilization=0.2))

@@ -71,9 +71,9 @@ def test_exception_inside_with_block_stops_the_ranks(model_dir: Path) -> None:
     assert tp_segments() == segments_before
 
 
-def test_killed_rank_raises_within_five_seconds_naming_it(model_dir: Path) -> None:
-    segments_before = tp_segments()
-    engine = tp2(model_dir)
+def kill_rank_mid_generation(engine: LLMEngine) -> int:
+    """SIGKILL rank 1 while 8 requests generate; assert the step fails with RankDiedError naming it within 5 s
+    and the engine stays failed (no hang). Returns the killed pid."""
     [pid] = rank_pids(engine)
     for i in range(8):
         engine.add_request(list(range(1, 200)), SamplingParams(max_tokens=1000, ignore_eos=True), f"r{i}")
@@ -90,10 +90,16 @@ def test_killed_rank_raises_within_five_seconds_naming_it(model_dir: Path) -> No
         while engine.has_unfinished():
             engine.step()
     assert time.monotonic() - killed_at[0] < 5.0
-    assert not pid_alive(pid)
-    assert tp_segments() == segments_before
     with pytest.raises(RankDiedError):  # the engine stays failed, it does not hang
         engine.step()
+    return pid
+
+
+def test_killed_rank_raises_within_five_seconds_naming_it(model_dir: Path) -> None:
+    segments_before = tp_segments()
+    pid = kill_rank_mid_generation(tp2(model_dir))
+    assert not pid_alive(pid)
+    assert tp_segments() == segments_before
 
 
 SIGNAL_SCRIPT = """
