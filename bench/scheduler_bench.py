@@ -25,9 +25,10 @@ from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from stand_in_runner import FixedTokenRunner  # noqa: E402
+
 from engine.block_manager import BlockManager  # noqa: E402
 from engine.llm_engine import LLMEngine  # noqa: E402
-from engine.pending_samples import PendingSamples  # noqa: E402
 from engine.sampling_params import SamplingParams  # noqa: E402
 from engine.scheduler import ScheduledBatch, Scheduler  # noqa: E402
 from engine.sequence import Sequence  # noqa: E402
@@ -36,27 +37,12 @@ SAMPLED_TOKEN = 7
 MAX_NUM_BATCHED_TOKENS = 8192  # the engine's default
 
 
-class FixedTokenRunner:
-    """Stands in for ModelRunner: every sampling sequence gets SAMPLED_TOKEN, no logprobs."""
-
-    def __init__(self, max_batch: int) -> None:
-        self._samples = [(SAMPLED_TOKEN, None)] * max_batch
-
-    def launch(self, batch: ScheduledBatch) -> PendingSamples:
-        sampling = [seq for seq, n in zip(batch.seqs, batch.num_new_tokens)
-                    if seq.num_computed_tokens + n == seq.num_tokens]
-        return PendingSamples(sampling, None, None, None)
-
-    def wait(self, pending: PendingSamples) -> list[tuple[int, None]]:
-        return self._samples  # _process consumes one entry per sampling sequence
-
-
 def engine_without_model(num_seqs: int, num_blocks: int, block_size: int, max_model_len: int) -> LLMEngine:
     """An LLMEngine whose step() runs the real scheduler, block manager and `_process`, minus the model."""
     engine = object.__new__(LLMEngine)  # skip __init__: no checkpoint, tokenizer or device
     engine.config = SimpleNamespace(max_model_len=max_model_len)  # type: ignore[assignment]  # all step() reads
     engine.eos_token_ids = frozenset()
-    engine.model_runner = FixedTokenRunner(num_seqs)  # type: ignore[assignment]
+    engine.model_runner = FixedTokenRunner([SAMPLED_TOKEN], num_seqs)  # type: ignore[assignment]
     engine.block_manager = BlockManager(num_blocks, block_size)
     engine.scheduler = Scheduler(engine.block_manager, num_seqs, MAX_NUM_BATCHED_TOKENS)
     engine._requests = {}

@@ -40,6 +40,7 @@ import numpy as np
 import ray
 from ray.actor import ActorHandle
 from serving_workloads import random_tokens, stream_request
+from stand_in_runner import FixedTokenRunner
 
 from router.client import AsyncClient
 from router.config import RouterConfig
@@ -286,18 +287,6 @@ def measure_added_latency(config: OverheadConfig) -> dict[str, Any]:
 # --- (b) streaming capacity ----------------------------------------------------------------------
 
 
-class SleepingFixedTokenRunner:
-    """Stands in for ModelRunner: sleeps `step_s` (a GPU step, no CPU used) and samples fixed tokens."""
-
-    def __init__(self, step_s: float, max_batch: int, token_ids: list[int]) -> None:
-        self._step_s = step_s
-        self._samples = [(token_ids[i % len(token_ids)], None) for i in range(max_batch)]
-
-    def run(self, batch: object) -> list[tuple[int, None]]:
-        time.sleep(self._step_s)
-        return self._samples  # the engine takes one per sampling sequence
-
-
 class ModelFreeReplica(Replica):
     """`worker.Replica` with the real engine around a model that costs only `step_s` of sleep per step."""
 
@@ -310,7 +299,7 @@ class ModelFreeReplica(Replica):
         # Tokens that decode to whole characters: a lone UTF-8 byte token (~15% of ids below 1000)
         # repeated forever would keep the router's detokenizer from ever advancing its window.
         whole = [i for i in range(1000, 2000) if "\ufffd" not in engine.tokenizer.decode([i])]
-        engine.model_runner = SleepingFixedTokenRunner(step_s, max_batch, whole)
+        engine.model_runner = FixedTokenRunner(whole, max_batch, step_s)
 
 
 def start_model_free_replica(config: OverheadConfig) -> ActorHandle:
