@@ -2,9 +2,10 @@
 
 (a) Added latency. The same greedy requests, one at a time, (1) sent straight to a `worker.Replica`
     actor the way router/replica_pool.py drives one (`submit`, then its `events` stream), and (2)
-    sent through `python -m router --replicas 1` with the same engine settings, alternating between
-    the two paths request by request. Each path has its own replica, so each prompt is a cache miss
-    on both. Reported: TTFT and per-token latency p50 / p99 of both, and the router's difference.
+    sent through `python -m router --replicas 1` with the same engine settings by a gRPC client in a
+    process of its own, alternating between the two paths request by request. Each path has its own
+    replica, so each prompt is a cache miss on both. Reported: TTFT and per-token latency p50 / p99
+    of both, and the router's difference.
 (b) Streaming capacity. Many concurrent long streams through a router whose replica is fast: a real
     `worker.Replica` and engine (scheduler, block manager, outbox), but the model is replaced by a
     stand-in that sleeps `step_ms` per step (a GPU decode step) and samples fixed tokens, so each
@@ -236,23 +237,54 @@ async def start_direct_replica(config: OverheadConfig) -> DirectReplica:
     return replica
 
 
+class RouterClientProcess:
+    """A gRPC client in a process of its own, as a real client is: not this Ray driver, whose threads
+    (Ray's core worker, the direct replica's event pump) would delay its sends and reads. It streams one
+    request per `request()` call and returns its timing."""
+
+    def __init__(self, address: str) -> None:
+        self.process = subprocess.Popen([sys.executable, __file__, "client", address], cwd=REPO_ROOT,
+                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+    def request(self, prompt_ids: list[int], max_tokens: int) -> Timing:
+        assert self.process.stdin is not None and self.process.stdout is not None
+        self.process.stdin.write(json.dumps({"prompt": prompt_ids, "max_tokens": max_tokens}) + "\n")
+        self.process.stdin.flush()
+        reply = json.loads(self.process.stdout.readline())
+        if reply.get("error") is not None:
+            raise RuntimeError(f"request failed through the router: {reply['error']}")
+        return Timing(reply["ttft_s"], reply["token_gaps_s"])
+
+    def stop(self) -> None:
+        self.process.kill()
+        self.process.wait()
+
+
+async def serve_client_requests(address: str) -> None:
+    """The client process: one JSON request a line on stdin, its timing as one JSON line on stdout."""
+    async with AsyncClient(address) as client:
+        for i, line in enumerate(sys.stdin):
+            job = json.loads(line)
+            record = await stream_request(client, f"r{i}", job["prompt"], job["max_tokens"], time.perf_counter())
+            print(json.dumps({"ttft_s": record.ttft_s, "token_gaps_s": record.token_gaps_s, "error": record.error}),
+                  flush=True)
+
+
 async def time_both(address: str, config: OverheadConfig, prompts: list[list[int]]) -> dict[str, list[Timing]]:
     """Each prompt straight to the direct replica, then through the router: alternating, so drift in the
     machine's speed hits both paths alike."""
     direct = await start_direct_replica(config)
+    client = RouterClientProcess(address)
     timings: dict[str, list[Timing]] = {"direct": [], "router": []}
     try:
-        async with AsyncClient(address) as client:
-            await direct.generate(prompts[0][:8], 4)  # warm-up
-            await client.complete(prompts[0][:8], max_tokens=4, temperature=0.0, ignore_eos=True)
-            for i, prompt in enumerate(prompts):
-                timings["direct"].append(await direct.generate(prompt, config.output_len))
-                record = await stream_request(client, f"r{i}", prompt, config.output_len, time.perf_counter())
-                if record.error is not None or record.ttft_s is None:
-                    raise RuntimeError(f"request failed through the router: {record.error}")
-                timings["router"].append(Timing(record.ttft_s, record.token_gaps_s))
+        await direct.generate(prompts[0][:8], 4)  # warm-up
+        await asyncio.to_thread(client.request, prompts[0][:8], 4)
+        for prompt in prompts:
+            timings["direct"].append(await direct.generate(prompt, config.output_len))
+            timings["router"].append(await asyncio.to_thread(client.request, prompt, config.output_len))
     finally:
         direct.stop()
+        client.stop()
     return timings
 
 
@@ -396,3 +428,7 @@ def print_streaming(s: dict[str, Any], config: OverheadConfig) -> None:
           f" of a core; machine {s['machine_busy_share']:.0%} busy")
     threads = ", ".join(f"{name} {cpu:.1f}" for name, cpu in s["router_cpu_s_by_thread"].items() if cpu >= 0.05)
     print(f"    router CPU seconds by thread: {threads}")
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["client"]:  # RouterClientProcess's child
+    asyncio.run(serve_client_requests(sys.argv[2]))
