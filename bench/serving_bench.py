@@ -106,6 +106,7 @@ class SweepConfig:
     rates: tuple[float, ...]  # requests/s (shared-prefix) or conversations/s (multi-turn); inf: all at once
     num_replicas: int
     model: Path
+    tensor_parallel_size: int = 1  # GPUs per replica
     engine_kwargs: dict[str, Any] = field(default_factory=dict)
     out_dir: Path = Path("bench-out/serving")
     plot_path: Path | None = None  # None: out_dir/serving_ttft.png
@@ -204,6 +205,7 @@ def run_once(config: SweepConfig, workload: Workload, policy: str, rate: float) 
     """Start a fresh router, warm its replicas, run the workload, stop it; the run's summary."""
     router_config = RouterConfig(
         num_replicas=config.num_replicas, model=str(config.model), engine_kwargs=dict(config.engine_kwargs),
+        tensor_parallel_size=config.tensor_parallel_size,
         policy=policy, host="127.0.0.1", port=0, metrics_port=None, namespace=NAMESPACE,
         replica_prefix=f"bench-{uuid.uuid4().hex[:6]}", prefix_imbalance_ratio=config.prefix_imbalance_ratio,
         prefix_imbalance_slack_tokens=config.prefix_imbalance_slack_tokens,
@@ -288,6 +290,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     engine.add_argument("--max-num-batched-tokens", type=int, default=8192)
     engine.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     engine.add_argument("--enforce-eager", action="store_true")
+    engine.add_argument("--tensor-parallel-size", type=int, default=1, help="GPUs per replica (a sweep flag)")
     engine.add_argument("--share-gpu", action="store_true",
                         help="start Ray without GPU resources: every replica uses the visible GPU(s)")
     args = p.parse_args(argv)
@@ -340,7 +343,8 @@ def main(argv: list[str] | None = None) -> None:
     config = SweepConfig(
         workloads=workloads, policies=tuple(args.policies.split(",")),
         rates=tuple(float(rate) for rate in args.rates.split(",")), num_replicas=args.replicas, model=model,
-        engine_kwargs=engine_kwargs_from(args, workloads), out_dir=args.out, plot_path=args.plot, seed=args.seed,
+        tensor_parallel_size=args.tensor_parallel_size, engine_kwargs=engine_kwargs_from(args, workloads),
+        out_dir=args.out, plot_path=args.plot, seed=args.seed,
         prefix_imbalance_ratio=args.prefix_imbalance_ratio,
         prefix_imbalance_slack_tokens=args.prefix_imbalance_slack_tokens,
     )
