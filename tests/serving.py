@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import threading
 import time
 import uuid
@@ -24,7 +25,10 @@ from router.server import Router
 
 T = TypeVar("T")
 VOCAB = 1024  # the tiny checkpoint's vocabulary
-ENGINE_KWARGS: dict[str, Any] = dict(device="cpu", dtype="float32", num_kv_blocks=128, max_model_len=512)
+# The replicas run on the CPU in CI; NANOSERVE_TEST_DEVICE=cuda runs the same serving and chaos tests on the
+# GPUs of a multi-GPU machine (one GPU a replica, placed by Ray).
+ENGINE_KWARGS: dict[str, Any] = dict(device=os.environ.get("NANOSERVE_TEST_DEVICE", "cpu"), dtype="float32",
+                                     num_kv_blocks=128, max_model_len=512)
 
 
 class RouterThread:
