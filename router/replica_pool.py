@@ -15,8 +15,6 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Literal
 
 import grpc
 import ray
@@ -24,17 +22,16 @@ from ray.actor import ActorHandle
 from ray.exceptions import RayError
 
 from router.config import RouterConfig
+from router.health import check_health
 from router.inflight import InFlightRequest
 from router.kv_view import KVView
 from router.metrics import RouterMetrics
 from router.policies import Candidate, RoutingPolicy
+from router.replica_slot import ReplicaSlot, SlotState
 from worker import get_replica, start_replica
-from worker.messages import EngineInfo, ReplicaHealth, ReplicaStats, StepEvents, SubmitError
+from worker.messages import EngineInfo, StepEvents, SubmitError
 
 log = logging.getLogger(__name__)
-
-SlotState = Literal["starting", "serving", "down", "draining"]
-
 
 class PoolError(Exception):
     """A request could not be placed: the gRPC status to answer with, and why."""
@@ -44,36 +41,9 @@ class PoolError(Exception):
         self.code, self.message = code, message
 
 
-@dataclass(eq=False)
-class ReplicaSlot:
-    """One replica name: the live actor behind it (replaced on restart) and the router's view of it."""
-
-    name: str
-    actor: ActorHandle | None = None
-    state: SlotState = "starting"
-    kv: KVView = field(default_factory=KVView)
-    inflight: dict[str, InFlightRequest] = field(default_factory=dict)  # by engine request id
-    stats: ReplicaStats | None = None
-    num_restarts: int = 0
-    next_seq: int | None = None  # the event seq expected next; a jump means lost token deltas
-    tasks: list[asyncio.Task[None]] = field(default_factory=list)
-
-    @property
-    def load_tokens(self) -> int:
-        return sum(r.num_tokens for r in self.inflight.values())
-
-    def add(self, request: InFlightRequest) -> None:
-        """Track a request placed here; its prompt blocks count as cached in the view until its first token."""
-        self.inflight[request.engine_request_id] = request
-        self.kv.add_pending(request.engine_request_id, request.prepared.prompt_hashes)
-
-    def remove(self, engine_request_id: str) -> InFlightRequest | None:
-        """Stop tracking a request (finished, aborted, paused or moved); None if it was not here."""
-        self.kv.drop_pending(engine_request_id)
-        return self.inflight.pop(engine_request_id, None)
-
-
 class ReplicaPool:
+    """The router's replicas: placing requests, applying their event streams, health, failover, restarts."""
+
     def __init__(self, config: RouterConfig, policy: RoutingPolicy, metrics: RouterMetrics) -> None:
         self.config, self.policy, self.metrics = config, policy, metrics
         self.slots = [ReplicaSlot(name) for name in config.replica_names]
@@ -324,7 +294,7 @@ class ReplicaPool:
         stats: asyncio.Task[None] | None = None
         while slot.actor is actor and slot.state != "down":
             await asyncio.sleep(cfg.health_interval_s)
-            health = await self._health(actor)
+            health = await check_health(actor, cfg)
             if isinstance(health, str):
                 self._mark_down(slot, health)
                 return
@@ -339,24 +309,6 @@ class ReplicaPool:
         with contextlib.suppress(RayError):
             slot.stats = await actor.stats.remote()
             self._publish_stats(slot)
-
-    async def _health(self, actor: ActorHandle) -> ReplicaHealth | str:
-        """The replica's health, or why it is down."""
-        cfg = self.config
-        try:
-            health: ReplicaHealth = await asyncio.wait_for(actor.health.remote(), cfg.health_timeout_s)
-        except asyncio.TimeoutError:
-            return f"health check took over {cfg.health_timeout_s:g} s"
-        except RayError as e:
-            return f"health check failed: {e.__class__.__name__}"
-        if health.state == "stopped" and health.draining:
-            return health  # drained: its event stream ends after its last batch, and that takes it down
-        if health.state != "running":
-            return f"engine {health.state}: {health.error}"
-        idle_s = health.seconds_since_last_step
-        if health.has_work and idle_s is not None and idle_s > cfg.stall_timeout_s:
-            return f"has work but made no step for {idle_s:.1f} s"
-        return health
 
     def _publish_stats(self, slot: ReplicaSlot) -> None:
         if slot.stats is None:

@@ -11,7 +11,8 @@ from router.config import RouterConfig
 from router.inflight import InFlightRequest
 from router.metrics import RouterMetrics
 from router.policies import make_policy
-from router.replica_pool import ReplicaPool, ReplicaSlot
+from router.replica_pool import ReplicaPool
+from router.replica_slot import ReplicaSlot
 from router.validation import PreparedRequest
 from worker.messages import KVSnapshot, RequestDelta, StepEvents
 

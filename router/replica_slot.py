@@ -1,0 +1,44 @@
+"""One replica name as the router sees it: the live actor behind it, its state, its KV view, its requests."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from typing import Literal
+
+from ray.actor import ActorHandle
+
+from router.inflight import InFlightRequest
+from router.kv_view import KVView
+from worker.messages import ReplicaStats
+
+SlotState = Literal["starting", "serving", "down", "draining"]
+
+
+@dataclass(eq=False)
+class ReplicaSlot:
+    """One replica name: the live actor behind it (replaced on restart) and the router's view of it."""
+
+    name: str
+    actor: ActorHandle | None = None
+    state: SlotState = "starting"
+    kv: KVView = field(default_factory=KVView)
+    inflight: dict[str, InFlightRequest] = field(default_factory=dict)  # by engine request id
+    stats: ReplicaStats | None = None
+    num_restarts: int = 0
+    next_seq: int | None = None  # the event seq expected next; a jump means lost token deltas
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)
+
+    @property
+    def load_tokens(self) -> int:
+        return sum(r.num_tokens for r in self.inflight.values())
+
+    def add(self, request: InFlightRequest) -> None:
+        """Track a request placed here; its prompt blocks count as cached in the view until its first token."""
+        self.inflight[request.engine_request_id] = request
+        self.kv.add_pending(request.engine_request_id, request.prepared.prompt_hashes)
+
+    def remove(self, engine_request_id: str) -> InFlightRequest | None:
+        """Stop tracking a request (finished, aborted, paused or moved); None if it was not here."""
+        self.kv.drop_pending(engine_request_id)
+        return self.inflight.pop(engine_request_id, None)
