@@ -15,6 +15,7 @@ from router.policies import POLICY_NAMES
 from router.server import Router
 
 log = logging.getLogger("router")
+DEFAULTS = RouterConfig()  # the one place the defaults are written
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -26,29 +27,32 @@ def build_parser() -> argparse.ArgumentParser:
         "balanced by prefix-cache affinity, with failover.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--replicas", type=int, default=1, help="engine replicas to run (Ray actors)")
+    p.add_argument("--replicas", type=int, default=DEFAULTS.num_replicas, help="engine replicas to run (Ray actors)")
     p.add_argument("--model", help="Hugging Face model id (e.g. Qwen/Qwen3-0.6B: each node finds it in its Hugging "
                    "Face cache, honouring HF_HOME and HF_HUB_OFFLINE, or downloads it when the hub is reachable) or "
                    "checkpoint directory; without it, the embedded tiny Qwen3 with RANDOM weights (gibberish "
                    "text, for trying things out)")
-    p.add_argument("--tensor-parallel-size", type=int, default=1, help="GPUs per replica (one engine over them)")
-    p.add_argument("--policy", choices=POLICY_NAMES, default="prefix",
+    p.add_argument("--tensor-parallel-size", type=int, default=DEFAULTS.tensor_parallel_size,
+                   help="GPUs per replica (one engine over them)")
+    p.add_argument("--policy", choices=POLICY_NAMES, default=DEFAULTS.policy,
                    help="prefix: the replica holding the longest cached prompt prefix unless loads are too "
                    "uneven; least-load: fewest queued + running tokens; round-robin: in turn")
-    p.add_argument("--prefix-imbalance-ratio", type=float, default=1.5,
+    p.add_argument("--prefix-imbalance-ratio", type=float, default=DEFAULTS.prefix_imbalance_ratio,
                    help="prefix policy: a replica is a candidate for cache affinity only while its load (queued + "
                    "running tokens) is at most RATIO x the least-loaded replica's + --prefix-imbalance-slack-tokens; "
                    "lower keeps loads more even, higher follows the cache further")
-    p.add_argument("--prefix-imbalance-slack-tokens", type=int, default=4096,
+    p.add_argument("--prefix-imbalance-slack-tokens", type=int,
+                   default=DEFAULTS.prefix_imbalance_slack_tokens,
                    help="prefix policy: the tokens added to that bound (so that light loads do not count as uneven)")
-    p.add_argument("--host", default="0.0.0.0", help="address to listen on")
-    p.add_argument("--port", type=int, default=50051, help="gRPC port (0 picks a free one)")
+    p.add_argument("--host", default=DEFAULTS.host, help="address to listen on")
+    p.add_argument("--port", type=int, default=DEFAULTS.port, help="gRPC port (0 picks a free one)")
     p.add_argument("--http-port", type=int, help="also serve the OpenAI-compatible HTTP API on this port "
                    "(/v1/completions, /v1/chat/completions, /v1/models, /health; 0 picks a free one); "
                    "off without it")
     p.add_argument("--ray-address", help="'auto' joins the running Ray cluster (ray start / ray up); "
                    "without it a local Ray instance is started")
-    p.add_argument("--metrics-port", type=int, default=9400, help="Prometheus metrics port; -1 turns it off")
+    p.add_argument("--metrics-port", type=int, default=DEFAULTS.metrics_port,
+                   help="Prometheus metrics port; -1 turns it off")
     p.add_argument("--device", default="auto", help="engine device: auto, cpu, cuda")
     p.add_argument("--dtype", default="auto", help="engine dtype: auto, float32, bfloat16, float16")
     p.add_argument("--max-model-len", type=int, help="longest prompt + output (default: the model's)")
@@ -56,16 +60,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9,
                    help="fraction of each GPU for weights, activations and KV cache")
     p.add_argument("--num-kv-blocks", type=int, help="KV cache blocks per replica (default: sized from memory)")
-    p.add_argument("--max-queued-per-replica", type=int, default=256,
+    p.add_argument("--max-queued-per-replica", type=int, default=DEFAULTS.max_queued_per_replica,
                    help="requests waiting in one replica before it refuses more (RESOURCE_EXHAUSTED)")
-    p.add_argument("--drain-timeout", type=float, default=30.0,
+    p.add_argument("--drain-timeout", type=float, default=DEFAULTS.drain_timeout_s,
                    help="seconds in-flight streams get to finish on SIGTERM/SIGINT to the router, or on SIGTERM to "
                    "a replica's process (or its drain call); a drained replica's leftovers move to another replica")
-    p.add_argument("--max-stream-buffer-tokens", type=int, default=1024,
+    p.add_argument("--max-stream-buffer-tokens", type=int, default=DEFAULTS.max_stream_buffer_tokens,
                    help="tokens the router holds for a client that reads slower than its request generates (beyond "
                    "gRPC's own flow-control window); past it the request is paused, its KV cache freed, and resumed "
                    "once the client has read them")
-    p.add_argument("--stalled-stream-timeout", type=float, default=60.0,
+    p.add_argument("--stalled-stream-timeout", type=float, default=DEFAULTS.stalled_stream_timeout_s,
                    help="seconds a client may take no output of its stream before the request is stopped and the "
                    "stream ended with RESOURCE_EXHAUSTED")
     p.add_argument("--api-key-file", help="file of API keys, one a line (blank lines and # comments skipped); "
@@ -73,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "(gRPC health, reflection and HTTP /health stay open)")
     p.add_argument("--tls-cert", help="PEM certificate chain: serve over TLS (needs --tls-key)")
     p.add_argument("--tls-key", help="PEM private key of --tls-cert")
-    p.add_argument("--replica-prefix", default="nanoserve-replica",
+    p.add_argument("--replica-prefix", default=DEFAULTS.replica_prefix,
                    help="replicas are the detached Ray actors PREFIX-0..N-1: a router started again with the same "
                    "prefix re-attaches to them without reloading the model")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
