@@ -50,7 +50,6 @@ class DecodeGraphs:
             self.slot_mapping = torch.full((n,), -1, dtype=torch.int64)
             self.query_start_loc = torch.zeros(n + 1, dtype=torch.int32)
             self.seq_lens = torch.zeros(n, dtype=torch.int32)
-            self.cu_seq_lens = torch.zeros(n + 1, dtype=torch.int32)
             self.block_tables = torch.zeros(n, max_blocks_per_seq, dtype=torch.int32)
             self.hidden = torch.zeros(n, hidden_size, dtype=dtype)
         self.model = model
@@ -73,7 +72,6 @@ class DecodeGraphs:
             slot_mapping=self.slot_mapping[:size],
             query_start_loc=self.query_start_loc[: size + 1],
             seq_lens=self.seq_lens[:size],
-            cu_seq_lens=self.cu_seq_lens[: size + 1],
             block_tables=self.block_tables[:size],
             max_query_len=1,
             num_splits=num_splits,
@@ -101,8 +99,6 @@ class DecodeGraphs:
         self.query_start_loc[: n + 1].copy_(metadata.query_start_loc)
         self.query_start_loc[n + 1 : size + 1].fill_(n)  # padded rows have no query tokens
         self.seq_lens[:n].copy_(metadata.seq_lens)
-        self.cu_seq_lens[: n + 1].copy_(metadata.cu_seq_lens)
-        self.cu_seq_lens[n + 1 : size + 1] = self.cu_seq_lens[n]  # padded rows: no context either
         self.block_tables[:n, : metadata.block_tables.shape[1]].copy_(metadata.block_tables)
         if self.graphs:
             self.graphs[size].replay()

@@ -36,9 +36,9 @@ log = logging.getLogger(__name__)
 class InFlightStep:
     """A launched step whose tokens the host has not read yet."""
 
-    batch: ScheduledBatch
     pending: PendingSamples
     slots: list[int | None]  # per sampling row: index of its placeholder in token_ids; None: appended at the end
+    chunks: list[Sequence]  # the batch's prefill chunks that sample nothing (committed on their own)
 
 
 class LLMEngine:
@@ -147,8 +147,11 @@ class LLMEngine:
         num_decode = batch.num_new_tokens.count(1)
         self.last_step_tokens = (batch.num_tokens - num_decode, num_decode)
         pending = self.model_runner.launch(batch)
+        chunks: list[Sequence] = []
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
             seq.num_computed_tokens += n
+            if seq.num_computed_tokens < len(seq.token_ids):
+                chunks.append(seq)
         slots: list[int | None] = []
         max_model_len = self.config.max_model_len
         for row, seq in enumerate(pending.seqs):
@@ -157,7 +160,7 @@ class LLMEngine:
             else:
                 slots.append(seq.num_tokens)
                 seq.token_ids.append(placeholder(row))
-        return InFlightStep(batch, pending, slots)
+        return InFlightStep(pending, slots, chunks)
 
     def _process(self, step: InFlightStep) -> list[RequestOutput]:
         """Put a finished step's tokens in place, publish newly full blocks, apply stops; one output per
@@ -185,7 +188,7 @@ class LLMEngine:
             # Positional: this runs per request per step, and keyword construction costs twice as much.
             outputs.append(RequestOutput(seq.request_id, [token_id], finish_reason is not None, finish_reason,
                                          seq.num_prompt_tokens, seq.num_cached_tokens or 0, new_logprobs))
-        for seq in step.batch.seqs:  # prefill chunks (sampling sequences are committed already: a no-op)
+        for seq in step.chunks:
             if not seq.is_finished:
                 commit(seq)
         return outputs

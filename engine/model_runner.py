@@ -100,7 +100,6 @@ class ModelRunner:
             slot_mapping=to_device(torch.from_numpy(plan.slot_mapping), device),
             query_start_loc=to_device(torch.from_numpy(plan.query_start_loc), device),
             seq_lens=to_device(torch.from_numpy(plan.seq_lens), device),
-            cu_seq_lens=to_device(torch.from_numpy(plan.cu_seq_lens), device),
             block_tables=to_device(torch.from_numpy(plan.block_tables), device),
             max_query_len=plan.max_query_len,
             num_splits=1,  # prefill and mixed steps; decode steps take their split count from DecodeGraphs
@@ -123,7 +122,7 @@ class ModelRunner:
         """Input ids [T] with each placeholder replaced, on the device, by the previous step's sampled token
         it stands for: the host never waits for those tokens to plan this step."""
         assert self._last_sampled is not None, "a placeholder, but no step has sampled yet"
-        rows = (-1 - input_ids).clamp_(min=0)  # [T]; rows of real ids are clamped to 0 and not used
+        rows = (-1 - input_ids).clamp_(min=0)  # [T], step_plan.placeholder inverted; real ids' rows are unused
         return torch.where(input_ids < 0, self._last_sampled[rows], input_ids)
 
     def _forward_and_sample(self, plan: StepPlan, seqs: list[Sequence]) -> PendingSamples:
@@ -204,7 +203,6 @@ class ModelRunner:
             slot_mapping=torch.arange(num_tokens, device=self.device),
             query_start_loc=torch.tensor([0, *itertools.accumulate(lens)], dtype=torch.int32, device=self.device),
             seq_lens=torch.tensor(lens, dtype=torch.int32, device=self.device),
-            cu_seq_lens=torch.tensor([0, *itertools.accumulate(lens)], dtype=torch.int32, device=self.device),
             block_tables=torch.arange(num_seqs * blocks_per_seq, dtype=torch.int32, device=self.device).view(
                 num_seqs, blocks_per_seq
             ),

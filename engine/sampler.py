@@ -60,7 +60,7 @@ class SamplingBatch:
     any_top_k: bool  # these three look at sampled rows only: masks never apply to greedy rows
     any_top_p: bool
     any_min_p: bool
-    masked: torch.Tensor  # [B] bool: the row uses top-k, top-p or min-p (only read when any is set)
+    masked: torch.Tensor | None  # [B] bool: the row uses top-k, top-p or min-p; None when no sampled row does
     sampled_rows: tuple[int, ...]  # rows with temperature > 0
     rng_keys: tuple[int, ...]  # rng_key(seed, position) of each sampled row, same order
 
@@ -99,7 +99,8 @@ class SamplingBatch:
             any_top_k=any(p.top_k != -1 for p in sampled_params),
             any_top_p=any(p.top_p < 1.0 for p in sampled_params),
             any_min_p=any(p.min_p > 0.0 for p in sampled_params),
-            masked=to_device([p.top_k != -1 or p.top_p < 1.0 or p.min_p > 0.0 for p in params], device, torch.bool),
+            masked=to_device([_is_masked(p) for p in params], device, torch.bool)
+            if any(_is_masked(p) for p in sampled_params) else None,
             sampled_rows=tuple(sampled),
             rng_keys=tuple(rng_keys([seeds[i] for i in sampled], [positions[i] for i in sampled]).tolist()),
         )
@@ -158,6 +159,10 @@ def exponential_noise(batch: SamplingBatch, vocab_size: int, device: torch.devic
     return noise
 
 
+def _is_masked(params: SamplingParams) -> bool:
+    return params.top_k != -1 or params.top_p < 1.0 or params.min_p > 0.0
+
+
 def _keys_and_rows(batch: SamplingBatch, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """The sampled rows' stream keys [S] (their 64 bits as int64) and row indices [S], on `device`."""
     signed_keys = np.array(batch.rng_keys, dtype=np.uint64).view(np.int64)
@@ -174,7 +179,7 @@ def _choose(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
         return logits.argmax(dim=-1)
     if _on_gpu(logits.device):
         sampled = _race_in_one_pass(logits, batch)  # [B]
-        if batch.any_top_k or batch.any_top_p or batch.any_min_p:
+        if batch.masked is not None:
             sampled = torch.where(batch.masked, _sample(logits, batch), sampled)
     else:
         sampled = _sample(logits, batch)  # [B]

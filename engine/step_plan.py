@@ -24,10 +24,6 @@ def placeholder(row: int) -> int:
     return -1 - row
 
 
-def placeholder_row(token_id: int) -> int:
-    return -1 - token_id
-
-
 @dataclass(slots=True)
 class StepPlan:
     input_ids: np.ndarray  # [T] int64; < 0: a placeholder for a token the previous step samples
@@ -35,7 +31,6 @@ class StepPlan:
     slot_mapping: np.ndarray  # [T] int64: cache slot of each new token
     query_start_loc: np.ndarray  # [B + 1] int32: cumulative new-token counts
     seq_lens: np.ndarray  # [B] int32: cached + new tokens of each sequence
-    cu_seq_lens: np.ndarray  # [B + 1] int32: cumulative seq_lens
     block_tables: np.ndarray  # [B, max_blocks] int32, zero-padded
     sample_indices: np.ndarray  # [S] int64: row of each sampling sequence's last token
     max_query_len: int
@@ -72,7 +67,6 @@ class StepPlan:
             slot_mapping=np.array(slots, np.int64),
             query_start_loc=np.array(query_start_loc, np.int32),
             seq_lens=np.array(seq_lens, np.int32),
-            cu_seq_lens=np.array([0, *itertools.accumulate(seq_lens)], np.int32),
             block_tables=_pad_block_tables([seq.block_table for seq in batch.seqs]),
             sample_indices=np.array(sample_indices, np.int64),
             max_query_len=max(batch.num_new_tokens),
@@ -86,14 +80,13 @@ class StepPlan:
     def arrays(self) -> list[np.ndarray]:
         """The plan as the arrays a control message carries (with `max_query_len` as its one argument)."""
         return [self.input_ids, self.positions, self.slot_mapping, self.query_start_loc, self.seq_lens,
-                self.cu_seq_lens, self.block_tables, self.sample_indices]
+                self.block_tables, self.sample_indices]
 
     @classmethod
     def from_arrays(cls, max_query_len: int, arrays: list[np.ndarray]) -> StepPlan:
-        input_ids, positions, slot_mapping, query_start_loc, seq_lens, cu_seq_lens, block_tables, sample_indices = (
-            arrays)
-        return cls(input_ids, positions, slot_mapping, query_start_loc, seq_lens, cu_seq_lens, block_tables,
-                   sample_indices, max_query_len)
+        input_ids, positions, slot_mapping, query_start_loc, seq_lens, block_tables, sample_indices = arrays
+        return cls(input_ids, positions, slot_mapping, query_start_loc, seq_lens, block_tables, sample_indices,
+                   max_query_len)
 
 
 def _pad_block_tables(tables: list[list[int]]) -> np.ndarray:

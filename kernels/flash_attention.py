@@ -26,7 +26,7 @@ def flash_paged_attention(
     k_cache: torch.Tensor,  # [num_blocks, block_size, Hkv, D], this step's K already stored
     v_cache: torch.Tensor,  # [num_blocks, block_size, Hkv, D]
     query_start_loc: torch.Tensor,  # [B + 1] int32, cumulative query lengths
-    cu_seq_lens: torch.Tensor,  # [B + 1] int32, cumulative context + new tokens
+    seq_lens: torch.Tensor,  # [B] int32, context + new tokens per sequence
     block_tables: torch.Tensor,  # [B, max_blocks] int32
     scale: float,
     max_query_len: int,
@@ -35,6 +35,10 @@ def flash_paged_attention(
     """Each sequence's new tokens attend causally to its whole cached context (the causal mask is
     aligned to the end of the sequence, as flash-attn 2 does when query and key lengths differ)."""
     from flash_attn import flash_attn_varlen_func
+
+    # flash-attn takes the lengths cumulated; derived here (two tiny kernels, captured with the graph) so the
+    # step's metadata stays the one both backends read.
+    cu_seq_lens = torch.nn.functional.pad(seq_lens.cumsum(0, dtype=torch.int32), (1, 0))  # [B + 1]
 
     return flash_attn_varlen_func(
         query, k_cache, v_cache, cu_seqlens_q=query_start_loc, cu_seqlens_k=cu_seq_lens,

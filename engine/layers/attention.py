@@ -25,7 +25,6 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor  # [T] int64: cache slot of each new token (-1 = padding)
     query_start_loc: torch.Tensor  # [B + 1] int32: cumulative new-token counts
     seq_lens: torch.Tensor  # [B] int32: cached + new tokens of each sequence
-    cu_seq_lens: torch.Tensor  # [B + 1] int32: cumulative seq_lens (flash-attn's form of them)
     block_tables: torch.Tensor  # [B, max_blocks] int32
     max_query_len: int
     num_splits: int = 1  # KV splits per sequence (flash-decoding) for the GPU kernel
@@ -66,7 +65,7 @@ class Attention(nn.Module):
         if self.backend == "flash-attn":
             store_kv(k, v, self.k_cache, self.v_cache, m.slot_mapping)
             return flash_paged_attention(
-                q, self.k_cache, self.v_cache, m.query_start_loc, m.cu_seq_lens, m.block_tables, self.scale,
+                q, self.k_cache, self.v_cache, m.query_start_loc, m.seq_lens, m.block_tables, self.scale,
                 m.max_query_len, self.max_seq_len,
             )
         if self.backend == "triton":

@@ -146,7 +146,7 @@ def _raise_if_any_dead(processes: list[BaseProcess]) -> None:
 
 def _channel_size(config: EngineConfig) -> int:
     max_blocks = -(-config.max_model_len // config.block_size)
-    per_seq = 4 * max_blocks + 4 * 3 + 8  # block table; query_start_loc, seq_lens, cu_seq_lens; sample index
+    per_seq = 4 * max_blocks + 4 * 2 + 8
     return _CHANNEL_HEADROOM + 3 * 8 * config.max_num_batched_tokens + config.max_num_seqs * per_seq
 
 

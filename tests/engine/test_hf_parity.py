@@ -121,8 +121,7 @@ def test_prompt_logits_close_to_hf(name: str, tiny_checkpoint: Callable[..., Pat
     blocks = list(range(-(-n // bs)))
     metadata = AttentionMetadata(
         slot_mapping=torch.arange(n), query_start_loc=torch.tensor([0, n], dtype=torch.int32),
-        seq_lens=torch.tensor([n], dtype=torch.int32), cu_seq_lens=torch.tensor([0, n], dtype=torch.int32),
-        block_tables=torch.tensor([blocks], dtype=torch.int32),
+        seq_lens=torch.tensor([n], dtype=torch.int32), block_tables=torch.tensor([blocks], dtype=torch.int32),
         max_query_len=n,
     )
     model = engine.model_runner.model

@@ -24,10 +24,8 @@ def test_flash_paged_attention_matches_reference(
     stand_in: None, q_lens: list[int], context_lens: list[int], num_heads: int, num_kv_heads: int
 ) -> None:
     batch = make_batch(q_lens, context_lens, num_heads, num_kv_heads, 64, 256, torch.float32, seed=1)
-    seq_lens = batch["seq_lens"]
-    cu_seq_lens = torch.cat([seq_lens.new_zeros(1), seq_lens.cumsum(0)]).to(torch.int32)
     out = flash.flash_paged_attention(
-        batch["query"], batch["k_cache"], batch["v_cache"], batch["query_start_loc"], cu_seq_lens,
+        batch["query"], batch["k_cache"], batch["v_cache"], batch["query_start_loc"], batch["seq_lens"],
         batch["block_tables"], batch["scale"], max_query_len=max(q_lens), max_seq_len=1024,
     )
     assert relative_error(out, paged_attention_ref(**batch)) < 1e-5

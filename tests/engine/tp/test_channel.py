@@ -24,7 +24,6 @@ def make_plan(num_seqs: int, num_cols: int) -> StepPlan:
         slot_mapping=rng.integers(0, 1 << 20, num_seqs, dtype=np.int64),
         query_start_loc=np.arange(num_seqs + 1, dtype=np.int32),
         seq_lens=rng.integers(1, 4096, num_seqs, dtype=np.int32),
-        cu_seq_lens=np.arange(num_seqs + 1, dtype=np.int32) * 7,
         block_tables=rng.integers(0, 1 << 16, (num_seqs, num_cols), dtype=np.int32),
         sample_indices=np.arange(num_seqs, dtype=np.int64),
         max_query_len=1,
