@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from router.policies import POLICY_NAMES
+from worker.replica import DRAIN_TIMEOUT_S
 
 NAMESPACE = "nanoserve"
 
@@ -35,7 +36,8 @@ class RouterConfig:
     health_interval_s: float = 1.0
     health_timeout_s: float = 5.0  # a health call slower than this marks the replica down
     stall_timeout_s: float = 30.0  # a replica with work but no step for this long is down
-    drain_timeout_s: float = 30.0  # on SIGTERM to the router or a replica, how long its streams may take to finish
+    # On SIGTERM to the router or a replica, how long its streams may take to finish.
+    drain_timeout_s: float = DRAIN_TIMEOUT_S
     # A client that reads slower than its request generates: past this many tokens waiting for it (beyond what
     # gRPC's flow-control window holds), the request is paused: taken off its replica, its KV blocks freed, and
     # resumed from where it stopped once the client has read them. Bounds the router's memory per stream.
