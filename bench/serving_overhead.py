@@ -243,14 +243,19 @@ class RouterClientProcess:
     request per `request()` call and returns its timing."""
 
     def __init__(self, address: str) -> None:
+        path = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))  # not pip-installed
         self.process = subprocess.Popen([sys.executable, __file__, "client", address], cwd=REPO_ROOT,
-                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                        env={**os.environ, "PYTHONPATH": path})
 
     def request(self, prompt_ids: list[int], max_tokens: int) -> Timing:
         assert self.process.stdin is not None and self.process.stdout is not None
         self.process.stdin.write(json.dumps({"prompt": prompt_ids, "max_tokens": max_tokens}) + "\n")
         self.process.stdin.flush()
-        reply = json.loads(self.process.stdout.readline())
+        line = self.process.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the client process exited with code {self.process.wait()} (its stderr is above)")
+        reply = json.loads(line)
         if reply.get("error") is not None:
             raise RuntimeError(f"request failed through the router: {reply['error']}")
         return Timing(reply["ttft_s"], reply["token_gaps_s"])

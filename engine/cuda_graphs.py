@@ -67,6 +67,13 @@ class DecodeGraphs:
         if capture:
             log.info("captured CUDA graphs for decode batch sizes %s", self.sizes)
 
+    def release(self) -> None:
+        """Destroy the captured graphs. Do this before tearing NCCL down: a communicator whose collectives a
+        live graph captured cannot be destroyed (the teardown hangs: pytorch/pytorch#115388)."""
+        for graph in self.graphs.values():
+            graph.reset()
+        self.graphs.clear()
+
     def _metadata(self, size: int, num_splits: int) -> AttentionMetadata:
         return AttentionMetadata(
             slot_mapping=self.slot_mapping[:size],

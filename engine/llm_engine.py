@@ -60,6 +60,7 @@ class LLMEngine:
         self._requests: dict[str, Sequence] = {}
         self._aborted: list[Sequence] = []
         self._in_flight: InFlightStep | None = None
+        self._closed = False
         self._arrivals = itertools.count()
         self.last_step_tokens = (0, 0)  # (prefill, decode) tokens computed by the latest step
         # Everything built so far (tens of thousands of blocks, the model, torch's own objects) lives
@@ -69,8 +70,14 @@ class LLMEngine:
         gc.freeze()
 
     def close(self) -> None:
-        """Stop the tensor-parallel rank processes and free their shared memory (a no-op at TP=1).
-        Also done when the engine is garbage-collected and at interpreter exit."""
+        """Abort unfinished requests, free the device memory, stop the tensor-parallel rank processes and
+        free their shared memory. The engine takes no requests afterwards. Without close(), the ranks and
+        shared memory go when the engine is garbage-collected or the interpreter exits."""
+        if self._closed:
+            return
+        self.abort_all()
+        self._closed = True
+        self.model_runner.close()
         if self.ranks is not None:
             self.ranks.close()
 
@@ -106,6 +113,8 @@ class LLMEngine:
         )
 
     def _enqueue(self, seq: Sequence) -> str:
+        if self._closed:
+            raise RuntimeError("this LLMEngine is closed; create a new one")
         self._requests[seq.request_id] = seq
         self.scheduler.add(seq)
         return seq.request_id

@@ -62,6 +62,15 @@ class ModelRunner:
                 capture=not config.enforce_eager,
             )
 
+    def close(self) -> None:
+        """Free the device memory now (captured graphs first, then the KV cache and the weights) instead of
+        whenever the engine is collected; the runner is unusable afterwards."""
+        if self.graphs is not None:
+            self.graphs.release()
+        del self.graphs, self.kv_cache, self.model, self._last_sampled
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
     @torch.inference_mode()
     def launch(self, batch: ScheduledBatch) -> PendingSamples:
         """Queue the batch's forward and sampling on every rank; return its tokens on their way to the host.

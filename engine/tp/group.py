@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import multiprocessing as mp
+import os
 import signal
 import threading
 import time
@@ -23,6 +24,7 @@ from engine.tp.rank import run_rank
 log = logging.getLogger(__name__)
 
 SHUTDOWN_TIMEOUT_S = 10.0
+RANK_DEATH_EXIT_CODE = 70  # an NCCL engine's process exits with this when one of its ranks died
 # Room for the largest step plan: ids, positions and slots per token; lengths and block tables per sequence.
 _CHANNEL_HEADROOM = 1 << 16
 
@@ -68,7 +70,7 @@ class RankGroup:
         log.info("tensor parallelism: %d ranks, %s backend", world_size, dist.get_backend())
         if dist.get_backend() == "nccl":
             threading.Thread(
-                target=_abort_collectives_on_rank_death, args=(self.processes, self._closing), daemon=True,
+                target=_exit_on_rank_death, args=(self.processes, self._closing), daemon=True,
                 name="nanoserve-tp-watchdog",
             ).start()
 
@@ -114,13 +116,20 @@ class RankGroup:
         _shutdown(self.channel, self.processes, self._closing)
 
 
-def _abort_collectives_on_rank_death(processes: list[BaseProcess], closing: threading.Event) -> None:
-    """NCCL collectives wait forever for a dead peer (gloo's fail at once, on the closed socket): when a rank
-    exits while the group is in use, abort the group so rank 0's pending step fails and `fail` names the rank."""
-    wait([p.sentinel for p in processes])
-    if not closing.is_set():
-        log.error("a tensor-parallel rank exited; aborting NCCL collectives")
-        dist.distributed_c10d._abort_process_group()
+def _exit_on_rank_death(processes: list[BaseProcess], closing: threading.Event) -> None:
+    """A dead peer's NCCL collectives never complete, and on GPUs nothing unwinds them in-process: aborting the
+    communicator hangs too (seen on two H200s with CUDA graphs), as would any later use or teardown of the GPUs.
+    So when a rank exits while the engine is open, rank 0's process exits at once, naming the rank, rather than
+    hang (a serving replica is then replaced like any dead replica). gloo fails the collective instead."""
+    ready = wait([p.sentinel for p in processes])
+    if closing.is_set():
+        return
+    rank, dead = next((r, p) for r, p in enumerate(processes, start=1) if p.sentinel in ready)
+    dead.join(1.0)  # its sentinel closes as it exits, a moment before its exit code can be read
+    log.critical("tensor-parallel rank %d (pid %s) exited with code %s; NCCL cannot continue without it: "
+                 "exiting this process with code %d", rank, dead.pid, dead.exitcode, RANK_DEATH_EXIT_CODE)
+    logging.shutdown()
+    os._exit(RANK_DEATH_EXIT_CODE)
 
 
 def _shutdown(channel: ControlChannel, processes: list[BaseProcess], closing: threading.Event) -> None:

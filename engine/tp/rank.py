@@ -42,6 +42,7 @@ def run_rank(
     if config.device.type == "cpu":  # ranks share the CPU cores instead of each taking all of them
         torch.set_num_threads(max(1, torch.get_num_threads() // config.tensor_parallel_size))
     channel = ControlChannel.attach(channel_name, wakeups, config.tensor_parallel_size)
+    runner: ModelRunner | None = None
     try:
         init_process_group(config.device, rank, config.tensor_parallel_size, port)
         runner = ModelRunner(config, eos_token_ids, rank)
@@ -54,6 +55,8 @@ def run_rank(
         log.warning("tensor-parallel rank %d: rank 0 exited; leaving", rank)
     finally:
         channel.close()
+        if runner is not None:
+            runner.close()  # its CUDA graphs must go before the NCCL communicator
         if config.device.type == "cuda":
             _exit_leaving_nccl_to_the_os()
         destroy_process_group()

@@ -3,6 +3,7 @@ Seeds, logprobs and stops are in test_llm_engine_sampling.py."""
 
 from __future__ import annotations
 
+import weakref
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -208,6 +209,20 @@ def test_preemption_under_a_tiny_kv_cache(model_dir: Path, engine: LLMEngine) ->
     assert small.stats().num_preemptions > 0
     assert [r["token_ids"] for r in results] == [r["token_ids"] for r in many(engine, prompts, greedy(20))]
     assert_idle(small)
+
+
+def test_close_aborts_requests_frees_the_model_and_refuses_new_work(model_dir: Path) -> None:
+    closing = LLMEngine(model_dir, device="cpu", dtype="float32", max_model_len=256)
+    request_id = closing.add_request(HELLO, greedy(50))
+    closing.step()
+    model = weakref.ref(closing.model_runner.model)
+    closing.close()
+    closing.close()  # idempotent
+    assert model() is None  # the weights (and with them the KV cache bound to the layers) are freed now
+    assert [(out.request_id, out.finish_reason) for out in drain(closing)[request_id][-1:]] == [(request_id, "abort")]
+    assert closing.block_manager.num_used_blocks == 0
+    with pytest.raises(RuntimeError, match="closed"):
+        closing.add_request(HELLO, greedy(1))
 
 
 # --- overlapped steps: step() launches step n+1, then returns step n's progress ---
