@@ -1,8 +1,9 @@
 """Exp(1) noise for sampling, keyed per row: the same key always gives the same row of noise.
 
 The sampler picks argmax(probs / E) (the exponential race), so a request's randomness is just
-its rows of E. A counter-based generator (Philox, keyed by the row's 64-bit key, counter = vocab
-index) makes a row a pure function of its key, whatever batch it is computed in.
+its rows of E. A counter-based generator (Philox, keyed by the row's 64-bit key, its counter and
+output lane derived from the vocabulary index) makes a row a pure function of its key, whatever batch
+it is computed in.
 
 `exponential_race` runs the race in one pass over the logits, in log space:
 argmax(logits / T - log E) picks the same distribution as argmax(softmax(logits / T) / E), with no
@@ -16,6 +17,11 @@ import torch
 from kernels.triton_compat import tl, triton
 
 _TINY = torch.finfo(torch.float32).tiny  # Exp(1) can round to 0; 0 would turn 0 / E into NaN
+# Vocabulary entries per program. A row's noise depends on it: one Philox call draws the entries o,
+# o + QUARTER, o + 2 QUARTER and o + 3 QUARTER of a chunk (a quarter of the integer work of one call per
+# entry, which made the race compute-bound), so keep it the same in both kernels.
+_BLOCK = 4096
+_QUARTER = _BLOCK // 4
 
 
 def exponential_noise(
@@ -25,25 +31,34 @@ def exponential_noise(
 ) -> None:
     """Triton Philox version: one program per (row, vocabulary chunk), no host synchronisation."""
     vocab_size = out.shape[1]
-    block = 4096
-    grid = (keys.shape[0], triton.cdiv(vocab_size, block))
-    _exponential_noise_kernel[grid](keys, rows, out, out.stride(0), vocab_size, _TINY, BLOCK=block)
+    grid = (keys.shape[0], triton.cdiv(vocab_size, _BLOCK))
+    _exponential_noise_kernel[grid](keys, rows, out, out.stride(0), vocab_size, _TINY, QUARTER=_QUARTER)
 
 
 @triton.jit
-def _exp1(key, offs, tiny):
-    """Exp(1) draws [BLOCK] of the stream `key` at counters `offs`: the one definition both kernels use."""
-    u = tl.rand(key, offs)  # uniform in [0, 1)
-    return tl.maximum(-tl.log(1.0 - u), tiny)
+def _exp1_chunk(key, chunk, tiny, QUARTER: tl.constexpr):
+    """Exp(1) draws of the stream `key` for the four quarters of vocabulary chunk `chunk`: the one definition
+    both kernels use. Quarter j holds entries chunk * 4 QUARTER + j QUARTER + [0, QUARTER)."""
+    u0, u1, u2, u3 = tl.rand4x(key, chunk * QUARTER + tl.arange(0, QUARTER))  # uniform in [0, 1)
+    e0 = tl.maximum(-tl.log(1.0 - u0), tiny)
+    e1 = tl.maximum(-tl.log(1.0 - u1), tiny)
+    e2 = tl.maximum(-tl.log(1.0 - u2), tiny)
+    e3 = tl.maximum(-tl.log(1.0 - u3), tiny)
+    return e0, e1, e2, e3
 
 
 @triton.jit
-def _exponential_noise_kernel(keys, rows, Out, stride_row, vocab_size, tiny, BLOCK: tl.constexpr):
+def _exponential_noise_kernel(keys, rows, Out, stride_row, vocab_size, tiny, QUARTER: tl.constexpr):
     i = tl.program_id(0)
+    chunk = tl.program_id(1)
     key = tl.load(keys + i)
-    row = tl.load(rows + i)
-    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    tl.store(Out + row * stride_row + offs, _exp1(key, offs, tiny), mask=offs < vocab_size)
+    dst = Out + tl.load(rows + i) * stride_row
+    offs = chunk * 4 * QUARTER + tl.arange(0, QUARTER)
+    e0, e1, e2, e3 = _exp1_chunk(key, chunk, tiny, QUARTER)
+    tl.store(dst + offs, e0, mask=offs < vocab_size)
+    tl.store(dst + offs + QUARTER, e1, mask=offs + QUARTER < vocab_size)
+    tl.store(dst + offs + 2 * QUARTER, e2, mask=offs + 2 * QUARTER < vocab_size)
+    tl.store(dst + offs + 3 * QUARTER, e3, mask=offs + 3 * QUARTER < vocab_size)
 
 
 def exponential_race(
@@ -56,33 +71,47 @@ def exponential_race(
     draws it): one program per (row, vocabulary chunk) keeps its best score, then the best chunk wins
     (ties go to the lowest index, as torch.argmax breaks them)."""
     num_rows, vocab_size = keys.shape[0], logits.shape[1]
-    block = 4096
-    num_chunks = triton.cdiv(vocab_size, block)
+    num_chunks = triton.cdiv(vocab_size, _BLOCK)
     best = torch.empty(num_rows, num_chunks, dtype=torch.float32, device=logits.device)
     best_ids = torch.empty(num_rows, num_chunks, dtype=torch.int64, device=logits.device)
     _exponential_race_kernel[(num_rows, num_chunks)](
         logits, logits.stride(0), keys, rows, temperatures, best, best_ids, vocab_size, _TINY, num_chunks,
-        BLOCK=block,
+        QUARTER=_QUARTER,
     )
     return best_ids.gather(1, best.argmax(dim=1, keepdim=True)).squeeze(1)
 
 
 @triton.jit
+def _race_quarter(Logits, start, vocab_size, temperature, e, best, best_id, QUARTER: tl.constexpr):
+    """Fold the scores of entries start + [0, QUARTER) into the running best; a later quarter wins only when
+    strictly better, so ties keep the lowest index."""
+    offs = start + tl.arange(0, QUARTER)
+    in_vocab = offs < vocab_size
+    logits = tl.load(Logits + offs, mask=in_vocab, other=float("-inf")).to(tl.float32)
+    scores = tl.where(in_vocab, logits / temperature - tl.log(e), float("-inf"))
+    score = tl.max(scores, axis=0)
+    better = score > best
+    return tl.where(better, score, best), tl.where(better, start + tl.argmax(scores, axis=0), best_id)
+
+
+@triton.jit
 def _exponential_race_kernel(
-    Logits, stride_row, keys, rows, temperatures, Best, BestIds, vocab_size, tiny, num_chunks, BLOCK: tl.constexpr
+    Logits, stride_row, keys, rows, temperatures, Best, BestIds, vocab_size, tiny, num_chunks,
+    QUARTER: tl.constexpr,
 ):
     i = tl.program_id(0)
     chunk = tl.program_id(1)
     key = tl.load(keys + i)
-    row = tl.load(rows + i)
     temperature = tl.load(temperatures + i)
-    offs = chunk * BLOCK + tl.arange(0, BLOCK)
-    in_vocab = offs < vocab_size
-    logits = tl.load(Logits + row * stride_row + offs, mask=in_vocab, other=float("-inf")).to(tl.float32)
-    scores = tl.where(in_vocab, logits / temperature - tl.log(_exp1(key, offs, tiny)), float("-inf"))
-    best = tl.argmax(scores, axis=0)
-    tl.store(Best + i * num_chunks + chunk, tl.max(scores, axis=0))
-    tl.store(BestIds + i * num_chunks + chunk, chunk * BLOCK + best)
+    src = Logits + tl.load(rows + i) * stride_row
+    start = chunk * 4 * QUARTER
+    e0, e1, e2, e3 = _exp1_chunk(key, chunk, tiny, QUARTER)
+    best, best_id = _race_quarter(src, start, vocab_size, temperature, e0, float("-inf"), start, QUARTER)
+    best, best_id = _race_quarter(src, start + QUARTER, vocab_size, temperature, e1, best, best_id, QUARTER)
+    best, best_id = _race_quarter(src, start + 2 * QUARTER, vocab_size, temperature, e2, best, best_id, QUARTER)
+    best, best_id = _race_quarter(src, start + 3 * QUARTER, vocab_size, temperature, e3, best, best_id, QUARTER)
+    tl.store(Best + i * num_chunks + chunk, best)
+    tl.store(BestIds + i * num_chunks + chunk, best_id.to(tl.int64))
 
 
 def exponential_noise_ref(keys: torch.Tensor, rows: torch.Tensor, out: torch.Tensor) -> None:
