@@ -25,6 +25,7 @@ from engine.sequence import Sequence, TokenLogprobs
 from engine.step_plan import StepPlan
 from engine.tp.channel import Method
 from engine.transfer import to_device
+from kernels.paged_attention import decode_kv_splits
 
 if TYPE_CHECKING:
     from engine.tp.group import RankGroup
@@ -141,12 +142,7 @@ class ModelRunner:
         return self._sample(logits, seqs)
 
     def _num_kv_splits(self, batch_size: int) -> int:
-        """Flash-decoding splits for a decode batch: enough programs to fill the GPU (at most 16)."""
-        programs = batch_size * self.config.model_config.num_key_value_heads  # one per (sequence, KV head)
-        splits = 1
-        while splits < 16 and programs * splits < 2 * self.num_sms:
-            splits *= 2
-        return splits
+        return decode_kv_splits(batch_size, self.config.model_config.num_key_value_heads, self.num_sms)
 
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> PendingSamples:
         """Sample on the device; the tokens stay there for the next step and start their way to the host."""

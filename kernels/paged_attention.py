@@ -13,6 +13,15 @@ import torch
 from kernels.triton_compat import tl, triton
 
 
+def decode_kv_splits(batch_size: int, num_kv_heads: int, num_sms: int) -> int:
+    """Flash-decoding splits for a decode batch: enough programs to fill the GPU (at most 16)."""
+    programs = batch_size * num_kv_heads  # one per (sequence, KV head)
+    splits = 1
+    while splits < 16 and programs * splits < 2 * num_sms:
+        splits *= 2
+    return splits
+
+
 def paged_attention(
     query: torch.Tensor,  # [T, Hq, D]
     k_cache: torch.Tensor,  # [num_blocks, block_size, Hkv, D]

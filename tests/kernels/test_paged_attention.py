@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from kernels.kv_store import store_kv, store_kv_ref
-from kernels.paged_attention import paged_attention, paged_attention_ref
+from kernels.paged_attention import decode_kv_splits, paged_attention, paged_attention_ref
 from kernels.triton_compat import HAS_TRITON
 
 pytestmark = pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed")
@@ -106,3 +106,8 @@ def test_store_kv_matches_reference(dtype: torch.dtype) -> None:
     torch.testing.assert_close(caches[0], caches[2], equal_nan=True, rtol=0, atol=0)
     torch.testing.assert_close(caches[1], caches[3], equal_nan=True, rtol=0, atol=0)
     assert caches[0].isnan().sum() == (num_blocks * page - (num_tokens - 1)) * num_kv_heads * head_dim
+
+
+def test_decode_kv_splits_fill_the_gpu_with_at_most_sixteen() -> None:
+    # One program per (sequence, KV head); split until there are two programs per SM, capped at 16 splits.
+    assert [decode_kv_splits(b, 8, 132) for b in (1, 2, 4, 8, 16, 17, 32, 33, 256)] == [16, 16, 16, 8, 4, 2, 2, 1, 1]
