@@ -12,7 +12,7 @@ from common import time_cuda
 from engine.sampler import Sampler, SamplingBatch
 from engine.sampler import _sample as unfused_sample
 from engine.sampling_params import SamplingParams
-from kernels.qk_norm_rope import qk_norm_rope, qk_norm_rope_ref
+from kernels.rotary_kv_store import rotary_kv_store, rotary_kv_store_ref
 from kernels.rms_norm import rms_norm, rms_norm_ref
 from kernels.silu_and_mul import silu_and_mul, silu_and_mul_ref
 
@@ -30,11 +30,14 @@ def compare(tokens: int) -> None:
     cos, sin = torch.rand(4096, HEAD_DIM, device="cuda"), torch.rand(4096, HEAD_DIM, device="cuda")
     head_w = torch.randn(HEAD_DIM, device="cuda", dtype=dt)
     gate_up = torch.randn(tokens, 2 * INTERMEDIATE, device="cuda", dtype=dt)
-    rope_args = (qkv, positions, head_w, head_w, cos, sin, 1e-6, HEADS, KV_HEADS)
+    k_cache = torch.empty(tokens // 16 + 1, 16, KV_HEADS, HEAD_DIM, device="cuda", dtype=dt)
+    v_cache = torch.empty_like(k_cache)
+    slots = torch.randperm(k_cache.shape[0] * 16, device="cuda")[:tokens]
+    rope_args = (qkv, positions, head_w, head_w, cos, sin, 1e-6, HEADS, KV_HEADS, k_cache, v_cache, slots)
     cases = {
         "rms_norm + residual": (lambda: rms_norm(x, weight, 1e-6, residual),
                                 lambda: rms_norm_ref(x, weight, 1e-6, residual)),
-        "q/k norm + rotary": (lambda: qk_norm_rope(*rope_args), lambda: qk_norm_rope_ref(*rope_args)),
+        "q/k norm+rotary+KV": (lambda: rotary_kv_store(*rope_args), lambda: rotary_kv_store_ref(*rope_args)),
         "silu_and_mul": (lambda: silu_and_mul(gate_up), lambda: silu_and_mul_ref(gate_up)),
     }
     for name, (fused, unfused) in cases.items():

@@ -1,4 +1,5 @@
-"""The model's one attention entry point: store new K/V into the paged cache, then attend.
+"""The model's one attention entry point: attend over the paged cache, which already holds the step's
+new keys and values (the rotary kernel stores them: `engine/layers/rotary.py`).
 
 The model runner builds one `AttentionMetadata` per step; every layer reads the same one.
 The backend behind it never changes the model code: flash-attn on a GPU when it is installed and
@@ -13,7 +14,6 @@ import torch
 from torch import nn
 
 from kernels.flash_attention import flash_attn_supports, flash_paged_attention
-from kernels.kv_store import store_kv, store_kv_ref
 from kernels.paged_attention import paged_attention, paged_attention_ref
 from kernels.triton_compat import HAS_TRITON
 
@@ -57,24 +57,19 @@ class Attention(nn.Module):
         self.k_cache, self.v_cache, self.max_seq_len = k_cache, v_cache, max_seq_len
         self.backend = attention_backend(k_cache.device, k_cache.shape[1])
 
-    def forward(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, metadata: AttentionMetadata
-    ) -> torch.Tensor:
-        """q: [T, Hq, D], k/v: [T, Hkv, D] -> [T, Hq, D]."""
+    def forward(self, q: torch.Tensor, metadata: AttentionMetadata) -> torch.Tensor:
+        """q: [T, Hq, D] -> [T, Hq, D]."""
         m = metadata
         if self.backend == "flash-attn":
-            store_kv(k, v, self.k_cache, self.v_cache, m.slot_mapping)
             return flash_paged_attention(
                 q, self.k_cache, self.v_cache, m.query_start_loc, m.seq_lens, m.block_tables, self.scale,
                 m.max_query_len, self.max_seq_len,
             )
         if self.backend == "triton":
-            store_kv(k, v, self.k_cache, self.v_cache, m.slot_mapping)
             return paged_attention(
                 q, self.k_cache, self.v_cache, m.query_start_loc, m.seq_lens, m.block_tables, self.scale,
                 m.max_query_len, m.num_splits,
             )
-        store_kv_ref(k, v, self.k_cache, self.v_cache, m.slot_mapping)
         return paged_attention_ref(
             q, self.k_cache, self.v_cache, m.query_start_loc, m.seq_lens, m.block_tables, self.scale
         )

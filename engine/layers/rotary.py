@@ -1,4 +1,5 @@
-"""Rotary position embedding (RoPE), applied together with Qwen3's per-head q/k RMSNorm where the model has it."""
+"""Rotary position embedding (RoPE), applied together with Qwen3's per-head q/k RMSNorm where the model has it,
+and the store of the step's keys and values into the paged KV cache."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import torch
 from torch import nn
 
 from engine.layers.layernorm import RMSNorm
-from kernels.qk_norm_rope import qk_norm_rope, qk_norm_rope_ref
+from kernels.rotary_kv_store import rotary_kv_store, rotary_kv_store_ref
 from kernels.triton_compat import use_triton
 
 
@@ -27,12 +28,15 @@ class RotaryEmbedding(nn.Module):
 
     def forward(
         self, positions: torch.Tensor, qkv: torch.Tensor, q_norm: RMSNorm | None, k_norm: RMSNorm | None,
-        num_heads: int, num_kv_heads: int,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions: [T], qkv: [T, (Hq + 2 Hkv) D] -> q [T, Hq, D], k [T, Hkv, D], rotated (and first
-        normalised, given the norms: both or neither)."""
-        fn = qk_norm_rope if use_triton(qkv) else qk_norm_rope_ref
+        num_heads: int, num_kv_heads: int, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor,
+    ) -> torch.Tensor:
+        """positions: [T], qkv: [T, (Hq + 2 Hkv) D] -> q [T, Hq, D], rotated (and first normalised, given the
+        norms: both or neither). The keys, rotated (and normalised) the same way, and the values go straight
+        into the paged KV cache at `slot_mapping` (one kernel on a GPU)."""
+        fn = rotary_kv_store if use_triton(qkv) else rotary_kv_store_ref
+        cache = (k_cache, v_cache, slot_mapping)
         if q_norm is None or k_norm is None:
             assert q_norm is k_norm, "q and k norms come together"
-            return fn(qkv, positions, None, None, self.cos, self.sin, 0.0, num_heads, num_kv_heads)
-        return fn(qkv, positions, q_norm.weight, k_norm.weight, self.cos, self.sin, q_norm.eps, num_heads, num_kv_heads)
+            return fn(qkv, positions, None, None, self.cos, self.sin, 0.0, num_heads, num_kv_heads, *cache)
+        return fn(qkv, positions, q_norm.weight, k_norm.weight, self.cos, self.sin, q_norm.eps, num_heads,
+                  num_kv_heads, *cache)

@@ -41,9 +41,9 @@ class QwenAttention(nn.Module):
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, metadata: AttentionMetadata) -> torch.Tensor:
         qkv = self.qkv_proj(x)  # [T, (Hq + 2 Hkv) D]
-        q, k = self.rotary(positions, qkv, self.q_norm, self.k_norm, self.num_heads, self.num_kv_heads)
-        v = qkv[:, (self.num_heads + self.num_kv_heads) * self.head_dim :].view(-1, self.num_kv_heads, self.head_dim)
-        o = self.attn(q, k, v, metadata)
+        q = self.rotary(positions, qkv, self.q_norm, self.k_norm, self.num_heads, self.num_kv_heads,
+                        self.attn.k_cache, self.attn.v_cache, metadata.slot_mapping)  # K/V go into the cache
+        o = self.attn(q, metadata)
         return self.o_proj(o.flatten(1))
 
 

@@ -1,12 +1,12 @@
-"""Fused RMSNorm(+residual), q/k-norm + rotary and SiLU-and-mul against their torch references."""
+"""Fused RMSNorm(+residual), q/k-norm + rotary + KV store and SiLU-and-mul against their torch references."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from kernels.qk_norm_rope import qk_norm_rope, qk_norm_rope_ref
 from kernels.rms_norm import rms_norm, rms_norm_ref
+from kernels.rotary_kv_store import rotary_kv_store, rotary_kv_store_ref
 from kernels.silu_and_mul import silu_and_mul, silu_and_mul_ref
 from kernels.triton_compat import HAS_TRITON
 
@@ -42,18 +42,30 @@ def test_rms_norm(dtype: torch.dtype, num_rows: int, hidden: int) -> None:
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("norm", [True, False], ids=["qk-norm", "rope-only"])  # Qwen3, Qwen2
 @pytest.mark.parametrize("num_heads,num_kv_heads,head_dim", [(4, 2, 64), (16, 8, 128), (2, 2, 16)])
-def test_qk_norm_rope(dtype: torch.dtype, norm: bool, num_heads: int, num_kv_heads: int, head_dim: int) -> None:
-    num_tokens, max_position = 9, 64
+def test_rotary_kv_store(dtype: torch.dtype, norm: bool, num_heads: int, num_kv_heads: int, head_dim: int) -> None:
+    num_tokens, max_position, num_blocks, page = 9, 64, 3, 4
     qkv = randn(num_tokens, (num_heads + 2 * num_kv_heads) * head_dim, dtype=dtype)
-    positions = torch.randint(0, max_position, (num_tokens,), generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    g = torch.Generator().manual_seed(3)
+    positions = torch.randint(0, max_position, (num_tokens,), generator=g).to(DEVICE)
+    slots = torch.randperm(num_blocks * page, generator=g)[:num_tokens]
+    slots[4] = -1  # padding: its key and value must not be stored
+    slots = slots.to(DEVICE)
     angles = torch.outer(torch.arange(max_position).float(), torch.rand(head_dim // 2) * 0.5)
     cos, sin = torch.cat([angles, angles], -1).cos().to(DEVICE), torch.cat([angles, angles], -1).sin().to(DEVICE)
     weights = (randn(head_dim, dtype=dtype, seed=4), randn(head_dim, dtype=dtype, seed=5)) if norm else (None, None)
+    caches = [torch.full((num_blocks, page, num_kv_heads, head_dim), float("nan"), dtype=dtype, device=DEVICE)
+              for _ in range(4)]  # poisoned: exactly the stored slots change
     args = (qkv, positions, *weights, cos, sin, 1e-6, num_heads, num_kv_heads)
-    (q, k), (q_ref, k_ref) = qk_norm_rope(*args), qk_norm_rope_ref(*args)
-    assert q.shape == (num_tokens, num_heads, head_dim) and k.shape == (num_tokens, num_kv_heads, head_dim)
+    q, q_ref = rotary_kv_store(*args, *caches[:2], slots), rotary_kv_store_ref(*args, *caches[2:], slots)
+    assert q.shape == (num_tokens, num_heads, head_dim)
     assert_matches(q, q_ref)
-    assert_matches(k, k_ref)
+    stored = slots[slots >= 0]
+    for cache, ref in ((caches[0], caches[2]), (caches[1], caches[3])):
+        flat, flat_ref = cache.view(-1, num_kv_heads, head_dim), ref.view(-1, num_kv_heads, head_dim)
+        assert_matches(flat[stored], flat_ref[stored])
+        assert flat.isnan().all(dim=(1, 2)).sum() == num_blocks * page - len(stored)
+    values = qkv[:, (num_heads + num_kv_heads) * head_dim :].view(num_tokens, num_kv_heads, head_dim)
+    torch.testing.assert_close(caches[1].view(-1, num_kv_heads, head_dim)[stored], values[slots >= 0], rtol=0, atol=0)
     if not norm:  # rotation keeps each half-pair's length: the heads were not normalised
         q_in = qkv[:, : num_heads * head_dim].view(num_tokens, num_heads, head_dim).float()
         torch.testing.assert_close(q.float().norm(dim=-1), q_in.norm(dim=-1), rtol=1e-2, atol=1e-2)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.kv_store import store_kv, store_kv_ref
 from kernels.paged_attention import decode_kv_splits, paged_attention, paged_attention_ref
 from kernels.triton_compat import HAS_TRITON
 
@@ -88,24 +87,6 @@ def test_paged_attention_matches_reference(
     paged_attention(**batch, max_query_len=max(q_lens), num_splits=num_splits, out=out)
     assert not out.isnan().any()
     assert relative_error(out, ref) < TOLERANCE[dtype]
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_store_kv_matches_reference(dtype: torch.dtype) -> None:
-    g = torch.Generator().manual_seed(0)
-    num_tokens, num_kv_heads, head_dim, num_blocks, page = 11, 2, 64, 4, 16
-    key = torch.randn(num_tokens, num_kv_heads, head_dim, generator=g).to(DEVICE, dtype)
-    value = torch.randn(num_tokens, num_kv_heads, head_dim, generator=g).to(DEVICE, dtype)
-    slots = torch.randperm(num_blocks * page, generator=g)[:num_tokens]
-    slots[3] = -1  # padding: must not be stored
-    slots = slots.to(DEVICE)
-    caches = [torch.full((num_blocks, page, num_kv_heads, head_dim), float("nan"), dtype=dtype, device=DEVICE)
-              for _ in range(4)]
-    store_kv(key, value, caches[0], caches[1], slots)
-    store_kv_ref(key, value, caches[2], caches[3], slots)
-    torch.testing.assert_close(caches[0], caches[2], equal_nan=True, rtol=0, atol=0)
-    torch.testing.assert_close(caches[1], caches[3], equal_nan=True, rtol=0, atol=0)
-    assert caches[0].isnan().sum() == (num_blocks * page - (num_tokens - 1)) * num_kv_heads * head_dim
 
 
 def test_decode_kv_splits_fill_the_gpu_with_at_most_sixteen() -> None:

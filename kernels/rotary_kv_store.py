@@ -1,6 +1,8 @@
-"""Rotary embedding of q and k straight out of the fused QKV projection, after Qwen3's per-head
-RMSNorm when norm weights are given (Qwen2 has none): one program per (token, head) reads the head
-once and writes the rotated result.
+"""Straight out of the fused QKV projection: Qwen3's per-head RMSNorm of q and k when norm weights are
+given (Qwen2 has none), rotary embedding of q and k, and the new keys and values written into the paged
+KV cache by slot. One program per (token, head) reads the head once and writes the rotated result: a
+query head to the returned q, a KV head (with its value) to the cache, so attention finds every token
+of the step there.
 
 Roundings follow the unfused torch code: the normalised head is rounded to the input dtype and
 scaled by the weight, then q*cos and rotate_half(q)*sin are each rounded before their sum.
@@ -16,7 +18,7 @@ from kernels.rms_norm import rms_norm_ref
 from kernels.triton_compat import tl, triton
 
 
-def qk_norm_rope(
+def rotary_kv_store(
     qkv: torch.Tensor,  # [T, (Hq + 2 Hkv) * D]
     positions: torch.Tensor,  # [T]
     q_weight: torch.Tensor | None,  # [D]; None (with k_weight None): rotary only, no norm
@@ -26,25 +28,28 @@ def qk_norm_rope(
     eps: float,
     num_heads: int,
     num_kv_heads: int,
-) -> tuple[torch.Tensor, torch.Tensor]:  # q [T, Hq, D], k [T, Hkv, D]
-    """Triton version of `qk_norm_rope_ref`."""
+    k_cache: torch.Tensor,  # [num_blocks, block_size, Hkv, D]
+    v_cache: torch.Tensor,  # [num_blocks, block_size, Hkv, D]
+    slot_mapping: torch.Tensor,  # [T] int64: block_id * block_size + offset; -1 = padding, not stored
+) -> torch.Tensor:  # q [T, Hq, D]
+    """Triton version of `rotary_kv_store_ref`, no host synchronisation."""
     num_tokens = qkv.shape[0]
     head_dim = cos.shape[1]
     has_norm = q_weight is not None
     assert (k_weight is not None) == has_norm, "q and k norm weights come together"
     assert qkv.stride(-1) == 1 and cos.is_contiguous() and sin.is_contiguous()
+    assert k_cache.is_contiguous() and v_cache.is_contiguous()
     q = torch.empty(num_tokens, num_heads, head_dim, dtype=qkv.dtype, device=qkv.device)
-    k = torch.empty(num_tokens, num_kv_heads, head_dim, dtype=qkv.dtype, device=qkv.device)
-    _qk_norm_rope_kernel[(num_tokens, num_heads + num_kv_heads)](
-        qkv, positions, q_weight, k_weight, cos, sin, q, k, qkv.stride(0), eps, num_heads, num_kv_heads,
-        HALF=head_dim // 2, HAS_NORM=has_norm,
+    _rotary_kv_store_kernel[(num_tokens, num_heads + num_kv_heads)](
+        qkv, positions, q_weight, k_weight, cos, sin, q, k_cache, v_cache, slot_mapping, qkv.stride(0), eps,
+        num_heads, num_kv_heads, HALF=head_dim // 2, HAS_NORM=has_norm,
     )
-    return q, k
+    return q
 
 
 @triton.jit
-def _qk_norm_rope_kernel(
-    QKV, positions, Wq, Wk, Cos, Sin, Q, K, stride_t, eps, num_heads, num_kv_heads,
+def _rotary_kv_store_kernel(
+    QKV, positions, Wq, Wk, Cos, Sin, Q, K_cache, V_cache, slot_mapping, stride_t, eps, num_heads, num_kv_heads,
     HALF: tl.constexpr, HAS_NORM: tl.constexpr,
 ):
     t = tl.program_id(0)
@@ -73,28 +78,40 @@ def _qk_norm_rope_kernel(
     o2 = (n2 * cos).to(dtype).to(tl.float32) + (n1 * sin).to(dtype).to(tl.float32)
     if is_q:
         dst = Q + (t * num_heads + h) * 2 * HALF
+        tl.store(dst + offs, o1.to(dtype))
+        tl.store(dst + HALF + offs, o2.to(dtype))
     else:
-        dst = K + (t * num_kv_heads + h - num_heads) * 2 * HALF
-    tl.store(dst + offs, o1.to(dtype))
-    tl.store(dst + HALF + offs, o2.to(dtype))
+        slot = tl.load(slot_mapping + t)
+        stored = offs < tl.where(slot >= 0, HALF, 0)  # a padding token's key and value are not stored
+        kv_offset = (slot * num_kv_heads + h - num_heads) * 2 * HALF
+        tl.store(K_cache + kv_offset + offs, o1.to(dtype), mask=stored)
+        tl.store(K_cache + kv_offset + HALF + offs, o2.to(dtype), mask=stored)
+        value = src + num_kv_heads * 2 * HALF  # the value head sits Hkv heads after its key head
+        tl.store(V_cache + kv_offset + offs, tl.load(value + offs), mask=stored)
+        tl.store(V_cache + kv_offset + HALF + offs, tl.load(value + HALF + offs), mask=stored)
 
 
-def qk_norm_rope_ref(
+def rotary_kv_store_ref(
     qkv: torch.Tensor, positions: torch.Tensor, q_weight: torch.Tensor | None, k_weight: torch.Tensor | None,
     cos: torch.Tensor, sin: torch.Tensor, eps: float, num_heads: int, num_kv_heads: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor,
+) -> torch.Tensor:
+    """Token t's rotated key and its value go to slot `slot_mapping[t]` (a flat index over blocks x
+    block_size) of the caches; returns the rotated queries."""
     head_dim = cos.shape[1]
     assert (q_weight is None) == (k_weight is None), "q and k norm weights come together"
-    q, k = qkv[:, : (num_heads + num_kv_heads) * head_dim].split(
-        [num_heads * head_dim, num_kv_heads * head_dim], dim=-1
-    )
+    q, k, v = qkv.split([num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim], dim=-1)
     q, k = q.reshape(-1, num_heads, head_dim), k.reshape(-1, num_kv_heads, head_dim)
     if q_weight is not None and k_weight is not None:
         q = cast(torch.Tensor, rms_norm_ref(q, q_weight, eps))
         k = cast(torch.Tensor, rms_norm_ref(k, k_weight, eps))
     c = cos[positions].unsqueeze(1).to(qkv.dtype)  # [T, 1, D]
     s = sin[positions].unsqueeze(1).to(qkv.dtype)
-    return q * c + _rotate_half(q) * s, k * c + _rotate_half(k) * s
+    stored = slot_mapping >= 0
+    slots = slot_mapping[stored]
+    k_cache.view(-1, num_kv_heads, head_dim)[slots] = (k * c + _rotate_half(k) * s)[stored]
+    v_cache.view(-1, num_kv_heads, head_dim)[slots] = v.reshape(-1, num_kv_heads, head_dim)[stored]
+    return q * c + _rotate_half(q) * s
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
