@@ -1,5 +1,6 @@
-"""The GPU path (Triton kernels, CUDA graphs, Philox sampling): fp32 greedy equals Hugging Face, and
-bf16 greedy with CUDA graphs equals the eager run. Skipped without a GPU; run on the device machine."""
+"""The GPU path (Triton kernels, CUDA graphs, Philox sampling): fp32 greedy equals Hugging Face, bf16
+greedy with CUDA graphs equals the eager run, and a step never waits for the GPU except for its tokens.
+Skipped without a GPU; run on the device machine."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import torch
 
 from engine import LLMEngine, SamplingParams
 from engine.default_model import QWEN3_0_6B, write_random_qwen3
+from engine.pending_samples import PendingSamples
 from tests.engine.test_hf_parity import GREEDY, PROMPT_LENGTHS, VOCAB, hf_greedy, random_prompts
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -51,3 +53,44 @@ def test_bf16_cuda_graphs_equal_eager(tmp_path: Path) -> None:
         del engine
         free_gpu_memory()
     assert outputs[0] == outputs[1]
+
+
+def test_a_step_waits_for_the_gpu_only_to_read_its_tokens(
+    tiny_checkpoint: Callable[..., Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No host-device synchronisation inside a step (torch's sync debug mode raises on any: .item(), a
+    copy from pageable memory, nonzero...) except the event wait for the previous step's tokens. Covers
+    prefill chunks joining decodes, greedy and sampled rows, suppression (min_tokens), seeds and logprobs."""
+    model_dir = tiny_checkpoint("tied-gqa4-hd32", vocab_size=VOCAB)
+    wait = PendingSamples.results
+
+    def results_waiting_allowed(self: PendingSamples) -> list:
+        torch.cuda.set_sync_debug_mode(0)
+        try:
+            return wait(self)
+        finally:
+            torch.cuda.set_sync_debug_mode("error")
+
+    with LLMEngine(model_dir, device="cuda", dtype="bfloat16", max_model_len=512, max_num_seqs=32,
+                   max_num_batched_tokens=64, num_kv_blocks=256) as engine:
+        engine.generate(random_prompts(1, [30, 90]), SamplingParams(max_tokens=8), use_tqdm=False)  # compile
+        params = [GREEDY, SamplingParams(temperature=0.7, max_tokens=40, ignore_eos=True),
+                  SamplingParams(temperature=1.0, top_p=0.9, seed=3, min_tokens=20, max_tokens=40),
+                  SamplingParams(temperature=0.6, logprobs=2, max_tokens=40, ignore_eos=True)]
+        for prompt, p in zip(random_prompts(2, [20, 150, 70, 9]), params):
+            engine.add_request(prompt, p)
+        engine.step()
+        engine.step()
+        monkeypatch.setattr(PendingSamples, "results", results_waiting_allowed)
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            for i in range(30):
+                if i == 10:  # a prefill joins the running decodes
+                    engine.add_request(random_prompts(3, [100])[0], SamplingParams(temperature=0.8, max_tokens=5))
+                engine.step()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        monkeypatch.undo()
+        while engine.has_unfinished():
+            engine.step()
+    free_gpu_memory()
