@@ -48,6 +48,7 @@ def engine_without_model(num_seqs: int, num_blocks: int, block_size: int, max_mo
     engine._requests = {}
     engine._aborted = []
     engine._in_flight = None
+    engine._closed = False
     engine._arrivals = itertools.count()
     engine.last_step_tokens = (0, 0)
     gc.collect()
