@@ -1,11 +1,12 @@
 """Decode attention alone, per KV split count: which flash-decoding split each batch size should use.
 
 For Qwen3-0.6B's attention shape (16 query heads, 8 KV heads, head_dim 128, bf16, 16-token pages) and
-each batch size and context length, times `paged_attention` for one decode token per sequence at every
+each batch size and context length (equal for all sequences, or varied: one long sequence holds up a
+whole unsplit batch), times `paged_attention` for one decode token per sequence at every
 split count, against the time to read the batch's K and V once at the measured copy bandwidth. Prints the
 fastest split and the one the engine picks (`decode_kv_splits`).
 
-    python bench/attention_splits.py [--contexts 512,1024,2048]
+    python bench/attention_splits.py [--contexts 1024,varied]
 """
 
 from __future__ import annotations
@@ -23,7 +24,17 @@ BATCHES = (1, 8, 16, 32, 48, 64, 96, 128, 192, 256)
 SPLITS = (1, 2, 4, 8, 16)
 
 
-def time_attention(batch_size: int, context: int, num_splits: int) -> float:
+def context_lengths(batch_size: int, context: str) -> list[int]:
+    """Every sequence `context` tokens long, or, for "varied", lengths uniform in [128, 2048] as in the middle
+    of nano-vLLM's workload (prompts of 100-1024 tokens plus up to 1024 generated)."""
+    if context != "varied":
+        return [int(context)] * batch_size
+    g = torch.Generator().manual_seed(batch_size)
+    return torch.randint(128, 2049, (batch_size,), generator=g).tolist()
+
+
+def time_attention(lengths: list[int], num_splits: int) -> float:
+    batch_size, context = len(lengths), max(lengths)
     blocks_per_seq = -(-context // PAGE)
     num_blocks = batch_size * blocks_per_seq
     dt = torch.bfloat16
@@ -32,7 +43,7 @@ def time_attention(batch_size: int, context: int, num_splits: int) -> float:
     block_tables = torch.randperm(num_blocks, device="cuda", dtype=torch.int32).view(batch_size, blocks_per_seq)
     query = torch.randn(batch_size, HEADS, HEAD_DIM, device="cuda", dtype=dt)
     query_start_loc = torch.arange(batch_size + 1, device="cuda", dtype=torch.int32)
-    seq_lens = torch.full((batch_size,), context, device="cuda", dtype=torch.int32)
+    seq_lens = torch.tensor(lengths, device="cuda", dtype=torch.int32)
     out = torch.empty_like(query)
     return time_cuda(lambda: paged_attention(query, k_cache, v_cache, query_start_loc, seq_lens, block_tables,
                                              HEAD_DIM**-0.5, 1, num_splits, out=out), iters=30, before=_flush_l2)
@@ -50,21 +61,23 @@ def _flush_l2() -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--contexts", default="1024", help="comma-separated context lengths")
+    p.add_argument("--contexts", default="1024,varied",
+                   help="comma-separated context lengths; 'varied': each sequence's uniform in [128, 2048]")
     args = p.parse_args()
     bandwidth = copy_bandwidth()
     num_sms = torch.cuda.get_device_properties(0).multi_processor_count
     kv_bytes_per_token = 2 * KV_HEADS * HEAD_DIM * 2  # one layer, K and V, bf16
     print(f"copy bandwidth {bandwidth / 1e12:.2f} TB/s, {num_sms} SMs; microseconds per layer, "
           f"(x roofline) for splits {SPLITS}")
-    for context in map(int, args.contexts.split(",")):
+    for context in args.contexts.split(","):
         for batch_size in BATCHES:
-            roofline = batch_size * context * kv_bytes_per_token / bandwidth
-            times = {s: time_attention(batch_size, context, s) for s in SPLITS}
+            lengths = context_lengths(batch_size, context)
+            roofline = sum(lengths) * kv_bytes_per_token / bandwidth
+            times = {s: time_attention(lengths, s) for s in SPLITS}
             best = min(times, key=times.__getitem__)
             chosen = decode_kv_splits(batch_size, KV_HEADS, num_sms)
             cells = " ".join(f"{1e6 * t:7.1f} ({t / roofline:4.1f}x)" for t in times.values())
-            print(f"context {context:5d} batch {batch_size:4d}: {cells}  best {best:2d}, heuristic {chosen:2d} "
+            print(f"context {context:>6} batch {batch_size:4d}: {cells}  best {best:2d}, heuristic {chosen:2d} "
                   f"({times[chosen] / times[best]:.2f}x the best)")
 
 

@@ -12,8 +12,8 @@ from common import time_cuda
 from engine.sampler import Sampler, SamplingBatch
 from engine.sampler import _sample as unfused_sample
 from engine.sampling_params import SamplingParams
-from kernels.rotary_kv_store import rotary_kv_store, rotary_kv_store_ref
 from kernels.rms_norm import rms_norm, rms_norm_ref
+from kernels.rotary_kv_store import rotary_kv_store, rotary_kv_store_ref
 from kernels.silu_and_mul import silu_and_mul, silu_and_mul_ref
 
 HIDDEN, HEADS, KV_HEADS, HEAD_DIM, INTERMEDIATE, VOCAB = 1024, 16, 8, 128, 3072, 151936
