@@ -1,4 +1,4 @@
-"""TP=2 on CPU (gloo): greedy ids equal TP=1 and Hugging Face, through prefix hits and chunked prefill."""
+"""TP=2 and TP=4 on CPU (gloo): greedy ids equal TP=1 and Hugging Face, through prefix hits and chunked prefill."""
 
 from __future__ import annotations
 
@@ -45,3 +45,14 @@ def test_each_rank_holds_its_share_of_kv_heads(tiny_checkpoint: Callable[..., Pa
     with LLMEngine(model_dir, device="cpu", dtype="float32", tensor_parallel_size=2, num_kv_blocks=8) as engine:
         k_cache = engine.model_runner.kv_cache[0, 0]  # [blocks, block_size, kv heads, head_dim]
         assert tuple(k_cache.shape) == (8, 16, 2, 32)  # 4 KV heads over 2 ranks
+
+
+def test_tp4_equals_hugging_face(tiny_checkpoint: Callable[..., Path]) -> None:
+    """Four ranks (one KV head each, a vocabulary of 1,001 over four shards), as on a 4-GPU host."""
+    model_dir = tiny_checkpoint("untied-mha-hd32", vocab_size=1001)
+    prompts = [[t % 1001 for t in p] for p in random_prompts(1, [1, 17, 100]) + shared_prefix_prompts()[:2]]
+    expected = hf_greedy(model_dir, prompts)
+    with LLMEngine(model_dir, device="cpu", dtype="float32", max_model_len=512, tensor_parallel_size=4,
+                   max_num_batched_tokens=37) as tp4:
+        assert [r["token_ids"] for r in tp4.generate(prompts, GREEDY, use_tqdm=False)] == expected
+        assert tp4.model_runner.kv_cache.shape[-2] == 1
