@@ -126,8 +126,9 @@ def _exit_on_rank_death(processes: list[BaseProcess], closing: threading.Event) 
         return
     rank, dead = next((r, p) for r, p in enumerate(processes, start=1) if p.sentinel in ready)
     dead.join(1.0)  # its sentinel closes as it exits, a moment before its exit code can be read
-    log.critical("tensor-parallel rank %d (pid %s) exited with code %s; NCCL cannot continue without it: "
-                 "exiting this process with code %d", rank, dead.pid, dead.exitcode, RANK_DEATH_EXIT_CODE)
+    log.critical("tensor-parallel rank %d (pid %s) exited with code %s (its error, if it raised one, is above); "
+                 "NCCL cannot continue without it: exiting this process with code %d", rank, dead.pid, dead.exitcode,
+                 RANK_DEATH_EXIT_CODE)
     logging.shutdown()
     os._exit(RANK_DEATH_EXIT_CODE)
 
