@@ -88,12 +88,17 @@ class LLMEngine:
         self.close()
 
     def add_request(
-        self, prompt: Prompt, params: SamplingParams | None = None, request_id: str | None = None
+        self, prompt: Prompt, params: SamplingParams | None = None, request_id: str | None = None,
+        resumed_tokens: int = 0,
     ) -> str:
-        """Queue a request (text or token ids); raise ValueError naming the bad field. Returns its id."""
-        return self._enqueue(self._new_sequence(prompt, params, request_id))
+        """Queue a request (text or token ids); raise ValueError naming the bad field. Returns its id.
+        `resumed_tokens`: the prompt's last tokens are the output of an earlier attempt of this request
+        (a failover), which presence and frequency penalties count as output."""
+        return self._enqueue(self._new_sequence(prompt, params, request_id, resumed_tokens))
 
-    def _new_sequence(self, prompt: Prompt, params: SamplingParams | None, request_id: str | None) -> Sequence:
+    def _new_sequence(
+        self, prompt: Prompt, params: SamplingParams | None, request_id: str | None, resumed_tokens: int = 0
+    ) -> Sequence:
         """A validated, not yet queued request."""
         params = params or SamplingParams()
         if not isinstance(params, SamplingParams):
@@ -102,6 +107,10 @@ class LLMEngine:
         if not isinstance(request_id, str) or not request_id or request_id in self._requests:
             raise ValueError(f"request_id: {request_id!r} is empty, not a string or already in use")
         token_ids = validate_prompt(prompt, self.tokenizer, self.config, params, self.block_manager.num_blocks)
+        if isinstance(resumed_tokens, bool) or not isinstance(resumed_tokens, int) or not (
+            0 <= resumed_tokens < len(token_ids)
+        ):
+            raise ValueError(f"resumed_tokens must be an int in [0, {len(token_ids)}), got {resumed_tokens!r}")
         return Sequence(
             request_id=request_id,
             arrival=next(self._arrivals),
@@ -110,6 +119,7 @@ class LLMEngine:
             params=params,
             seed=params.seed if params.seed is not None else random.getrandbits(63),
             detokenizer=IncrementalDetokenizer(self.tokenizer) if params.stop else None,
+            resumed_tokens=resumed_tokens,
         )
 
     def _enqueue(self, seq: Sequence) -> str:

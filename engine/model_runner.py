@@ -152,7 +152,11 @@ class ModelRunner:
             positions=[seq.num_tokens for seq in seqs],
             suppressed=[self._suppressed_tokens(seq) for seq in seqs],
             device=self.device,
+            histories=[seq.penalty_history() if seq.params.has_penalties else None for seq in seqs],
         )
+        if batch.penalties is not None and batch.penalties.has_placeholders:
+            # The output may end with the previous step's token, still a placeholder on the host.
+            batch = batch.with_output_token_ids(self._fill_placeholders(batch.penalties.output_token_ids))
         out = self.sampler(logits, batch)
         self._last_sampled = out.token_ids
         if self.ranks is not None:

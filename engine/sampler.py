@@ -2,6 +2,10 @@
 
 Per row, computed in float32:
 
+0. Penalties (rows whose params set any; SamplingParams says what each does): from the row's output
+   token ids (counts) and, for repetition_penalty, its prompt ids, scattered into [P, V] tensors of
+   the penalised rows only. Output ids may still be placeholders of the step before when the batch is
+   built; the model runner resolves them on the device (`with_output_token_ids`).
 1. Suppression: each (row, token) pair in `suppress_rows`/`suppress_token_ids` gets logit -inf
    (min_tokens bans EOS and the stop ids this way).
 2. Greedy rows (temperature 0) take the argmax of the suppressed logits; no mask applies to them.
@@ -29,6 +33,7 @@ log_softmax of the unscaled, unsuppressed logits.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -63,6 +68,7 @@ class SamplingBatch:
     masked: torch.Tensor | None  # [B] bool: the row uses top-k, top-p or min-p; None when no sampled row does
     sampled_rows: tuple[int, ...]  # rows with temperature > 0
     rng_keys: tuple[int, ...]  # rng_key(seed, position) of each sampled row, same order
+    penalties: Penalties | None  # None when no row uses a penalty
 
     @classmethod
     def build(
@@ -72,8 +78,10 @@ class SamplingBatch:
         positions: list[int],
         suppressed: list[list[int]],
         device: torch.device,
+        histories: list[tuple[list[int], list[int]] | None] | None = None,
     ) -> SamplingBatch:
-        """Pack one step's rows; `suppressed[i]` lists the token ids banned for row i."""
+        """Pack one step's rows; `suppressed[i]` lists the token ids banned for row i; `histories[i]` is
+        (prompt ids, output ids) of a row with penalties (None for the others)."""
         if not len(params) == len(seeds) == len(positions) == len(suppressed):
             raise ValueError(
                 f"row counts differ: params={len(params)} seeds={len(seeds)} "
@@ -103,6 +111,58 @@ class SamplingBatch:
             if any(_is_masked(p) for p in sampled_params) else None,
             sampled_rows=tuple(sampled),
             rng_keys=tuple(rng_keys([seeds[i] for i in sampled], [positions[i] for i in sampled]).tolist()),
+            penalties=Penalties.build(params, histories, device) if any(p.has_penalties for p in params) else None,
+        )
+
+    def with_output_token_ids(self, output_token_ids: torch.Tensor) -> SamplingBatch:
+        """The same batch with the penalised rows' output ids replaced (placeholders resolved)."""
+        assert self.penalties is not None
+        penalties = dataclasses.replace(self.penalties, output_token_ids=output_token_ids, has_placeholders=False)
+        return dataclasses.replace(self, penalties=penalties)
+
+
+@dataclass(frozen=True, slots=True)
+class Penalties:
+    """The penalised rows of a step and the token ids their penalties count, on the device."""
+
+    rows: torch.Tensor  # [P] int64: rows of the batch with a penalty
+    presence: torch.Tensor  # [P] float32
+    frequency: torch.Tensor  # [P] float32
+    repetition: torch.Tensor  # [P] float32
+    output_rows: torch.Tensor  # [N] int64 in [0, P): whose output token each of output_token_ids is
+    output_token_ids: torch.Tensor  # [N] int64; negative: a placeholder (step_plan) until resolved
+    prompt_rows: torch.Tensor  # [M] int64 in [0, P), for repetition_penalty only
+    prompt_token_ids: torch.Tensor  # [M] int64
+    any_repetition: bool
+    has_placeholders: bool  # some output id is a placeholder (host-side, so checking it needs no sync)
+
+    @classmethod
+    def build(
+        cls, params: list[SamplingParams], histories: list[tuple[list[int], list[int]] | None] | None,
+        device: torch.device,
+    ) -> Penalties:
+        rows = [i for i, p in enumerate(params) if p.has_penalties]
+        if histories is None or any(histories[i] is None for i in rows):
+            raise ValueError("rows with penalties need their (prompt, output) token ids")
+        output_rows, output_ids, prompt_rows, prompt_ids = [], [], [], []
+        for j, i in enumerate(rows):
+            prompt, output = histories[i]  # type: ignore[misc]
+            output_rows += [j] * len(output)
+            output_ids += output
+            if params[i].repetition_penalty != 1.0:
+                prompt_rows += [j] * len(prompt)
+                prompt_ids += prompt
+        return cls(
+            rows=to_device(rows, device, torch.int64),
+            presence=to_device([params[i].presence_penalty for i in rows], device, torch.float32),
+            frequency=to_device([params[i].frequency_penalty for i in rows], device, torch.float32),
+            repetition=to_device([params[i].repetition_penalty for i in rows], device, torch.float32),
+            output_rows=to_device(output_rows, device, torch.int64),
+            output_token_ids=to_device(output_ids, device, torch.int64),
+            prompt_rows=to_device(prompt_rows, device, torch.int64),
+            prompt_token_ids=to_device(prompt_ids, device, torch.int64),
+            any_repetition=any(params[i].repetition_penalty != 1.0 for i in rows),
+            has_placeholders=any(t < 0 for t in output_ids),
         )
 
 
@@ -121,7 +181,7 @@ class Sampler(torch.nn.Module):
 
     def forward(self, logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
         """Pick a token per row of `logits` [B, V] (any float dtype; the math is float32)."""
-        suppressed = _suppress(logits, batch)  # [B, V], still in the logits' dtype: each path reads it once
+        suppressed = _suppress(_penalize(logits, batch), batch)  # [B, V], in the logits' dtype
         token_ids = _choose(suppressed, batch)  # [B]
         if batch.num_logprobs < 0:
             return SamplerOutput(token_ids, None, None, None)
@@ -237,6 +297,23 @@ def _min_p(probs: torch.Tensor, min_ps: torch.Tensor) -> torch.Tensor:
     """Zero the probs [B, V] below min_p [B] times their row's largest."""
     threshold = min_ps[:, None] * probs.amax(dim=-1, keepdim=True)  # [B, 1]
     return probs.masked_fill(probs < threshold, 0.0)
+
+
+def _penalize(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    """Logits [B, V] with the penalised rows' penalties applied (a new tensor when any row has one)."""
+    pen = batch.penalties
+    if pen is None:
+        return logits
+    x = logits[pen.rows].float()  # [P, V]
+    counts = torch.zeros_like(x).index_put_(
+        (pen.output_rows, pen.output_token_ids), torch.ones_like(pen.output_token_ids, dtype=x.dtype), accumulate=True
+    )
+    if pen.any_repetition:
+        seen = (counts > 0).index_put_((pen.prompt_rows, pen.prompt_token_ids), torch.tensor(True, device=x.device))
+        rep = pen.repetition[:, None]
+        x = torch.where(seen, torch.where(x > 0, x / rep, x * rep), x)
+    x = x - pen.frequency[:, None] * counts - pen.presence[:, None] * (counts > 0)
+    return logits.index_put((pen.rows,), x.to(logits.dtype))
 
 
 def _suppress(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:

@@ -12,9 +12,13 @@ GREEDY_BELOW_TEMPERATURE = 1e-5
 class SamplingParams:
     """How one request samples and when it stops. Every field is checked in `__post_init__`.
 
-    temperature 0 (below 1e-5) is greedy. Masks apply in the order top-k, top-p, min-p, on the
-    temperature-scaled distribution. `seed` keys the random stream by (seed, token position),
-    so re-running a request from any position reproduces the same tokens.
+    temperature 0 (below 1e-5) is greedy. Penalties apply first, to the raw logits, as in vLLM:
+    `repetition_penalty` (> 0, 1 = off) divides the positive logits of tokens seen in the prompt or
+    output and multiplies the negative ones; `frequency_penalty` (in [-2, 2]) is subtracted once per
+    occurrence of a token in the output, `presence_penalty` (in [-2, 2]) once if it occurs there at
+    all. Masks apply in the order top-k, top-p, min-p, on the temperature-scaled distribution.
+    `seed` keys the random stream by (seed, token position), so re-running a request from any
+    position reproduces the same tokens.
     `logprobs=N` returns the chosen token's log-probability and the top N of the model's
     (unscaled) distribution.
     """
@@ -30,6 +34,9 @@ class SamplingParams:
     ignore_eos: bool = False
     seed: int | None = None
     logprobs: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
 
     def __post_init__(self) -> None:
         # Normalise list/str inputs so the dataclass stays hashable and immutable.
@@ -78,6 +85,18 @@ class SamplingParams:
             _check_int("logprobs", self.logprobs)
             if not 0 <= self.logprobs <= 20:
                 raise ValueError(f"logprobs must be in [0, 20], got {self.logprobs}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            _check_number(name, value)
+            if not -2.0 <= value <= 2.0:
+                raise ValueError(f"{name} must be in [-2, 2], got {value}")
+        _check_number("repetition_penalty", self.repetition_penalty)
+        if self.repetition_penalty <= 0.0:
+            raise ValueError(f"repetition_penalty must be > 0 (1 is off), got {self.repetition_penalty}")
+
+    @property
+    def has_penalties(self) -> bool:
+        return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0 or self.repetition_penalty != 1.0
 
     @property
     def is_greedy(self) -> bool:

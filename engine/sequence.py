@@ -52,6 +52,7 @@ class Sequence:
     logprobs: list[TokenLogprobs] = field(default_factory=list)
     detokenizer: IncrementalDetokenizer | None = None  # only for requests with stop strings
     stop_text_len: int | None = None  # output text length before a matched stop string
+    resumed_tokens: int = 0  # the prompt's last tokens that an earlier attempt generated (a failover)
 
     @property
     def num_tokens(self) -> int:
@@ -64,6 +65,12 @@ class Sequence:
     @property
     def output_token_ids(self) -> list[int]:
         return self.token_ids[self.num_prompt_tokens :]
+
+    def penalty_history(self) -> tuple[list[int], list[int]]:
+        """(prompt, output) token ids as penalties see them: a resumed request's earlier output counts as
+        output, so its continuation is the one an undisturbed run would have produced."""
+        start = self.num_prompt_tokens - self.resumed_tokens
+        return self.token_ids[:start], self.token_ids[start:]
 
     def drop_placeholders(self) -> None:
         """Forget tokens a running step is still sampling (placeholders, always at the end: see step_plan)."""
