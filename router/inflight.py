@@ -64,14 +64,15 @@ class InFlightRequest:
         return len(self.prepared.prompt_token_ids) + len(self.output_token_ids)
 
     def spec(self) -> RequestSpec:
-        """What to submit for the current attempt: after a failover, prompt + the tokens already sent,
-        with the budgets reduced by them. The seed stays, and the engine keys randomness by token
-        position, so the continuation is the one an undisturbed run would have produced."""
+        """What to submit for the current attempt: after a failover, prompt + the tokens already sent
+        (marked as resumed, so output penalties still count them), with the budgets reduced by them. The
+        seed stays, and the engine keys randomness by token position, so the continuation is the one an
+        undisturbed run would have produced."""
         params = self.prepared.params
         n = len(self.output_token_ids)
         sampling = {f.name: getattr(params, f.name) for f in dataclasses.fields(params)}
         sampling.update(max_tokens=params.max_tokens - n, min_tokens=max(0, params.min_tokens - n))
-        return RequestSpec(self.engine_request_id, self.prepared.prompt_token_ids + self.output_token_ids, sampling)
+        return RequestSpec(self.engine_request_id, self.prepared.prompt_token_ids + self.output_token_ids, sampling, n)
 
     def on_delta(self, delta: RequestDelta, replica: str) -> bool:
         """Apply one replica delta; True when the request is now finished (by the engine or a stop string)."""

@@ -17,7 +17,7 @@ from proto import nanoserve_pb2 as pb
 Endpoint = Literal["completions", "chat"]
 
 _INT64 = range(-(2**63), 2**63)
-_NUMBER_FIELDS = ("temperature", "top_p", "min_p")
+_NUMBER_FIELDS = ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty")
 _INT_FIELDS = ("top_k", "seed", "min_tokens")
 _COMMON_FIELDS = frozenset({"model", "max_tokens", *_NUMBER_FIELDS, *_INT_FIELDS, "stop", "stop_token_ids",
                             "ignore_eos", "n", "stream", "stream_options", "logprobs"})
@@ -27,7 +27,7 @@ _FIELDS: dict[Endpoint, frozenset[str]] = {
 }
 # Fields that change the answer but are not implemented here: accepted only at a value that changes nothing.
 _NO_OP_VALUES: dict[str, tuple[object, ...]] = {
-    "frequency_penalty": (0,), "presence_penalty": (0,), "logit_bias": ({},), "best_of": (1,), "echo": (False,),
+    "logit_bias": ({},), "best_of": (1,), "echo": (False,),
     "suffix": ("",), "tools": ([],), "functions": ([],), "tool_choice": ("none", "auto"),
     "parallel_tool_calls": (True, False), "response_format": ({"type": "text"},),
 }

@@ -22,11 +22,13 @@ ReplicaState = Literal["running", "failed", "stopped"]
 
 @dataclass(frozen=True, slots=True)
 class RequestSpec:
-    """One request to queue: prompt token ids, and engine `SamplingParams` fields by name."""
+    """One request to queue: prompt token ids, and engine `SamplingParams` fields by name. After a failover
+    the prompt ends with the `resumed_tokens` an earlier attempt streamed (see `LLMEngine.add_request`)."""
 
     request_id: str
     prompt_token_ids: list[int]
     sampling_params: dict[str, Any] = field(default_factory=dict)
+    resumed_tokens: int = 0
 
 
 @dataclass(frozen=True, slots=True)

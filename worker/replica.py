@@ -98,7 +98,7 @@ class Replica:
             )
         try:
             params = SamplingParams.from_kwargs(**spec.sampling_params)
-            engine.add_request(spec.prompt_token_ids, params, spec.request_id)
+            engine.add_request(spec.prompt_token_ids, params, spec.request_id, spec.resumed_tokens)
         except ValueError as e:
             return SubmitError("invalid_argument", str(e))
         return None

@@ -38,12 +38,14 @@ class Outcome:
 
 
 def mixed_requests(n: int, seed: int, max_tokens: int = 60, prompt_len: tuple[int, int] = (8, 80)) -> list[Request]:
-    """Greedy and seeded sampling requests (both must resume identically)."""
+    """Greedy and seeded sampling requests, half of each with penalties (all must resume identically)."""
     rng = random.Random(seed)
     requests = []
     for i in range(n):
         prompt = [rng.randrange(VOCAB) for _ in range(rng.randint(*prompt_len))]
         sampling = dict(temperature=0.0) if i % 2 else dict(temperature=0.8, top_p=0.95, seed=rng.randrange(2**31))
+        if i % 4 >= 2:  # penalties count the output, also the part streamed before a failover
+            sampling |= dict(presence_penalty=0.5, frequency_penalty=0.3, repetition_penalty=1.1)
         requests.append(Request(prompt, dict(max_tokens=max_tokens, ignore_eos=True, **sampling)))
     return requests
 

@@ -25,6 +25,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 SAMPLE_VALUES: dict[str, Any] = {
     "temperature": 0.0, "top_p": 0.9, "top_k": 0, "min_p": 0.0, "max_tokens": 5, "min_tokens": 0,
     "stop": ["\n\n"], "stop_token_ids": [7, 8], "ignore_eos": False, "seed": 0, "logprobs": 0,
+    "presence_penalty": 0.0, "frequency_penalty": 0.0, "repetition_penalty": 1.0,
 }
 REPEATED_FIELDS = ("stop", "stop_token_ids")
 

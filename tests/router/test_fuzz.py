@@ -94,6 +94,9 @@ VALID: dict[str, st.SearchStrategy] = {
     "ignore_eos": maybe(st.booleans()),
     "seed": maybe(st.integers(0, 2**63 - 1)),
     "logprobs": maybe(st.integers(0, 20)),
+    "presence_penalty": maybe(st.floats(-2, 2)),
+    "frequency_penalty": maybe(st.floats(-2, 2)),
+    "repetition_penalty": maybe(st.floats(0.5, 2)),
 }
 EDGES: dict[str, st.SearchStrategy] = {
     "request_id": st.sampled_from(["x" * 256, "x" * 257, "a\nb", "\x00", "\u00e9" * 256, "\u200b"]) | st.text(),
@@ -105,7 +108,8 @@ EDGES: dict[str, st.SearchStrategy] = {
                                  max_size=4)),
         st.just({}),  # no prompt
     ),
-    **{name: wild_floats for name in ("temperature", "top_p", "min_p")},
+    **{name: wild_floats for name in ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty",
+                                      "repetition_penalty")},
     **{name: int64s for name in ("top_k", "max_tokens", "min_tokens", "seed", "logprobs")},
     "stop": st.lists(st.text(max_size=4) | st.builds(lambda n: "s" * n, st.integers(100, 5_000)), max_size=5),
     "stop_token_ids": st.lists(wild_ids, max_size=5),

@@ -70,8 +70,9 @@ def test_models_and_health(router: RouterThread, client: openai.OpenAI, model: s
 
 
 @pytest.mark.parametrize("prompt", [PROMPT, "Hello, how are you?"], ids=["token-ids", "text"])
-@pytest.mark.parametrize("params", [dict(GREEDY), dict(temperature=0.9, top_p=0.9, seed=3, extra_body={
-    "top_k": 50, "min_p": 0.01, "ignore_eos": True})], ids=["greedy", "seeded"])
+@pytest.mark.parametrize("params", [dict(GREEDY), dict(temperature=0.9, top_p=0.9, seed=3, presence_penalty=0.5,
+    frequency_penalty=0.3, extra_body={"top_k": 50, "min_p": 0.01, "ignore_eos": True, "repetition_penalty": 1.2})],
+    ids=["greedy", "seeded"])
 def test_completion_equals_the_grpc_answer(router: RouterThread, client: openai.OpenAI, model: str,
                                            prompt: Any, params: dict[str, Any]) -> None:
     answer = client.completions.create(model=model, prompt=prompt, max_tokens=12, **params)
@@ -225,7 +226,9 @@ BAD_BODIES: list[tuple[str, dict[str, Any], str]] = [
     ("completions", {"prompt": PROMPT, "logprobs": 21}, "logprobs"),
     ("completions", {"prompt": PROMPT, "n": 2}, "n"),
     ("completions", {"prompt": PROMPT, "best_of": 3}, "best_of"),
-    ("completions", {"prompt": PROMPT, "frequency_penalty": 0.5}, "frequency_penalty"),
+    ("completions", {"prompt": PROMPT, "frequency_penalty": 2.5}, "frequency_penalty"),
+    ("completions", {"prompt": PROMPT, "presence_penalty": "x"}, "presence_penalty"),
+    ("chat", {"messages": MESSAGES, "repetition_penalty": 0}, "repetition_penalty"),
     ("completions", {"prompt": PROMPT, "temprature": 0.5}, "temprature"),
     ("completions", {"prompt": PROMPT, "stream_options": {"include_usage": True}}, "stream_options"),
     ("completions", {"prompt": PROMPT, "stream": True, "stream_options": {"usage": True}}, "stream_options.usage"),
