@@ -309,7 +309,8 @@ def _penalize(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
         (pen.output_rows, pen.output_token_ids), torch.ones_like(pen.output_token_ids, dtype=x.dtype), accumulate=True
     )
     if pen.any_repetition:
-        seen = (counts > 0).index_put_((pen.prompt_rows, pen.prompt_token_ids), torch.tensor(True, device=x.device))
+        true = torch.ones((), dtype=torch.bool, device=x.device)  # made on the device: no host copy
+        seen = (counts > 0).index_put_((pen.prompt_rows, pen.prompt_token_ids), true)
         rep = pen.repetition[:, None]
         x = torch.where(seen, torch.where(x > 0, x / rep, x * rep), x)
     x = x - pen.frequency[:, None] * counts - pen.presence[:, None] * (counts > 0)
@@ -320,7 +321,7 @@ def _suppress(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     """Logits [B, V] with the batch's (row, token) pairs set to -inf (a new tensor when any)."""
     if batch.suppress_rows.numel() == 0:
         return logits
-    minus_inf = torch.tensor(float("-inf"), dtype=logits.dtype, device=logits.device)
+    minus_inf = torch.full((), float("-inf"), dtype=logits.dtype, device=logits.device)  # no host copy
     return logits.index_put((batch.suppress_rows, batch.suppress_token_ids), minus_inf)
 
 

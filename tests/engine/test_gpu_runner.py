@@ -60,7 +60,8 @@ def test_a_step_waits_for_the_gpu_only_to_read_its_tokens(
 ) -> None:
     """No host-device synchronisation inside a step (torch's sync debug mode raises on any: .item(), a
     copy from pageable memory, nonzero...) except the event wait for the previous step's tokens. Covers
-    prefill chunks joining decodes, greedy and sampled rows, suppression (min_tokens), seeds and logprobs."""
+    prefill chunks joining decodes, greedy and sampled rows, suppression (min_tokens), seeds, logprobs and
+    penalties."""
     model_dir = tiny_checkpoint("tied-gqa4-hd32", vocab_size=VOCAB)
     wait = PendingSamples.results
 
@@ -76,8 +77,10 @@ def test_a_step_waits_for_the_gpu_only_to_read_its_tokens(
         engine.generate(random_prompts(1, [30, 90]), SamplingParams(max_tokens=8), use_tqdm=False)  # compile
         params = [GREEDY, SamplingParams(temperature=0.7, max_tokens=40, ignore_eos=True),
                   SamplingParams(temperature=1.0, top_p=0.9, seed=3, min_tokens=20, max_tokens=40),
-                  SamplingParams(temperature=0.6, logprobs=2, max_tokens=40, ignore_eos=True)]
-        for prompt, p in zip(random_prompts(2, [20, 150, 70, 9]), params):
+                  SamplingParams(temperature=0.6, logprobs=2, max_tokens=40, ignore_eos=True),
+                  SamplingParams(temperature=0.7, presence_penalty=0.5, repetition_penalty=1.2, max_tokens=40,
+                                 ignore_eos=True)]
+        for prompt, p in zip(random_prompts(2, [20, 150, 70, 9, 33]), params):
             engine.add_request(prompt, p)
         engine.step()
         engine.step()
