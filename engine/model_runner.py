@@ -223,10 +223,11 @@ class ModelRunner:
         rows = hidden[-1:].expand(cfg.max_num_seqs, -1)
         logits = self.model.compute_logits(rows)
         if logits is not None:  # rank 0 samples
+            hungriest = SamplingParams(temperature=1.0, top_p=0.9, logprobs=20, presence_penalty=0.5,
+                                       repetition_penalty=1.1)  # every [rows, vocab] intermediate the sampler has
             self.sampler(logits, SamplingBatch.build(
-                [SamplingParams(temperature=1.0, top_p=0.9, logprobs=20)] * cfg.max_num_seqs,
-                seeds=[0] * cfg.max_num_seqs, positions=[0] * cfg.max_num_seqs,
-                suppressed=[[]] * cfg.max_num_seqs, device=self.device,
+                [hungriest] * cfg.max_num_seqs, seeds=[0] * cfg.max_num_seqs, positions=[0] * cfg.max_num_seqs,
+                suppressed=[[]] * cfg.max_num_seqs, device=self.device, histories=[([1], [2])] * cfg.max_num_seqs,
             ))
         torch.cuda.synchronize(self.device)
         peak = torch.cuda.max_memory_allocated(self.device) - baseline
