@@ -18,7 +18,14 @@ import torch.distributed as dist
 
 from engine.config import EngineConfig
 from engine.tp.channel import ControlChannel, Method
-from engine.tp.process_group import destroy_process_group, free_port, init_process_group
+from engine.tp.process_group import (
+    COLLECTIVE_TIMEOUT,
+    destroy_process_group,
+    free_port,
+    init_process_group,
+    join_store,
+    started_key,
+)
 from engine.tp.rank import run_rank
 
 log = logging.getLogger(__name__)
@@ -48,6 +55,7 @@ class RankGroup:
         wakeups = [ctx.Semaphore(0) for _ in range(1, world_size)]
         self.channel = ControlChannel.create(_channel_size(config), wakeups, world_size)
         port = free_port()
+        store = join_store(0, world_size, port)
         self.processes: list[BaseProcess] = []
         for rank in range(1, world_size):
             process = ctx.Process(
@@ -62,7 +70,8 @@ class RankGroup:
         self._finalizer = weakref.finalize(self, _shutdown, self.channel, self.processes, self._closing)
         _exit_cleanly_on_sigterm()
         try:
-            init_process_group(config.device, 0, world_size, port)
+            self._wait_until_started(store)
+            init_process_group(config.device, 0, world_size, store)
         except BaseException:
             self.close()
             raise
@@ -73,6 +82,18 @@ class RankGroup:
                 target=_exit_on_rank_death, args=(self.processes, self._closing), daemon=True,
                 name="nanoserve-tp-watchdog",
             ).start()
+
+    def _wait_until_started(self, store: dist.TCPStore) -> None:
+        """Wait for every rank to reach the store; a rank that exits first (say, an import error) fails the
+        engine at once, naming it, instead of after the rendezvous timeout."""
+        keys = [started_key(rank) for rank in range(1, len(self.processes) + 1)]
+        timeout_s = COLLECTIVE_TIMEOUT.total_seconds()
+        deadline = time.monotonic() + timeout_s
+        while not store.check(keys):
+            self.check_alive()
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"tensor-parallel ranks did not start within {timeout_s:.0f} s")
+            time.sleep(0.01)
 
     def send(self, method: Method, args: list[int], arrays: list[np.ndarray]) -> None:
         if self._closed:

@@ -23,14 +23,25 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_process_group(device: torch.device, rank: int, world_size: int, port: int) -> None:
+def join_store(rank: int, world_size: int, port: int) -> dist.TCPStore:
+    """The group's rendezvous store on 127.0.0.1:`port`. Rank 0 serves it without waiting for the others (so
+    it can watch them start: `RankGroup`); the others connect and record that they started."""
+    store = dist.TCPStore("127.0.0.1", port, world_size, is_master=rank == 0, timeout=COLLECTIVE_TIMEOUT,
+                          wait_for_workers=False)
+    if rank > 0:
+        store.set(started_key(rank), "1")
+    return store
+
+
+def started_key(rank: int) -> str:
+    return f"nanoserve/started/{rank}"
+
+
+def init_process_group(device: torch.device, rank: int, world_size: int, store: dist.TCPStore) -> None:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     dist.init_process_group(
-        "nccl" if device.type == "cuda" else "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=rank,
-        world_size=world_size,
+        "nccl" if device.type == "cuda" else "gloo", store=store, rank=rank, world_size=world_size,
         timeout=COLLECTIVE_TIMEOUT,
     )
 

@@ -16,7 +16,7 @@ from engine.config import EngineConfig
 from engine.model_runner import ModelRunner
 from engine.step_plan import StepPlan
 from engine.tp.channel import ChannelClosed, ControlChannel, Method
-from engine.tp.process_group import destroy_process_group, init_process_group, rank_device
+from engine.tp.process_group import destroy_process_group, init_process_group, join_store, rank_device
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,8 @@ def run_rank(
     channel = ControlChannel.attach(channel_name, wakeups, config.tensor_parallel_size)
     runner: ModelRunner | None = None
     try:
-        init_process_group(config.device, rank, config.tensor_parallel_size, port)
+        store = join_store(rank, config.tensor_parallel_size, port)
+        init_process_group(config.device, rank, config.tensor_parallel_size, store)
         runner = ModelRunner(config, eos_token_ids, rank)
         while True:
             method, args, arrays = channel.receive(rank, lambda: os.getppid() == parent, spin_s)

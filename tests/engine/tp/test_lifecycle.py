@@ -153,3 +153,18 @@ def test_nothing_named_in_dev_shm_survives_a_sigkill_of_every_process(model_dir:
         time.sleep(0.1)
     assert not any(pid_alive(pid) for pid in pids)
     assert tp_segments() <= segments_before
+
+
+def exit_at_start(*args: object) -> None:
+    """A rank entry point that dies before joining the group (spawn pickles it by name: module level)."""
+    os._exit(3)
+
+
+def test_a_rank_that_dies_at_start_fails_the_engine_at_once(model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    segments_before = tp_segments()
+    monkeypatch.setattr("engine.tp.group.run_rank", exit_at_start)
+    start = time.monotonic()
+    with pytest.raises(RankDiedError, match=r"rank 1 \(pid \d+\) died with exit code 3"):
+        tp2(model_dir)
+    assert time.monotonic() - start < 20  # not the 120 s rendezvous timeout
+    assert tp_segments() == segments_before
