@@ -6,6 +6,8 @@ sampler's one-pass exponential race against its softmax / noise / argmax path at
 
 from __future__ import annotations
 
+import argparse
+
 import torch
 from common import time_cuda
 
@@ -60,6 +62,7 @@ def compare_sampler(rows: int = 256) -> None:
 
 
 def main() -> None:
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
     for tokens in (256, 8192):
         compare(tokens)
     compare_sampler()
