@@ -33,7 +33,8 @@ def context_lengths(batch_size: int, context: str) -> list[int]:
     return torch.randint(128, 2049, (batch_size,), generator=g).tolist()
 
 
-def time_attention(lengths: list[int], num_splits: int) -> float:
+def time_attention(lengths: list[int]) -> dict[int, float]:
+    """Seconds per call of decode attention over `lengths`-token contexts, per split count in SPLITS."""
     batch_size, context = len(lengths), max(lengths)
     blocks_per_seq = -(-context // PAGE)
     num_blocks = batch_size * blocks_per_seq
@@ -45,8 +46,9 @@ def time_attention(lengths: list[int], num_splits: int) -> float:
     query_start_loc = torch.arange(batch_size + 1, device="cuda", dtype=torch.int32)
     seq_lens = torch.tensor(lengths, device="cuda", dtype=torch.int32)
     out = torch.empty_like(query)
-    return time_cuda(lambda: paged_attention(query, k_cache, v_cache, query_start_loc, seq_lens, block_tables,
-                                             HEAD_DIM**-0.5, 1, num_splits, out=out), iters=30, before=_flush_l2)
+    return {splits: time_cuda(lambda splits=splits: paged_attention(
+        query, k_cache, v_cache, query_start_loc, seq_lens, block_tables, HEAD_DIM**-0.5, 1, splits, out=out,
+    ), iters=30, before=_flush_l2) for splits in SPLITS}
 
 
 @functools.cache
@@ -73,7 +75,7 @@ def main() -> None:
         for batch_size in BATCHES:
             lengths = context_lengths(batch_size, context)
             roofline = sum(lengths) * kv_bytes_per_token / bandwidth
-            times = {s: time_attention(lengths, s) for s in SPLITS}
+            times = time_attention(lengths)
             best = min(times, key=times.__getitem__)
             chosen = decode_kv_splits(batch_size, KV_HEADS, num_sms)
             cells = " ".join(f"{1e6 * t:7.1f} ({t / roofline:4.1f}x)" for t in times.values())

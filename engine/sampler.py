@@ -145,10 +145,12 @@ class Penalties:
         if histories is None or any(histories[i] is None for i in rows):
             raise ValueError("rows with penalties need their (prompt, output) token ids")
         output_rows, output_ids, prompt_rows, prompt_ids = [], [], [], []
+        has_placeholders = False
         for j, i in enumerate(rows):
             prompt, output = histories[i]  # type: ignore[misc]
             output_rows += [j] * len(output)
             output_ids += output
+            has_placeholders |= bool(output) and output[-1] < 0  # only the newest token can be one
             if params[i].repetition_penalty != 1.0:
                 prompt_rows += [j] * len(prompt)
                 prompt_ids += prompt
@@ -162,7 +164,7 @@ class Penalties:
             prompt_rows=to_device(prompt_rows, device, torch.int64),
             prompt_token_ids=to_device(prompt_ids, device, torch.int64),
             any_repetition=any(params[i].repetition_penalty != 1.0 for i in rows),
-            has_placeholders=any(t < 0 for t in output_ids),
+            has_placeholders=has_placeholders,
         )
 
 
@@ -308,12 +310,13 @@ def _penalize(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     counts = torch.zeros_like(x).index_put_(
         (pen.output_rows, pen.output_token_ids), torch.ones_like(pen.output_token_ids, dtype=x.dtype), accumulate=True
     )
+    present = counts > 0
     if pen.any_repetition:
         true = torch.ones((), dtype=torch.bool, device=x.device)  # made on the device: no host copy
-        seen = (counts > 0).index_put_((pen.prompt_rows, pen.prompt_token_ids), true)
+        seen = present.index_put((pen.prompt_rows, pen.prompt_token_ids), true)
         rep = pen.repetition[:, None]
         x = torch.where(seen, torch.where(x > 0, x / rep, x * rep), x)
-    x = x - pen.frequency[:, None] * counts - pen.presence[:, None] * (counts > 0)
+    x = x - pen.frequency[:, None] * counts - pen.presence[:, None] * present
     return logits.index_put((pen.rows,), x.to(logits.dtype))
 
 

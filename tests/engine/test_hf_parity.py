@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -28,8 +29,12 @@ def shared_prefix_prompts() -> list[list[int]]:
     return [prefix + tail for tail in random_prompts(2, [1, 5, 16, 40, 77, 100])]
 
 
-def hf_greedy(model_dir: Path, prompts: list[list[int]]) -> list[list[int]]:
-    """Hugging Face's `generate` (Qwen2 or Qwen3 model), greedy, one prompt at a time (no padding)."""
+def hf_greedy(
+    model_dir: Path, prompts: list[list[int]], new_tokens: int = NUM_NEW_TOKENS,
+    extra_kwargs: Callable[[list[int]], dict[str, Any]] = lambda ids: {},
+) -> list[list[int]]:
+    """Hugging Face's `generate` (Qwen2 or Qwen3 model), greedy, one prompt at a time (no padding);
+    `extra_kwargs(prompt)` adds generate() arguments (e.g. logits processors) for that prompt."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
@@ -37,8 +42,8 @@ def hf_greedy(model_dir: Path, prompts: list[list[int]]) -> list[list[int]]:
     for ids in prompts:
         input_ids = torch.tensor([ids])
         out = model.generate(
-            input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=NUM_NEW_TOKENS,
-            min_new_tokens=NUM_NEW_TOKENS, do_sample=False, eos_token_id=None, pad_token_id=0,
+            input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens, do_sample=False, eos_token_id=None, pad_token_id=0, **extra_kwargs(ids),
         )
         outputs.append(out[0, len(ids):].tolist())
     return outputs

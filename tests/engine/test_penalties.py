@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LogitsProcessor, LogitsProcessorList
+from transformers import LogitsProcessor, LogitsProcessorList
 
 from engine import LLMEngine, SamplingParams
 from engine.sampler import Sampler, SamplingBatch
-from tests.engine.test_hf_parity import VOCAB, random_prompts
+from tests.engine.test_hf_parity import VOCAB, hf_greedy, random_prompts
 
 CPU = torch.device("cpu")
 NEW_TOKENS = 24
@@ -59,20 +59,11 @@ class OutputPenalties(LogitsProcessor):
 
 
 def hf_penalised_greedy(model_dir: Path, prompts: list[list[int]], params: SamplingParams) -> list[list[int]]:
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    outputs = []
-    for ids in prompts:
-        input_ids = torch.tensor([ids])
-        out = model.generate(
-            input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=NEW_TOKENS,
-            min_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=None, pad_token_id=0,
-            repetition_penalty=params.repetition_penalty,
-            logits_processor=LogitsProcessorList(
-                [OutputPenalties(len(ids), params.presence_penalty, params.frequency_penalty)]
-            ),
-        )
-        outputs.append(out[0, len(ids) :].tolist())
-    return outputs
+    return hf_greedy(model_dir, prompts, NEW_TOKENS, lambda ids: dict(
+        repetition_penalty=params.repetition_penalty,
+        logits_processor=LogitsProcessorList([OutputPenalties(len(ids), params.presence_penalty,
+                                                              params.frequency_penalty)]),
+    ))
 
 
 @pytest.mark.parametrize(
