@@ -48,8 +48,12 @@ def paged_attention(
     assert query.stride(-1) == 1 and k_cache.is_contiguous() and v_cache.is_contiguous()
     num_kv_heads, page = k_cache.shape[2], k_cache.shape[1]
     group = num_heads // num_kv_heads
-    block_q = 1 if max_query_len == 1 else max(1, 64 // group)
+    decode = max_query_len == 1
+    block_q = 1 if decode else max(1, 64 // group)
     block_m = max(16, triton.next_power_of_2(block_q * group))
+    # Decode reads each key once per GQA group: longer KV tiles keep more bytes in flight per program (measured
+    # on an H200 with contexts of mixed lengths: 1.14x the memory roofline at batch 128 against 1.23x with 64).
+    block_n = 128 if decode else 64
     num_q_tiles = triton.cdiv(max_query_len, block_q)
     out = torch.empty_like(query) if out is None else out
     if num_splits > 1:
@@ -63,7 +67,7 @@ def paged_attention(
         scale * 1.4426950408889634,  # log2(e): the kernel works in base 2
         query.stride(0), query.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         block_tables.stride(0), out.stride(0), out.stride(1), num_tokens, num_q_tiles,
-        GROUP=group, BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=64, PAGE=page,
+        GROUP=group, BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=block_n, PAGE=page,
         HEAD_DIM=head_dim, NUM_SPLITS=num_splits, DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
     )
     if num_splits > 1:
@@ -74,7 +78,9 @@ def paged_attention(
     return out
 
 
-@triton.jit
+# Triton compiles a kernel again for each new value class (1, a multiple of 16, other) of every integer
+# argument it specializes on; these vary with each step's batch, and one compile costs ~0.7 s mid-run.
+@triton.jit(do_not_specialize=["stride_bt", "num_tokens", "num_q_tiles"])
 def _paged_attention_kernel(
     Q, K_cache, V_cache, Out, Partial_out, Partial_lse, query_start_loc, seq_lens, block_tables,
     scale_log2, stride_qt, stride_qh, stride_kb, stride_ks, stride_kh, stride_bt, stride_ot, stride_oh, num_tokens,
@@ -142,7 +148,7 @@ def _paged_attention_kernel(
         tl.store(Partial_lse + p_rows, lse, mask=row_valid)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_tokens"])
 def _merge_splits_kernel(
     Partial_out, Partial_lse, Out, num_tokens, num_heads, stride_ot, stride_oh,
     HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr,

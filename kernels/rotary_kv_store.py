@@ -1,8 +1,7 @@
 """Straight out of the fused QKV projection: Qwen3's per-head RMSNorm of q and k when norm weights are
 given (Qwen2 has none), rotary embedding of q and k, and the new keys and values written into the paged
-KV cache by slot. One program per (token, head) reads the head once and writes the rotated result: a
-query head to the returned q, a KV head (with its value) to the cache, so attention finds every token
-of the step there.
+KV cache by slot. Each head is read once and its rotated result written once: query heads to the returned
+q, KV heads (with their values) to the cache, so attention finds every token of the step there.
 
 Roundings follow the unfused torch code: the normalised head is rounded to the input dtype and
 scaled by the weight, then q*cos and rotate_half(q)*sin are each rounded before their sum.
@@ -40,25 +39,43 @@ def rotary_kv_store(
     assert qkv.stride(-1) == 1 and cos.is_contiguous() and sin.is_contiguous()
     assert k_cache.is_contiguous() and v_cache.is_contiguous()
     q = torch.empty(num_tokens, num_heads, head_dim, dtype=qkv.dtype, device=qkv.device)
-    _rotary_kv_store_kernel[(num_tokens, num_heads + num_kv_heads)](
+    heads_per_program = _heads_per_program(num_tokens, num_heads, num_kv_heads)
+    grid = (num_tokens, (num_heads + num_kv_heads) // heads_per_program)
+    _rotary_kv_store_kernel[grid](
         qkv, positions, q_weight, k_weight, cos, sin, q, k_cache, v_cache, slot_mapping, qkv.stride(0), eps,
-        num_heads, num_kv_heads, HALF=head_dim // 2, HAS_NORM=has_norm,
+        NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, HALF=head_dim // 2, HAS_NORM=has_norm,
+        HEADS=heads_per_program,
     )
     return q
 
 
+def _heads_per_program(num_tokens: int, num_heads: int, num_kv_heads: int) -> int:
+    """A head per program while the tokens are few (decode: the most programs in flight, the shortest
+    chain each); for long prefills up to 8 heads (a power of two dividing both head counts), since a
+    program per head was ~5x slower on 16k tokens: too little work per program. Two compiled variants."""
+    if num_tokens < 1024:
+        return 1
+    heads = 8
+    while num_heads % heads or num_kv_heads % heads:
+        heads //= 2
+    return heads
+
+
 @triton.jit
 def _rotary_kv_store_kernel(
-    QKV, positions, Wq, Wk, Cos, Sin, Q, K_cache, V_cache, slot_mapping, stride_t, eps, num_heads, num_kv_heads,
-    HALF: tl.constexpr, HAS_NORM: tl.constexpr,
+    QKV, positions, Wq, Wk, Cos, Sin, Q, K_cache, V_cache, slot_mapping, stride_t, eps,
+    NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HALF: tl.constexpr, HAS_NORM: tl.constexpr,
+    HEADS: tl.constexpr,
 ):
+    """Program (t, g) takes HEADS heads of token t: query heads, or (for g past them) key heads with their values."""
     t = tl.program_id(0)
-    h = tl.program_id(1)
-    is_q = h < num_heads
-    offs = tl.arange(0, HALF)
-    src = QKV + t * stride_t + h * 2 * HALF
-    x1 = tl.load(src + offs)
-    x2 = tl.load(src + HALF + offs)
+    first = tl.program_id(1) * HEADS  # in [query heads | key heads]
+    is_q = first < NUM_HEADS
+    offs = tl.arange(0, HALF)[None, :]
+    heads = first + tl.arange(0, HEADS)[:, None]
+    src = QKV + t * stride_t + heads * 2 * HALF + offs
+    x1 = tl.load(src)
+    x2 = tl.load(src + HALF)
     dtype = x1.dtype
     n1, n2 = x1.to(tl.float32), x2.to(tl.float32)
     if HAS_NORM:  # the weights are None otherwise: this branch is compiled out
@@ -68,27 +85,27 @@ def _rotary_kv_store_kernel(
         else:
             w1 = tl.load(Wk + offs).to(tl.float32)
             w2 = tl.load(Wk + HALF + offs).to(tl.float32)
-        rstd = tl.rsqrt((tl.sum(n1 * n1, 0) + tl.sum(n2 * n2, 0)) / (2 * HALF) + eps)
+        rstd = tl.rsqrt((tl.sum(n1 * n1, 1) + tl.sum(n2 * n2, 1)) / (2 * HALF) + eps)[:, None]
         n1 = ((n1 * rstd).to(dtype).to(tl.float32) * w1).to(dtype).to(tl.float32)
         n2 = ((n2 * rstd).to(dtype).to(tl.float32) * w2).to(dtype).to(tl.float32)
     pos = tl.load(positions + t)
     cos = tl.load(Cos + pos * 2 * HALF + offs).to(dtype).to(tl.float32)  # both halves of the row are equal
     sin = tl.load(Sin + pos * 2 * HALF + offs).to(dtype).to(tl.float32)
-    o1 = (n1 * cos).to(dtype).to(tl.float32) + (-n2 * sin).to(dtype).to(tl.float32)
-    o2 = (n2 * cos).to(dtype).to(tl.float32) + (n1 * sin).to(dtype).to(tl.float32)
+    o1 = ((n1 * cos).to(dtype).to(tl.float32) + (-n2 * sin).to(dtype).to(tl.float32)).to(dtype)
+    o2 = ((n2 * cos).to(dtype).to(tl.float32) + (n1 * sin).to(dtype).to(tl.float32)).to(dtype)
     if is_q:
-        dst = Q + (t * num_heads + h) * 2 * HALF
-        tl.store(dst + offs, o1.to(dtype))
-        tl.store(dst + HALF + offs, o2.to(dtype))
+        dst = Q + (t * NUM_HEADS + heads) * 2 * HALF + offs
+        tl.store(dst, o1)
+        tl.store(dst + HALF, o2)
     else:
         slot = tl.load(slot_mapping + t)
         stored = offs < tl.where(slot >= 0, HALF, 0)  # a padding token's key and value are not stored
-        kv_offset = (slot * num_kv_heads + h - num_heads) * 2 * HALF
-        tl.store(K_cache + kv_offset + offs, o1.to(dtype), mask=stored)
-        tl.store(K_cache + kv_offset + HALF + offs, o2.to(dtype), mask=stored)
-        value = src + num_kv_heads * 2 * HALF  # the value head sits Hkv heads after its key head
-        tl.store(V_cache + kv_offset + offs, tl.load(value + offs), mask=stored)
-        tl.store(V_cache + kv_offset + HALF + offs, tl.load(value + HALF + offs), mask=stored)
+        kv_offset = (slot * NUM_KV_HEADS + heads - NUM_HEADS) * 2 * HALF + offs
+        tl.store(K_cache + kv_offset, o1, mask=stored)
+        tl.store(K_cache + kv_offset + HALF, o2, mask=stored)
+        value = src + NUM_KV_HEADS * 2 * HALF  # the value head sits Hkv heads after its key head
+        tl.store(V_cache + kv_offset, tl.load(value), mask=stored)
+        tl.store(V_cache + kv_offset + HALF, tl.load(value + HALF), mask=stored)
 
 
 def rotary_kv_store_ref(

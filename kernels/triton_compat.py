@@ -19,12 +19,11 @@ except ImportError:
 
     class _NoTriton:
         @staticmethod
-        def jit(fn: Callable[..., Any]) -> Callable[..., Any]:
-            return fn
+        def jit(fn: Callable[..., Any] | None = None, **options: Any) -> Any:
+            return fn if fn is not None else (lambda f: f)
 
     triton = _NoTriton()  # type: ignore[assignment]
     tl = None  # type: ignore[assignment]
-
 
 
 def use_triton(tensor: torch.Tensor) -> bool:

@@ -97,3 +97,33 @@ def test_a_step_waits_for_the_gpu_only_to_read_its_tokens(
         while engine.has_unfinished():
             engine.step()
     free_gpu_memory()
+
+
+def test_no_kernel_compiles_after_start_up(
+    tiny_checkpoint: Callable[..., Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Start-up (the KV sizing's profiling step, CUDA-graph capture) compiles every Triton kernel variant a
+    run needs: a compile costs ~0.7 s, and batches of new shapes (prompt lengths, chunk sizes, block-table
+    widths, prefix-cache hits, mixed prefill and decode) must not trigger one mid-run."""
+    import triton
+
+    model_dir = tiny_checkpoint("tied-gqa4-hd32", vocab_size=VOCAB)
+    compiled: list[str] = []
+
+    def record(*args, **kwargs) -> bool:  # called before each compile; False: go on compiling
+        compiled.append(kwargs["fn"].name)
+        return False
+
+    monkeypatch.setattr(triton.knobs.runtime, "jit_cache_hook", record)
+    with LLMEngine(model_dir, device="cuda", dtype="bfloat16", max_model_len=512, max_num_seqs=32,
+                   max_num_batched_tokens=128, num_kv_blocks=256) as engine:  # a given cache size: still profiled
+        compiled.clear()  # what start-up compiled
+        params = [GREEDY, SamplingParams(temperature=0.7, max_tokens=40, ignore_eos=True),
+                  SamplingParams(temperature=1.0, top_p=0.9, top_k=20, seed=3, max_tokens=33),
+                  SamplingParams(temperature=0.6, logprobs=2, max_tokens=17, ignore_eos=True),
+                  SamplingParams(temperature=0.7, presence_penalty=0.5, repetition_penalty=1.2, max_tokens=9)]
+        prompts = random_prompts(4, [1, 3, 16, 17, 64, 200, 333, 48, 5, 130])
+        for _ in range(2):  # the second pass hits the prefix cache
+            engine.generate(prompts, [params[i % len(params)] for i in range(len(prompts))], use_tqdm=False)
+    assert compiled == []
+    free_gpu_memory()

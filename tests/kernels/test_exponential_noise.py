@@ -30,8 +30,10 @@ def test_noise_is_exponential_and_keyed(fn) -> None:
     assert (sampled > 0).all() and torch.isfinite(sampled).all()
     assert abs(sampled.mean().item() - 1.0) < 0.05 and abs(sampled.std().item() - 1.0) < 0.08
     # Draws that share a generator call (the kernel's four quarters of a chunk) are distinct and uncorrelated.
-    assert sampled.unique().numel() > 0.999 * sampled.numel()
-    quarters = sampled[:, :4096].reshape(3, 4, 1024)
+    # (Float32 Exp(1) draws repeat by chance, about n^2 / 2^25 of n: ~5 of the 12,288 in a chunk of 3 rows.)
+    first_chunk = sampled[:, :4096]
+    assert first_chunk.unique().numel() > first_chunk.numel() - 30
+    quarters = first_chunk.reshape(3, 4, 1024)
     for j in range(1, 4):
         r = torch.corrcoef(torch.stack([quarters[:, 0].flatten(), quarters[:, j].flatten()]))[0, 1]
         assert abs(r.item()) < 0.05

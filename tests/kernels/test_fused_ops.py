@@ -41,9 +41,14 @@ def test_rms_norm(dtype: torch.dtype, num_rows: int, hidden: int) -> None:
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("norm", [True, False], ids=["qk-norm", "rope-only"])  # Qwen3, Qwen2
-@pytest.mark.parametrize("num_heads,num_kv_heads,head_dim", [(4, 2, 64), (16, 8, 128), (2, 2, 16)])
-def test_rotary_kv_store(dtype: torch.dtype, norm: bool, num_heads: int, num_kv_heads: int, head_dim: int) -> None:
-    num_tokens, max_position, num_blocks, page = 9, 64, 3, 4
+@pytest.mark.parametrize("num_heads,num_kv_heads,head_dim,num_tokens",
+                         [(4, 2, 64, 9), (16, 8, 128, 9), (2, 2, 16, 9), (6, 3, 32, 9), (4, 2, 16, 1030)])
+def test_rotary_kv_store(
+    dtype: torch.dtype, norm: bool, num_heads: int, num_kv_heads: int, head_dim: int, num_tokens: int
+) -> None:
+    """9 tokens: a head per program; 1,030: several heads per program (the prefill variant)."""
+    max_position, page = 64, 4
+    num_blocks = num_tokens // page + 1
     qkv = randn(num_tokens, (num_heads + 2 * num_kv_heads) * head_dim, dtype=dtype)
     g = torch.Generator().manual_seed(3)
     positions = torch.randint(0, max_position, (num_tokens,), generator=g).to(DEVICE)
