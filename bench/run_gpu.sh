@@ -25,6 +25,7 @@ timeout -k 10 60 python3 bench/prefill.py 2>&1 | tail -3 | tee "$out/prefill.txt
 timeout -k 10 90 python3 bench/step_profile.py 2>&1 | tail -9 | tee "$out/step_profile.txt"
 timeout -k 10 90 python3 bench/step_profile.py --batch-size 64 2>&1 | tail -9 | tee -a "$out/step_profile.txt"
 timeout -k 10 120 python3 bench/workload_profile.py 2>&1 | tail -10 | tee "$out/workload_profile.txt"
+timeout -k 10 150 python3 bench/kernel_breakdown.py 2>&1 | grep -v Warning | tail -45 | tee "$out/kernel_breakdown.txt"
 timeout -k 10 90 python3 bench/attention_splits.py 2>&1 | tail -21 | tee "$out/attention_splits.txt"
 [ -n "$tests_pid" ] && wait "$tests_pid"
 cat "$out/kernel_tests.txt"
