@@ -5,7 +5,9 @@
     sent through `python -m router --replicas 1` with the same engine settings by a gRPC client in a
     process of its own, alternating between the two paths request by request. Each path has its own
     replica, so each prompt is a cache miss on both. Reported: TTFT and per-token latency p50 / p99
-    of both, and the router's difference.
+    of both, and the router's difference. (3) The same client against a bare gRPC server with the
+    router's API that answers at once (`echo`): the floor any Python gRPC front door adds, idle between
+    requests as the router is here.
 (b) Streaming capacity. Many concurrent long streams through a router whose replica is fast: a real
     `worker.Replica` and engine (scheduler, block manager, outbox), but the model is replaced by a
     stand-in that sleeps `step_ms` per step (a GPU decode step) and samples fixed tokens, so each
@@ -237,6 +239,40 @@ async def start_direct_replica(config: OverheadConfig) -> DirectReplica:
     return replica
 
 
+class EchoServerProcess:
+    """A bare grpc.aio server with the router's API: each Generate streams max_tokens one-token chunks at once."""
+
+    def __init__(self) -> None:
+        path = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))  # not pip-installed
+        self.process = subprocess.Popen([sys.executable, __file__, "echo"], cwd=REPO_ROOT, stdout=subprocess.PIPE,
+                                        text=True, env={**os.environ, "PYTHONPATH": path})
+        assert self.process.stdout is not None
+        self.address = f"127.0.0.1:{int(self.process.stdout.readline())}"
+
+    def stop(self) -> None:
+        self.process.kill()
+        self.process.wait()
+
+
+async def serve_echo() -> None:
+    """The echo process: print the port, then serve until killed."""
+    from proto import nanoserve_pb2 as pb
+    from proto import nanoserve_pb2_grpc
+
+    class Echo(nanoserve_pb2_grpc.NanoServeServicer):
+        async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):  # noqa: N802
+            n = max(1, request.params.max_tokens)
+            for i in range(n):
+                yield pb.GenerateResponse(token_ids=[i], finish_reason=pb.FINISH_REASON_LENGTH if i == n - 1 else 0)
+
+    server = grpc.aio.server()
+    nanoserve_pb2_grpc.add_NanoServeServicer_to_server(Echo(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    print(port, flush=True)
+    await server.wait_for_termination()
+
+
 class RouterClientProcess:
     """A gRPC client in a process of its own, as a real client is: not this Ray driver, whose threads
     (Ray's core worker, the direct replica's event pump) would delay its sends and reads. It streams one
@@ -275,21 +311,25 @@ async def serve_client_requests(address: str) -> None:
                   flush=True)
 
 
-async def time_both(address: str, config: OverheadConfig, prompts: list[list[int]]) -> dict[str, list[Timing]]:
-    """Each prompt straight to the direct replica, then through the router: alternating, so drift in the
-    machine's speed hits both paths alike."""
+async def time_all(address: str, config: OverheadConfig, prompts: list[list[int]]) -> dict[str, list[Timing]]:
+    """Each prompt straight to the direct replica, then through the router, then to the echo server: in
+    turn, so drift in the machine's speed hits every path alike."""
     direct = await start_direct_replica(config)
-    client = RouterClientProcess(address)
-    timings: dict[str, list[Timing]] = {"direct": [], "router": []}
+    echo = EchoServerProcess()
+    client, echo_client = RouterClientProcess(address), RouterClientProcess(echo.address)
+    timings: dict[str, list[Timing]] = {"direct": [], "router": [], "grpc floor": []}
     try:
         await direct.generate(prompts[0][:8], 4)  # warm-up
         await asyncio.to_thread(client.request, prompts[0][:8], 4)
+        await asyncio.to_thread(echo_client.request, prompts[0][:8], 4)
         for prompt in prompts:
             timings["direct"].append(await direct.generate(prompt, config.output_len))
             timings["router"].append(await asyncio.to_thread(client.request, prompt, config.output_len))
+            timings["grpc floor"].append(await asyncio.to_thread(echo_client.request, prompt, config.output_len))
     finally:
         direct.stop()
-        client.stop()
+        for process in (client, echo_client, echo):
+            process.stop()
     return timings
 
 
@@ -313,12 +353,12 @@ def measure_added_latency(config: OverheadConfig) -> dict[str, Any]:
     prompts = [random_tokens(rng, config.prompt_len, 1024) for _ in range(config.num_requests)]
     router = RouterProcess(config, config.out_dir / "router_latency.log")
     try:
-        timings = asyncio.run(time_both(router.address, config, prompts))
+        timings = asyncio.run(time_all(router.address, config, prompts))
     finally:
         router.stop()
     direct, routed = latency_summary(timings["direct"]), latency_summary(timings["router"])
     added = {key: routed[key] - direct[key] for key in direct}
-    return {"direct": direct, "router": routed, "added": added}
+    return {"direct": direct, "router": routed, "added": added, "grpc floor": latency_summary(timings["grpc floor"])}
 
 
 # --- (b) streaming capacity ----------------------------------------------------------------------
@@ -417,10 +457,10 @@ def run_overhead(config: OverheadConfig) -> dict[str, Any]:
 def print_latency(latency: dict[str, Any], config: OverheadConfig) -> None:
     print(f"(a) {config.num_requests} sequential greedy requests, {config.prompt_len} prompt + "
           f"{config.output_len} output tokens, 1 replica")
-    print("    path    | TTFT p50 | TTFT p99 | per-token p50 | per-token p99  (ms)")
-    for path in ("direct", "router", "added"):
+    print("    path       | TTFT p50 | TTFT p99 | per-token p50 | per-token p99  (ms)")
+    for path in ("direct", "router", "added", "grpc floor"):
         s = latency[path]
-        print(f"    {path:7} | {s['ttft_p50_ms']:8.2f} | {s['ttft_p99_ms']:8.2f} | {s['per_token_p50_ms']:13.3f} | "
+        print(f"    {path:10} | {s['ttft_p50_ms']:8.2f} | {s['ttft_p99_ms']:8.2f} | {s['per_token_p50_ms']:13.3f} | "
               f"{s['per_token_p99_ms']:13.3f}")
 
 
@@ -437,3 +477,5 @@ def print_streaming(s: dict[str, Any], config: OverheadConfig) -> None:
 
 if __name__ == "__main__" and sys.argv[1:2] == ["client"]:  # RouterClientProcess's child
     asyncio.run(serve_client_requests(sys.argv[2]))
+elif __name__ == "__main__" and sys.argv[1:2] == ["echo"]:  # EchoServerProcess's child
+    asyncio.run(serve_echo())
