@@ -8,6 +8,7 @@ import logging
 import random
 import time
 import uuid
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -61,6 +62,9 @@ class LLMEngine:
         self._aborted: list[Sequence] = []
         self._in_flight: InFlightStep | None = None
         self._closed = False
+        # Device memory and rank processes go in the same order whoever ends the engine: close(), the garbage
+        # collector, or the interpreter's exit (CUDA graphs must go before NCCL, or its teardown hangs).
+        self._release = weakref.finalize(self, _release, self.model_runner, self.ranks)
         self._arrivals = itertools.count()
         self.last_step_tokens = (0, 0)  # (prefill, decode) tokens computed by the latest step
         # Everything built so far (tens of thousands of blocks, the model, torch's own objects) lives
@@ -71,15 +75,13 @@ class LLMEngine:
 
     def close(self) -> None:
         """Abort unfinished requests, free the device memory, stop the tensor-parallel rank processes and
-        free their shared memory. The engine takes no requests afterwards. Without close(), the ranks and
-        shared memory go when the engine is garbage-collected or the interpreter exits."""
+        free their shared memory. The engine takes no requests afterwards. Without close(), all of it goes
+        when the engine is garbage-collected or the interpreter exits."""
         if self._closed:
             return
         self.abort_all()
         self._closed = True
-        self.model_runner.close()
-        if self.ranks is not None:
-            self.ranks.close()
+        self._release()
 
     def __enter__(self) -> LLMEngine:
         return self
@@ -302,3 +304,9 @@ class LLMEngine:
                 rates = {k: tokens[k] / seconds[k] for k in tokens}
                 bar.set_postfix_str(f"prefill {rates['prefill']:,.0f} tok/s, decode {rates['decode']:,.0f} tok/s")
                 bar.update(finished)
+
+
+def _release(model_runner: ModelRunner, ranks: RankGroup | None) -> None:
+    model_runner.close()
+    if ranks is not None:
+        ranks.close()

@@ -102,6 +102,24 @@ def test_killed_rank_raises_within_five_seconds_naming_it(model_dir: Path) -> No
     assert tp_segments() == segments_before
 
 
+EXIT_SCRIPT = """
+import sys
+from engine import LLMEngine
+engine = LLMEngine(sys.argv[1], device="cpu", dtype="float32", tensor_parallel_size=2)
+print(*[p.pid for p in engine.ranks.processes], flush=True)
+engine.generate([1, 2, 3], max_tokens=4, use_tqdm=False)
+"""  # and ends without close()
+
+
+def test_a_script_that_never_closes_its_engine_exits_cleanly(model_dir: Path) -> None:
+    segments_before = tp_segments()
+    done = subprocess.run([sys.executable, "-c", EXIT_SCRIPT, str(model_dir)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0 and "Traceback" not in done.stderr and "terminate" not in done.stderr, done.stderr
+    assert not any(pid_alive(int(pid)) for pid in done.stdout.split())
+    assert tp_segments() == segments_before
+
+
 SIGNAL_SCRIPT = """
 import os, sys, time
 from engine import LLMEngine, SamplingParams
