@@ -90,7 +90,13 @@ class RankGroup:
         timeout_s = COLLECTIVE_TIMEOUT.total_seconds()
         deadline = time.monotonic() + timeout_s
         while not store.check(keys):
-            self.check_alive()
+            if (dead := self._first_dead()) is not None:
+                rank, process = dead
+                raise RankDiedError(
+                    f"tensor-parallel rank {rank} (pid {process.pid}) died with exit code {process.exitcode} before "
+                    "joining the group (its error is printed above). Ranks start with the 'spawn' method, which "
+                    "re-imports the main script: create a tensor-parallel engine under `if __name__ == \"__main__\":`"
+                )
             if time.monotonic() > deadline:
                 raise TimeoutError(f"tensor-parallel ranks did not start within {timeout_s:.0f} s")
             time.sleep(0.01)
@@ -103,12 +109,15 @@ class RankGroup:
 
     def check_alive(self) -> None:
         """Raise RankDiedError naming the first rank whose process has exited."""
-        for rank, process in enumerate(self.processes, start=1):
-            if process.exitcode is not None:
-                raise RankDiedError(
-                    f"tensor-parallel rank {rank} (pid {process.pid}) died with exit code {process.exitcode}; "
-                    "the engine cannot continue, create a new one"
-                )
+        if (dead := self._first_dead()) is not None:
+            rank, process = dead
+            raise RankDiedError(
+                f"tensor-parallel rank {rank} (pid {process.pid}) died with exit code {process.exitcode}; "
+                "the engine cannot continue, create a new one"
+            )
+
+    def _first_dead(self) -> tuple[int, BaseProcess] | None:
+        return next(((rank, p) for rank, p in enumerate(self.processes, start=1) if p.exitcode is not None), None)
 
     def fail(self, error: BaseException, wait_s: float = 5.0) -> None:
         """After a step or the start-up failed on rank 0: close the group (no rank or shared memory outlives
