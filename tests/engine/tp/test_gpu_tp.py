@@ -1,5 +1,5 @@
 """TP=2 over NCCL on two GPUs: fp32 greedy equals Hugging Face and TP=1 (CUDA graphs on),
-and a killed rank fails the step or the process naming it, never hangs. Skipped without two GPUs; run on the
+a killed rank fails the step or the process naming it, never hangs, and an engine left unclosed exits cleanly. Skipped without two GPUs; run on the
 device machine's multi-GPU kinds."""
 
 from __future__ import annotations
@@ -90,3 +90,22 @@ def test_killed_rank_fails_the_process_naming_it_without_hanging(tiny_checkpoint
     assert time.monotonic() - killed_at < 15.0, stderr
     assert f"rank 1 (pid {pid})" in stderr, stderr
     assert proc.returncode in (1, RANK_DEATH_EXIT_CODE), stderr
+
+
+EXIT_SCRIPT = """
+import sys
+from engine import LLMEngine
+engine = LLMEngine(sys.argv[1], dtype="bfloat16", tensor_parallel_size=2, max_model_len=512, num_kv_blocks=256)
+assert engine.model_runner.graphs is not None
+print(*[p.pid for p in engine.ranks.processes], flush=True)
+engine.generate([1, 2, 3], max_tokens=16, use_tqdm=False)
+"""  # and ends without close()
+
+
+def test_a_script_that_never_closes_its_engine_exits_cleanly_with_nccl(tiny_checkpoint: Callable[..., Path]) -> None:
+    """At interpreter exit the CUDA graphs go before NCCL, as in close(): no hang, no std::terminate."""
+    model_dir = tiny_checkpoint("tied-gqa4-hd32", vocab_size=VOCAB)
+    done = subprocess.run([sys.executable, "-c", EXIT_SCRIPT, str(model_dir)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=180)
+    assert done.returncode == 0 and "terminate" not in done.stderr and "Traceback" not in done.stderr, done.stderr
+    assert not any(Path(f"/proc/{pid}").exists() for pid in done.stdout.split())
