@@ -1,6 +1,6 @@
-"""TP=2 over NCCL on two GPUs: fp32 greedy equals Hugging Face and TP=1 (CUDA graphs on),
-a killed rank fails the step or the process naming it, never hangs, and an engine left unclosed exits cleanly. Skipped without two GPUs; run on the
-device machine's multi-GPU kinds."""
+"""TP=2 over NCCL on two GPUs: fp32 greedy equals Hugging Face and TP=1 (CUDA graphs on), a killed rank
+fails the step or the process naming it, never hangs, and an engine left unclosed exits cleanly. Skipped
+without two GPUs; run on the device machine's multi-GPU kinds."""
 
 from __future__ import annotations
 
