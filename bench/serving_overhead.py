@@ -273,7 +273,7 @@ async def serve_echo() -> None:
     await server.wait_for_termination()
 
 
-class RouterClientProcess:
+class ClientProcess:
     """A gRPC client in a process of its own, as a real client is: not this Ray driver, whose threads
     (Ray's core worker, the direct replica's event pump) would delay its sends and reads. It streams one
     request per `request()` call and returns its timing."""
@@ -316,7 +316,7 @@ async def time_all(address: str, config: OverheadConfig, prompts: list[list[int]
     turn, so drift in the machine's speed hits every path alike."""
     direct = await start_direct_replica(config)
     echo = EchoServerProcess()
-    client, echo_client = RouterClientProcess(address), RouterClientProcess(echo.address)
+    client, echo_client = ClientProcess(address), ClientProcess(echo.address)
     timings: dict[str, list[Timing]] = {"direct": [], "router": [], "grpc floor": []}
     try:
         await direct.generate(prompts[0][:8], 4)  # warm-up
@@ -475,7 +475,7 @@ def print_streaming(s: dict[str, Any], config: OverheadConfig) -> None:
     print(f"    router CPU seconds by thread: {threads}")
 
 
-if __name__ == "__main__" and sys.argv[1:2] == ["client"]:  # RouterClientProcess's child
+if __name__ == "__main__" and sys.argv[1:2] == ["client"]:  # ClientProcess's child
     asyncio.run(serve_client_requests(sys.argv[2]))
 elif __name__ == "__main__" and sys.argv[1:2] == ["echo"]:  # EchoServerProcess's child
     asyncio.run(serve_echo())
