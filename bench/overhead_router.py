@@ -1,0 +1,134 @@
+"""What both parts of the router overhead benchmark (`serving_overhead.py`) share: their settings, and
+`python -m router` run as a process of its own on this process's Ray cluster, with its CPU time.
+
+The router runs as a subprocess joined to this process's Ray cluster, so its CPU time is its own
+and it does not share the client's interpreter lock. Both run on the same machine: on a 2-core VM
+the client, the router and the replica compete for the cores (the machine's busy share is reported).
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import ray
+
+from worker import get_replica
+
+BENCH_DIR = Path(__file__).resolve().parent
+REPO_ROOT = BENCH_DIR.parent
+ROUTER_NAMESPACE = "nanoserve"  # python -m router's namespace and replica names (not configurable)
+ROUTER_REPLICA_NAME = "nanoserve-replica-0"
+CLOCK_TICKS_PER_S = os.sysconf("SC_CLK_TCK")
+
+
+@dataclass(frozen=True, slots=True)
+class OverheadConfig:
+    """What `run_overhead` measures, and with which engine."""
+
+    model: Path
+    engine_kwargs: dict[str, Any] = field(default_factory=dict)
+    out_dir: Path = Path("bench-out/serving")
+    num_requests: int = 100  # (a): sequential requests on each path
+    prompt_len: int = 64
+    output_len: int = 32
+    num_streams: int = 256  # (b): concurrent streams
+    stream_len: int = 500  # (b): tokens each stream generates
+    step_ms: float = 10.0  # (b): the stand-in model's step time
+    seed: int = 0
+
+
+class RouterProcess:
+    """`python -m router` in a subprocess on this process's Ray cluster; stopped with SIGTERM like in production."""
+
+    def __init__(self, config: OverheadConfig, log_path: Path) -> None:
+        kwargs = config.engine_kwargs
+        args = ["--replicas", "1", "--host", "127.0.0.1", "--port", "0", "--metrics-port", "-1",
+                "--ray-address", ray.get_runtime_context().gcs_address, "--model", str(config.model),
+                "--device", kwargs.get("device", "cpu"), "--dtype", kwargs.get("dtype", "auto"),
+                "--max-num-seqs", str(max(config.num_streams, kwargs.get("max_num_seqs", 256))),
+                "--max-model-len", str(router_max_len(config)),
+                "--log-level", "WARNING"]
+        if "num_kv_blocks" in kwargs:
+            args += ["--num-kv-blocks", str(kwargs["num_kv_blocks"])]
+        self._log = log_path.open("w")
+        # bench/ on the path: Ray builds the handle of a re-attached actor from its class, which for the
+        # stand-in replica lives in bench/ (without it, `events` would not be known as a streaming method).
+        python_path = os.pathsep.join(filter(None, [str(BENCH_DIR), os.environ.get("PYTHONPATH")]))
+        self.process = subprocess.Popen([sys.executable, "-m", "router", *args], cwd=REPO_ROOT,
+                                        env={**os.environ, "PYTHONPATH": python_path},
+                                        stdout=subprocess.PIPE, stderr=self._log, text=True)
+        self.address = f"127.0.0.1:{self._wait_for_port(timeout_s=300)}"
+
+    def _wait_for_port(self, timeout_s: float) -> int:
+        """Read stdout until the router prints its address ("... listening on host:port")."""
+        assert self.process.stdout is not None
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline and self.process.poll() is None:
+            ready, _, _ = select.select([self.process.stdout], [], [], 1.0)
+            line = self.process.stdout.readline() if ready else ""
+            if "listening on" in line:
+                return int(line.rsplit(":", 1)[1])
+        self.stop()
+        raise RuntimeError(f"the router did not start within {timeout_s:.0f} s; see {self._log.name}")
+
+    def cpu_seconds(self) -> float:
+        """User + system CPU time of the router process, all threads."""
+        return stat_cpu_seconds(Path(f"/proc/{self.process.pid}/stat"))
+
+    def cpu_seconds_by_thread(self) -> dict[str, float]:
+        """CPU time of the router's threads, summed by thread name (the main one runs the asyncio loop)."""
+        by_name: dict[str, float] = {}
+        for task in Path(f"/proc/{self.process.pid}/task").iterdir():
+            name = "main (asyncio loop)" if task.name == str(self.process.pid) else (task / "comm").read_text().strip()
+            by_name[name] = by_name.get(name, 0.0) + stat_cpu_seconds(task / "stat")
+        return by_name
+
+    def stop(self) -> None:
+        """SIGTERM (drain, then kill the replicas) and wait until the replica's name is free."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(60)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+        self._log.close()
+        wait_until_gone(ROUTER_REPLICA_NAME)
+
+
+def stat_cpu_seconds(stat_path: Path) -> float:
+    """User + system CPU seconds from a /proc stat file (fields 14 and 15)."""
+    fields = stat_path.read_text().rsplit(")", 1)[1].split()  # after "pid (comm)"; fields[0] is field 3
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS_PER_S
+
+
+def wait_until_gone(name: str, timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            get_replica(name, ROUTER_NAMESPACE)
+        except ValueError:
+            return
+        time.sleep(0.2)
+
+
+def machine_busy_ticks() -> tuple[int, int]:
+    """(busy, total) CPU ticks of the whole machine since boot, from /proc/stat's first line."""
+    values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = values[3] + values[4]  # idle + iowait
+    return sum(values) - idle, sum(values)
+
+
+def router_max_len(config: OverheadConfig) -> int:
+    return config.prompt_len + max(config.stream_len, config.output_len) + 16
+
+
+def on_gpu(config: OverheadConfig) -> bool:
+    return config.engine_kwargs.get("device", "auto") != "cpu" and ray.cluster_resources().get("GPU", 0) > 0
