@@ -17,8 +17,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
-from common import random_qwen3_0_6b
-from offline_throughput import nano_vllm_workload
+from offline_throughput import nano_vllm_workload, workload_engine
 from torch.profiler import ProfilerActivity, profile
 
 from engine import LLMEngine
@@ -66,9 +65,7 @@ def main() -> None:
     p.add_argument("--trace-dir", type=Path, help="also write each window's Chrome trace here")
     args = p.parse_args()
 
-    engine = LLMEngine(args.model or random_qwen3_0_6b(), max_model_len=4096, max_num_seqs=256,
-                       max_num_batched_tokens=16384)
-    engine.generate([[1, 2, 3]], max_tokens=8, use_tqdm=False)  # warm-up
+    engine = workload_engine(args.model)
     for prompt, params in zip(*nano_vllm_workload(256, seed=0)):
         engine.add_request(prompt, params)
     engine.step()  # launches the first prefill step; the two profiled calls launch and run the next two

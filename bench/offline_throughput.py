@@ -14,6 +14,7 @@ import argparse
 import random
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 from common import random_qwen3_0_6b
@@ -27,6 +28,15 @@ def nano_vllm_workload(num_seqs: int, seed: int) -> tuple[list[list[int]], list[
     prompts = [[rng.randint(0, 10000) for _ in range(rng.randint(100, 1024))] for _ in range(num_seqs)]
     params = [SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=rng.randint(100, 1024)) for _ in prompts]
     return prompts, params
+
+
+def workload_engine(model: Path | None, **kwargs: Any) -> LLMEngine:
+    """The engine nano-vLLM's workload runs on (4,096-token context, 256 sequences, 16k-token steps unless
+    `kwargs` say otherwise; the random Qwen3-0.6B shape without `model`), warmed up."""
+    kwargs = {"max_model_len": 4096, "max_num_seqs": 256, "max_num_batched_tokens": 16384, **kwargs}
+    engine = LLMEngine(model or random_qwen3_0_6b(), **kwargs)
+    engine.generate([[1, 2, 3]], max_tokens=8, use_tqdm=False)
+    return engine
 
 
 def fixed_workload(num_seqs: int = 256, prompt_len: int = 512, seed: int = 0) -> list[list[int]]:
@@ -67,11 +77,8 @@ def main() -> None:
     args = p.parse_args()
 
     model_dir = args.model or random_qwen3_0_6b()
-    engine = LLMEngine(
-        model_dir, max_model_len=4096, max_num_seqs=256, max_num_batched_tokens=args.max_num_batched_tokens,
-        enforce_eager=args.enforce_eager, tensor_parallel_size=args.tensor_parallel_size,
-    )
-    engine.generate([[1, 2, 3]], max_tokens=8, use_tqdm=False)  # warm-up
+    engine = workload_engine(model_dir, max_num_batched_tokens=args.max_num_batched_tokens,
+                             enforce_eager=args.enforce_eager, tensor_parallel_size=args.tensor_parallel_size)
     prompts, params = nano_vllm_workload(args.num_seqs, seed=0)
     seconds, output_tokens = timed_generate(engine, prompts, params)
     print(f"nano-vLLM workload, TP={args.tensor_parallel_size}: {len(prompts)} requests, "

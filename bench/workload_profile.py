@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from common import copy_bandwidth, random_qwen3_0_6b
-from offline_throughput import nano_vllm_workload
+from common import copy_bandwidth
+from offline_throughput import nano_vllm_workload, workload_engine
 
 from engine import LLMEngine
 from engine.kv_cache import bytes_per_block
@@ -63,9 +63,7 @@ def main() -> None:
     p.add_argument("--max-num-batched-tokens", type=int, default=16384)
     args = p.parse_args()
 
-    engine = LLMEngine(args.model or random_qwen3_0_6b(), max_model_len=4096, max_num_seqs=256,
-                       max_num_batched_tokens=args.max_num_batched_tokens)
-    engine.generate([[1, 2, 3]], max_tokens=8, use_tqdm=False)  # warm-up
+    engine = workload_engine(args.model, max_num_batched_tokens=args.max_num_batched_tokens)
     model = engine.model_runner.model
     weight_bytes = sum(t.numel() * t.element_size() for t in model.parameters())
     kv_bytes_per_token = bytes_per_block(model, engine.config) / engine.config.block_size
