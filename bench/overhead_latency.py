@@ -1,13 +1,19 @@
 """Part (a) of the router overhead benchmark (`serving_overhead.py`).
 
-(a) Added latency. The same greedy requests, one at a time, (1) sent straight to a `worker.Replica`
-    actor the way router/replica_pool.py drives one (`submit`, then its `events` stream), and (2)
-    sent through `python -m router --replicas 1` with the same engine settings by a gRPC client in a
-    process of its own, alternating between the two paths request by request. Each path has its own
-    replica, so each prompt is a cache miss on both. Reported: TTFT and per-token latency p50 / p99
+(a) Added latency. The same greedy requests, one at a time, (1) sent straight to a replica the way
+    router/replica_pool.py drives one (`submit`, then its `events` stream), and (2) sent through
+    `python -m router --replicas 1` by a gRPC client in a process of its own. Each path has a stand-in
+    replica of its own (`overhead_router.py`: the real replica and engine, a model that takes `step_ms`
+    a step), so each prompt is a cache miss on both. Reported: TTFT and per-token latency p50 / p99
     of both, and the router's difference. (3) The same client against a bare gRPC server with the
-    router's API that answers at once (`echo`): the floor any Python gRPC front door adds, idle between
-    requests as the router is here.
+    router's API that answers at once (`echo`): the floor any Python gRPC front door adds.
+
+    Two regimes, each over the same prompts. "one after another": each path gets blocks of
+    BLOCK_SIZE requests, the next sent as soon as the last one ended (a client sending requests in
+    sequence; the paths take turns by block). "after idle": the paths take turns request by request, so
+    each one sat idle for the other two paths' requests (~2 requests' time) before each of its own. On a
+    VM an idle process's caches go cold: the same Python code then runs several times slower (the
+    router's request validation: ~30 us back to back, ~0.2-0.8 ms after 50 ms asleep on the 2-core VM).
 """
 
 from __future__ import annotations
@@ -26,16 +32,19 @@ from typing import Any
 import grpc
 import numpy as np
 import ray
-from overhead_router import REPO_ROOT, ROUTER_NAMESPACE, OverheadConfig, RouterProcess, on_gpu, router_max_len
+from overhead_router import REPO_ROOT, ROUTER_REPLICA_NAME, OverheadConfig, RouterProcess, start_model_free_replica
 from ray.actor import ActorHandle
 from serving_workloads import random_tokens, stream_request
 
 from router.client import AsyncClient
 from router.config import RouterConfig
-from worker import RequestSpec, start_replica
+from worker import RequestSpec
 from worker.messages import RequestDelta
 
 HEALTH_INTERVAL_S = RouterConfig().health_interval_s  # as often as the router checks
+BLOCK_SIZE = 10  # "one after another": requests in a row on one path before the next path's turn
+REGIMES = {"one after another": BLOCK_SIZE, "after idle": 1}  # regime -> requests in a row per path
+PATHS = ("direct", "router", "grpc floor")
 
 
 @dataclass(slots=True)
@@ -104,11 +113,8 @@ class DirectReplica:
 
 
 async def start_direct_replica(config: OverheadConfig) -> DirectReplica:
-    """A fresh replica of its own (cold cache), driven directly; same engine settings as the router's."""
-    name = f"bench-direct-{uuid.uuid4().hex[:6]}"
-    actor = start_replica(name, config.model, dict(config.engine_kwargs, max_model_len=router_max_len(config)),
-                          on_gpu=on_gpu(config), namespace=ROUTER_NAMESPACE)
-    await actor.describe.remote()
+    """A stand-in replica of its own (cold cache), driven directly; the same kind as the router's."""
+    actor = await asyncio.to_thread(start_model_free_replica, config, f"bench-direct-{uuid.uuid4().hex[:6]}")
     replica = DirectReplica(actor)
     await replica.start()
     return replica
@@ -186,21 +192,26 @@ async def serve_client_requests(address: str) -> None:
                   flush=True)
 
 
-async def time_all(address: str, config: OverheadConfig, prompts: list[list[int]]) -> dict[str, list[Timing]]:
-    """Each prompt straight to the direct replica, then through the router, then to the echo server: in
-    turn, so drift in the machine's speed hits every path alike."""
+async def time_all(
+    address: str, config: OverheadConfig, prompts: list[list[int]]
+) -> dict[str, dict[str, list[Timing]]]:
+    """Per regime, every prompt on each path: straight to the direct replica, through the router, to the echo
+    server. The paths take turns (by block or by request), so drift in the machine's speed hits them alike."""
     direct = await start_direct_replica(config)
     echo = EchoServerProcess()
     client, echo_client = ClientProcess(address), ClientProcess(echo.address)
-    timings: dict[str, list[Timing]] = {"direct": [], "router": [], "grpc floor": []}
+    paths = {"direct": direct.generate,
+             "router": lambda prompt, n: asyncio.to_thread(client.request, prompt, n),
+             "grpc floor": lambda prompt, n: asyncio.to_thread(echo_client.request, prompt, n)}
+    timings: dict[str, dict[str, list[Timing]]] = {regime: {path: [] for path in PATHS} for regime in REGIMES}
     try:
-        await direct.generate(prompts[0][:8], 4)  # warm-up
-        await asyncio.to_thread(client.request, prompts[0][:8], 4)
-        await asyncio.to_thread(echo_client.request, prompts[0][:8], 4)
-        for prompt in prompts:
-            timings["direct"].append(await direct.generate(prompt, config.output_len))
-            timings["router"].append(await asyncio.to_thread(client.request, prompt, config.output_len))
-            timings["grpc floor"].append(await asyncio.to_thread(echo_client.request, prompt, config.output_len))
+        for generate in paths.values():  # warm-up
+            await generate(prompts[0][:8], 4)
+        for regime, block in REGIMES.items():
+            for start in range(0, len(prompts), block):
+                for path, generate in paths.items():
+                    for prompt in prompts[start:start + block]:
+                        timings[regime][path].append(await generate(prompt, config.output_len))
     finally:
         direct.stop()
         for process in (client, echo_client, echo):
@@ -218,24 +229,31 @@ def latency_summary(timings: list[Timing]) -> dict[str, float]:
 def measure_added_latency(config: OverheadConfig) -> dict[str, Any]:
     rng = random.Random(config.seed)
     prompts = [random_tokens(rng, config.prompt_len, 1024) for _ in range(config.num_requests)]
+    start_model_free_replica(config, ROUTER_REPLICA_NAME)
     router = RouterProcess(config, config.out_dir / "router_latency.log")
     try:
         timings = asyncio.run(time_all(router.address, config, prompts))
     finally:
         router.stop()
-    direct, routed = latency_summary(timings["direct"]), latency_summary(timings["router"])
-    added = {key: routed[key] - direct[key] for key in direct}
-    return {"direct": direct, "router": routed, "added": added, "grpc floor": latency_summary(timings["grpc floor"])}
+    return {regime: summarize(by_path) for regime, by_path in timings.items()}
+
+
+def summarize(timings: dict[str, list[Timing]]) -> dict[str, dict[str, float]]:
+    summary = {path: latency_summary(timings[path]) for path in PATHS}
+    direct, routed = summary["direct"], summary["router"]
+    summary["added"] = {key: routed[key] - direct[key] for key in direct}
+    return summary
 
 
 def print_latency(latency: dict[str, Any], config: OverheadConfig) -> None:
-    print(f"(a) {config.num_requests} sequential greedy requests, {config.prompt_len} prompt + "
+    print(f"(a) {config.num_requests} sequential greedy requests per regime and path, {config.prompt_len} prompt + "
           f"{config.output_len} output tokens, 1 replica")
-    print("    path       | TTFT p50 | TTFT p99 | per-token p50 | per-token p99  (ms)")
-    for path in ("direct", "router", "added", "grpc floor"):
-        s = latency[path]
-        print(f"    {path:10} | {s['ttft_p50_ms']:8.2f} | {s['ttft_p99_ms']:8.2f} | {s['per_token_p50_ms']:13.3f} | "
-              f"{s['per_token_p99_ms']:13.3f}")
+    for regime, summary in latency.items():
+        print(f"    {regime + ':':18} | TTFT p50 | TTFT p99 | per-token p50 | per-token p99  (ms)")
+        for path in ("direct", "router", "added", "grpc floor"):
+            s = summary[path]
+            print(f"      {path:16} | {s['ttft_p50_ms']:8.2f} | {s['ttft_p99_ms']:8.2f} | "
+                  f"{s['per_token_p50_ms']:13.3f} | {s['per_token_p99_ms']:13.3f}")
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["client"]:  # ClientProcess's child

@@ -1,5 +1,11 @@
-"""What both parts of the router overhead benchmark (`serving_overhead.py`) share: their settings, and
-`python -m router` run as a process of its own on this process's Ray cluster, with its CPU time.
+"""What both parts of the router overhead benchmark (`serving_overhead.py`) share: their settings, the
+stand-in replica, and `python -m router` run as a process of its own on this process's Ray cluster, with
+its CPU time.
+
+The stand-in replica is a real `worker.Replica` and engine (scheduler, block manager, outbox) whose model
+is replaced by a stand-in that sleeps `step_ms` per step (a GPU step: it costs the host nothing) and
+samples fixed tokens, so each step hands the router one token per running request, as a GPU replica does.
+With no model to compute, what the router adds is not lost in the CPU model's own time and jitter.
 
 The router runs as a subprocess joined to this process's Ray cluster, so its CPU time is its own
 and it does not share the client's interpreter lock. Both run on the same machine: on a 2-core VM
@@ -19,8 +25,12 @@ from pathlib import Path
 from typing import Any
 
 import ray
+from ray.actor import ActorHandle
+from stand_in_runner import FixedTokenRunner
 
 from worker import get_replica
+from worker.launch import MAX_CONCURRENCY
+from worker.replica import CONCURRENCY_GROUPS, Replica
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_ROOT = BENCH_DIR.parent
@@ -36,19 +46,47 @@ class OverheadConfig:
     model: Path
     engine_kwargs: dict[str, Any] = field(default_factory=dict)
     out_dir: Path = Path("bench-out/serving")
-    num_requests: int = 100  # (a): sequential requests on each path
+    num_requests: int = 100  # (a): sequential requests on each path, in each regime
     prompt_len: int = 64
     output_len: int = 32
     num_streams: int = 256  # (b): concurrent streams
     stream_len: int = 500  # (b): tokens each stream generates
-    step_ms: float = 10.0  # (b): the stand-in model's step time
+    step_ms: float = 2.0  # the stand-in model's step time ((b): 256 streams x 2 ms = 128k tok/s, more than a core)
     seed: int = 0
+
+
+class ModelFreeReplica(Replica):
+    """`worker.Replica` with the real engine around a model that costs only `step_s` of sleep per step."""
+
+    def __init__(self, name: str, model: str, engine_kwargs: dict[str, Any], step_s: float) -> None:
+        super().__init__(name, model, engine_kwargs, max_queued_requests=engine_kwargs["max_num_seqs"] + 16)
+        self._loop.call(lambda engine: self._replace_model(engine, step_s, engine_kwargs["max_num_seqs"]))
+
+    @staticmethod
+    def _replace_model(engine: Any, step_s: float, max_batch: int) -> None:
+        # Tokens that decode to whole characters: a lone UTF-8 byte token (~15% of ids below 1000)
+        # repeated forever would keep the router's detokenizer from ever advancing its window.
+        whole = [i for i in range(1000, 2000) if "\ufffd" not in engine.tokenizer.decode([i])]
+        engine.model_runner = FixedTokenRunner(whole, max_batch, step_s)
+
+
+def start_model_free_replica(config: OverheadConfig, name: str) -> ActorHandle:
+    """A stand-in replica named `name` (ROUTER_REPLICA_NAME: `python -m router` re-attaches to it)."""
+    actor_class = ray.remote(concurrency_groups=CONCURRENCY_GROUPS)(ModelFreeReplica)  # type: ignore[call-overload]
+    kwargs = dict(device="cpu", max_model_len=router_max_len(config), max_num_seqs=config.num_streams,
+                  num_kv_blocks=config.num_streams * (-(-router_max_len(config) // 16) + 1))
+    actor = actor_class.options(name=name, namespace=ROUTER_NAMESPACE, lifetime="detached",
+                                max_concurrency=MAX_CONCURRENCY).remote(name, str(config.model), kwargs,
+                                                                        config.step_ms / 1e3)
+    ray.get(actor.describe.remote())
+    return actor
 
 
 class RouterProcess:
     """`python -m router` in a subprocess on this process's Ray cluster; stopped with SIGTERM like in production."""
 
-    def __init__(self, config: OverheadConfig, log_path: Path) -> None:
+    def __init__(self, config: OverheadConfig, log_path: Path, cpus: set[int] | None = None) -> None:
+        """`cpus`: the cores the router process (all its threads) may run on; None for any."""
         kwargs = config.engine_kwargs
         args = ["--replicas", "1", "--host", "127.0.0.1", "--port", "0", "--metrics-port", "-1",
                 "--ray-address", ray.get_runtime_context().gcs_address, "--model", str(config.model),
@@ -64,7 +102,8 @@ class RouterProcess:
         python_path = os.pathsep.join(filter(None, [str(BENCH_DIR), os.environ.get("PYTHONPATH")]))
         self.process = subprocess.Popen([sys.executable, "-m", "router", *args], cwd=REPO_ROOT,
                                         env={**os.environ, "PYTHONPATH": python_path},
-                                        stdout=subprocess.PIPE, stderr=self._log, text=True)
+                                        stdout=subprocess.PIPE, stderr=self._log, text=True,
+                                        preexec_fn=None if cpus is None else lambda: os.sched_setaffinity(0, cpus))
         self.address = f"127.0.0.1:{self._wait_for_port(timeout_s=300)}"
 
     def _wait_for_port(self, timeout_s: float) -> int:
@@ -129,6 +168,3 @@ def machine_busy_ticks() -> tuple[int, int]:
 def router_max_len(config: OverheadConfig) -> int:
     return config.prompt_len + max(config.stream_len, config.output_len) + 16
 
-
-def on_gpu(config: OverheadConfig) -> bool:
-    return config.engine_kwargs.get("device", "auto") != "cpu" and ray.cluster_resources().get("GPU", 0) > 0

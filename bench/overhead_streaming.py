@@ -1,66 +1,36 @@
 """Part (b) of the router overhead benchmark (`serving_overhead.py`).
 
-(b) Streaming capacity. Many concurrent long streams through a router whose replica is fast: a real
-    `worker.Replica` and engine (scheduler, block manager, outbox), but the model is replaced by a
-    stand-in that sleeps `step_ms` per step (a GPU decode step) and samples fixed tokens, so each
-    step hands the router one token per running request, as a GPU replica does. The replica is
-    registered under the name the router gives its replica 0, so the router re-attaches to it.
-    Reported: tokens/s and chunks/s received, and the router process's CPU time read from
-    /proc/<pid>/stat (all its threads: asyncio loop, gRPC, Ray's core worker) over the streaming
-    window; tokens per router CPU-second is what one fully busy router core would stream.
+(b) Streaming capacity. Many concurrent long streams through a router whose replica is the stand-in
+    (`overhead_router.py`), registered under the name the router gives its replica 0, so the router
+    re-attaches to it.
+    The router process (all its threads: asyncio loop, gRPC's, Ray's core worker) is pinned to one
+    core, and the replica offers more than that core can stream (by default 256 streams x a token
+    every 2 ms = 128k tok/s), so tokens/s received is the router's ceiling on one core; a router that
+    lags sends what waits for a client as one chunk, so chunks then carry several tokens. Reported:
+    tokens/s and chunks/s received, the router's CPU time from /proc/<pid>/stat over the streaming
+    window (its share of the core says whether the router or the replica was the limit), and
+    tokens per router CPU-second.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import random
 import time
 from typing import Any
 
 import grpc
-import ray
 from overhead_router import (
-    ROUTER_NAMESPACE,
     ROUTER_REPLICA_NAME,
     OverheadConfig,
     RouterProcess,
     machine_busy_ticks,
-    router_max_len,
+    start_model_free_replica,
 )
-from ray.actor import ActorHandle
 from serving_workloads import random_tokens
-from stand_in_runner import FixedTokenRunner
 
 from router.client import AsyncClient
-from worker.launch import MAX_CONCURRENCY
-from worker.replica import CONCURRENCY_GROUPS, Replica
-
-
-class ModelFreeReplica(Replica):
-    """`worker.Replica` with the real engine around a model that costs only `step_s` of sleep per step."""
-
-    def __init__(self, name: str, model: str, engine_kwargs: dict[str, Any], step_s: float) -> None:
-        super().__init__(name, model, engine_kwargs, max_queued_requests=engine_kwargs["max_num_seqs"] + 16)
-        self._loop.call(lambda engine: self._replace_model(engine, step_s, engine_kwargs["max_num_seqs"]))
-
-    @staticmethod
-    def _replace_model(engine: Any, step_s: float, max_batch: int) -> None:
-        # Tokens that decode to whole characters: a lone UTF-8 byte token (~15% of ids below 1000)
-        # repeated forever would keep the router's detokenizer from ever advancing its window.
-        whole = [i for i in range(1000, 2000) if "\ufffd" not in engine.tokenizer.decode([i])]
-        engine.model_runner = FixedTokenRunner(whole, max_batch, step_s)
-
-
-def start_model_free_replica(config: OverheadConfig) -> ActorHandle:
-    """The stand-in replica, under the name `python -m router` will look for (so it re-attaches to it)."""
-    actor_class = ray.remote(concurrency_groups=CONCURRENCY_GROUPS)(ModelFreeReplica)  # type: ignore[call-overload]
-    kwargs = dict(device="cpu", max_model_len=router_max_len(config), max_num_seqs=config.num_streams,
-                  num_kv_blocks=config.num_streams * (-(-router_max_len(config) // 16) + 1))
-    actor = actor_class.options(name=ROUTER_REPLICA_NAME, namespace=ROUTER_NAMESPACE, lifetime="detached",
-                                max_concurrency=MAX_CONCURRENCY).remote(
-        ROUTER_REPLICA_NAME, str(config.model), kwargs, config.step_ms / 1e3)
-    ray.get(actor.describe.remote())
-    return actor
 
 
 async def stream_many(address: str, config: OverheadConfig) -> dict[str, float]:
@@ -84,9 +54,15 @@ async def stream_many(address: str, config: OverheadConfig) -> dict[str, float]:
         return {**counts, "seconds": time.perf_counter() - started}
 
 
+def router_core() -> int:
+    """The core the router runs on: the last one this process may use (Ray's and the client's threads start
+    on the others; on a 2-core machine they share them)."""
+    return max(os.sched_getaffinity(0))
+
+
 def measure_streaming(config: OverheadConfig) -> dict[str, Any]:
-    start_model_free_replica(config)
-    router = RouterProcess(config, config.out_dir / "router_streaming.log")
+    start_model_free_replica(config, ROUTER_REPLICA_NAME)
+    router = RouterProcess(config, config.out_dir / "router_streaming.log", cpus={router_core()})
     try:
         cpu0, busy0, client0 = router.cpu_seconds(), machine_busy_ticks(), time.process_time()
         threads0 = router.cpu_seconds_by_thread()
@@ -100,6 +76,7 @@ def measure_streaming(config: OverheadConfig) -> dict[str, Any]:
     return {
         **counts,
         "offered_tokens_per_s": config.num_streams * 1e3 / config.step_ms,
+        "router_core": router_core(),
         "tokens_per_s": counts["tokens"] / seconds,
         "chunks_per_s": counts["chunks"] / seconds,
         "tokens_per_chunk": counts["tokens"] / max(1, counts["chunks"]),
@@ -117,8 +94,8 @@ def print_streaming(s: dict[str, Any], config: OverheadConfig) -> None:
     print(f"(b) {config.num_streams} streams x {config.stream_len} tokens, replica step {config.step_ms:g} ms "
           f"(offered {s['offered_tokens_per_s']:,.0f} tok/s): received {s['tokens_per_s']:,.0f} tok/s in "
           f"{s['chunks_per_s']:,.0f} chunks/s ({s['tokens_per_chunk']:.2f} tok/chunk), {s['failures']} failures")
-    print(f"    router CPU {s['router_core_share']:.0%} of a core ({s['router_cpu_us_per_chunk']:.0f} µs per chunk) "
-          f"-> {s['tokens_per_router_cpu_s']:,.0f} tokens per router CPU-second; client {s['client_core_share']:.0%}"
-          f" of a core; machine {s['machine_busy_share']:.0%} busy")
+    print(f"    router pinned to core {s['router_core']}: CPU {s['router_core_share']:.0%} of it "
+          f"({s['router_cpu_us_per_chunk']:.0f} µs per chunk) -> {s['tokens_per_router_cpu_s']:,.0f} tokens per router "
+          f"CPU-second; client {s['client_core_share']:.0%} of a core; machine {s['machine_busy_share']:.0%} busy")
     threads = ", ".join(f"{name} {cpu:.1f}" for name, cpu in s["router_cpu_s_by_thread"].items() if cpu >= 0.05)
     print(f"    router CPU seconds by thread: {threads}")

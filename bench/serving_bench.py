@@ -260,10 +260,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--overhead", action="store_true", help="measure the router's own overhead instead (see "
                    "serving_overhead.py); takes the engine flags and --out")
     overhead = p.add_argument_group("--overhead")
-    overhead.add_argument("--requests", type=int, default=100, help="(a) sequential requests per path")
+    overhead.add_argument("--requests", type=int, default=100, help="(a) sequential requests per path and regime")
     overhead.add_argument("--streams", type=int, default=256, help="(b) concurrent streams")
     overhead.add_argument("--stream-len", type=int, default=500, help="(b) tokens per stream")
-    overhead.add_argument("--step-ms", type=float, default=10.0, help="(b) the stand-in model's step time")
+    overhead.add_argument("--step-ms", type=float, default=2.0,
+                          help="(b) the stand-in model's step time (256 streams x 2 ms: 128k tok/s offered)")
     p.add_argument("--workloads", default="shared-prefix,multi-turn", help="comma-separated: shared-prefix, multi-turn")
     p.add_argument("--policies", default="prefix,least-load,round-robin")
     p.add_argument("--rates", help="comma-separated arrival rates; 'inf' sends everything at once")

@@ -21,7 +21,6 @@ from proto import nanoserve_pb2 as pb
 from worker.messages import EngineInfo
 
 MAX_REQUEST_ID_LEN = 256
-_SAMPLING_FIELDS = tuple(f.name for f in pb.SamplingParams.DESCRIPTOR.fields)
 M = TypeVar("M", bound=Message)
 
 
@@ -105,7 +104,8 @@ class RequestValidator:
         raise InvalidRequest("prompt: set one of text, chat or token_ids")
 
     def _params(self, message: pb.SamplingParams) -> SamplingParams:
-        given = {name: getattr(message, name) for name in _SAMPLING_FIELDS if _is_set(message, name)}
+        # Every field is optional or repeated: the fields set are those the client gave (a repeated one non-empty).
+        given = {field.name: value for field, value in message.ListFields()}
         if "stop" in given:
             given["stop"] = tuple(given["stop"])
         if "stop_token_ids" in given:
@@ -121,8 +121,3 @@ class RequestValidator:
                     f"params.stop_token_ids[{i}]: {t} is outside the vocabulary [0, {self.info.vocab_size})")
         return params
 
-
-def _is_set(message: pb.SamplingParams, name: str) -> bool:
-    if message.DESCRIPTOR.fields_by_name[name].has_presence:  # the optional scalars
-        return message.HasField(name)
-    return len(getattr(message, name)) > 0  # the repeated fields
