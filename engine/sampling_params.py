@@ -106,11 +106,18 @@ class SamplingParams:
     @classmethod
     def from_kwargs(cls, **kwargs: object) -> SamplingParams:
         """Build from keyword arguments, naming any unknown one in the error."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(kwargs) - known)
+        unknown = sorted(set(kwargs).difference(FIELD_NAMES))
         if unknown:
-            raise ValueError(f"unknown sampling parameter(s): {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+            raise ValueError(
+                f"unknown sampling parameter(s): {', '.join(unknown)}; known: {', '.join(sorted(FIELD_NAMES))}")
         return cls(**kwargs)  # type: ignore[arg-type]
+
+    def as_kwargs(self) -> dict[str, object]:
+        """Every field by name: what `from_kwargs` rebuilds this from (on the far side of a Ray call)."""
+        return {name: getattr(self, name) for name in FIELD_NAMES}
+
+
+FIELD_NAMES = tuple(f.name for f in fields(SamplingParams))  # once, not per request
 
 
 def _check_number(name: str, value: object) -> None:

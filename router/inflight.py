@@ -5,7 +5,6 @@ client) resubmits from it."""
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import time
 from dataclasses import dataclass
 
@@ -70,7 +69,7 @@ class InFlightRequest:
         undisturbed run would have produced."""
         params = self.prepared.params
         n = len(self.output_token_ids)
-        sampling = {f.name: getattr(params, f.name) for f in dataclasses.fields(params)}
+        sampling = params.as_kwargs()
         sampling.update(max_tokens=params.max_tokens - n, min_tokens=max(0, params.min_tokens - n))
         return RequestSpec(self.engine_request_id, self.prepared.prompt_token_ids + self.output_token_ids, sampling, n)
 

@@ -209,6 +209,7 @@ class ReplicaPool:
                     self._recover_lost_deltas(slot)
                 slot.next_seq = batch.seq + 1
                 self._deliver(slot, batch)
+                await asyncio.sleep(0)  # the streams just woken send their chunks before Ray's next-batch call runs
         except (Exception, asyncio.CancelledError) as e:  # any failure of the stream takes the replica down
             if not subscribed.done():
                 subscribed.set_exception(e if isinstance(e, Exception) else RuntimeError("event stream cancelled"))
