@@ -26,9 +26,9 @@ from typing import Any
 
 import ray
 from ray.actor import ActorHandle
+from serving_workloads import wait_until_gone
 from stand_in_runner import FixedTokenRunner
 
-from worker import get_replica
 from worker.launch import MAX_CONCURRENCY
 from worker.replica import CONCURRENCY_GROUPS, Replica
 
@@ -139,23 +139,13 @@ class RouterProcess:
             except subprocess.TimeoutExpired:
                 self.process.kill()
         self._log.close()
-        wait_until_gone(ROUTER_REPLICA_NAME)
+        wait_until_gone([ROUTER_REPLICA_NAME], ROUTER_NAMESPACE)
 
 
 def stat_cpu_seconds(stat_path: Path) -> float:
     """User + system CPU seconds from a /proc stat file (fields 14 and 15)."""
     fields = stat_path.read_text().rsplit(")", 1)[1].split()  # after "pid (comm)"; fields[0] is field 3
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS_PER_S
-
-
-def wait_until_gone(name: str, timeout_s: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            get_replica(name, ROUTER_NAMESPACE)
-        except ValueError:
-            return
-        time.sleep(0.2)
 
 
 def machine_busy_ticks() -> tuple[int, int]:

@@ -62,7 +62,8 @@ def router_core() -> int:
 
 def measure_streaming(config: OverheadConfig) -> dict[str, Any]:
     start_model_free_replica(config, ROUTER_REPLICA_NAME)
-    router = RouterProcess(config, config.out_dir / "router_streaming.log", cpus={router_core()})
+    core = router_core()
+    router = RouterProcess(config, config.out_dir / "router_streaming.log", cpus={core})
     try:
         cpu0, busy0, client0 = router.cpu_seconds(), machine_busy_ticks(), time.process_time()
         threads0 = router.cpu_seconds_by_thread()
@@ -76,7 +77,7 @@ def measure_streaming(config: OverheadConfig) -> dict[str, Any]:
     return {
         **counts,
         "offered_tokens_per_s": config.num_streams * 1e3 / config.step_ms,
-        "router_core": router_core(),
+        "router_core": core,
         "tokens_per_s": counts["tokens"] / seconds,
         "chunks_per_s": counts["chunks"] / seconds,
         "tokens_per_chunk": counts["tokens"] / max(1, counts["chunks"]),

@@ -66,13 +66,13 @@ from serving_workloads import (  # noqa: E402
     generated_shared_prefix,
     multi_turn_chat,
     random_tokens,
+    wait_until_gone,
 )
 
 from router.client import AsyncClient  # noqa: E402
 from router.config import RouterConfig  # noqa: E402
 from router.policies import POLICY_NAMES  # noqa: E402
 from router.server import Router  # noqa: E402
-from worker import get_replica  # noqa: E402
 
 T = TypeVar("T")
 NAMESPACE = "nanoserve-bench"
@@ -148,18 +148,6 @@ class RouterThread:
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(10)
         wait_until_gone(self.router.config.replica_names, self.router.config.namespace)
-
-
-def wait_until_gone(names: list[str], namespace: str, timeout_s: float = 60.0) -> None:
-    """Block until no actor holds any of `names` (a killed replica's CPU would skew the next run)."""
-    deadline = time.monotonic() + timeout_s
-    for name in names:
-        while time.monotonic() < deadline:
-            try:
-                get_replica(name, namespace)
-            except ValueError:
-                break
-            time.sleep(0.2)
 
 
 def bench_model(shape_name: str) -> Path:
