@@ -15,7 +15,8 @@ from engine.qwen_tokenizer import cached_qwen_tokenizer_dir
 from engine.tokenizer import Tokenizer
 
 # Without a GPU, Triton kernels run in Triton's CPU interpreter; it must be chosen before any kernel
-# module is imported, since `triton.jit` reads it when decorating.
+# module is imported, since `kernels.triton_compat` imports Triton only where it is set (or a GPU is) and
+# `triton.jit` reads it when decorating.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
