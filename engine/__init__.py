@@ -1,4 +1,5 @@
-"""nanoserve's offline engine: `LLMEngine(model).generate("Hello", max_tokens=32)["text"]`.
+"""nanoserve's offline engine: `LLMEngine(model).generate("Hello", max_tokens=32)["text"]`; `LLMEngine()` runs the
+embedded tiny Qwen3 with random weights (gibberish text), a check that the engine works here.
 
 Heavy modules (torch) load lazily, so torch-free users such as the router can import
 `engine.block_hash`, `engine.tokenizer` and `engine.sampling_params` without pulling torch in.

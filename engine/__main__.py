@@ -9,63 +9,76 @@ hub is reachable) or a checkpoint directory.
 from __future__ import annotations
 
 import argparse
+import inspect
 import logging
 import sys
 
 from engine.architectures import SUPPORTED_ARCHITECTURES
-from engine.default_model import default_model_dir
 from engine.llm_engine import LLMEngine
 from engine.sampling_params import SamplingParams
 
 log = logging.getLogger("engine")
 
+# The engine flags' defaults are LLMEngine's own, the sampling flags' SamplingParams' (except where the demo
+# differs on purpose: 32 tokens, greedy): --help shows each with %(default)s, defined once.
+ENGINE_DEFAULTS = {name: p.default for name, p in inspect.signature(LLMEngine).parameters.items()}
+SAMPLING_DEFAULTS = SamplingParams()
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+
+def build_parser() -> argparse.ArgumentParser:
+    """The demo's flags; --help shows each default once, from the one place it is defined."""
     p = argparse.ArgumentParser(
         prog="python -m engine",
         description=f"{__doc__}\nSupported architectures: {', '.join(SUPPORTED_ARCHITECTURES)}.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("prompts", nargs="+", help="one or more prompts; each is generated independently, in one batch")
-    p.add_argument("--model", help="Hugging Face model id or checkpoint directory (default: embedded tiny random "
-                   "model); ids honour HF_HOME and HF_HUB_OFFLINE")
+    p.add_argument("--model", default=ENGINE_DEFAULTS["model"],
+                   help="Hugging Face model id or checkpoint directory (default: the embedded tiny random model); "
+                   "ids honour HF_HOME and HF_HUB_OFFLINE")
     p.add_argument("--chat", action="store_true", help="wrap each prompt as a user message in the chat template")
     g = p.add_argument_group("sampling")
-    g.add_argument("--max-tokens", type=int, default=32, help="tokens to generate per prompt (default 32)")
-    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); higher = more random")
-    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] (default 1 = off)")
-    g.add_argument("--top-k", type=int, default=-1, help="sample among the k most likely tokens (-1 = off)")
-    g.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min_p x the top probability")
+    g.add_argument("--max-tokens", type=int, default=32, help="tokens to generate per prompt (default %(default)s)")
+    g.add_argument("--temperature", type=float, default=0.0,
+                   help="0 = greedy; higher = more random (default %(default)s)")
+    g.add_argument("--top-p", type=float, default=SAMPLING_DEFAULTS.top_p,
+                   help="nucleus sampling mass in (0, 1]; 1 = off (default %(default)s)")
+    g.add_argument("--top-k", type=int, default=SAMPLING_DEFAULTS.top_k,
+                   help="sample among the k most likely tokens; -1 = off (default %(default)s)")
+    g.add_argument("--min-p", type=float, default=SAMPLING_DEFAULTS.min_p,
+                   help="drop tokens below min_p x the top probability; 0 = off (default %(default)s)")
     g.add_argument("--seed", type=int, help="random seed for sampling (reproducible output)")
     g.add_argument("--stop", action="append", help="stop string (repeatable); text is cut before it")
     g.add_argument("--ignore-eos", action="store_true", help="keep generating past the end-of-sequence token")
     e = p.add_argument_group("engine")
-    e.add_argument("--device", default="auto", help="'auto' (CUDA if available), 'cpu', 'cuda' or 'cuda:N'")
-    e.add_argument("--dtype", default="auto", help="'auto' (checkpoint's; float32 on CPU), float32, bfloat16, float16")
-    e.add_argument("--max-model-len", type=int, help="longest prompt + output in tokens (default: the model's)")
-    e.add_argument("--max-num-seqs", type=int, default=256, help="most requests in one batch (default 256)")
-    e.add_argument("--max-num-batched-tokens", type=int, default=8192, help="token budget per step (default 8192)")
-    e.add_argument("--gpu-memory-utilization", type=float, default=0.9, help="GPU memory fraction to use (default 0.9)")
+    e.add_argument("--device", default=ENGINE_DEFAULTS["device"],
+                   help="cpu, cuda or cuda:N (default %(default)s: CUDA if available)")
+    e.add_argument("--dtype", default=ENGINE_DEFAULTS["dtype"],
+                   help="float32, bfloat16 or float16 (default %(default)s: the checkpoint's; float32 on CPU)")
+    e.add_argument("--max-model-len", type=int, default=ENGINE_DEFAULTS["max_model_len"],
+                   help="longest prompt + output in tokens (default: the model's)")
+    e.add_argument("--max-num-seqs", type=int, default=ENGINE_DEFAULTS["max_num_seqs"],
+                   help="most requests in one batch (default %(default)s)")
+    e.add_argument("--max-num-batched-tokens", type=int, default=ENGINE_DEFAULTS["max_num_batched_tokens"],
+                   help="token budget per step (default %(default)s)")
+    e.add_argument("--gpu-memory-utilization", type=float, default=ENGINE_DEFAULTS["gpu_memory_utilization"],
+                   help="GPU memory fraction to use (default %(default)s)")
     e.add_argument("--enforce-eager", action="store_true", help="disable CUDA graphs (GPU only)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    p.add_argument("--log-level", default="WARNING", help="logging level (default WARNING)")
-    return p.parse_args(argv)
+    p.add_argument("--log-level", default="WARNING", help="logging level (default %(default)s)")
+    return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if args.model is None:
-        print("Model: embedded tiny Qwen3 with RANDOM weights (real Qwen tokenizer; the text is gibberish).\n"
-              "       Pass --model with a Hugging Face model id or checkpoint directory for real output.",
-              file=sys.stderr)
     try:
         params = SamplingParams(
             temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
             max_tokens=args.max_tokens, stop=args.stop, ignore_eos=args.ignore_eos, seed=args.seed,
         )
         engine = LLMEngine(
-            args.model or default_model_dir(), device=args.device, dtype=args.dtype, max_model_len=args.max_model_len,
+            args.model, device=args.device, dtype=args.dtype, max_model_len=args.max_model_len,
             max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
             gpu_memory_utilization=args.gpu_memory_utilization, enforce_eager=args.enforce_eager,
         )

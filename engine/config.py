@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from engine.architectures import find_architecture
+from engine.default_model import default_model_dir
 from engine.hub import resolve_model_dir
 
 log = logging.getLogger(__name__)
@@ -125,7 +126,7 @@ class EngineConfig:
     @classmethod
     def create(
         cls,
-        model: str | Path,
+        model: str | Path | None = None,
         *,
         tensor_parallel_size: int = 1,
         max_num_batched_tokens: int = 8192,
@@ -140,7 +141,8 @@ class EngineConfig:
     ) -> EngineConfig:
         """Validate the user's arguments (ValueError naming the field) and resolve the defaults.
 
-        `model` is a checkpoint directory or a Hugging Face model id (see engine/hub.py).
+        This signature is the one definition of the engine's arguments and their defaults; LLMEngine's
+        constructor repeats it for help() and editors (a test keeps the two equal) and documents each.
         """
         _positive_int("tensor_parallel_size", tensor_parallel_size)
         _positive_int("max_num_batched_tokens", max_num_batched_tokens)
@@ -156,7 +158,7 @@ class EngineConfig:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization}")
         if not isinstance(enforce_eager, bool):
             raise ValueError(f"enforce_eager must be a bool, got {enforce_eager!r}")
-        model_dir = resolve_model_dir(model)  # after the checks above: it may download the model
+        model_dir = _resolve_model(model)  # after the checks above: it may download the model
         model_config = ModelConfig.from_dir(model_dir)
         resolved_device = _resolve_device(device)
         _check_tensor_parallel_size(tensor_parallel_size, model_config, resolved_device)
@@ -174,6 +176,16 @@ class EngineConfig:
             dtype=_resolve_dtype(dtype, model_config.checkpoint_dtype, resolved_device),
             device=resolved_device,
         )
+
+
+def _resolve_model(model: str | Path | None) -> Path:
+    """The checkpoint directory of `model`; None is the embedded tiny Qwen3, whose random weights a user
+    must not mistake for a model's answers."""
+    if model is not None:
+        return resolve_model_dir(model)
+    log.warning("no model given: using the embedded tiny Qwen3 with RANDOM weights (real Qwen tokenizer, "
+                "gibberish text); give a Hugging Face model id or a checkpoint directory for real output")
+    return default_model_dir()
 
 
 def _positive_int(name: str, value: object) -> None:

@@ -45,8 +45,47 @@ class InFlightStep:
 class LLMEngine:
     """A Qwen3 engine on one device: paged KV cache, prefix cache, continuous batching."""
 
-    def __init__(self, model: str | Path, **kwargs: Any) -> None:
-        self.config = EngineConfig.create(model, **kwargs)
+    def __init__(
+        self,
+        model: str | Path | None = None,
+        *,
+        tensor_parallel_size: int = 1,
+        max_num_batched_tokens: int = 8192,
+        max_num_seqs: int = 256,
+        max_model_len: int | None = None,
+        gpu_memory_utilization: float = 0.9,
+        block_size: int = 16,
+        num_kv_blocks: int | None = None,
+        enforce_eager: bool = False,
+        dtype: str = "auto",
+        device: str = "auto",
+    ) -> None:
+        """Load `model` and size the KV cache; a bad argument raises ValueError naming it.
+
+        The parameters and defaults are EngineConfig.create's (their one definition; a test keeps them equal).
+
+        model: a checkpoint directory or a Hugging Face model id (found in the Hugging Face cache, downloaded
+            into it when missing). None: the embedded tiny Qwen3 with RANDOM weights (gibberish text; a
+            warning says so), built on first use: a check that the engine runs here, as `python -m engine`.
+        tensor_parallel_size: split the model over this many GPUs of the host (processes over gloo on CPU).
+        max_num_batched_tokens: most tokens computed in one step (prefill chunks plus decodes).
+        max_num_seqs: most requests in one step's batch.
+        max_model_len: longest prompt plus output, in tokens; None: the model's context length.
+        gpu_memory_utilization: fraction of the GPU's memory in use once the KV cache is allocated (the cache
+            gets what the weights, activations and other processes leave of it).
+        block_size: tokens per KV cache block (a power of two <= 256), the unit of the prefix cache.
+        num_kv_blocks: KV cache size in blocks; None: sized by gpu_memory_utilization on GPU; on CPU, room for
+            max_num_seqs sequences of max_model_len tokens, at most 1 GiB.
+        enforce_eager: run decode steps eagerly instead of replaying CUDA graphs (GPU only).
+        dtype: "auto" (the checkpoint's; float32 on CPU), "float32", "bfloat16" or "float16".
+        device: "auto" (CUDA when available), "cpu", "cuda" or "cuda:N".
+        """
+        self.config = EngineConfig.create(
+            model, tensor_parallel_size=tensor_parallel_size, max_num_batched_tokens=max_num_batched_tokens,
+            max_num_seqs=max_num_seqs, max_model_len=max_model_len, gpu_memory_utilization=gpu_memory_utilization,
+            block_size=block_size, num_kv_blocks=num_kv_blocks, enforce_eager=enforce_eager, dtype=dtype,
+            device=device,
+        )
         self.tokenizer = Tokenizer.from_dir(self.config.model)
         self.eos_token_ids = frozenset(self.config.model_config.eos_token_ids) | self.tokenizer.eos_token_ids
         self.ranks = RankGroup(self.config, self.eos_token_ids) if self.config.tensor_parallel_size > 1 else None

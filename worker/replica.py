@@ -202,10 +202,9 @@ class Replica:
 
 def _build_engine(model: str | Path | None, engine_kwargs: dict[str, Any]) -> LLMEngine:
     # Imported here, in the actor: the router imports this module to start replicas and must not load torch.
-    from engine.default_model import default_model_dir
     from engine.llm_engine import LLMEngine
 
-    return LLMEngine(model or default_model_dir(), **engine_kwargs)
+    return LLMEngine(model, **engine_kwargs)  # None: the embedded tiny random model
 
 
 def _describe(engine: LLMEngine, random_weights: bool) -> EngineInfo:

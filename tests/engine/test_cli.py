@@ -39,6 +39,22 @@ def test_help_lists_every_flag() -> None:
     assert "RANDOM" in proc.stdout  # the description warns about the default model
 
 
+def test_help_shows_each_default_once_and_the_engine_s_are_llm_engine_s() -> None:
+    parser = cli.build_parser()
+    options = re.sub(r"\s+", " ", parser.format_help()).partition(" options: ")[2]
+    entries = {entry.split()[0]: entry for entry in re.split(r" (?=--[a-z])", options)}
+    for flag in re.findall(r'add_argument\(\s*"(--[a-z-]+)"', inspect.getsource(cli)):
+        default = parser.get_default(flag[2:].replace("-", "_"))
+        assert entries[flag].count("default") <= 1, entries[flag]
+        if default not in (None, False):
+            assert f"(default {default}" in entries[flag], entries[flag]
+    engine_parameters = inspect.signature(LLMEngine).parameters
+    shared = {name for name in engine_parameters if parser.get_default(name) is not None} | {"model"}
+    assert {"device", "dtype", "max_num_seqs", "gpu_memory_utilization", "enforce_eager"} <= shared
+    for name in shared:
+        assert parser.get_default(name) == engine_parameters[name].default, name
+
+
 def test_default_model_generates_and_says_it_is_random() -> None:
     # The default model is built once per machine in the real cache (~5 s), then reused.
     proc = run_cli("Hello", "--max-tokens", "4", "--no-progress")

@@ -1,8 +1,11 @@
-"""LLMEngine's public API: generate(), the streaming core, abort, stats, KV events and overlapped steps.
-Seeds, logprobs and stops are in test_llm_engine_sampling.py."""
+"""LLMEngine's public API: its constructor, generate(), the streaming core, abort, stats, KV events and overlapped
+steps. Seeds, logprobs and stops are in test_llm_engine_sampling.py."""
 
 from __future__ import annotations
 
+import inspect
+import logging
+import re
 import weakref
 from collections import defaultdict
 from pathlib import Path
@@ -12,6 +15,8 @@ import pytest
 
 from engine import LLMEngine
 from engine.block_hash import hash_blocks
+from engine.config import EngineConfig
+from engine.default_model import default_model_dir
 from engine.outputs import RequestOutput
 from engine.prompt import Prompt
 from tests.engine.llm_engine_runs import (
@@ -24,6 +29,54 @@ from tests.engine.llm_engine_runs import (
     random_ids,
     tokens_of,
 )
+
+README = Path(__file__).resolve().parents[2] / "README.md"
+
+
+# --- the constructor ---
+
+
+def test_constructor_parameters_are_engine_config_s() -> None:
+    # EngineConfig.create holds the one definition of the arguments and defaults; LLMEngine spells them out
+    # for help() and editors. Adding one to either alone fails here.
+    assert list(inspect.signature(LLMEngine).parameters.values()) == list(
+        inspect.signature(EngineConfig.create).parameters.values()
+    )
+
+
+class _Created(Exception):
+    """EngineConfig.create was reached (the test's spy stops the engine there)."""
+
+
+def test_every_argument_reaches_engine_config(monkeypatch: pytest.MonkeyPatch) -> None:
+    received: dict[str, object] = {}
+
+    def spy(cls: type[EngineConfig], model: object, **kwargs: object) -> EngineConfig:
+        received.update(model=model, **kwargs)
+        raise _Created
+
+    monkeypatch.setattr(EngineConfig, "create", classmethod(spy))
+    given = {name: object() for name in inspect.signature(LLMEngine).parameters}  # each one recognisable
+    with pytest.raises(_Created):
+        LLMEngine(**given)  # type: ignore[arg-type]
+    assert received == given
+
+
+def test_readme_shows_the_constructor_s_defaults() -> None:
+    bare = inspect.signature(LLMEngine).replace(return_annotation=inspect.Signature.empty)
+    bare = bare.replace(parameters=[p.replace(annotation=p.empty) for p in bare.parameters.values()])
+    assert f"LLMEngine{bare}" in re.sub(r"\s+", " ", README.read_text())
+
+
+def test_no_model_is_the_embedded_random_model_and_says_so(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, logger="engine.config"):
+        embedded = LLMEngine(device="cpu", max_model_len=64)
+    assert embedded.config.model == default_model_dir()
+    assert "RANDOM weights" in caplog.text
+    result = embedded.generate("Hello", max_tokens=2, ignore_eos=True, use_tqdm=False)
+    assert isinstance(result, dict) and len(result["token_ids"]) == 2
+    embedded.close()
+
 
 # --- generate() ---
 
