@@ -16,6 +16,7 @@ from typing import Any
 
 import grpc
 import grpc.aio
+from google.protobuf.descriptor import FieldDescriptor
 
 from proto import nanoserve_pb2 as pb
 from proto import nanoserve_pb2_grpc as pb_grpc
@@ -28,6 +29,13 @@ Metadata = tuple[tuple[str, str], ...]
 
 # The sampling kwargs accepted by generate/complete: exactly the fields of SamplingParams.
 SAMPLING_FIELDS = frozenset(field.name for field in pb.SamplingParams.DESCRIPTOR.fields)
+# What a value of each proto field kind must be, as a type error says it: (one value, a list of them).
+_EXPECTED = {
+    FieldDescriptor.CPPTYPE_INT64: ("an int", "a list of ints"),
+    FieldDescriptor.CPPTYPE_DOUBLE: ("a number", "a list of numbers"),
+    FieldDescriptor.CPPTYPE_BOOL: ("a bool", "a list of bools"),
+    FieldDescriptor.CPPTYPE_STRING: ("a str", "a list of strs"),
+}
 
 
 def build_request(prompt: Prompt, request_id: str | None, sampling: Mapping[str, Any]) -> pb.GenerateRequest:
@@ -52,9 +60,34 @@ def build_sampling_params(sampling: Mapping[str, Any]) -> pb.SamplingParams | No
     if unknown:
         raise TypeError(f"unexpected sampling parameter {unknown[0]!r}; known: {', '.join(sorted(SAMPLING_FIELDS))}")
     given = {name: value for name, value in sampling.items() if value is not None}
+    if not given:
+        return None
     if isinstance(given.get("stop"), str):
         given["stop"] = [given["stop"]]  # protobuf would otherwise split a lone string into characters
-    return pb.SamplingParams(**given) if given else None
+    params = pb.SamplingParams()
+    for name, value in given.items():
+        _set_field(params, name, value)
+    return params
+
+
+def _set_field(params: pb.SamplingParams, name: str, value: Any) -> None:
+    """Set one field, raising TypeError/ValueError that name it: protobuf's own do not ("'float' object cannot be
+    interpreted as an integer"). A bool is refused for a number and a number for a bool, which protobuf would
+    convert (temperature=True is a mistake, not 1.0)."""
+    field = pb.SamplingParams.DESCRIPTOR.fields_by_name[name]
+    expected = _EXPECTED[field.cpp_type][field.is_repeated]
+    problem = f"{name}: expected {expected}, got {value!r} ({type(value).__name__})"
+    if not field.is_repeated and isinstance(value, bool) != (field.cpp_type == FieldDescriptor.CPPTYPE_BOOL):
+        raise TypeError(problem)
+    try:
+        if field.is_repeated:
+            getattr(params, name).extend(value)
+        else:
+            setattr(params, name, value)
+    except TypeError:
+        raise TypeError(problem) from None
+    except ValueError as e:  # an int outside int64 ("Value out of range: ..."), or bytes that are not UTF-8
+        raise ValueError(f"{name}: {e}") from None
 
 
 def auth_metadata(api_key: str | None) -> Metadata | None:

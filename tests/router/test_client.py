@@ -4,6 +4,7 @@ clients' calls, the API key, and the CLI (in-process and as `python -m router.cl
 from __future__ import annotations
 
 import asyncio
+import re
 import shutil
 import socket
 import subprocess
@@ -16,7 +17,7 @@ import grpc
 import pytest
 
 from proto import nanoserve_pb2 as pb
-from router.client import SAMPLING_FIELDS, AsyncClient, Client, build_request, main
+from router.client import DEFAULT_TARGET, SAMPLING_FIELDS, AsyncClient, Client, build_request, main
 from tests.router.fake_server import CLUSTER_STATUS, MODEL_INFO, FakeServer, running_fake_server
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -28,6 +29,21 @@ SAMPLE_VALUES: dict[str, Any] = {
     "presence_penalty": 0.0, "frequency_penalty": 0.0, "repetition_penalty": 1.0,
 }
 REPEATED_FIELDS = ("stop", "stop_token_ids")
+# A mistyped value for every kind of sampling field, and the error that must name the field.
+BAD_KWARGS: list[tuple[str, Any, type[Exception], str]] = [
+    ("max_tokens", 1.5, TypeError, "max_tokens: expected an int, got 1.5 (float)"),
+    ("top_k", "3", TypeError, "top_k: expected an int, got '3' (str)"),
+    ("seed", True, TypeError, "seed: expected an int, got True (bool)"),
+    ("seed", 2**64, ValueError, "seed: Value out of range: 18446744073709551616"),
+    ("temperature", "hot", TypeError, "temperature: expected a number, got 'hot' (str)"),
+    ("temperature", True, TypeError, "temperature: expected a number, got True (bool)"),
+    ("ignore_eos", 1, TypeError, "ignore_eos: expected a bool, got 1 (int)"),
+    ("ignore_eos", "yes", TypeError, "ignore_eos: expected a bool, got 'yes' (str)"),
+    ("stop", [1], TypeError, "stop: expected a list of strs, got [1] (list)"),
+    ("stop", 5, TypeError, "stop: expected a list of strs, got 5 (int)"),
+    ("stop_token_ids", [1.5], TypeError, "stop_token_ids: expected a list of ints, got [1.5] (list)"),
+    ("stop_token_ids", 7, TypeError, "stop_token_ids: expected a list of ints, got 7 (int)"),
+]
 
 
 @pytest.fixture
@@ -82,6 +98,24 @@ def test_none_kwargs_mean_engine_default() -> None:
 
 def test_a_lone_stop_string_is_one_stop_string() -> None:
     assert list(build_request("hi", None, {"stop": "###"}).params.stop) == ["###"]
+
+
+def field_kind(name: str) -> tuple[int, bool]:
+    field = pb.SamplingParams.DESCRIPTOR.fields_by_name[name]
+    return field.cpp_type, field.is_repeated
+
+
+def test_bad_kwargs_cover_every_kind_of_sampling_field() -> None:
+    assert {field_kind(name) for name, *_ in BAD_KWARGS} == {field_kind(name) for name in SAMPLING_FIELDS}
+
+
+@pytest.mark.parametrize(("name", "value", "error", "message"), BAD_KWARGS,
+                         ids=[f"{name}={value!r}" for name, value, *_ in BAD_KWARGS])
+def test_a_mistyped_kwarg_is_an_error_naming_the_field(
+    name: str, value: Any, error: type[Exception], message: str
+) -> None:
+    with pytest.raises(error, match=f"^{re.escape(message)}$"):
+        build_request("hi", None, {"temperature": 0.5, name: value})
 
 
 def test_prompt_kinds_fill_the_matching_oneof() -> None:
@@ -162,6 +196,14 @@ def test_complete_joins_the_stream(fake: FakeServer) -> None:
     assert (answer.text, list(answer.token_ids)) == ("Hello big ", [0, 1])
     assert answer.finish_reason == pb.FINISH_REASON_LENGTH
     assert (answer.replica, answer.usage.completion_tokens) == ("fake-0", 2)
+
+
+def test_the_readme_python_example_streams_then_completes(fake: FakeServer, capsys: pytest.CaptureFixture[str]) -> None:
+    readme = (REPO_ROOT / "README.md").read_text()
+    example = re.search(r"From Python.*?```python\n(.*?)```", readme, re.DOTALL)
+    assert example is not None, "README: no Python example after 'From Python'"
+    exec(example.group(1).replace(DEFAULT_TARGET, fake.address), {})
+    assert capsys.readouterr().out == "Hi\nHi (1 tokens)\n"  # the fake echoes the prompt
 
 
 def test_model_info_and_cluster_status(fake: FakeServer) -> None:
