@@ -7,6 +7,8 @@ GenerateRequest's fields, which `invalid_body` renames to the body's.
 
 from __future__ import annotations
 
+import json
+import math
 import re
 import uuid
 from dataclasses import dataclass
@@ -100,7 +102,8 @@ def _check_fields(endpoint: Endpoint, body: dict[str, Any]) -> None:
         if name not in _NO_OP_VALUES:
             raise InvalidBody(name, f"unknown field; this server takes {', '.join(sorted(_FIELDS[endpoint]))}")
         if not any(value == ok and isinstance(value, bool) == isinstance(ok, bool) for ok in _NO_OP_VALUES[name]):
-            raise InvalidBody(name, f"not supported by this server (only {_NO_OP_VALUES[name][0]!r}), got {value!r}")
+            allowed = " or ".join(_json(ok) for ok in _NO_OP_VALUES[name])
+            raise InvalidBody(name, f"not supported by this server (only {allowed}), got {_json(value)}")
 
 
 def _prompt(given: dict[str, Any], request: pb.GenerateRequest) -> None:
@@ -146,7 +149,7 @@ def _content(message: dict[str, Any], i: int) -> str:
     for j, part in enumerate(content):
         kind = part.get("type") if isinstance(part, dict) else None
         if kind != "text" or not isinstance(part.get("text"), str):
-            raise InvalidBody(f"messages[{i}].content[{j}]", f"only text parts are supported, got type {kind!r}")
+            raise InvalidBody(f"messages[{i}].content[{j}]", f"only text parts are supported, got type {_json(kind)}")
         texts.append(part["text"])
     return "\n".join(texts)
 
@@ -214,29 +217,30 @@ def _include_usage(given: dict[str, Any], stream: bool) -> bool:
 
 def _number(given: dict[str, Any], name: str) -> float:
     value = given[name]
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise InvalidBody(name, f"must be a number, got {value!r}")
+    # Python's json module reads NaN and Infinity, which JSON itself has no spelling for.
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise InvalidBody(name, f"must be a finite number, got {_json(value)}")
     return float(value)
 
 
 def _int(given: dict[str, Any], name: str) -> int:
     value = given[name]
     if isinstance(value, bool) or not isinstance(value, int) or value not in _INT64:
-        raise InvalidBody(name, f"must be a 64-bit integer, got {value!r}")
+        raise InvalidBody(name, f"must be a 64-bit integer, got {_json(value)}")
     return value
 
 
 def _bool(given: dict[str, Any], name: str, param: str | None = None) -> bool:
     value = given[name]
     if not isinstance(value, bool):
-        raise InvalidBody(param or name, f"must be true or false, got {value!r}")
+        raise InvalidBody(param or name, f"must be true or false, got {_json(value)}")
     return value
 
 
 def _str(given: dict[str, Any], name: str, param: str | None = None) -> str:
     value = given.get(name)
     if not isinstance(value, str):
-        raise InvalidBody(param or name, f"must be a string, got {value!r}")
+        raise InvalidBody(param or name, f"must be a string, got {_json(value)}")
     return value
 
 
@@ -252,5 +256,10 @@ def _token_ids(name: str, value: object) -> list[int]:
         raise InvalidBody(name, "must be a list of token ids")
     for i, t in enumerate(value):
         if isinstance(t, bool) or not isinstance(t, int) or t not in _INT64:
-            raise InvalidBody(f"{name}[{i}]", f"must be a token id (an integer), got {t!r}")
+            raise InvalidBody(f"{name}[{i}]", f"must be a token id (an integer), got {_json(t)}")
     return value
+
+
+def _json(value: object) -> str:
+    """A body value as its sender wrote it: JSON (true, null, "text", {"a": 1}), not Python (True, None, 'text')."""
+    return json.dumps(value, ensure_ascii=False)

@@ -1,0 +1,59 @@
+"""OpenAI request bodies read into GenerateRequests (router/openai_requests.py), without a router: the errors
+name the body's field and show its value as the client sent it, in JSON (true, null, "x", {"1": 5})."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from router.openai_requests import Endpoint, InvalidBody, read_request
+
+MAX_MODEL_LEN = 1024
+PROMPT = {"prompt": [1, 2, 3]}
+MESSAGES = {"messages": [{"role": "user", "content": "Hi"}]}
+
+# (endpoint, body as JSON text, param, message): one per kind of check that shows a value.
+BAD_VALUES: list[tuple[Endpoint, str, str, str]] = [
+    ("completions", '{"temperature": true}', "temperature", "must be a finite number, got true"),
+    ("completions", '{"top_p": "high"}', "top_p", 'must be a finite number, got "high"'),
+    ("completions", '{"temperature": NaN}', "temperature", "must be a finite number, got NaN"),
+    ("completions", '{"min_p": -Infinity}', "min_p", "must be a finite number, got -Infinity"),
+    ("completions", '{"top_k": 1.5}', "top_k", "must be a 64-bit integer, got 1.5"),
+    ("completions", '{"seed": {"a": 1}}', "seed", 'must be a 64-bit integer, got {"a": 1}'),
+    ("completions", '{"max_tokens": false}', "max_tokens", "must be a 64-bit integer, got false"),
+    ("completions", '{"stream": "yes"}', "stream", 'must be true or false, got "yes"'),
+    ("completions", '{"ignore_eos": 1}', "ignore_eos", "must be true or false, got 1"),
+    ("completions", '{"model": 5}', "model", "must be a string, got 5"),
+    ("chat", '{"messages": [{"role": null, "content": "Hi"}]}', "messages[0].role", "must be a string, got null"),
+    ("completions", '{"stop_token_ids": [1, true]}', "stop_token_ids[1]", "must be a token id (an integer), got true"),
+    ("completions", '{"logit_bias": {"1": 5}}', "logit_bias", 'not supported by this server (only {}), got {"1": 5}'),
+    ("completions", '{"echo": true}', "echo", "not supported by this server (only false), got true"),
+    ("chat", '{"tool_choice": "required"}', "tool_choice",
+     'not supported by this server (only "none" or "auto"), got "required"'),
+    ("chat", '{"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}', "messages[0].content[0]",
+     'only text parts are supported, got type "image_url"'),
+    ("chat", '{"messages": [{"role": "user", "content": ["Hi"]}]}', "messages[0].content[0]",
+     "only text parts are supported, got type null"),
+]
+
+
+def body_of(endpoint: Endpoint, text: str) -> dict[str, Any]:
+    """The body as the server parses it (Python's json, NaN included), with a valid prompt unless it brings one."""
+    body = json.loads(text)
+    return {**(MESSAGES if endpoint == "chat" else PROMPT), **body}
+
+
+@pytest.mark.parametrize(("endpoint", "text", "param", "message"), BAD_VALUES, ids=[b for _, b, _, _ in BAD_VALUES])
+def test_a_bad_value_is_named_and_shown_as_json(endpoint: Endpoint, text: str, param: str, message: str) -> None:
+    with pytest.raises(InvalidBody) as error:
+        read_request(endpoint, body_of(endpoint, text), MAX_MODEL_LEN)
+    assert (error.value.param, str(error.value)) == (param, f"{param}: {message}")
+
+
+def test_allowed_no_op_values_and_null_pass() -> None:
+    body = {**MESSAGES, "tool_choice": "auto", "parallel_tool_calls": False, "logit_bias": {}, "temperature": None}
+    request = read_request("chat", body, MAX_MODEL_LEN)
+    assert not request.generate.params.HasField("temperature")  # null means unset
+    assert request.generate.params.max_tokens == MAX_MODEL_LEN  # chat runs to the end of the context
