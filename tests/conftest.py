@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -13,6 +13,7 @@ import torch
 
 from engine.qwen_tokenizer import cached_qwen_tokenizer_dir
 from engine.tokenizer import Tokenizer
+from tests.dev_shm import leaked_since, shm_names
 
 # Without a GPU, Triton kernels run in Triton's CPU interpreter; it must be chosen before any kernel
 # module is imported, since `kernels.triton_compat` imports Triton only where it is set (or a GPU is) and
@@ -123,3 +124,13 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., P
         return built[key]
 
     return make
+
+
+@pytest.fixture(scope="session", autouse=True)
+def dev_shm_left_as_found() -> Iterator[None]:
+    """The run leaves /dev/shm as it found it, however the processes it started ended. Torn down last (the
+    first session fixture set up), so a leak fails the run as an error at the teardown of its last test."""
+    before = shm_names()
+    yield
+    leaked = leaked_since(before)
+    assert not leaked, f"the test run left these in /dev/shm, held by no live process: {sorted(leaked)}"

@@ -24,10 +24,11 @@ import os
 import time
 from collections.abc import Callable, Sequence
 from multiprocessing.shared_memory import SharedMemory
-from multiprocessing.synchronize import Semaphore
 
 import msgpack
 import numpy as np
+
+from engine.tp.doorbell import Doorbell
 
 
 class Method(enum.IntEnum):
@@ -44,7 +45,7 @@ class ChannelClosed(Exception):
 class ControlChannel:
     """One writer (rank 0), `world_size - 1` readers. Create on rank 0, `attach` on the others."""
 
-    def __init__(self, shm: SharedMemory, wakeups: Sequence[Semaphore], world_size: int, owner: bool) -> None:
+    def __init__(self, shm: SharedMemory, wakeups: Sequence[Doorbell], world_size: int, owner: bool) -> None:
         self.shm, self.wakeups, self.world_size, self.owner = shm, wakeups, world_size, owner
         assert shm.buf is not None
         self._buf: memoryview = shm.buf
@@ -54,14 +55,14 @@ class ControlChannel:
         self._unlinked = False
 
     @classmethod
-    def create(cls, size: int, wakeups: Sequence[Semaphore], world_size: int) -> ControlChannel:
+    def create(cls, size: int, wakeups: Sequence[Doorbell], world_size: int) -> ControlChannel:
         shm = SharedMemory(name=f"nanoserve-tp-{os.getpid()}-{time.monotonic_ns()}", create=True, size=size)
         assert shm.buf is not None
         shm.buf[: 8 * (1 + world_size)] = bytes(8 * (1 + world_size))
         return cls(shm, wakeups, world_size, owner=True)
 
     @classmethod
-    def attach(cls, name: str, wakeups: Sequence[Semaphore], world_size: int) -> ControlChannel:
+    def attach(cls, name: str, wakeups: Sequence[Doorbell], world_size: int) -> ControlChannel:
         # Spawned ranks share rank 0's resource tracker, so this attachment adds nothing for it to clean up:
         # the segment is unlinked once, by its creator (see `unlink`).
         return cls(SharedMemory(name=name), wakeups, world_size, owner=False)

@@ -18,6 +18,7 @@ import torch.distributed as dist
 
 from engine.config import EngineConfig
 from engine.tp.channel import ControlChannel, Method
+from engine.tp.doorbell import Doorbell
 from engine.tp.process_group import (
     COLLECTIVE_TIMEOUT,
     destroy_process_group,
@@ -52,7 +53,7 @@ class RankGroup:
                 "tensor-parallel engine not yet closed?); close() it before starting another"
             )
         ctx = mp.get_context("spawn")  # fork would copy rank 0's CUDA context and threads
-        wakeups = [ctx.Semaphore(0) for _ in range(1, world_size)]
+        wakeups = [Doorbell() for _ in range(1, world_size)]
         self.channel = ControlChannel.create(_channel_size(config), wakeups, world_size)
         port = free_port()
         store = join_store(0, world_size, port)
@@ -75,7 +76,7 @@ class RankGroup:
         except BaseException:
             self.close()
             raise
-        self.channel.unlink()  # every rank attached it before joining the group
+        _unlink_names(self.channel)  # every rank opened them before it started
         log.info("tensor parallelism: %d ranks, %s backend", world_size, dist.get_backend())
         if dist.get_backend() == "nccl":
             threading.Thread(
@@ -176,7 +177,17 @@ def _shutdown(channel: ControlChannel, processes: list[BaseProcess], closing: th
             process.kill()
             process.join()
     channel.close()
+    _unlink_names(channel)
     destroy_process_group()
+
+
+def _unlink_names(channel: ControlChannel) -> None:
+    """Remove the channel's and its doorbells' names from /dev/shm: the processes that opened them keep them,
+    and nothing is left there however the processes end (Ray kills a replica's children, resource tracker
+    included, with it). Rank 0 calls this once every rank started, and again (a no-op then) at shutdown."""
+    channel.unlink()
+    for doorbell in channel.wakeups:
+        doorbell.unlink()
 
 
 def _raise_if_any_dead(processes: list[BaseProcess]) -> None:

@@ -8,7 +8,6 @@ import os
 import signal
 import sys
 import traceback
-from multiprocessing.synchronize import Semaphore
 
 import torch
 
@@ -16,6 +15,7 @@ from engine.config import EngineConfig
 from engine.model_runner import ModelRunner
 from engine.step_plan import StepPlan
 from engine.tp.channel import ChannelClosed, ControlChannel, Method
+from engine.tp.doorbell import Doorbell
 from engine.tp.process_group import destroy_process_group, init_process_group, join_store, rank_device
 
 log = logging.getLogger(__name__)
@@ -32,7 +32,7 @@ def run_rank(
     rank: int,
     port: int,
     channel_name: str,
-    wakeups: list[Semaphore],
+    wakeups: list[Doorbell],
 ) -> None:
     """Entry point of a rank process (spawned by RankGroup). Exits when told to, or when rank 0 is gone."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group; rank 0 shuts us down

@@ -14,6 +14,7 @@ import pytest
 
 from engine.step_plan import StepPlan
 from engine.tp.channel import ChannelClosed, ControlChannel, Method
+from engine.tp.doorbell import Doorbell
 
 
 def make_plan(num_seqs: int, num_cols: int) -> StepPlan:
@@ -42,7 +43,7 @@ def assert_plans_equal(a: StepPlan, b: StepPlan) -> None:
 
 @pytest.fixture
 def channel_pair() -> tuple[ControlChannel, ControlChannel]:
-    wakeups = [mp.get_context("spawn").Semaphore(0)]
+    wakeups = [Doorbell()]
     writer = ControlChannel.create(1 << 18, wakeups, world_size=2)
     reader = ControlChannel.attach(writer.name, wakeups, world_size=2)
     yield writer, reader
@@ -110,7 +111,7 @@ def test_send_stops_waiting_when_a_rank_died(channel_pair: tuple[ControlChannel,
 
 
 def test_close_unlinks_the_segment() -> None:
-    channel = ControlChannel.create(4096, [mp.get_context("spawn").Semaphore(0)], world_size=2)
+    channel = ControlChannel.create(4096, [Doorbell()], world_size=2)
     path = f"/dev/shm/{channel.name}"
     assert os.path.exists(path)
     channel.close()
@@ -134,7 +135,7 @@ def test_every_message_is_read_exactly_once_by_a_polling_rank() -> None:
     """A rank polling the sequence number while rank 0 writes it (seq crosses byte boundaries every 256
     messages) must never run a message twice or skip one; a torn read of the seq once did the first."""
     ctx = mp.get_context("spawn")
-    wakeups = [ctx.Semaphore(0)]
+    wakeups = [Doorbell()]
     writer = ControlChannel.create(1 << 16, wakeups, world_size=2)
     receiver, sender = ctx.Pipe()
     reader = ctx.Process(target=_count_messages, args=(writer.name, wakeups, sender))

@@ -68,7 +68,7 @@ engine = LLMEngine(sys.argv[1], device="cuda", dtype="float32", tensor_parallel_
 print(*[p.pid for p in engine.ranks.processes], flush=True)
 faulthandler.dump_traceback_later(30, exit=True)  # a hang shows its threads in the test's failure message
 for i in range(8):
-    engine.add_request(list(range(1, 200)), SamplingParams(max_tokens=100000, ignore_eos=True))
+    engine.add_request(list(range(1, 200)), SamplingParams(max_tokens=300, ignore_eos=True))  # fits 512
 parent, deadline = os.getppid(), time.monotonic() + 120
 while os.getppid() == parent and time.monotonic() < deadline:  # never outlive a killed test run
     engine.step()

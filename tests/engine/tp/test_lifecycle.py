@@ -15,12 +15,14 @@ import pytest
 
 from engine import LLMEngine, SamplingParams
 from engine.tp.group import RankDiedError
+from tests.dev_shm import leaked_since, shm_names
 
 ROOT = Path(__file__).resolve().parents[3]
 
 
 def tp_segments() -> set[str]:
-    return {name for name in os.listdir("/dev/shm") if name.startswith("nanoserve-tp-")}
+    """The TP names in /dev/shm: control channels (nanoserve-tp-*) and their doorbells (sem.nanoserve-tp-*)."""
+    return {name for name in os.listdir("/dev/shm") if "nanoserve-tp-" in name}
 
 
 def pid_alive(pid: int) -> bool:
@@ -76,7 +78,7 @@ def kill_rank_mid_generation(engine: LLMEngine) -> int:
     and the engine stays failed (no hang). Returns the killed pid."""
     [pid] = rank_pids(engine)
     for i in range(8):
-        engine.add_request(list(range(1, 200)), SamplingParams(max_tokens=1000, ignore_eos=True), f"r{i}")
+        engine.add_request(list(range(1, 200)), SamplingParams(max_tokens=800, ignore_eos=True), f"r{i}")
     for _ in range(3):
         engine.step()
     killed_at: list[float] = []
@@ -125,7 +127,7 @@ import os, sys, time
 from engine import LLMEngine, SamplingParams
 engine = LLMEngine(sys.argv[1], device="cpu", dtype="float32", tensor_parallel_size=2)
 print(*[p.pid for p in engine.ranks.processes], flush=True)
-engine.add_request(list(range(1, 100)), SamplingParams(max_tokens=100000, ignore_eos=True))
+engine.add_request(list(range(1, 100)), SamplingParams(max_tokens=900, ignore_eos=True))  # max_model_len 1024
 print("stepping", flush=True)
 parent, deadline = os.getppid(), time.monotonic() + 120
 while os.getppid() == parent and time.monotonic() < deadline:  # never outlive a killed test run
@@ -154,8 +156,8 @@ def test_signal_shuts_down_cleanly(model_dir: Path, sig: signal.Signals) -> None
 
 def test_nothing_named_in_dev_shm_survives_a_sigkill_of_every_process(model_dir: Path) -> None:
     """Ray kills a dead worker together with its children (ranks and resource tracker), so no cleanup code
-    runs: the control channel's name must already be gone while the engine serves."""
-    segments_before = tp_segments()
+    runs: every name the engine created (its channel's, its semaphores') must already be gone while it serves."""
+    names_before = shm_names()
     proc = subprocess.Popen(
         [sys.executable, "-c", SIGNAL_SCRIPT, str(model_dir)], cwd=ROOT, stdout=subprocess.PIPE,
         stderr=subprocess.PIPE, text=True, start_new_session=True,
@@ -163,14 +165,14 @@ def test_nothing_named_in_dev_shm_survives_a_sigkill_of_every_process(model_dir:
     assert proc.stdout is not None
     pids = [int(p) for p in proc.stdout.readline().split()]
     assert proc.stdout.readline().strip() == "stepping"
-    assert not any(seg.startswith(f"nanoserve-tp-{proc.pid}-") for seg in tp_segments())
+    assert not [name for name in tp_segments() if f"nanoserve-tp-{proc.pid}-" in name]
     os.killpg(proc.pid, signal.SIGKILL)
     proc.communicate(timeout=30)
     deadline = time.monotonic() + 10
     while any(pid_alive(pid) for pid in pids) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not any(pid_alive(pid) for pid in pids)
-    assert tp_segments() <= segments_before
+    assert not leaked_since(names_before)
 
 
 def exit_at_start(*args: object) -> None:
