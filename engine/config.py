@@ -16,7 +16,7 @@ from engine.hub import resolve_model_dir
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-# KV cache size on CPU when num_kv_blocks is not given (GPU sizes it from free memory).
+# KV cache size on CPU when num_kv_blocks is not given (a GPU sizes it from gpu_memory_utilization of its memory).
 CPU_KV_CACHE_BYTES = 1 << 30
 
 

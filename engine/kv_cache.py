@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 
 import torch
 from torch import nn
@@ -11,6 +12,10 @@ from engine.config import CPU_KV_CACHE_BYTES, EngineConfig
 from engine.layers.attention import Attention, attention_backend
 
 log = logging.getLogger(__name__)
+# How long a new engine waits for the memory its share needs while another process still holds it, and how
+# often it looks: a killed process's memory is back within seconds, once the driver has torn down its context.
+FREE_MEMORY_WAIT_S = 60.0
+FREE_MEMORY_POLL_S = 0.5
 
 
 def attention_layers(model: nn.Module) -> list[Attention]:
@@ -40,19 +45,54 @@ def num_cpu_blocks(config: EngineConfig, block_bytes: int) -> int:
     return min(wanted, CPU_KV_CACHE_BYTES // block_bytes)
 
 
-def num_gpu_blocks(config: EngineConfig, block_bytes: int, peak_activation_bytes: int) -> int:
-    """Blocks that fit in gpu_memory_utilization of the GPU, after what is in use now (context, weights,
-    other processes) and the activation peak of the largest step, measured by a profiling run."""
+def num_gpu_blocks(
+    config: EngineConfig, block_bytes: int, peak_activation_bytes: int, wait_s: float = FREE_MEMORY_WAIT_S
+) -> int:
+    """Blocks that fit in this engine's share of the GPU: gpu_memory_utilization of its total memory, less what
+    this process holds now (weights, the profiling run's leftovers) and the largest step's activation peak.
+
+    Other processes on the GPU do not count against the share (vLLM's rule): replicas sharing a GPU, and the
+    replacement of a killed one, get the same count whoever else is there. Each process's CUDA context and
+    library workspaces live in the 1 - gpu_memory_utilization left over. Waits up to `wait_s` for the GPU to
+    have the cache and the activations free (see `_wait_for_free_memory`).
+    """
     free, total = torch.cuda.mem_get_info(config.device)
-    in_use = total - free
-    budget = total * config.gpu_memory_utilization - in_use - peak_activation_bytes
-    num_blocks = int(budget // block_bytes)
+    held = torch.cuda.memory_reserved(config.device)
+    budget = total * config.gpu_memory_utilization - held - peak_activation_bytes
+    num_blocks = max(int(budget // block_bytes), 0)
     log.info(
-        "KV budget: %.2f GiB = %.0f%% of %.1f GiB - %.2f GiB in use - %.2f GiB activation peak",
-        budget / 2**30, 100 * config.gpu_memory_utilization, total / 2**30, in_use / 2**30,
+        "KV budget: %.2f GiB = %.0f%% of %.1f GiB - %.2f GiB this engine holds (weights) - %.2f GiB activation "
+        "peak; other processes on the GPU do not count",
+        budget / 2**30, 100 * config.gpu_memory_utilization, total / 2**30, held / 2**30,
         peak_activation_bytes / 2**30,
     )
+    needed = num_blocks * block_bytes + peak_activation_bytes
+    if num_blocks > 0 and free < needed:
+        _wait_for_free_memory(config, needed, free, wait_s)
     return num_blocks
+
+
+def _wait_for_free_memory(config: EngineConfig, needed_bytes: int, free_bytes: int, wait_s: float) -> None:
+    """Poll until the GPU has `needed_bytes` free: a replica replacing a killed one on a shared GPU starts
+    before the driver has reclaimed the dead process's memory. ValueError, as vLLM's start-up check, if the
+    memory is still taken after `wait_s`: other processes hold more than the share leaves them."""
+    gib = 2**30
+    log.info(
+        "waiting up to %.0f s for %.2f GiB of GPU memory (KV cache and activations) to be free, %.2f GiB now: "
+        "another process still holds the rest (such as a replica being replaced, until the driver frees its memory)",
+        wait_s, needed_bytes / gib, free_bytes / gib,
+    )
+    deadline = time.monotonic() + wait_s
+    while free_bytes < needed_bytes and time.monotonic() < deadline:
+        time.sleep(FREE_MEMORY_POLL_S)
+        free_bytes = torch.cuda.mem_get_info(config.device)[0]
+    if free_bytes < needed_bytes:
+        raise ValueError(
+            f"gpu_memory_utilization={config.gpu_memory_utilization:g}: this engine needs {needed_bytes / gib:.2f} "
+            f"GiB more of {config.device} for its KV cache and activations, and only {free_bytes / gib:.2f} GiB "
+            f"is free after {wait_s:.0f} s (other processes hold the rest); lower gpu_memory_utilization, or "
+            "free the GPU"
+        )
 
 
 def log_kv_cache(config: EngineConfig, num_blocks: int, block_bytes: int) -> None:

@@ -71,8 +71,9 @@ class LLMEngine:
         max_num_batched_tokens: most tokens computed in one step (prefill chunks plus decodes).
         max_num_seqs: most requests in one step's batch.
         max_model_len: longest prompt plus output, in tokens; None: the model's context length.
-        gpu_memory_utilization: fraction of the GPU's memory in use once the KV cache is allocated (the cache
-            gets what the weights, activations and other processes leave of it).
+        gpu_memory_utilization: fraction of the GPU's total memory this engine may use: weights, activations,
+            and the KV cache in what they leave. Other processes on the GPU do not count against it, so engines
+            sharing a GPU each get their own fraction (one starting waits up to 60 s for memory another still holds).
         block_size: tokens per KV cache block (a power of two <= 256), the unit of the prefix cache.
         num_kv_blocks: KV cache size in blocks; None: sized by gpu_memory_utilization on GPU; on CPU, room for
             max_num_seqs sequences of max_model_len tokens, at most 1 GiB.
