@@ -17,17 +17,17 @@ CPU (the default preset: a 4-layer random "small" Qwen3, 4 replicas; a few minut
     python bench/serving_bench.py [--rates 4,8] [--workloads shared-prefix,multi-turn]
     python bench/serving_bench.py --overhead
 
-Full size, 4 replicas sharing one H100 (random Qwen3-0.6B shape; SGLang's workload sizes: 32 groups
-x 16 requests, 2,000-token prefix, 100-token question, 200 output tokens). `--share-gpu` starts Ray
-without GPU resources so the pool places the replicas with num_gpus=0, and all of them use the
-visible GPU (Ray leaves CUDA_VISIBLE_DEVICES alone for actors without GPUs):
+Full size, 4 replicas sharing one GPU (random Qwen3-0.6B shape; SGLang's workload sizes: 32 groups
+x 16 requests, 2,000-token prefix, 100-token question, 200 output tokens):
 
-    python bench/serving_bench.py --preset full --share-gpu --device cuda --dtype bfloat16 \\
-        --gpu-memory-utilization 0.22 --num-kv-blocks 6000 --rates 4,8,16,32
+    python bench/serving_bench.py --preset full --device cuda --dtype bfloat16 --rates 4,8,16,32
 
-(The engine sizes its KV cache as gpu_memory_utilization x total - memory in use, and "in use"
-includes the other replicas' memory, so on a shared GPU give `--num-kv-blocks`: 6,000 blocks of 16
-tokens is 10.3 GiB per replica at Qwen3-0.6B's 112 KiB per token.)
+Ray sees the machine's GPUs; when --replicas x --tensor-parallel-size exceeds them, the router's plan
+(worker/resources.py) has the replicas share: with k to a GPU, each asks Ray for 1/k of it and sizes its
+KV cache from 0.9/k of its memory (`--gpu-memory-utilization` sets that share per replica). On an H200 that
+is about 28 GiB of KV cache a replica; `--num-kv-blocks N` makes the cache scarce instead (1,500 blocks of 16
+tokens: 24k tokens, 2.6 GiB at Qwen3-0.6B's 112 KiB per token, so that no replica can cache every group's
+prefix, as in RESULTS.md).
 """
 
 from __future__ import annotations
@@ -167,10 +167,10 @@ def bench_model(shape_name: str) -> Path:
     return path
 
 
-def init_ray(num_replicas: int, share_gpu: bool) -> None:
-    """Local Ray with a logical CPU per replica (plus room for the ones being torn down)."""
-    num_gpus = 0 if share_gpu else None
-    ray.init(num_cpus=4 * num_replicas + 4, num_gpus=num_gpus, include_dashboard=False, namespace=NAMESPACE,
+def init_ray(num_replicas: int) -> None:
+    """Local Ray with the machine's GPUs and logical CPUs for every replica (plus room for the ones being torn
+    down); the router's plan shares the GPUs when the replicas outnumber them."""
+    ray.init(num_cpus=4 * num_replicas + 4, include_dashboard=False, namespace=NAMESPACE,
              logging_level=logging.WARNING)
 
 
@@ -277,11 +277,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     engine.add_argument("--max-model-len", type=int, help="default: the longest request, rounded up to 256")
     engine.add_argument("--max-num-seqs", type=int, default=256)
     engine.add_argument("--max-num-batched-tokens", type=int, default=8192)
-    engine.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    engine.add_argument("--gpu-memory-utilization", type=float,
+                        help="of a GPU, per replica (default: 0.9 on a GPU of its own, 0.9/k for k sharing one)")
     engine.add_argument("--enforce-eager", action="store_true")
     engine.add_argument("--tensor-parallel-size", type=int, default=1, help="GPUs per replica (a sweep flag)")
-    engine.add_argument("--share-gpu", action="store_true",
-                        help="start Ray without GPU resources: every replica uses the visible GPU(s)")
     args = p.parse_args(argv)
     args.model_shape_default = args.model_shape is None
     for name, value in PRESETS[args.preset].items():
@@ -308,9 +307,11 @@ def engine_kwargs_from(args: argparse.Namespace, workloads: tuple[Workload, ...]
     longest = max((w.max_len for w in workloads), default=256)
     kwargs: dict[str, Any] = dict(
         device=args.device, dtype=args.dtype, max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens, gpu_memory_utilization=args.gpu_memory_utilization,
-        enforce_eager=args.enforce_eager, max_model_len=args.max_model_len or -(-longest // 256) * 256,
+        max_num_batched_tokens=args.max_num_batched_tokens, enforce_eager=args.enforce_eager,
+        max_model_len=args.max_model_len or -(-longest // 256) * 256,
     )
+    if args.gpu_memory_utilization is not None:  # else the router's plan picks it (worker/resources.py)
+        kwargs["gpu_memory_utilization"] = args.gpu_memory_utilization
     if args.num_kv_blocks is not None:
         kwargs["num_kv_blocks"] = args.num_kv_blocks
     return kwargs
@@ -321,7 +322,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     workloads = workloads_from(args)
     model = args.model or bench_model("tiny" if args.overhead and args.model_shape_default else args.model_shape)
-    init_ray(args.replicas, args.share_gpu)
+    init_ray(args.replicas)
     if args.overhead:
         from serving_overhead import OverheadConfig, run_overhead
 

@@ -17,7 +17,6 @@ import argparse
 import multiprocessing as mp
 import time
 from multiprocessing.connection import Connection
-from multiprocessing.synchronize import Semaphore
 from pathlib import Path
 
 import numpy as np
@@ -27,10 +26,11 @@ from common import random_qwen3_0_6b
 from engine import LLMEngine, SamplingParams
 from engine.step_plan import StepPlan
 from engine.tp.channel import ControlChannel, Method
+from engine.tp.doorbell import Doorbell
 from engine.tp.rank import GPU_SPIN_S
 
 
-def receive_plans(channel_name: str, wakeups: list[Semaphore], results: Connection) -> None:
+def receive_plans(channel_name: str, wakeups: list[Doorbell], results: Connection) -> None:
     """A rank's receive path: wait, read, decode; report when each plan was ready (perf_counter_ns)."""
     channel = ControlChannel.attach(channel_name, wakeups, world_size=2)
     results.send("attached")
@@ -70,12 +70,14 @@ def record_plans(engine: LLMEngine, batch_size: int, context: int, steps: int) -
 def measure(plans: list[StepPlan], max_bytes: int) -> tuple[np.ndarray, np.ndarray]:
     """(rank 0 cost, delivery latency) in microseconds per step."""
     ctx = mp.get_context("spawn")
-    wakeups = [ctx.Semaphore(0)]
+    wakeups = [Doorbell()]
     channel = ControlChannel.create(max_bytes, wakeups, world_size=2)
     parent_end, child_end = ctx.Pipe()
     rank = ctx.Process(target=receive_plans, args=(channel.name, wakeups, child_end))
     rank.start()
     assert parent_end.recv() == "attached"
+    channel.unlink()  # the rank has opened both: no name is left in /dev/shm however this run ends
+    wakeups[0].unlink()
     sent, done = [], []
     for plan in plans:
         start = time.perf_counter_ns()
