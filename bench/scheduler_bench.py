@@ -21,13 +21,13 @@ import random
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from stand_in_runner import FixedTokenRunner  # noqa: E402
 
 from engine.block_manager import BlockManager  # noqa: E402
+from engine.heartbeat import Heartbeat  # noqa: E402
 from engine.llm_engine import LLMEngine  # noqa: E402
 from engine.sampling_params import SamplingParams  # noqa: E402
 from engine.scheduler import ScheduledBatch, Scheduler  # noqa: E402
@@ -37,11 +37,11 @@ SAMPLED_TOKEN = 7
 MAX_NUM_BATCHED_TOKENS = 8192  # the engine's default
 
 
-def engine_without_model(num_seqs: int, num_blocks: int, block_size: int, max_model_len: int) -> LLMEngine:
+def engine_without_model(num_seqs: int, num_blocks: int, block_size: int) -> LLMEngine:
     """An LLMEngine whose step() runs the real scheduler, block manager and `_process`, minus the model."""
     engine = object.__new__(LLMEngine)  # skip __init__: no checkpoint, tokenizer or device
-    engine.config = SimpleNamespace(max_model_len=max_model_len)  # type: ignore[assignment]  # all step() reads
     engine.eos_token_ids = frozenset()
+    engine.heartbeat = Heartbeat()
     engine.model_runner = FixedTokenRunner([SAMPLED_TOKEN], num_seqs)  # type: ignore[assignment]
     engine.block_manager = BlockManager(num_blocks, block_size)
     engine.scheduler = Scheduler(engine.block_manager, num_seqs, MAX_NUM_BATCHED_TOKENS)
@@ -117,7 +117,7 @@ def main() -> None:
     max_tokens = num_prefill_steps + args.warmup + args.steps * (2 if args.profile else 1) + 1
     max_model_len = args.prompt_len + max_tokens + 1
     num_blocks = args.num_seqs * -(-max_model_len // args.block_size)
-    engine = engine_without_model(args.num_seqs, num_blocks, args.block_size, max_model_len)
+    engine = engine_without_model(args.num_seqs, num_blocks, args.block_size)
     add_requests(engine, args.num_seqs, args.prompt_len, max_tokens)
     while any(seq.num_output_tokens == 0 for seq in engine._requests.values()):
         engine.step()  # prefill

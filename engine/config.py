@@ -18,6 +18,11 @@ log = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # KV cache size on CPU when num_kv_blocks is not given (a GPU sizes it from gpu_memory_utilization of its memory).
 CPU_KV_CACHE_BYTES = 1 << 30
+# Tokens one step computes at most, by device type, when max_num_batched_tokens is not given. A CPU is ~100x
+# slower: an 8192-token prefill chunk deep into a 32k-token prompt takes the embedded model 15-20 s on two
+# cores, and every other request on the replica waits that long for its next token; 2048-token chunks keep
+# a step to a few seconds for ~25% more total prefill time (bench/RESULTS.md).
+DEFAULT_MAX_NUM_BATCHED_TOKENS = {"cuda": 8192, "cpu": 2048}
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,7 +134,7 @@ class EngineConfig:
         model: str | Path | None = None,
         *,
         tensor_parallel_size: int = 1,
-        max_num_batched_tokens: int = 8192,
+        max_num_batched_tokens: int | None = None,
         max_num_seqs: int = 256,
         max_model_len: int | None = None,
         gpu_memory_utilization: float = 0.9,
@@ -145,7 +150,8 @@ class EngineConfig:
         constructor repeats it for help() and editors (a test keeps the two equal) and documents each.
         """
         _positive_int("tensor_parallel_size", tensor_parallel_size)
-        _positive_int("max_num_batched_tokens", max_num_batched_tokens)
+        if max_num_batched_tokens is not None:
+            _positive_int("max_num_batched_tokens", max_num_batched_tokens)
         _positive_int("max_num_seqs", max_num_seqs)
         _positive_int("block_size", block_size)
         if block_size & (block_size - 1) or block_size > 256:
@@ -166,7 +172,7 @@ class EngineConfig:
             model=model_dir,
             model_config=model_config,
             tensor_parallel_size=tensor_parallel_size,
-            max_num_batched_tokens=max_num_batched_tokens,
+            max_num_batched_tokens=max_num_batched_tokens or DEFAULT_MAX_NUM_BATCHED_TOKENS[resolved_device.type],
             max_num_seqs=max_num_seqs,
             max_model_len=_resolve_max_model_len(max_model_len, model_config),
             gpu_memory_utilization=float(gpu_memory_utilization),

@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 from engine.block_manager import BlockManager, KVEvents
 from engine.config import EngineConfig
 from engine.detokenizer import IncrementalDetokenizer
+from engine.heartbeat import Heartbeat
 from engine.model_runner import ModelRunner
 from engine.outputs import EngineStats, RequestOutput, final_output
 from engine.pending_samples import PendingSamples
@@ -50,7 +51,7 @@ class LLMEngine:
         model: str | Path | None = None,
         *,
         tensor_parallel_size: int = 1,
-        max_num_batched_tokens: int = 8192,
+        max_num_batched_tokens: int | None = None,
         max_num_seqs: int = 256,
         max_model_len: int | None = None,
         gpu_memory_utilization: float = 0.9,
@@ -68,7 +69,8 @@ class LLMEngine:
             into it when missing). None: the embedded tiny Qwen3 with RANDOM weights (gibberish text; a
             warning says so), built on first use: a check that the engine runs here, as `python -m engine`.
         tensor_parallel_size: split the model over this many GPUs of the host (processes over gloo on CPU).
-        max_num_batched_tokens: most tokens computed in one step (prefill chunks plus decodes).
+        max_num_batched_tokens: most tokens computed in one step (prefill chunks plus decodes); None: 8192 on a
+            GPU, 2048 on CPU, where a step of 8192 prompt tokens would hold every other request for many seconds.
         max_num_seqs: most requests in one step's batch.
         max_model_len: longest prompt plus output, in tokens; None: the model's context length.
         gpu_memory_utilization: fraction of the GPU's total memory this engine may use: weights, activations,
@@ -90,8 +92,9 @@ class LLMEngine:
         self.tokenizer = Tokenizer.from_dir(self.config.model)
         self.eos_token_ids = frozenset(self.config.model_config.eos_token_ids) | self.tokenizer.eos_token_ids
         self.ranks = RankGroup(self.config, self.eos_token_ids) if self.config.tensor_parallel_size > 1 else None
+        self.heartbeat = Heartbeat()  # beats through every step, after each layer (see engine/heartbeat.py)
         try:
-            self.model_runner = ModelRunner(self.config, self.eos_token_ids, ranks=self.ranks)
+            self.model_runner = ModelRunner(self.config, self.eos_token_ids, ranks=self.ranks, heartbeat=self.heartbeat)
         except BaseException as e:
             if self.ranks is not None:
                 self.ranks.fail(e)
@@ -195,10 +198,12 @@ class LLMEngine:
         outputs = [self._abort_output(seq) for seq in self._aborted]
         self._aborted.clear()
         batch = self.scheduler.schedule()
+        self.heartbeat.step_started(batch.num_tokens if batch else 0)
         launched = self._launch(batch) if batch else None
         if self._in_flight is not None:
             outputs += self._process(self._in_flight)
         self._in_flight = launched
+        self.heartbeat.step_ended()
         return outputs
 
     def _launch(self, batch: ScheduledBatch) -> InFlightStep:
@@ -214,9 +219,8 @@ class LLMEngine:
             if seq.num_computed_tokens < len(seq.token_ids):
                 chunks.append(seq)
         slots: list[int | None] = []
-        max_model_len = self.config.max_model_len
         for row, seq in enumerate(pending.seqs):
-            if finishes_by_length(seq, seq.num_tokens + 1, max_model_len):
+            if finishes_by_length(seq, seq.num_tokens + 1):
                 slots.append(None)
             else:
                 slots.append(seq.num_tokens)
@@ -228,7 +232,7 @@ class LLMEngine:
         sampling request. Requests that finished or were aborted since its launch are skipped."""
         outputs: list[RequestOutput] = []
         commit = self.block_manager.commit
-        eos_token_ids, max_model_len = self.eos_token_ids, self.config.max_model_len
+        eos_token_ids = self.eos_token_ids
         samples = zip(step.pending.seqs, step.slots, self.model_runner.wait(step.pending))
         for seq, slot, (token_id, logprobs) in samples:
             if seq.is_finished:
@@ -241,7 +245,7 @@ class LLMEngine:
             commit(seq)  # now that every token it has computed is known
             new_logprobs = [] if logprobs is None else [logprobs]
             seq.logprobs += new_logprobs
-            finish_reason = seq.finish_reason = check_stop(seq, token_id, slot + 1, eos_token_ids, max_model_len)
+            finish_reason = seq.finish_reason = check_stop(seq, token_id, slot + 1, eos_token_ids)
             if finish_reason is not None:
                 del seq.token_ids[slot + 1 :]  # the placeholder that the step now running gave it
                 self.scheduler.finish(seq)

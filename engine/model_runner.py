@@ -13,6 +13,7 @@ import torch.distributed as dist
 
 from engine.config import EngineConfig
 from engine.cuda_graphs import DecodeGraphs
+from engine.heartbeat import Heartbeat
 from engine.kv_cache import allocate_kv_cache, bytes_per_block, log_kv_cache, num_cpu_blocks, num_gpu_blocks
 from engine.layers.attention import AttentionMetadata
 from engine.loader import load_weights
@@ -37,9 +38,11 @@ class ModelRunner:
     """Owns the model, its KV cache and the sampler on one device."""
 
     def __init__(
-        self, config: EngineConfig, eos_token_ids: frozenset[int], rank: int = 0, ranks: RankGroup | None = None
+        self, config: EngineConfig, eos_token_ids: frozenset[int], rank: int = 0, ranks: RankGroup | None = None,
+        heartbeat: Heartbeat | None = None,
     ) -> None:
-        """`rank` is this process's tensor-parallel rank; on rank 0 of a TP group, `ranks` drives the others."""
+        """`rank` is this process's tensor-parallel rank; on rank 0 of a TP group, `ranks` drives the others.
+        `heartbeat` beats after each layer of a forward (see engine/heartbeat.py)."""
         self.config = config
         self.device = config.device
         self.eos_token_ids = eos_token_ids
@@ -48,6 +51,8 @@ class ModelRunner:
         with _default_dtype(config.dtype), torch.device(self.device):
             self.model = QwenForCausalLM(config.model_config, config.max_model_len, rank, tp_size)
         load_weights(self.model, config.model)
+        if heartbeat is not None:
+            self.model.model.on_layer_done = heartbeat.beat
         self.sampler = Sampler()
         on_gpu = self.device.type == "cuda"
         self.num_sms = torch.cuda.get_device_properties(self.device).multi_processor_count if on_gpu else 1

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from engine.config import EngineConfig
-from engine.sampling_params import SamplingParams
+from engine.sampling_params import SamplingParams, max_tokens_error
 from engine.tokenizer import Tokenizer
 
 Prompt = str | list[int]
@@ -12,7 +12,8 @@ Prompt = str | list[int]
 def validate_prompt(
     prompt: Prompt, tokenizer: Tokenizer, config: EngineConfig, params: SamplingParams, num_kv_blocks: int
 ) -> list[int]:
-    """Token ids of `prompt`, checked against the vocabulary, max_model_len and the KV cache size."""
+    """Token ids of `prompt`, checked against the vocabulary, the KV cache size and max_model_len, which
+    the prompt and max_tokens must fit together."""
     if isinstance(prompt, str):
         token_ids = tokenizer.encode(prompt)
     elif isinstance(prompt, (list, tuple)):
@@ -28,11 +29,14 @@ def validate_prompt(
     for i, t in enumerate(token_ids):
         if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab_size:
             raise ValueError(f"prompt: token id {t!r} at index {i} is outside the vocabulary [0, {vocab_size})")
-    if len(token_ids) + 1 > config.max_model_len:
+    room = config.max_model_len - len(token_ids)
+    if room < 1:
         raise ValueError(
             f"prompt: {len(token_ids)} tokens leave no room to generate within max_model_len={config.max_model_len}"
         )
-    max_len = min(len(token_ids) + params.max_tokens, config.max_model_len)
+    if params.max_tokens > room:  # as vLLM: refused, not cut short (the caller learns what fits)
+        raise ValueError(max_tokens_error(params.max_tokens, len(token_ids), config.max_model_len))
+    max_len = len(token_ids) + params.max_tokens
     if -(-max_len // config.block_size) > num_kv_blocks:
         raise ValueError(
             f"prompt: {len(token_ids)} tokens + max_tokens={params.max_tokens} need more KV blocks "

@@ -120,6 +120,13 @@ class SamplingParams:
 FIELD_NAMES = tuple(f.name for f in fields(SamplingParams))  # once, not per request
 
 
+def max_tokens_error(max_tokens: int, num_prompt_tokens: int, max_model_len: int) -> str:
+    """Why max_tokens does not fit: the one wording of the engine and the router (which
+    imports this module, not torch)."""
+    return (f"max_tokens: {max_tokens} exceeds the {max_model_len - num_prompt_tokens} tokens left after the "
+            f"{num_prompt_tokens}-token prompt (max_model_len={max_model_len} is prompt + output)")
+
+
 def _check_number(name: str, value: object) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise ValueError(f"{name} must be a finite number, got {value!r}")

@@ -1,12 +1,12 @@
-"""When a request stops: EOS, stop token ids, stop strings, max_tokens, max_model_len."""
+"""When a request stops: EOS, stop token ids, stop strings, max_tokens (a request's prompt + max_tokens fit in
+max_model_len: engine/prompt.py refuses others)."""
 
 from __future__ import annotations
 
 from engine.sequence import FinishReason, Sequence
 
 
-def check_stop(seq: Sequence, token_id: int, num_tokens: int, eos_token_ids: frozenset[int],
-               max_model_len: int) -> FinishReason | None:
+def check_stop(seq: Sequence, token_id: int, num_tokens: int, eos_token_ids: frozenset[int]) -> FinishReason | None:
     """Finish reason once `seq` gained `token_id` as its `num_tokens`-th token (prompt included), or None.
 
     The token is passed explicitly: with overlapped steps, placeholders of a step still running may
@@ -18,14 +18,14 @@ def check_stop(seq: Sequence, token_id: int, num_tokens: int, eos_token_ids: fro
     # The sampler bans EOS and stop ids until min_tokens, so any seen here are real stops.
     if (token_id in eos_token_ids and not params.ignore_eos) or token_id in params.stop_token_ids:
         return "stop"
-    if finishes_by_length(seq, num_tokens, max_model_len):
+    if finishes_by_length(seq, num_tokens):
         return "length"
     return None
 
 
-def finishes_by_length(seq: Sequence, num_tokens: int, max_model_len: int) -> bool:
+def finishes_by_length(seq: Sequence, num_tokens: int) -> bool:
     """Whether `seq` is done once it holds `num_tokens` tokens: known before the last token's value is."""
-    return num_tokens - seq.num_prompt_tokens >= seq.params.max_tokens or num_tokens >= max_model_len
+    return num_tokens - seq.num_prompt_tokens >= seq.params.max_tokens
 
 
 def _hit_stop_string(seq: Sequence, token_id: int) -> bool:

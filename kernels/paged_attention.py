@@ -165,6 +165,9 @@ def _merge_splits_kernel(
     tl.store(Out + t * stride_ot + h * stride_oh + offs_d, out.to(Out.dtype.element_ty))
 
 
+REF_QUERY_TILE = 256  # queries per tile in the torch reference (see paged_attention_ref)
+
+
 def paged_attention_ref(
     query: torch.Tensor,  # [T, Hq, D]
     k_cache: torch.Tensor,  # [num_blocks, block_size, Hkv, D]
@@ -174,22 +177,32 @@ def paged_attention_ref(
     block_tables: torch.Tensor,  # [B, max_blocks] int32
     scale: float,
 ) -> torch.Tensor:  # [T, Hq, D]
-    """Reference implementation: gathers each sequence's K/V and attends in float32."""
+    """Reference implementation: gathers each sequence's K/V and attends in float32.
+
+    Queries go in tiles of REF_QUERY_TILE, each against the keys up to its last position only: the
+    scores of a long prefill chunk over a long context would otherwise be one [Hq, q_len, seq_len]
+    tensor (4 GiB for 8k queries over 32k keys and 4 heads), which makes CPU steps slow and large.
+    """
     out = torch.empty_like(query)
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     group = query.shape[1] // num_kv_heads
     starts = query_start_loc.tolist()
     for i, seq_len in enumerate(seq_lens.tolist()):
         q = query[starts[i] : starts[i + 1]].float()  # [q_len, Hq, D]
-        q_len = q.shape[0]
         num_blocks = -(-seq_len // block_size)
         blocks = block_tables[i, :num_blocks].long()
         k = k_cache[blocks].flatten(0, 1)[:seq_len].float().repeat_interleave(group, dim=1)  # [S, Hq, D]
         v = v_cache[blocks].flatten(0, 1)[:seq_len].float().repeat_interleave(group, dim=1)
-        scores = torch.einsum("qhd,khd->hqk", q, k) * scale
-        q_pos = torch.arange(seq_len - q_len, seq_len, device=q.device).unsqueeze(1)
-        k_pos = torch.arange(seq_len, device=q.device).unsqueeze(0)
-        scores.masked_fill_(k_pos > q_pos, float("-inf"))
-        probs = torch.softmax(scores, dim=-1)
-        out[starts[i] : starts[i + 1]] = torch.einsum("hqk,khd->qhd", probs, v).to(query.dtype)
+        first_pos = seq_len - q.shape[0]  # position of the chunk's first query
+        for t in range(0, q.shape[0], REF_QUERY_TILE):
+            q_tile = q[t : t + REF_QUERY_TILE]
+            end = first_pos + t + q_tile.shape[0]  # keys the tile's last query sees
+            scores = torch.einsum("qhd,khd->hqk", q_tile, k[:end]) * scale
+            q_pos = torch.arange(end - q_tile.shape[0], end, device=q.device).unsqueeze(1)
+            k_pos = torch.arange(end, device=q.device).unsqueeze(0)
+            scores.masked_fill_(k_pos > q_pos, float("-inf"))
+            probs = torch.softmax(scores, dim=-1)
+            out[starts[i] + t : starts[i] + t + q_tile.shape[0]] = torch.einsum(
+                "hqk,khd->qhd", probs, v[:end]
+            ).to(query.dtype)
     return out

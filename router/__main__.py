@@ -12,10 +12,20 @@ from pathlib import Path
 
 from router.config import RouterConfig
 from router.policies import POLICY_NAMES
+from router.replica_pool import StartupError
 from router.server import Router
 
 log = logging.getLogger("router")
 DEFAULTS = RouterConfig()  # the one place the defaults are written
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a flag's default unless it has none or its help already says what happens without it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or "default" in (action.help or "") or action.default is argparse.SUPPRESS:
+            return action.help
+        return super()._get_help_string(action)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -25,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Serve the nanoserve gRPC API (nanoserve.v1.NanoServe, plus grpc.health.v1 and server "
         "reflection), and with --http-port an OpenAI-compatible HTTP API, from Ray actor replicas of the engine, "
         "balanced by prefix-cache affinity, with failover.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     p.add_argument("--replicas", type=int, default=DEFAULTS.num_replicas, help="engine replicas to run (Ray actors)")
     p.add_argument("--model", help="Hugging Face model id (e.g. Qwen/Qwen3-0.6B: each node finds it in its Hugging "
@@ -57,14 +67,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="auto", help="engine dtype: auto, float32, bfloat16, float16")
     p.add_argument("--max-model-len", type=int, help="longest prompt + output (default: the model's)")
     p.add_argument("--max-num-seqs", type=int, default=256, help="sequences an engine batches at once")
-    p.add_argument("--gpu-memory-utilization", type=float, default=0.9,
-                   help="fraction of each GPU for weights, activations and KV cache")
+    p.add_argument("--gpu-memory-utilization", type=float,
+                   help="fraction of a GPU's memory each replica may use for weights, activations and KV cache "
+                   "(default: 0.9 on a GPU of its own; replicas that share a GPU, when --replicas x "
+                   "--tensor-parallel-size exceeds the GPUs, split 0.9 of it evenly)")
     p.add_argument("--num-kv-blocks", type=int, help="KV cache blocks per replica (default: sized from memory)")
     p.add_argument("--max-queued-per-replica", type=int, default=DEFAULTS.max_queued_per_replica,
                    help="requests waiting in one replica before it refuses more (RESOURCE_EXHAUSTED)")
     p.add_argument("--drain-timeout", type=float, default=DEFAULTS.drain_timeout_s,
                    help="seconds in-flight streams get to finish on SIGTERM/SIGINT to the router, or on SIGTERM to "
                    "a replica's process (or its drain call); a drained replica's leftovers move to another replica")
+    p.add_argument("--stall-timeout", type=float, default=DEFAULTS.stall_timeout_s,
+                   help="seconds without a heartbeat from a replica's step thread before it counts as hung and is "
+                   "replaced (its requests move on); the thread beats while idle and after every layer of a step, "
+                   "so a long prefill is not a hang")
     p.add_argument("--max-stream-buffer-tokens", type=int, default=DEFAULTS.max_stream_buffer_tokens,
                    help="tokens the router holds for a client that reads slower than its request generates (beyond "
                    "gRPC's own flow-control window); past it the request is paused, its KV cache freed, and resumed "
@@ -93,8 +109,10 @@ def parse_args(argv: list[str] | None = None) -> RouterConfig:
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     engine_kwargs = {
         "device": args.device, "dtype": args.dtype, "max_num_seqs": args.max_num_seqs,
-        "gpu_memory_utilization": args.gpu_memory_utilization, "tensor_parallel_size": args.tensor_parallel_size,
+        "tensor_parallel_size": args.tensor_parallel_size,
     }
+    if args.gpu_memory_utilization is not None:
+        engine_kwargs["gpu_memory_utilization"] = args.gpu_memory_utilization
     if args.max_model_len is not None:
         engine_kwargs["max_model_len"] = args.max_model_len
     if args.num_kv_blocks is not None:
@@ -107,6 +125,7 @@ def parse_args(argv: list[str] | None = None) -> RouterConfig:
             host=args.host, port=args.port, http_port=args.http_port, ray_address=args.ray_address,
             metrics_port=None if args.metrics_port < 0 else args.metrics_port,
             max_queued_per_replica=args.max_queued_per_replica, drain_timeout_s=args.drain_timeout,
+            stall_timeout_s=args.stall_timeout,
             max_stream_buffer_tokens=args.max_stream_buffer_tokens,
             stalled_stream_timeout_s=args.stalled_stream_timeout,
             replica_prefix=args.replica_prefix, api_keys=read_api_keys(args.api_key_file) if args.api_key_file else (),
@@ -158,8 +177,8 @@ def main(argv: list[str] | None = None) -> None:
     config = parse_args(argv)
     try:
         asyncio.run(serve(config))
-    except ValueError as e:  # found at start, e.g. a model that is neither a directory nor a findable id
-        log.error("%s", e)
+    except (ValueError, StartupError) as e:  # found at start: a model that cannot be found, replicas that cannot
+        log.error("%s", e)  # be placed or whose engines all fail to load
         sys.exit(2)
 
 

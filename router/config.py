@@ -35,7 +35,9 @@ class RouterConfig:
     max_failovers_per_request: int = 3
     health_interval_s: float = 1.0
     health_timeout_s: float = 5.0  # a health call slower than this marks the replica down
-    stall_timeout_s: float = 30.0  # a replica with work but no step for this long is down
+    # A replica whose step thread has not beaten for this long is hung, and down. The thread beats after every
+    # layer of a step and while idle, so this bounds one layer's time, not a step's (a long prefill is fine).
+    stall_timeout_s: float = 30.0
     # On SIGTERM to the router or a replica, how long its streams may take to finish.
     drain_timeout_s: float = DRAIN_TIMEOUT_S
     # A client that reads slower than its request generates: past this many tokens waiting for it (beyond what

@@ -38,12 +38,15 @@ class ServingCore:
         self.draining = False  # set on shutdown: new requests get UNAVAILABLE, those in flight finish
         self._streams: set[_Stream] = set()  # requests being streamed, watched by `end_stalled_streams`
 
-    async def start(self, request: pb.GenerateRequest | UndecodableRequest) -> InFlightRequest:
-        """Validate and place the request; RequestFailed if it cannot be. The caller must `release` what it gets."""
+    async def start(
+        self, request: pb.GenerateRequest | UndecodableRequest, max_tokens_to_context_end: bool = False
+    ) -> InFlightRequest:
+        """Validate and place the request; RequestFailed if it cannot be. The caller must `release` what it gets.
+        `max_tokens_to_context_end`: see RequestValidator.prepare."""
         if self.draining:
             raise self.refuse(grpc.StatusCode.UNAVAILABLE, "the router is draining")
         try:
-            prepared = self.validator.prepare(request)
+            prepared = self.validator.prepare(request, max_tokens_to_context_end)
         except InvalidRequest as e:
             raise self.refuse(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
         inflight = InFlightRequest(prepared, self.tokenizer)

@@ -1,4 +1,4 @@
-"""Progress-based health of one replica: answering is not enough, a replica with work must be stepping."""
+"""Health of one replica from its step thread's heartbeat: answering is not enough, that thread must beat."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from worker.messages import ReplicaHealth
 
 
 async def check_health(actor: ActorHandle, cfg: RouterConfig) -> ReplicaHealth | str:
-    """The replica's health, or why it is down (no answer within health_timeout_s, a failed engine, or work
-    but no step for stall_timeout_s)."""
+    """The replica's health, or why it is down: no answer within health_timeout_s, a failed engine, or no
+    heartbeat for stall_timeout_s (its step thread is stuck: a slow step still beats, after every layer)."""
     try:
         health: ReplicaHealth = await asyncio.wait_for(actor.health.remote(), cfg.health_timeout_s)
     except asyncio.TimeoutError:
@@ -24,7 +24,13 @@ async def check_health(actor: ActorHandle, cfg: RouterConfig) -> ReplicaHealth |
         return health  # drained: its event stream ends after its last batch, and that takes it down
     if health.state != "running":
         return f"engine {health.state}: {health.error}"
-    idle_s = health.seconds_since_last_step
-    if health.has_work and idle_s is not None and idle_s > cfg.stall_timeout_s:
-        return f"has work but made no step for {idle_s:.1f} s"
+    if health.seconds_since_heartbeat > cfg.stall_timeout_s:
+        return f"its step thread has not beaten for {health.seconds_since_heartbeat:.1f} s{_doing(health)}"
     return health
+
+
+def _doing(health: ReplicaHealth) -> str:
+    """What the stuck thread was doing, for the log line."""
+    if health.step_running_s is not None:
+        return f" (inside a step of {health.step_num_tokens} tokens begun {health.step_running_s:.1f} s ago)"
+    return " (between steps, with requests)" if health.has_work else " (idle)"

@@ -82,7 +82,7 @@ class HttpFrontDoor:
     async def models(self, request: web.Request) -> web.Response:
         info = self.core.info
         model = {"id": self.core.model_name, "object": "model", "created": self.created, "owned_by": "nanoserve",
-                 "max_model_len": info.max_model_len}
+                 "max_model_len": info.max_model_len, "random_weights": info.random_weights}
         return web.json_response({"object": "list", "data": [model]})
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
@@ -95,15 +95,15 @@ class HttpFrontDoor:
 
     async def _generate(self, http_request: web.Request, endpoint: Endpoint) -> web.StreamResponse:
         try:
-            api = read_request(endpoint, await _json(http_request), self.core.info.max_model_len)
+            api = read_request(endpoint, await _json(http_request))
         except InvalidBody:
             self.core.count(grpc.StatusCode.INVALID_ARGUMENT)
             raise
         if api.model is not None and api.model not in self.model_names:
-            raise self.core.refuse(grpc.StatusCode.NOT_FOUND, f"model: {api.model!r} is not served here; this "
-                                   f"router serves {self.core.model_name!r} (GET /v1/models)")
+            raise self.core.refuse(grpc.StatusCode.NOT_FOUND, f"model: {json.dumps(api.model)} is not served here; "
+                                   f"this router serves {json.dumps(self.core.model_name)} (GET /v1/models)")
         try:
-            inflight = await self.core.start(api.generate)
+            inflight = await self.core.start(api.generate, api.max_tokens_to_context_end)
         except RequestFailed as e:
             if e.code == grpc.StatusCode.INVALID_ARGUMENT:  # already counted: only renamed to the body's fields
                 raise invalid_body(endpoint, e.message) from None

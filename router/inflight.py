@@ -35,6 +35,8 @@ class InFlightRequest:
         self.replica: str | None = None
         self.attempt = 0  # bumped on every (re)submission: each attempt has its own engine request id
         self.num_failovers = 0
+        # Replicas that died while running it since its last token (the retry budget's suspicion of it).
+        self.replica_deaths: list[str] = []
         self.done = False
         self.paused = False  # taken off its replica until the client reads what waits for it (see ReplicaPool)
         self.placing = False  # a ReplicaPool.submit of it is in progress
@@ -79,8 +81,11 @@ class InFlightRequest:
             return True
         if self.num_cached_tokens is None:
             self.num_cached_tokens = delta.num_cached_tokens
-        if delta.new_token_ids and self.first_token_at is None:
-            self.first_token_at = time.monotonic()
+        if delta.new_token_ids:
+            if self.first_token_at is None:
+                self.first_token_at = time.monotonic()
+            if self.replica_deaths:  # its replica survived it: no longer a suspect
+                self.replica_deaths = []
         self.output_token_ids += delta.new_token_ids
         text = self._text.add(delta.new_token_ids)
         finish_reason = "stop" if self._text.hit_stop else delta.finish_reason if delta.finished else None

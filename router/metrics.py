@@ -40,6 +40,13 @@ class RouterMetrics:
         self.replica_up = Gauge("nanoserve_replica_up", "1 while the replica serves", ["replica"], registry=r)
         self.failovers = Counter("nanoserve_failovers", "Requests moved to another replica after a failure",
                                  registry=r)
+        self.failovers_waiting = Gauge("nanoserve_failovers_waiting",
+                                       "Failovers the retry budget holds back (one runs per replica at a time)",
+                                       registry=r)
+        self.queries_of_death = Counter(
+            "nanoserve_queries_of_death",
+            "Requests stopped (ABORTED) because two replicas died while running them, with no token in between",
+            registry=r)
         self.slow_clients = Counter("nanoserve_slow_client_streams",
                                     "Streams whose client fell behind: paused (the request left its replica), "
                                     "resumed, or ended (no output taken for the stalled-stream timeout)",

@@ -60,9 +60,10 @@ class ApiRequest:
     stream: bool
     include_usage: bool  # streaming: end with a chunk that carries usage
     logprobs: bool  # answer with log-probabilities
+    max_tokens_to_context_end: bool  # no max_tokens given to chat: all the context leaves after the prompt
 
 
-def read_request(endpoint: Endpoint, body: object, max_model_len: int) -> ApiRequest:
+def read_request(endpoint: Endpoint, body: object) -> ApiRequest:
     """The request a body describes; InvalidBody naming the field if it is not one this server can run."""
     if not isinstance(body, dict):
         raise InvalidBody(None, "the request body must be a JSON object")
@@ -73,12 +74,13 @@ def read_request(endpoint: Endpoint, body: object, max_model_len: int) -> ApiReq
         request.chat.CopyFrom(_messages(given))
     else:
         _prompt(given, request)
-    logprobs = _sampling(endpoint, given, request.params, max_model_len)
+    logprobs = _sampling(endpoint, given, request.params)
     if "n" in given and _int(given, "n") != 1:
         raise InvalidBody("n", f"only 1 is supported (one choice per request), got {given['n']}")
     stream = _bool(given, "stream") if "stream" in given else False
     return ApiRequest(endpoint, _str(given, "model") if "model" in given else None, request, stream,
-                      _include_usage(given, stream), logprobs)
+                      _include_usage(given, stream), logprobs,
+                      max_tokens_to_context_end=endpoint == "chat" and not request.params.HasField("max_tokens"))
 
 
 def invalid_body(endpoint: Endpoint, message: str) -> InvalidBody:
@@ -154,7 +156,7 @@ def _content(message: dict[str, Any], i: int) -> str:
     return "\n".join(texts)
 
 
-def _sampling(endpoint: Endpoint, given: dict[str, Any], params: pb.SamplingParams, max_model_len: int) -> bool:
+def _sampling(endpoint: Endpoint, given: dict[str, Any], params: pb.SamplingParams) -> bool:
     """Fill the sampling parameters; whether the answer carries logprobs."""
     for name in _NUMBER_FIELDS:
         if name in given:
@@ -169,18 +171,17 @@ def _sampling(endpoint: Endpoint, given: dict[str, Any], params: pb.SamplingPara
         params.stop.extend([stop] if isinstance(stop, str) else _strs(given, "stop"))
     if "stop_token_ids" in given:
         params.stop_token_ids.extend(_token_ids("stop_token_ids", given["stop_token_ids"]))
-    _max_tokens(endpoint, given, params, max_model_len)
+    _max_tokens(endpoint, given, params)
     return _logprobs(endpoint, given, params)
 
 
-def _max_tokens(endpoint: Endpoint, given: dict[str, Any], params: pb.SamplingParams, max_model_len: int) -> None:
-    """Completions default to 16 tokens (OpenAI's default); chat answers run to the end of the context."""
+def _max_tokens(endpoint: Endpoint, given: dict[str, Any], params: pb.SamplingParams) -> None:
+    """Completions default to 16 tokens (OpenAI's default); chat answers to the end of the context, which
+    only the tokenized prompt tells (ApiRequest.max_tokens_to_context_end)."""
     if endpoint == "chat" and "max_completion_tokens" in given:
         params.max_tokens = _int(given, "max_completion_tokens")
     elif "max_tokens" in given:
         params.max_tokens = _int(given, "max_tokens")
-    elif endpoint == "chat":
-        params.max_tokens = max_model_len
 
 
 def _logprobs(endpoint: Endpoint, given: dict[str, Any], params: pb.SamplingParams) -> bool:

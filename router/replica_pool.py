@@ -3,7 +3,7 @@ failures, move in-flight requests elsewhere, restart.
 
 All of it runs on the router's one asyncio loop, so no locks: state changes between awaits only.
 A replica is `serving` from its first snapshot on, `down` from the first sign of failure (its event
-stream breaks, a health call fails or times out, or it has work but stops stepping), `starting`
+stream breaks, a health call fails or times out, or its step thread's heartbeat stops), `starting`
 while it is replaced. A replica told to drain (SIGTERM, or its `drain` call) is `draining`: it gets no
 new request, its requests finish there, and when it exits it is down (what is left moves) and replaced.
 """
@@ -14,12 +14,13 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 import grpc
 import ray
 from ray.actor import ActorHandle
-from ray.exceptions import RayError
+from ray.exceptions import RayError, RayTaskError
 
 from router.config import RouterConfig
 from router.health import check_health
@@ -27,9 +28,12 @@ from router.inflight import InFlightRequest
 from router.kv_view import KVView
 from router.metrics import RouterMetrics
 from router.policies import Candidate, RoutingPolicy
+from router.ray_placement import wait_until_placed
 from router.replica_slot import ReplicaSlot, SlotState
+from router.retry_budget import MAX_REPLICA_DEATHS, RetryBudget
 from worker import get_replica, start_replica
 from worker.messages import EngineInfo, StepEvents, SubmitError
+from worker.resources import ReplicaResources, plan_replicas
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +45,16 @@ class PoolError(Exception):
         self.code, self.message = code, message
 
 
+class StartupError(Exception):
+    """No replica could start (each one's first attempt failed): the router cannot serve."""
+
+
+def why(error: Exception) -> str:
+    """An error in one line: a replica's own exception rather than Ray's wrapper with its remote traceback."""
+    cause = error.cause if isinstance(error, RayTaskError) else None
+    return f"{cause.__class__.__name__}: {cause}" if isinstance(cause, Exception) else str(error).splitlines()[0]
+
+
 class ReplicaPool:
     """The router's replicas: placing requests, applying their event streams, health, failover, restarts."""
 
@@ -50,53 +64,102 @@ class ReplicaPool:
         for slot in self.slots:
             metrics.add_replica(slot.name)
         self.info: EngineInfo | None = None
+        self.resources: ReplicaResources | None = None  # what each replica asks Ray for, planned at start
         self.on_serving_changed: Callable[[bool], None] = lambda serving: None
+        self.budget = RetryBudget()
         self._closing = False
-        self._restarts: set[asyncio.Task[None]] = set()
-        self._on_gpu = False  # decided at start, from the cluster's resources
+        self._tasks: set[asyncio.Task[None]] = set()  # bring-ups, restarts, failovers: cancelled on close
+        self._started: asyncio.Future[None] | None = None  # done once start() may return (see _check_started)
+        self._late: set[str] = set()  # replicas the start does not wait for: not placed by Ray, or failed
+        self._start_errors: list[str] = []
 
     # --- life cycle ---
 
     async def start(self) -> EngineInfo:
-        """Bring every replica up (re-attaching to live ones of the same name); return the engine info."""
-        device = self.config.engine_kwargs.get("device", "auto")
-        self._on_gpu = device != "cpu" and ray.cluster_resources().get("GPU", 0) > 0
-        await asyncio.gather(*(self._bring_up(slot) for slot in self.slots))
+        """Plan the replicas' resources, bring each one up (re-attaching to live ones of the same name), and
+        return once every replica serves, except those Ray has not placed within seconds or that failed to start
+        (the log says why): those join when they can, and do not keep the ports closed while one serves.
+        StartupError when none can start, ValueError when they cannot all be placed."""
+        self.resources = self._plan()
+        self._started = asyncio.get_running_loop().create_future()
+        for slot in self.slots:
+            self._spawn(self._bring_up(slot), f"{slot.name}-start")
+        try:
+            await self._started
+        except BaseException:
+            await self.close(kill_replicas=True)
+            raise
         assert self.info is not None
         return self.info
 
+    def _plan(self) -> ReplicaResources:
+        cfg = self.config
+        cluster = ray.cluster_resources()
+        device = str(cfg.engine_kwargs.get("device", "auto"))
+        on_gpu = device.startswith("cuda") or (device == "auto" and cluster.get("GPU", 0) > 0)
+        resources = plan_replicas(cfg.num_replicas, cfg.tensor_parallel_size, on_gpu, cluster,
+                                  cfg.engine_kwargs.get("gpu_memory_utilization"))
+        log.info("placement: %s; each replica asks Ray for %s", resources.summary,
+                 ", ".join(f"{key} {amount:g}" for key, amount in resources.ray_resources.items()))
+        return resources
+
     async def _bring_up(self, slot: ReplicaSlot) -> None:
-        actor = None
-        with contextlib.suppress(ValueError):
-            actor = get_replica(slot.name, self.config.namespace)
-        if actor is not None:
-            with contextlib.suppress(RayError):  # a dead leftover is handled below
-                num_orphans = await actor.abort_all.remote()  # they belonged to the router before us
-                log.info("%s: re-attaching to the running replica (%d orphaned requests aborted)", slot.name,
-                         num_orphans)
-        else:
-            actor = self._start_actor(slot)
+        """Re-attach to the live replica of that name, or start one; when that fails, keep restarting it."""
         try:
-            await self._attach(slot, actor)
+            await self._attach_or_start(slot)
+        except (RayError, RuntimeError, ValueError) as e:
+            self._start_errors.append(f"{slot.name}: {why(e)}")
+            self._late.add(slot.name)
+            assert self._started is not None
+            if len(self._start_errors) == len(self.slots) and not self._started.done():
+                self._started.set_exception(StartupError("no replica could start; " + "; ".join(self._start_errors)))
+                return
+            self._check_started()
+            log.warning("%s: failed to start (%s); retrying", slot.name, why(e))
+            await self._restart(slot)
+
+    def _check_started(self) -> None:
+        """Let start() return once one replica serves and each other one serves or is late."""
+        if self._started is None or self._started.done() or not self.serving():
+            return
+        if all(slot.state == "serving" or slot.name in self._late for slot in self.slots):
+            self._started.set_result(None)
+
+    async def _attach_or_start(self, slot: ReplicaSlot) -> None:
+        try:
+            leftover = get_replica(slot.name, self.config.namespace)
+        except ValueError:
+            await self._attach(slot, self._start_actor(slot))
+            return
+        try:
+            num_orphans = await leftover.abort_all.remote()  # they belonged to the router before us
+            log.info("%s: re-attaching to the running replica (%d orphaned requests aborted)", slot.name, num_orphans)
+            await self._attach(slot, leftover)
         except RayError:
-            if actor is not None and slot.actor is None:  # a dead leftover: start afresh
-                log.warning("%s: the running replica did not answer; starting a new one", slot.name)
-                await self._kill_and_wait(actor, slot.name)
-                await self._attach(slot, self._start_actor(slot))
-            else:
-                raise
+            log.warning("%s: the running replica did not answer; starting a new one", slot.name)
+            await self._kill_and_wait(slot.name)
+            await self._attach(slot, self._start_actor(slot))
 
     def _start_actor(self, slot: ReplicaSlot) -> ActorHandle:
         cfg = self.config
+        assert self.resources is not None
         log.info("%s: starting a replica (model %s)", slot.name, cfg.model or "embedded tiny random Qwen3")
         return start_replica(
-            slot.name, cfg.model, dict(cfg.engine_kwargs), on_gpu=self._on_gpu,
-            tensor_parallel_size=cfg.tensor_parallel_size, max_queued_requests=cfg.max_queued_per_replica,
-            drain_timeout_s=cfg.drain_timeout_s, namespace=cfg.namespace,
+            slot.name, cfg.model, dict(cfg.engine_kwargs), resources=self.resources,
+            max_queued_requests=cfg.max_queued_per_replica, drain_timeout_s=cfg.drain_timeout_s,
+            namespace=cfg.namespace,
         )
 
     async def _attach(self, slot: ReplicaSlot, actor: ActorHandle) -> None:
-        """Wait for the engine, subscribe to its events (the pump takes the first snapshot), start health checks."""
+        """Wait for Ray to place it and for its engine, subscribe to its events (the pump takes the first
+        snapshot), start health checks."""
+        assert self.resources is not None
+
+        def late() -> None:
+            self._late.add(slot.name)
+            self._check_started()
+
+        await wait_until_placed(actor, slot.name, self.resources, on_report=late)
         info: EngineInfo = await actor.describe.remote()
         self.info = self.info or info
         slot.actor, slot.kv, slot.next_seq = actor, KVView(), None
@@ -109,10 +172,17 @@ class ReplicaPool:
         self._set_state(slot, "serving")
         log.info("%s: serving (%d KV blocks, %d cached)", slot.name, info.num_kv_blocks, len(slot.kv.hashes))
 
+    def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
+        """A background task the pool owns (and cancels on close)."""
+        task = asyncio.create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
     async def close(self, kill_replicas: bool) -> None:
         self._closing = True
-        for restart in list(self._restarts):  # a replica being replaced would otherwise come up after we left
-            restart.cancel()
+        for task in list(self._tasks):  # a replica being replaced would otherwise come up after we left
+            task.cancel()
         for slot in self.slots:
             for task in slot.tasks:
                 task.cancel()
@@ -128,30 +198,43 @@ class ReplicaPool:
     async def submit(self, request: InFlightRequest, exclude: frozenset[str] = frozenset()) -> None:
         """Place the request on a replica (trying others when one is full or fails); PoolError if none takes it."""
         tried = set(exclude)
-        request.placing = True  # a failover meanwhile leaves it to this loop: one placement at a time
+        slot, num_cached_blocks = self._place(request, tried)
+        while not await self._submit_placed(request, slot, num_cached_blocks):
+            slot, num_cached_blocks = self._place(request, tried)
+
+    def _place(self, request: InFlightRequest, tried: set[str]) -> tuple[ReplicaSlot, int]:
+        """Choose a replica not in `tried` and track the request there; (it, the prompt blocks it has cached)."""
+        slot, num_cached_blocks = self._choose(request, tried)
+        tried.add(slot.name)
+        request.attempt += 1
+        request.replica = slot.name
+        request.placing = True  # a failover meanwhile leaves it to `_submit_placed`: one placement at a time
+        slot.add(request)  # before the call: its events may come first
+        self.metrics.inflight.labels(slot.name).set(len(slot.inflight))
+        return slot, num_cached_blocks
+
+    async def _submit_placed(self, request: InFlightRequest, slot: ReplicaSlot, num_cached_blocks: int) -> bool:
+        """Submit the request to the replica it was placed on. True once it is queued there (or it ended or was
+        paused meanwhile); False when the replica refused it or went down first, for the caller to place it
+        again (such a death is no evidence against the request: the replica may have died before the call
+        reached it). PoolError when the replica finds it invalid."""
         try:
-            while True:
-                slot = self._choose(request, tried)
-                tried.add(slot.name)
-                request.attempt += 1
-                request.replica = slot.name
-                slot.add(request)  # before the call: its events may come first
-                self.metrics.inflight.labels(slot.name).set(len(slot.inflight))
-                error = await self._submit_to(slot, request)
-                if request.done or request.paused:  # it ended, or was paused, while the call was out
-                    return
-                if error is None and slot.inflight.get(request.engine_request_id) is request:
-                    log.info("request %s -> %s (attempt %d, %d prompt tokens, %d cached blocks there)",
-                             request.request_id, slot.name, request.attempt, len(request.prepared.prompt_token_ids),
-                             slot.kv.num_cached_prefix_blocks(request.prepared.prompt_hashes))
-                    return
-                slot.remove(request.engine_request_id)  # refused, or queued on a replica that went down meanwhile
-                if error is not None and error.code == "invalid_argument":
-                    raise PoolError(grpc.StatusCode.INVALID_ARGUMENT, error.message)
+            error = await self._submit_to(slot, request)
+            if request.done or request.paused:  # it ended, or was paused, while the call was out
+                return True
+            if error is None and slot.inflight.get(request.engine_request_id) is request:
+                log.info("request %s -> %s (attempt %d, %d prompt tokens, %d of its blocks cached there)",
+                         request.request_id, slot.name, request.attempt, len(request.prepared.prompt_token_ids),
+                         num_cached_blocks)
+                return True
+            slot.remove(request.engine_request_id)  # refused, or queued on a replica that went down meanwhile
+            if error is not None and error.code == "invalid_argument":
+                raise PoolError(grpc.StatusCode.INVALID_ARGUMENT, error.message)
+            return False
         finally:
             request.placing = False
 
-    def _choose(self, request: InFlightRequest, tried: set[str]) -> ReplicaSlot:
+    def _choose(self, request: InFlightRequest, tried: set[str]) -> tuple[ReplicaSlot, int]:
         slots = [s for s in self.serving() if s.name not in tried]
         if not slots:
             if not self.serving():
@@ -169,7 +252,7 @@ class ReplicaPool:
             for s in open_slots
         ]
         chosen = self.policy.choose(candidates, len(hashes))
-        return next(s for s in open_slots if s.name == chosen.name)
+        return next(s for s in open_slots if s.name == chosen.name), chosen.cached_prefix_blocks
 
     async def _submit_to(self, slot: ReplicaSlot, request: InFlightRequest) -> SubmitError | None:
         assert slot.actor is not None
@@ -185,6 +268,8 @@ class ReplicaPool:
         """Stop the request for good (client gone or deadline passed): its blocks are freed within a step."""
         request.done = True
         self._cancel_on_replica(request)
+        if self.budget:
+            self._admit_failovers()
 
     def _cancel_on_replica(self, request: InFlightRequest) -> None:
         for slot in self.slots:
@@ -217,7 +302,10 @@ class ReplicaPool:
                 raise
             self._mark_down(slot, f"event stream broke: {e.__class__.__name__}")
             return
-        self._mark_down(slot, "drained" if slot.state == "draining" else "event stream ended")
+        if slot.state == "draining":
+            self._mark_down(slot, "drained", died=False)
+        else:
+            self._mark_down(slot, "event stream ended")
 
     def _deliver(self, slot: ReplicaSlot, batch: StepEvents) -> None:
         num_tokens = 0
@@ -245,6 +333,8 @@ class ReplicaPool:
                 self._pause(slot, request)
         self.metrics.tokens_out.inc(num_tokens)  # once a batch: a labelled child costs a lookup each call
         self.metrics.inflight.labels(slot.name).set(len(slot.inflight))
+        if self.budget:  # a moved request's first token frees its replica for the next failover
+            self._admit_failovers()
 
     def _drop_superseded(self, slot: ReplicaSlot, engine_request_id: str) -> None:
         log.warning("%s: dropping %s, superseded by a later attempt", slot.name, engine_request_id)
@@ -290,7 +380,7 @@ class ReplicaPool:
     # --- failure handling ---
 
     async def _watch_health(self, slot: ReplicaSlot, actor: ActorHandle) -> None:
-        """Progress-based health: a replica that does not answer, failed, or has work but stopped stepping is down."""
+        """A replica that does not answer, failed, or whose step thread stopped beating is down."""
         cfg = self.config
         stats: asyncio.Task[None] | None = None
         while slot.actor is actor and slot.state != "down":
@@ -320,7 +410,9 @@ class ReplicaPool:
         m.kv_usage.labels(slot.name).set(engine.num_kv_blocks_used / max(1, engine.num_kv_blocks_total))
         m.queue_depth.labels(slot.name).set(engine.num_waiting)
 
-    def _mark_down(self, slot: ReplicaSlot, reason: str) -> None:
+    def _mark_down(self, slot: ReplicaSlot, reason: str, died: bool = True) -> None:
+        """Take the replica out of service, move its requests (through the retry budget) and restart it.
+        `died`: it failed, so the requests it was running count it as a death (not when it drained)."""
         if slot.state == "down" or self._closing:
             return
         log.warning("%s: down (%s); failing over %d requests", slot.name, reason, len(slot.inflight))
@@ -332,16 +424,21 @@ class ReplicaPool:
         requests = list(slot.inflight.values())
         for request in requests:
             slot.remove(request.engine_request_id)
+            if died and not request.placing:  # queued there, not on its way
+                request.replica_deaths.append(slot.name)
         self.metrics.inflight.labels(slot.name).set(0)
         self._fail_over(requests, exclude=frozenset({slot.name}))
-        restart = asyncio.create_task(self._restart(slot), name=f"{slot.name}-restart")
-        self._restarts.add(restart)
-        restart.add_done_callback(self._restarts.discard)
+        self._spawn(self._restart(slot), f"{slot.name}-restart")
 
     def _fail_over(self, requests: list[InFlightRequest], exclude: frozenset[str]) -> None:
+        """Move the requests elsewhere, as the retry budget lets them; stop those that look like what kills
+        replicas."""
         limit = self.config.max_failovers_per_request
         for request in requests:
             if request.done or request.placing:  # a submit in progress places it elsewhere if this one failed
+                continue
+            if len(request.replica_deaths) >= MAX_REPLICA_DEATHS:
+                self._stop_suspect(request)
                 continue
             request.num_failovers += 1
             if request.num_failovers > limit:
@@ -351,11 +448,44 @@ class ReplicaPool:
                              f"{request.num_failovers} times (max_failovers_per_request={limit})")
                 continue
             self.metrics.failovers.inc()
-            asyncio.create_task(self._resubmit(request, exclude))
+            self.budget.wait(request, exclude)
+        self._admit_failovers()
+        if self.budget:
+            log.info("retry budget: %d failovers wait for a replica with none in progress", len(self.budget))
 
-    async def _resubmit(self, request: InFlightRequest, exclude: frozenset[str]) -> None:
+    def _stop_suspect(self, request: InFlightRequest) -> None:
+        deaths = " and ".join(request.replica_deaths)
+        log.warning("request %s stopped: replicas %s died while running it, with no token in between (%d tokens "
+                    "sent); it may be what kills them, so it is not moved again", request.request_id, deaths,
+                    len(request.output_token_ids))
+        self.metrics.queries_of_death.inc()
+        request.fail(grpc.StatusCode.ABORTED, f"replicas {deaths} died while running this request, with no token "
+                     "in between: it may be what kills them, so it was stopped instead of moved again")
+
+    def _admit_failovers(self) -> None:
+        """Start the failovers the retry budget lets start now; with no replica serving, they fail."""
+        serving = self.serving()
+        if not serving:
+            for request in self.budget.take_all():
+                request.fail(grpc.StatusCode.UNAVAILABLE, "no healthy replica (after its replica failed)")
+        for request, exclude, busy in self.budget.admit(serving):
+            try:
+                slot, num_cached_blocks = self._place(request, set(exclude | busy))
+            except PoolError as e:
+                request.fail(e.code, f"{e.message} (after its replica failed)")
+                continue
+            self._spawn(self._fail_over_to(request, slot, num_cached_blocks, exclude),
+                        f"failover-{request.request_id}")
+        self.metrics.failovers_waiting.set(len(self.budget))
+
+    async def _fail_over_to(
+        self, request: InFlightRequest, slot: ReplicaSlot, num_cached_blocks: int, exclude: frozenset[str]
+    ) -> None:
+        """Submit a moved request where the budget placed it; refused there, it waits in the budget again."""
         try:
-            await self.submit(request, exclude)
+            if not await self._submit_placed(request, slot, num_cached_blocks):
+                self.budget.wait(request, exclude | {slot.name})
+                self._admit_failovers()
         except PoolError as e:
             request.fail(e.code, f"{e.message} (after its replica failed)")
 
@@ -366,8 +496,7 @@ class ReplicaPool:
             self._set_state(slot, "starting")
             actor = None
             try:
-                if slot.actor is not None:
-                    await self._kill_and_wait(slot.actor, slot.name)
+                await self._kill_and_wait(slot.name)
                 slot.actor = None
                 actor = self._start_actor(slot)
                 await self._attach(slot, actor)
@@ -380,21 +509,21 @@ class ReplicaPool:
                         ray.kill(actor, no_restart=True)
                 raise
             except (RayError, RuntimeError, ValueError) as e:
-                log.warning("%s: restart failed (%s); retrying in %.0f s", slot.name, e, delay)
+                log.warning("%s: restart failed (%s); retrying in %.0f s", slot.name, why(e), delay)
                 self._set_state(slot, "down")
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 30.0)
 
-    async def _kill_and_wait(self, actor: ActorHandle, name: str, timeout_s: float = 30.0) -> None:
-        """Kill the actor and wait until its name is free for the replacement."""
-        with contextlib.suppress(RayError, ValueError):
-            ray.kill(actor, no_restart=True)
+    async def _kill_and_wait(self, name: str, timeout_s: float = 30.0) -> None:
+        """Kill the actor of that name, if any, and wait until the name is free for the replacement."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             try:
-                get_replica(name, self.config.namespace)
+                actor = get_replica(name, self.config.namespace)
             except ValueError:
                 return
+            with contextlib.suppress(RayError):
+                ray.kill(actor, no_restart=True)
             await asyncio.sleep(0.2)
         raise RuntimeError(f"{name}: the old actor still holds its name after {timeout_s:.0f} s")
 
@@ -404,4 +533,8 @@ class ReplicaPool:
         self.metrics.replica_up.labels(slot.name).set(1 if state == "serving" else 0)
         if bool(self.serving()) != was_serving:
             self.on_serving_changed(not was_serving)
+        if state == "serving":
+            self._check_started()
+            if self.budget:
+                self._admit_failovers()
 

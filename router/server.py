@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from pathlib import Path
 
 import grpc
@@ -55,8 +56,7 @@ class Router:
         # First: a model that cannot be found fails here, before replicas start loading it.
         tokenizer = await asyncio.to_thread(load_tokenizer, cfg.model)
         if not ray.is_initialized():
-            ray.init(address=cfg.ray_address, namespace=cfg.namespace, include_dashboard=False,
-                     logging_level=logging.WARNING)
+            start_ray(cfg.ray_address, cfg.namespace)
         if cfg.metrics_port is not None:
             self.metrics_port = self.metrics.serve(cfg.metrics_port, cfg.host)
         info = await self.pool.start()
@@ -78,7 +78,8 @@ class Router:
             self.http = HttpFrontDoor(self.core, cfg, self.api_keys)
             self.http_port = await self.http.start()
         await self._set_health(bool(self.pool.serving()))
-        log.info("serving %s on %s:%d (%s, %s) with %d replicas (policy %s)%s%s", model_name, cfg.host, self.port,
+        log.info("serving %s%s on %s:%d (%s, %s) with %d replicas (policy %s)%s%s", model_name,
+                 " (RANDOM weights: gibberish text)" if info.random_weights else "", cfg.host, self.port,
                  "TLS" if cfg.tls_cert else "plaintext", "API keys required" if cfg.api_keys else "no API keys",
                  cfg.num_replicas, cfg.policy,
                  f"; OpenAI-compatible HTTP API on :{self.http_port}/v1" if self.http_port is not None else "",
@@ -123,16 +124,37 @@ class Router:
         log.info("router stopped")
 
 
+def start_ray(address: str | None, namespace: str) -> None:
+    """Join the Ray cluster at `address`, or start a local one (address None) that operators can inspect: with
+    its dashboard (`ray list actors` and the state API need it; on 127.0.0.1 only), and the command that reaches
+    it in the log. Ray gives a local cluster token authentication and warns so at every start; the log line here
+    says instead what a shell needs to use the token."""
+    local = address is None
+    if local:
+        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
+    # Ray starts the dashboard when its packages (ray[default], the cluster extra) are installed.
+    ray.init(address=address, namespace=namespace, dashboard_host="127.0.0.1", logging_level=logging.WARNING)
+    if local:
+        gcs = ray.get_runtime_context().gcs_address
+        token = "RAY_AUTH_MODE=token " if os.environ.get("RAY_AUTH_MODE") == "token" else ""
+        log.info("Ray: a local cluster at %s. Inspect it from a shell with `%sRAY_ADDRESS=%s ray status` (or `ray "
+                 "list actors`)%s", gcs, token, gcs, "; its token is in ~/.ray/auth_token" if token else "")
+
+
 def load_tokenizer(model: str | None) -> Tokenizer:
     """The tokenizer of `model` (a checkpoint directory or a Hugging Face model id, whose tokenizer files
     alone are fetched), or of the embedded tiny model when None."""
     return Tokenizer.from_dir(resolve_model_dir(model, TOKENIZER_FILES) if model else cached_qwen_tokenizer_dir())
 
 
+EMBEDDED_MODEL_NAME = "tiny-random-qwen3"  # the model id clients see without --model; its weights are random
+
+
 def model_display_name(model: str | None) -> str:
-    """A checkpoint directory's name, or the Hugging Face model id as given."""
+    """The model id clients see and may send: a checkpoint directory's name, the Hugging Face model id as
+    given, or EMBEDDED_MODEL_NAME (a plain name; GetModelInfo and /v1/models say the weights are random)."""
     if model is None:
-        return "tiny-random-qwen3 (random weights)"
+        return EMBEDDED_MODEL_NAME
     return Path(model).name if Path(model).expanduser().is_dir() else model
 
 

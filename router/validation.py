@@ -6,6 +6,7 @@ bad request never reaches a replica.
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import uuid
 from collections.abc import Callable
@@ -15,7 +16,7 @@ from typing import TypeVar
 from google.protobuf.message import DecodeError, Message
 
 from engine.block_hash import hash_blocks
-from engine.sampling_params import SamplingParams
+from engine.sampling_params import SamplingParams, max_tokens_error
 from engine.tokenizer import Tokenizer
 from proto import nanoserve_pb2 as pb
 from worker.messages import EngineInfo
@@ -65,7 +66,11 @@ class RequestValidator:
     def __init__(self, tokenizer: Tokenizer, info: EngineInfo) -> None:
         self.tokenizer, self.info = tokenizer, info
 
-    def prepare(self, request: pb.GenerateRequest | UndecodableRequest) -> PreparedRequest:
+    def prepare(
+        self, request: pb.GenerateRequest | UndecodableRequest, max_tokens_to_context_end: bool = False
+    ) -> PreparedRequest:
+        """The request, checked. `max_tokens_to_context_end`: an unset max_tokens means all the context has left
+        after the prompt (OpenAI's chat default) instead of SamplingParams' default."""
         if isinstance(request, UndecodableRequest):
             raise request.error()
         request_id = request.request_id or uuid.uuid4().hex
@@ -73,11 +78,18 @@ class RequestValidator:
             raise InvalidRequest(f"request_id: at most {MAX_REQUEST_ID_LEN} printable characters")
         params = self._params(request.params)
         token_ids = self._prompt(request)
-        if len(token_ids) + 1 > self.info.max_model_len:
+        max_model_len = self.info.max_model_len
+        room = max_model_len - len(token_ids)
+        if room < 1:
             raise InvalidRequest(
-                f"prompt: {len(token_ids)} tokens leave no room to generate within "
-                f"max_model_len={self.info.max_model_len}"
-            )
+                f"prompt: {len(token_ids)} tokens leave no room to generate within max_model_len={max_model_len}")
+        if max_tokens_to_context_end and not request.params.HasField("max_tokens"):
+            try:
+                params = dataclasses.replace(params, max_tokens=room)
+            except ValueError as e:  # min_tokens beyond what fits
+                raise InvalidRequest(f"params.{e}") from None
+        if params.max_tokens > room:
+            raise InvalidRequest(f"params.{max_tokens_error(params.max_tokens, len(token_ids), max_model_len)}")
         return PreparedRequest(request_id, token_ids, params, hash_blocks(token_ids, self.info.block_size))
 
     def _prompt(self, request: pb.GenerateRequest) -> list[int]:

@@ -9,6 +9,7 @@ import ray
 from ray.actor import ActorHandle
 
 from worker.replica import CONCURRENCY_GROUPS, DRAIN_TIMEOUT_S, Replica
+from worker.resources import ReplicaResources
 
 NAMESPACE = "nanoserve"
 # Threads for the router's submit / abort / stats / snapshot calls; each waits for at most one step.
@@ -16,6 +17,7 @@ MAX_CONCURRENCY = 16
 # Defined once, so that restarting replicas does not export the class to the cluster again each time.
 # Ray's stubs omit `concurrency_groups`, a documented ray.remote argument that .options() refuses.
 _ReplicaActor = ray.remote(concurrency_groups=CONCURRENCY_GROUPS)(Replica)  # type: ignore[call-overload]
+ONE_CPU = ReplicaResources(1.0, 0.0, None, "one CPU")
 
 
 def start_replica(
@@ -23,28 +25,27 @@ def start_replica(
     model: str | Path | None,
     engine_kwargs: dict[str, Any] | None = None,
     *,
-    on_gpu: bool,
-    tensor_parallel_size: int = 1,
+    resources: ReplicaResources = ONE_CPU,
     max_queued_requests: int = 256,
     drain_timeout_s: float = DRAIN_TIMEOUT_S,
     namespace: str = NAMESPACE,
 ) -> ActorHandle:
-    """Create the replica actor. It outlives its creator, so a restarted router re-attaches with `get_replica`.
+    """Create the replica actor with the Ray resources of `resources` (see worker/resources.py). It outlives
+    its creator, so a restarted router re-attaches with `get_replica`.
 
-    Returns at once; the engine loads in the actor, and its errors surface on the first call. `model`
-    None serves the embedded tiny random Qwen3.
+    Returns at once, before Ray has placed it; the engine then loads in the actor (its `health` answers
+    meanwhile) and its errors surface on the first engine call, such as `describe`. `model` None serves
+    the embedded tiny random Qwen3.
     """
     engine_kwargs = dict(engine_kwargs or {})
-    if engine_kwargs.setdefault("tensor_parallel_size", tensor_parallel_size) != tensor_parallel_size:
-        raise ValueError(
-            f"tensor_parallel_size={tensor_parallel_size} disagrees with engine_kwargs "
-            f"tensor_parallel_size={engine_kwargs['tensor_parallel_size']}"
-        )
+    if resources.gpu_memory_utilization is not None:
+        engine_kwargs["gpu_memory_utilization"] = resources.gpu_memory_utilization
     actor = _ReplicaActor.options(
         name=name,
         namespace=namespace,
         lifetime="detached",
-        num_gpus=tensor_parallel_size if on_gpu else 0,
+        num_cpus=resources.num_cpus,
+        num_gpus=resources.num_gpus,
         max_concurrency=MAX_CONCURRENCY,
     )
     # Ray's stubs type ActorClass.remote() as `ActorHandle | type`; it returns a handle.

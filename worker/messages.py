@@ -15,9 +15,9 @@ from engine.sequence import FinishReason
 
 # Why a request was not queued; each maps onto one gRPC status of DESIGN.md.
 ErrorCode = Literal["invalid_argument", "resource_exhausted", "unavailable"]
-# running: stepping or idle; failed: the engine raised (see `error`) and the replica must be replaced;
-# stopped: shut down on request.
-ReplicaState = Literal["running", "failed", "stopped"]
+# loading: building its engine; running: stepping or idle; failed: the engine failed to load or raised (see
+# `error`) and the replica must be replaced; stopped: shut down on request.
+ReplicaState = Literal["loading", "running", "failed", "stopped"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,7 +115,11 @@ class EngineInfo:
 
 @dataclass(frozen=True, slots=True)
 class ReplicaHealth:
-    """Progress-based health: a replica that has work but whose last step is old is stuck."""
+    """Liveness from the replica's step thread: its heartbeat (see engine/heartbeat.py), which beats while
+    idle and through a long step, and stops only when that thread is stuck.
+
+    Ages are measured on the replica's own clock, so clock skew between hosts does not matter.
+    """
 
     replica: str
     epoch: str
@@ -123,8 +127,9 @@ class ReplicaHealth:
     draining: bool  # takes no new request; exits once those it has are done (or its drain timeout passed)
     has_work: bool
     num_steps: int
-    # Measured on the replica's own clock, so clock skew between hosts does not matter; None before any step.
-    seconds_since_last_step: float | None
+    seconds_since_heartbeat: float
+    step_running_s: float | None  # how long the step in progress has run; None between steps
+    step_num_tokens: int  # tokens the step in progress computes
     error: str | None  # why the replica failed, when it did
 
 

@@ -116,7 +116,7 @@ class Replica:
             return 0
 
     def _abort_orphans(self, timeout_s: float) -> None:
-        while self._loop.state == "running":
+        while self._loop.state in ("loading", "running"):
             time.sleep(min(1.0, timeout_s / 2))
             if self._loop.has_work and time.monotonic() - self._last_contact > timeout_s:
                 log.warning("%s: no word from the router for %.0f s; aborting its requests", self.name, timeout_s)
@@ -149,10 +149,12 @@ class Replica:
 
     @ray.method(concurrency_group="health")
     def health(self) -> ReplicaHealth:
-        """Progress counters; never waits for the engine. Also the router's heartbeat (see ORPHAN_TIMEOUT_S)."""
-        self._last_contact = time.monotonic()
+        """The step thread's heartbeat; never waits for the engine. Also the router's sign of life (see
+        ORPHAN_TIMEOUT_S)."""
         loop = self._loop
-        last = loop.last_step_at
+        heartbeat = loop.heartbeat
+        beat_at, step_started_at = heartbeat.beat_at, heartbeat.step_started_at
+        self._last_contact = now = time.monotonic()  # after the reads: ages are never negative
         return ReplicaHealth(
             replica=self.name,
             epoch=self.epoch,
@@ -160,7 +162,9 @@ class Replica:
             draining=self._draining,
             has_work=loop.has_work,
             num_steps=loop.num_steps,
-            seconds_since_last_step=None if last is None else time.monotonic() - last,
+            seconds_since_heartbeat=now - beat_at,
+            step_running_s=None if step_started_at is None else now - step_started_at,
+            step_num_tokens=heartbeat.step_num_tokens,
             error=loop.error,
         )
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from typing import TYPE_CHECKING, TypeVar
 
+from engine.heartbeat import Heartbeat
 from worker.messages import ReplicaState
 from worker.outbox import Outbox
 
@@ -19,6 +19,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+# How often an idle loop beats; a health check sees a beat at most this old from a live, idle replica.
+IDLE_BEAT_INTERVAL_S = 0.5
 
 
 class EngineUnavailableError(RuntimeError):
@@ -32,6 +34,10 @@ class StepLoop:
     calls are never concurrent, a call waits for at most one step (a lock would let the loop
     re-take it step after step and starve callers), and a snapshot taken in a call is
     consistent with the steps the outbox has seen. Idle, the loop sleeps on an event.
+
+    Liveness is the engine's `Heartbeat`, which only this thread beats: between steps, within a step
+    (after each layer), and every IDLE_BEAT_INTERVAL_S while idle. A posted call or a step that hangs
+    stops the beats; a slow step does not.
     """
 
     def __init__(self, name: str, make_engine: Callable[[], LLMEngine], outbox: Outbox) -> None:
@@ -41,21 +47,20 @@ class StepLoop:
         self._lock = threading.Lock()  # orders posting a call against the loop's end (see `_finish`)
         self._stopping = False
         # Progress, written by the loop thread only; read anywhere for health (an attribute read is atomic).
-        self.state: ReplicaState = "running"
+        self.state: ReplicaState = "loading"
         self.error: str | None = None
         self.has_work = False
         self.num_steps = 0
-        self.last_step_at: float | None = None  # time.monotonic() of the latest step
-        built: Future[None] = Future()
-        self._thread = threading.Thread(target=self._run, args=(make_engine, built), name=f"{name}-steps", daemon=True)
+        self.heartbeat = Heartbeat()  # the engine's, once it is built
+        self._thread = threading.Thread(target=self._run, args=(make_engine,), name=f"{name}-steps", daemon=True)
         self._thread.start()
-        built.result()  # re-raises the engine's construction error
 
     def call(self, fn: Callable[[LLMEngine], T]) -> T:
-        """Run fn(engine) on the loop thread between steps and return its result (or raise its error)."""
+        """Run fn(engine) on the loop thread between steps and return its result (or raise its error). While
+        the engine loads, the call waits for it; if it fails to load, the call raises EngineUnavailableError."""
         future: Future[object] = Future()
         with self._lock:
-            if self.state != "running":
+            if self.state not in ("loading", "running"):
                 raise EngineUnavailableError(f"engine is {self.state}" + (f": {self.error}" if self.error else ""))
             self._calls.put((fn, future))
         self._wake.set()
@@ -67,15 +72,16 @@ class StepLoop:
         self._wake.set()
         self._thread.join()
 
-    def _run(self, make_engine: Callable[[], LLMEngine], built: Future[None]) -> None:
+    def _run(self, make_engine: Callable[[], LLMEngine]) -> None:
         """The thread: the engine lives in this frame only, so it is closed and released when the loop ends."""
         try:
             engine = make_engine()
         except BaseException as e:
-            built.set_exception(e)
-            self._finish("failed", repr(e))
+            log.exception("the engine failed to load")
+            self._finish("failed", f"the engine failed to load: {e!r}")
             return
-        built.set_result(None)
+        self.heartbeat = engine.heartbeat
+        self.state = "running"
         try:
             self._serve(engine)
         except Exception as e:
@@ -92,16 +98,16 @@ class StepLoop:
             self._run_calls(engine)
             if self._stopping:
                 return
+            self.heartbeat.beat()
             self.has_work = engine.has_unfinished()
             if self.has_work:
                 self._step(engine)
             else:
-                self._wake.wait()
+                self._wake.wait(IDLE_BEAT_INTERVAL_S)
 
     def _step(self, engine: LLMEngine) -> None:
         outputs = engine.step()
         self.num_steps += 1  # counted before the outbox wakes the subscriber, who may then ask for health
-        self.last_step_at = time.monotonic()
         self._outbox.add(outputs, engine.take_kv_events())
 
     def _run_calls(self, engine: LLMEngine) -> None:
@@ -124,5 +130,5 @@ class StepLoop:
                 _, future = self._calls.get_nowait()
             except queue.Empty:
                 break
-            future.set_exception(EngineUnavailableError(f"engine is {state}"))
+            future.set_exception(EngineUnavailableError(f"engine is {state}" + (f": {error}" if error else "")))
         self._outbox.close()

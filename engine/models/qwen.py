@@ -7,6 +7,8 @@ rotary, Qwen2 has a bias on the q/k/v projections. ModelConfig carries those fla
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -93,11 +95,14 @@ class QwenModel(nn.Module):
             QwenDecoderLayer(cfg, max_position, tp_rank, tp_size) for _ in range(cfg.num_hidden_layers)
         )
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        # Called after each layer's launch: the engine's heartbeat, which shows a long step is not a hung one.
+        self.on_layer_done: Callable[[], None] = _nothing
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, metadata: AttentionMetadata) -> torch.Tensor:
         x, residual = self.embed_tokens(input_ids), None
         for layer in self.layers:
             x, residual = layer(positions, x, residual, metadata)
+            self.on_layer_done()
         x, _ = self.norm(x, residual)
         return x
 
@@ -128,3 +133,7 @@ class QwenForCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
         """hidden: [N, hidden] -> logits [N, vocab] (None on TP ranks other than 0)."""
         return self.lm_head(hidden)
+
+
+def _nothing() -> None:
+    pass

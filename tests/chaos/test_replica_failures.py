@@ -97,13 +97,12 @@ def test_hung_replica_is_marked_down_and_its_streams_move(
     hung_at = time.monotonic()
 
     def stalled_since() -> float | None:
-        """When the replica's last step was, on our clock, once it is clearly hung (a loaded machine may
-        start the stall a while after we asked for it)."""
+        """When the replica's step thread last beat, on our clock, once it is clearly hung (a loaded machine
+        may start the stall a while after we asked for it)."""
         if slot.state != "serving":
             return None
-        health = ray.get(slot.actor.health.remote(), timeout=30)
-        idle_s = health.seconds_since_last_step
-        return time.monotonic() - idle_s if idle_s is not None and idle_s > 1.0 else None
+        silent_s = ray.get(slot.actor.health.remote(), timeout=30).seconds_since_heartbeat
+        return time.monotonic() - silent_s if silent_s > 1.0 else None
 
     stall_start = None
     while stall_start is None and slot.state == "serving":

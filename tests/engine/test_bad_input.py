@@ -59,6 +59,9 @@ BAD_GENERATE_CALLS: dict[str, tuple[Any, Any, dict[str, Any], str]] = {
     "prompt > max_model_len": ([1] * 500, None, {}, "max_model_len"),
     "max_tokens 0": ("hi", None, dict(max_tokens=0), "max_tokens"),
     "max_tokens float": ("hi", None, dict(max_tokens=2.0), "max_tokens"),
+    "prompt + max_tokens > max_model_len": ([1] * (MAX_MODEL_LEN - 2), None, dict(max_tokens=3), "max_tokens: 3 "
+                                            "exceeds the 2 tokens left"),
+    "max_tokens a billion": ("hi", None, dict(max_tokens=10**9), "max_tokens: 1000000000 exceeds"),
     "temperature < 0": ("hi", None, dict(temperature=-0.5), "temperature"),
     "temperature NaN": ("hi", None, dict(temperature=float("nan")), "temperature"),
     "temperature inf": ("hi", None, dict(temperature=float("inf")), "temperature"),

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from engine import LLMEngine
+from engine import LLMEngine, SamplingParams
 from engine.block_hash import hash_blocks
 from engine.config import EngineConfig
 from engine.default_model import default_model_dir
@@ -132,10 +132,14 @@ def test_max_tokens_finishes_with_length(engine: LLMEngine) -> None:
     assert len(result["token_ids"]) == 7 and result["finish_reason"] == "length"
 
 
-def test_max_model_len_caps_the_output(engine: LLMEngine) -> None:
-    result = one(engine, random_ids(3, 250), greedy(100))
-    assert len(result["token_ids"]) == 256 - 250
-    assert result["finish_reason"] == "length"
+def test_max_tokens_beyond_max_model_len_is_refused_and_up_to_it_runs(engine: LLMEngine) -> None:
+    with pytest.raises(ValueError, match=r"^max_tokens: 100 exceeds the 6 tokens left after the 250-token prompt "
+                                         r"\(max_model_len=256 is prompt \+ output\)"):
+        one(engine, random_ids(3, 250), greedy(100))
+    with pytest.raises(ValueError, match="max_tokens: 1000000000 exceeds"):
+        engine.add_request(HELLO, SamplingParams(max_tokens=10**9))
+    result = one(engine, random_ids(3, 250), greedy(6))
+    assert len(result["token_ids"]) == 256 - 250 and result["finish_reason"] == "length"
     assert_idle(engine)
 
 

@@ -19,7 +19,6 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 BS = 4  # block size
 SAMPLED = 7  # the token every fake sample returns
 NO_EOS: frozenset[int] = frozenset()
-MAX_MODEL_LEN = 1 << 20
 
 Step = list[tuple[str, int]]  # (request_id, num_new_tokens) for each scheduled sequence
 
@@ -45,7 +44,7 @@ def process(scheduler: Scheduler, batch: ScheduledBatch) -> None:
         if seq.num_computed_tokens < seq.num_tokens:
             continue
         seq.token_ids.append(SAMPLED)
-        if check_stop(seq, SAMPLED, seq.num_tokens, NO_EOS, MAX_MODEL_LEN) is not None:
+        if check_stop(seq, SAMPLED, seq.num_tokens, NO_EOS) is not None:
             scheduler.finish(seq)
 
 

@@ -10,7 +10,6 @@ import pytest
 
 from router.openai_requests import Endpoint, InvalidBody, read_request
 
-MAX_MODEL_LEN = 1024
 PROMPT = {"prompt": [1, 2, 3]}
 MESSAGES = {"messages": [{"role": "user", "content": "Hi"}]}
 
@@ -48,12 +47,13 @@ def body_of(endpoint: Endpoint, text: str) -> dict[str, Any]:
 @pytest.mark.parametrize(("endpoint", "text", "param", "message"), BAD_VALUES, ids=[b for _, b, _, _ in BAD_VALUES])
 def test_a_bad_value_is_named_and_shown_as_json(endpoint: Endpoint, text: str, param: str, message: str) -> None:
     with pytest.raises(InvalidBody) as error:
-        read_request(endpoint, body_of(endpoint, text), MAX_MODEL_LEN)
+        read_request(endpoint, body_of(endpoint, text))
     assert (error.value.param, str(error.value)) == (param, f"{param}: {message}")
 
 
 def test_allowed_no_op_values_and_null_pass() -> None:
     body = {**MESSAGES, "tool_choice": "auto", "parallel_tool_calls": False, "logit_bias": {}, "temperature": None}
-    request = read_request("chat", body, MAX_MODEL_LEN)
+    request = read_request("chat", body)
     assert not request.generate.params.HasField("temperature")  # null means unset
-    assert request.generate.params.max_tokens == MAX_MODEL_LEN  # chat runs to the end of the context
+    # chat runs to the end of the context, which the validator computes from the tokenized prompt
+    assert not request.generate.params.HasField("max_tokens") and request.max_tokens_to_context_end

@@ -35,9 +35,8 @@ def group_request(tokenizer: Tokenizer, group: int, i: int) -> InFlightRequest:
 
 
 def place(pool: ReplicaPool, request: InFlightRequest) -> ReplicaSlot:
-    slot = pool._choose(request, set())
-    request.attempt += 1
-    slot.add(request)
+    slot, _ = pool._place(request, set())
+    request.placing = False  # as if its submit call had returned
     return slot
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import random
 import threading
 import time
@@ -66,6 +67,21 @@ def test_text_and_stop_strings(router: RouterThread, offline: LLMEngine) -> None
         stopped = client.complete(prompt(3, 20), timeout=60, stop=[stop], **greedy(30))
         assert stopped.text == text[: text.index(stop)]
         assert stopped.finish_reason == pb.FINISH_REASON_STOP
+
+
+def test_the_placement_log_line_counts_the_blocks_the_placement_found(
+    router: RouterThread, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Before: the count was taken after the request's own prompt blocks were added to the replica's view, so a
+    cold (or just restarted) replica showed every block of the prompt as cached there."""
+    caplog.set_level(logging.INFO, logger="router.replica_pool")
+    cold = prompt(77, 40)  # 2 full blocks
+    with router.client() as client:
+        collect(client, cold, **greedy(2))
+        collect(client, cold, **greedy(2))
+    placed = [r.getMessage() for r in caplog.records if r.getMessage().startswith("request ")]
+    assert "40 prompt tokens, 0 of its blocks cached there" in placed[-2]
+    assert "40 prompt tokens, 2 of its blocks cached there" in placed[-1]
 
 
 def test_shared_prefix_lands_on_the_replica_that_caches_it(start_router: Callable[..., RouterThread]) -> None:

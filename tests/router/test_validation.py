@@ -43,3 +43,27 @@ def test_chat_the_template_refuses(qwen_tokenizer_dir: Path) -> None:
 def test_chat_messages_are_still_checked(qwen_tokenizer_dir: Path) -> None:
     with pytest.raises(InvalidRequest, match=r"chat.messages\[0\].role: unknown role 'wizard'"):
         validator(qwen_tokenizer_dir, "x").prepare(chat_request("wizard"))
+
+
+def token_request(num_tokens: int, **params: int) -> pb.GenerateRequest:
+    return pb.GenerateRequest(token_ids=pb.TokenIds(ids=[1] * num_tokens), params=pb.SamplingParams(**params))
+
+
+def test_max_tokens_must_fit_the_context_with_the_prompt(qwen_tokenizer_dir: Path) -> None:
+    check = validator(qwen_tokenizer_dir, None)
+    assert check.prepare(token_request(1000, max_tokens=24)).params.max_tokens == 24  # exactly fills it
+    with pytest.raises(InvalidRequest, match=r"^params.max_tokens: 25 exceeds the 24 tokens left after the "
+                                             r"1000-token prompt \(max_model_len=1024 is prompt \+ output\)$"):
+        check.prepare(token_request(1000, max_tokens=25))
+    with pytest.raises(InvalidRequest, match="params.max_tokens: 1000000000 exceeds"):
+        check.prepare(token_request(3, max_tokens=10**9))
+    with pytest.raises(InvalidRequest, match="params.max_tokens: 16 exceeds the 14"):  # the default counts too
+        check.prepare(token_request(1010))
+
+
+def test_to_the_context_end_fills_an_unset_max_tokens_only(qwen_tokenizer_dir: Path) -> None:
+    check = validator(qwen_tokenizer_dir, None)
+    assert check.prepare(token_request(1000), max_tokens_to_context_end=True).params.max_tokens == 24
+    assert check.prepare(token_request(1000, max_tokens=5), max_tokens_to_context_end=True).params.max_tokens == 5
+    with pytest.raises(InvalidRequest, match="params.min_tokens must be in"):
+        check.prepare(token_request(1000, min_tokens=30), max_tokens_to_context_end=True)

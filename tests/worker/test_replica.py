@@ -89,8 +89,10 @@ def model_dir(tiny_checkpoint: Callable[..., Path]) -> Path:
 @pytest.fixture(scope="module")
 def replica(ray_cluster: None, model_dir: Path) -> Iterator[ActorHandle]:
     handle = start_replica(
-        f"test-{uuid.uuid4().hex[:8]}", model_dir, ENGINE_KWARGS, on_gpu=False, max_queued_requests=MAX_QUEUED
+        f"test-{uuid.uuid4().hex[:8]}", model_dir, ENGINE_KWARGS, max_queued_requests=MAX_QUEUED
     )
+    assert ray.get(handle.health.remote(), timeout=TIMEOUT_S).state in ("loading", "running")  # answers at once
+    ray.get(handle.describe.remote(), timeout=TIMEOUT_S)  # waits for the engine
     assert ray.get(handle.health.remote(), timeout=TIMEOUT_S).state == "running"
     yield handle
     ray.kill(handle)
@@ -187,7 +189,7 @@ def test_a_full_queue_refuses_with_its_own_code(replica: ActorHandle) -> None:
 
 def test_a_detached_named_replica_is_found_again_stopped_and_killed(ray_cluster: None, model_dir: Path) -> None:
     name = f"detached-{uuid.uuid4().hex[:8]}"
-    started = start_replica(name, model_dir, ENGINE_KWARGS, on_gpu=False)
+    started = start_replica(name, model_dir, ENGINE_KWARGS)
     found = get_replica(name)
     assert ray.get(found.health.remote(), timeout=TIMEOUT_S).epoch == ray.get(started.health.remote()).epoch
     ray.get(found.shutdown.remote())
@@ -209,7 +211,7 @@ def test_a_draining_replica_refuses_new_requests_finishes_its_own_then_exits(
     ray_cluster: None, model_dir: Path
 ) -> None:
     name = f"drain-{uuid.uuid4().hex[:8]}"
-    replica = start_replica(name, model_dir, ENGINE_KWARGS, on_gpu=False)
+    replica = start_replica(name, model_dir, ENGINE_KWARGS)
     stream = Stream(replica)
     assert submit(replica, [spec("running", prompt(5, 10), 30)]) == [None]
     ray.get(replica.drain.remote(), timeout=TIMEOUT_S)  # returns at once; the drain goes on in the actor

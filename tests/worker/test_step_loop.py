@@ -1,16 +1,20 @@
-"""StepLoop with a scripted stand-in engine: calls between steps, idling, stop, and a failing engine."""
+"""StepLoop with a scripted stand-in engine: calls between steps, idling, stop, a failing engine, and the
+heartbeat that tells a hung loop from a busy one."""
 
 from __future__ import annotations
 
 import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, cast
 
 import pytest
 
 from engine.block_manager import KVEvents
+from engine.heartbeat import Heartbeat
 from engine.outputs import RequestOutput
 from worker.outbox import Outbox
-from worker.step_loop import EngineUnavailableError, StepLoop
+from worker.step_loop import IDLE_BEAT_INTERVAL_S, EngineUnavailableError, StepLoop
 
 
 class FakeEngine:
@@ -21,6 +25,7 @@ class FakeEngine:
         self.fail = False
         self.closed = False
         self.stepping = threading.Lock()  # held during step(): a call that runs meanwhile is a bug
+        self.heartbeat = Heartbeat()
 
     def add(self, request_id: str, steps: int) -> None:
         assert not self.stepping.locked()
@@ -79,7 +84,7 @@ def test_calls_run_between_steps_and_the_loop_idles_after() -> None:
     loop.call(lambda e: e.add("b", 5))
     assert drain(outbox, sub) == {"a": [1] * 3, "b": [1] * 5}
     assert loop.call(lambda e: e.has_unfinished()) is False
-    assert loop.num_steps >= 5 and loop.last_step_at is not None
+    assert loop.num_steps >= 5 and loop.heartbeat is engine.heartbeat
     assert (loop.state, loop.has_work) == ("running", False)
     loop.stop()
     assert loop.state == "stopped" and engine.closed
@@ -111,9 +116,46 @@ def test_a_failing_step_marks_the_loop_failed_and_closes_the_stream() -> None:
         loop.call(lambda e: None)
 
 
-def test_an_engine_that_cannot_be_built_fails_the_constructor() -> None:
+def test_an_engine_that_cannot_be_built_fails_its_calls_with_the_reason() -> None:
     def broken() -> Any:
         raise ValueError("model: no config.json")
 
-    with pytest.raises(ValueError, match="no config.json"):
-        StepLoop("r", broken, Outbox("r", "e"))
+    loop = StepLoop("r", broken, Outbox("r", "e"))
+    with pytest.raises(EngineUnavailableError, match="failed to load: ValueError.*no config.json"):
+        loop.call(lambda e: None)
+    assert loop.state == "failed"
+
+
+def test_calls_made_while_the_engine_loads_wait_for_it() -> None:
+    release = threading.Event()
+    engine = FakeEngine()
+
+    def slow_build() -> Any:
+        release.wait(10)
+        return engine
+
+    loop = StepLoop("r", slow_build, Outbox("r", "e"))  # returns at once: the actor answers health meanwhile
+    assert loop.state == "loading"
+    with ThreadPoolExecutor(1) as pool:
+        answer = pool.submit(loop.call, lambda e: e is engine)
+        time.sleep(0.2)
+        assert not answer.done()
+        release.set()
+        assert answer.result(10) is True
+    assert loop.state == "running"
+    loop.stop()
+
+
+def test_an_idle_loop_beats_and_a_hung_one_does_not() -> None:
+    engine = FakeEngine()
+    loop, _, _ = start(engine)
+    loop.call(lambda e: None)  # built
+    time.sleep(3 * IDLE_BEAT_INTERVAL_S)
+    assert time.monotonic() - loop.heartbeat.beat_at < 2 * IDLE_BEAT_INTERVAL_S  # idle, and beating
+    release = threading.Event()
+    with ThreadPoolExecutor(1) as pool:
+        pool.submit(loop.call, lambda e: release.wait(10))  # a call that hangs the loop thread
+        time.sleep(4 * IDLE_BEAT_INTERVAL_S)
+        assert time.monotonic() - loop.heartbeat.beat_at > 3 * IDLE_BEAT_INTERVAL_S
+        release.set()
+    loop.stop()
