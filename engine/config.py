@@ -19,9 +19,9 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 # KV cache size on CPU when num_kv_blocks is not given (a GPU sizes it from gpu_memory_utilization of its memory).
 CPU_KV_CACHE_BYTES = 1 << 30
 # Tokens one step computes at most, by device type, when max_num_batched_tokens is not given. A CPU is ~100x
-# slower: an 8192-token prefill chunk deep into a 32k-token prompt takes the embedded model 15-20 s on two
-# cores, and every other request on the replica waits that long for its next token; 2048-token chunks keep
-# a step to a few seconds for ~25% more total prefill time (bench/RESULTS.md).
+# slower: an 8192-token prefill chunk deep into a 33k-token prompt takes the embedded model 8.8 s on two cores,
+# and every other request on the replica waits that long for its next token; 2048-token chunks keep a step
+# under 3 s for 16% more total prefill time (bench/cpu_long_prompt.py, bench/RESULTS.md).
 DEFAULT_MAX_NUM_BATCHED_TOKENS = {"cuda": 8192, "cpu": 2048}
 
 
