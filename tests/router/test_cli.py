@@ -4,6 +4,7 @@ model id from the Hugging Face cache."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -16,7 +17,7 @@ import pytest
 
 from engine import LLMEngine, SamplingParams
 from engine.default_model import default_model_dir
-from router.__main__ import parse_args
+from router.__main__ import build_parser, parse_args
 from router.client import Client
 from tests.hub_cache import write_hub_cache
 
@@ -31,6 +32,15 @@ def test_help_explains_every_flag() -> None:
                  "--max-stream-buffer-tokens", "--stalled-stream-timeout", "--prefix-imbalance-ratio",
                  "--prefix-imbalance-slack-tokens"):
         assert flag in out
+
+
+def test_help_shows_each_default_once() -> None:
+    """Before: "(default: the model's) (default: None)" and the like."""
+    text = re.sub(r"\s+", " ", build_parser().format_help())
+    blocks = re.split(r" (?=--[a-z])", text.split("options:", 1)[1])
+    assert "(default: None)" not in text
+    for block in blocks:
+        assert block.lower().count("default") <= 1, block
 
 
 @pytest.mark.parametrize("flag, value, error", [
@@ -81,7 +91,10 @@ def test_serves_the_offline_engines_output_and_drains_on_sigterm(tmp_path: Path)
             chunks = list(client.generate(prompt, timeout=60, **params))
             assert "".join(c.text for c in chunks) == expected["text"]  # type: ignore[index]
             assert [t for c in chunks for t in c.token_ids] == expected["token_ids"]  # type: ignore[index]
-            model_id = http.models.list().data[0].id
+            [listed] = http.models.list().data
+            model_id = listed.id
+            assert model_id == "tiny-random-qwen3" and (listed.model_extra or {})["random_weights"] is True
+            assert client.model_info(timeout=30).model_name == model_id  # a plain id, which requests may name
             answer = http.completions.create(model=model_id, prompt=prompt, max_tokens=24, temperature=0,
                                              extra_body={"ignore_eos": True})
             assert answer.choices[0].text == expected["text"]  # type: ignore[index]

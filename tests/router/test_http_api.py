@@ -10,6 +10,7 @@ import json
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import grpc
@@ -210,6 +211,27 @@ def test_a_failure_mid_stream_ends_it_with_an_error_event(router: RouterThread, 
     assert info.value.body == {"message": info.value.message, "type": "service_unavailable_error", "param": None,
                                "code": None}
     router.wait_for(lambda s: sum(r.num_kv_blocks_used + r.num_inflight_requests for r in s.replicas) == 0, timeout=15)
+
+
+def test_a_request_stopped_as_a_query_of_death_is_a_500_saying_so(router: RouterThread, client: openai.OpenAI,
+                                                                   model: str) -> None:
+    """Two replicas died under it (router/retry_budget.py): gRPC's ABORTED, HTTP's 500 with OpenAI's error JSON."""
+    pool = router.router.pool
+    message = "replicas a and b died while running this request, with no token in between: it was stopped"
+
+    async def stop_everything() -> None:
+        for slot in pool.slots:
+            for request in list(slot.inflight.values()):
+                request.fail(grpc.StatusCode.ABORTED, message)
+
+    with ThreadPoolExecutor(1) as pool_of_one:
+        answer = pool_of_one.submit(post, router, "/v1/completions", json.dumps(
+            {"model": model, "prompt": PROMPT, "max_tokens": 400, "temperature": 0, "ignore_eos": True}).encode())
+        router.wait_for(lambda s: any(r.num_inflight_requests for r in s.replicas), timeout=15)
+        router.call(stop_everything())
+        status, body = answer.result(60)
+    assert status == 500
+    assert body == {"error": {"message": message, "type": "server_error", "param": None, "code": None}}
 
 
 BAD_BODIES: list[tuple[str, dict[str, Any], str]] = [
