@@ -3,11 +3,8 @@ is stopped (ABORTED), while the 32 streams around it move and complete, each equ
 
 from __future__ import annotations
 
-import os
-import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import grpc
 import pytest
@@ -23,31 +20,8 @@ from tests.chaos.load import (
     wait_for,
 )
 from tests.chaos.test_replica_failures import actor_call, all_serving
+from tests.faults import DEADLY_PROMPT, die_on
 from tests.serving import RouterThread
-
-DEADLY_PROMPT = [1023, 1022, 1021, 1020] + [7] * 28  # no other request's prompt starts like this
-
-
-def die_on(prompt_start: list[int]) -> Callable[[Any], None]:
-    """The test-only fault hook, run inside a replica (Ray's __ray_call__): from then on the replica's process
-    dies (as from a kernel crash or an OOM kill) once the prefill of a request starting with `prompt_start` has
-    run, after the replica has answered its submit call. Built here, as closures, so Ray ships the code itself
-    rather than a test-module name."""
-    n = len(prompt_start)
-
-    def arm(engine: Any) -> None:
-        step = engine.step
-
-        def step_or_die() -> Any:
-            if any(seq.token_ids[:n] == prompt_start and seq.num_computed_tokens
-                   for seq in engine._requests.values()):
-                time.sleep(0.5)  # the submit's answer is long gone: the router knows the request ran here
-                os._exit(1)
-            return step()
-
-        engine.step = step_or_die
-
-    return lambda replica: replica._loop.call(arm)
 
 
 def test_a_query_of_death_kills_at_most_two_replicas_and_is_stopped(

@@ -1,5 +1,6 @@
-"""What a new user does in the first hour with `python -m router` on a small CPU machine, as a subprocess with its
-own local Ray: a long prompt after the replica sat idle, more replicas than CPUs, a max_tokens beyond the context."""
+"""What a new user does in the first hour with `python -m router` on a small CPU machine, run as a subprocess (with
+its own local Ray, or joining the tests' one): a long prompt after the replica sat idle, more replicas than CPUs,
+a max_tokens beyond the context, a request that crashes the replicas it runs on."""
 
 from __future__ import annotations
 
@@ -11,18 +12,23 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 import urllib.error
 import urllib.request
+import uuid
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO
 
 import grpc
 import pytest
+import ray
 
 from proto import nanoserve_pb2 as pb
 from router.client import Client
+from tests.faults import DEADLY_PROMPT, die_on
 
 ROOT = Path(__file__).resolve().parents[2]
 WORDS = ("serving", "replica", "token", "cache", "prefix", "router", "engine", "stream", "block", "kernel", "the", "of",
@@ -140,3 +146,30 @@ def test_four_replicas_on_two_cpus_all_serve() -> None:
             out = subprocess.run([ray_bin, *ray_args.split()], env={**os.environ, **env}, capture_output=True,
                                  text=True, timeout=120)
             assert out.returncode == 0 and expected in out.stdout, out.stderr
+
+
+@pytest.mark.slow
+def test_a_query_of_death_is_stopped_after_two_replicas_while_the_others_stream_on(ray_cluster: None) -> None:
+    """Before: the request moved on after each replica it crashed, up to max_failovers_per_request, and took four
+    down. The router here joins the tests' Ray (--ray-address), so the test can arm its replicas' fault hook."""
+    prefix = f"qod-{uuid.uuid4().hex[:6]}"
+    args = ["--replicas", "3", "--ray-address", ray.get_runtime_context().gcs_address, "--replica-prefix", prefix]
+    with running_router(args) as router, Client(router.address) as client, ThreadPoolExecutor(6) as streams:
+        for i in range(3):
+            replica = ray.get_actor(f"{prefix}-{i}", namespace="nanoserve")
+            ray.get(replica.__ray_call__.remote(die_on(DEADLY_PROMPT[:4])), timeout=30)
+        others = [streams.submit(client.complete, [5 + i] * 20, timeout=120, max_tokens=60, temperature=0.0,
+                                 ignore_eos=True) for i in range(6)]
+        with pytest.raises(grpc.RpcError) as stopped:
+            client.complete(DEADLY_PROMPT, timeout=120, max_tokens=8, temperature=0.0)
+        assert stopped.value.code() == grpc.StatusCode.ABORTED
+        assert f"replicas {prefix}-" in (stopped.value.details() or "") and "died while running this request" in (
+            stopped.value.details() or "")
+        assert all(len(other.result(120).token_ids) == 60 for other in others)
+        deadline = time.monotonic() + 120
+        while (status := client.cluster_status(timeout=10)).replicas and any(
+                r.state != pb.REPLICA_STATE_SERVING for r in status.replicas):
+            assert time.monotonic() < deadline, status
+            time.sleep(0.5)
+        assert sum(r.num_restarts for r in status.replicas) == 2
+        assert any("stopped: replicas" in line and "it may be what kills them" in line for line in router.log)
