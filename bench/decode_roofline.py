@@ -55,9 +55,10 @@ def main() -> None:
     p.add_argument("--model", type=Path)
     p.add_argument("--context", type=int, default=1024)
     p.add_argument("--steps", type=int, default=32)
+    p.add_argument("--batch-invariant", action="store_true", help="the engine's batch-invariant mode")
     args = p.parse_args()
     engine = LLMEngine(args.model or random_qwen3_0_6b(), max_model_len=2048, max_num_seqs=256,
-                       max_num_batched_tokens=16384)
+                       max_num_batched_tokens=16384, batch_invariant=args.batch_invariant)
     bandwidth = copy_bandwidth()
     weight_bytes = sum(t.numel() * t.element_size() for t in engine.model_runner.model.parameters())
     print(f"copy bandwidth {bandwidth / 1e12:.2f} TB/s, weights {weight_bytes / 2**30:.2f} GiB")

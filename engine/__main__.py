@@ -64,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--gpu-memory-utilization", type=float, default=ENGINE_DEFAULTS["gpu_memory_utilization"],
                    help="GPU memory fraction to use (default %(default)s)")
     e.add_argument("--enforce-eager", action="store_true", help="disable CUDA graphs (GPU only)")
+    e.add_argument("--batch-invariant", action=argparse.BooleanOptionalAction,
+                   default=ENGINE_DEFAULTS["batch_invariant"],
+                   help="GPU: each token's logits bitwise independent of the batch around it (default: off)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.add_argument("--log-level", default="WARNING", help="logging level (default %(default)s)")
     return p
@@ -81,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
             args.model, device=args.device, dtype=args.dtype, max_model_len=args.max_model_len,
             max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
             gpu_memory_utilization=args.gpu_memory_utilization, enforce_eager=args.enforce_eager,
+            batch_invariant=args.batch_invariant,
         )
         prompts = [_chat(engine, p) if args.chat else p for p in args.prompts]
         results = engine.generate(prompts, params, use_tqdm=not args.no_progress)

@@ -125,6 +125,7 @@ class EngineConfig:
     block_size: int
     num_kv_blocks: int | None
     enforce_eager: bool
+    batch_invariant: bool
     dtype: torch.dtype
     device: torch.device
 
@@ -141,6 +142,7 @@ class EngineConfig:
         block_size: int = 16,
         num_kv_blocks: int | None = None,
         enforce_eager: bool = False,
+        batch_invariant: bool = False,
         dtype: str = "auto",
         device: str = "auto",
     ) -> EngineConfig:
@@ -162,8 +164,9 @@ class EngineConfig:
             raise ValueError(f"gpu_memory_utilization must be a number, got {gpu_memory_utilization!r}")
         if not 0.0 < gpu_memory_utilization <= 1.0:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization}")
-        if not isinstance(enforce_eager, bool):
-            raise ValueError(f"enforce_eager must be a bool, got {enforce_eager!r}")
+        for name, flag in (("enforce_eager", enforce_eager), ("batch_invariant", batch_invariant)):
+            if not isinstance(flag, bool):
+                raise ValueError(f"{name} must be a bool, got {flag!r}")
         model_dir = _resolve_model(model)  # after the checks above: it may download the model
         model_config = ModelConfig.from_dir(model_dir)
         resolved_device = _resolve_device(device)
@@ -179,6 +182,7 @@ class EngineConfig:
             block_size=block_size,
             num_kv_blocks=num_kv_blocks,
             enforce_eager=enforce_eager,
+            batch_invariant=batch_invariant,
             dtype=_resolve_dtype(dtype, model_config.checkpoint_dtype, resolved_device),
             device=resolved_device,
         )

@@ -35,7 +35,7 @@ def allocate_kv_cache(model: nn.Module, config: EngineConfig, num_blocks: int) -
     alloc = torch.empty if config.device.type == "cpu" else torch.zeros
     cache = alloc(shape, dtype=config.dtype, device=config.device)
     for i, layer in enumerate(layers):
-        layer.bind_kv_cache(cache[0, i], cache[1, i], config.max_model_len)
+        layer.bind_kv_cache(cache[0, i], cache[1, i], config.max_model_len, config.batch_invariant)
     return cache
 
 
@@ -97,7 +97,8 @@ def _wait_for_free_memory(config: EngineConfig, needed_bytes: int, free_bytes: i
 
 def log_kv_cache(config: EngineConfig, num_blocks: int, block_bytes: int) -> None:
     log.info(
-        "KV cache: %d blocks x %d tokens (%.1f MiB) on %s; attention backend: %s",
+        "KV cache: %d blocks x %d tokens (%.1f MiB) on %s; attention backend: %s%s",
         num_blocks, config.block_size, num_blocks * block_bytes / 2**20, config.device,
-        attention_backend(config.device, config.block_size),
+        attention_backend(config.device, config.block_size, config.batch_invariant),
+        "; batch-invariant numerics" if config.batch_invariant else "",
     )

@@ -15,6 +15,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from engine.batch_invariance import disable_cublas_split_k
 from engine.block_manager import BlockManager, KVEvents
 from engine.config import EngineConfig
 from engine.detokenizer import IncrementalDetokenizer
@@ -58,6 +59,7 @@ class LLMEngine:
         block_size: int = 16,
         num_kv_blocks: int | None = None,
         enforce_eager: bool = False,
+        batch_invariant: bool = False,
         dtype: str = "auto",
         device: str = "auto",
     ) -> None:
@@ -80,14 +82,20 @@ class LLMEngine:
         num_kv_blocks: KV cache size in blocks; None: sized by gpu_memory_utilization on GPU; on CPU, room for
             max_num_seqs sequences of max_model_len tokens, at most 1 GiB.
         enforce_eager: run decode steps eagerly instead of replaying CUDA graphs (GPU only).
+        batch_invariant: on a GPU, make every token's logits bitwise independent of the batch around it (batch
+            size and makeup, chunking, prefix hits, graphs or eager, a resumed request), so a request re-run
+            or moved to another replica yields the same tokens; see engine/batch_invariance.py. CPU runs are
+            invariant already.
         dtype: "auto" (the checkpoint's; float32 on CPU), "float32", "bfloat16" or "float16".
         device: "auto" (CUDA when available), "cpu", "cuda" or "cuda:N".
         """
+        if batch_invariant:  # before anything runs on the GPU (and before the rank processes start)
+            disable_cublas_split_k()
         self.config = EngineConfig.create(
             model, tensor_parallel_size=tensor_parallel_size, max_num_batched_tokens=max_num_batched_tokens,
             max_num_seqs=max_num_seqs, max_model_len=max_model_len, gpu_memory_utilization=gpu_memory_utilization,
-            block_size=block_size, num_kv_blocks=num_kv_blocks, enforce_eager=enforce_eager, dtype=dtype,
-            device=device,
+            block_size=block_size, num_kv_blocks=num_kv_blocks, enforce_eager=enforce_eager,
+            batch_invariant=batch_invariant, dtype=dtype, device=device,
         )
         self.tokenizer = Tokenizer.from_dir(self.config.model)
         self.eos_token_ids = frozenset(self.config.model_config.eos_token_ids) | self.tokenizer.eos_token_ids

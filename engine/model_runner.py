@@ -147,6 +147,8 @@ class ModelRunner:
         return self._sample(logits, seqs)
 
     def _num_kv_splits(self, batch_size: int) -> int:
+        if self.config.batch_invariant:  # a split count that follows the batch would change the sums' order
+            return 1
         return decode_kv_splits(batch_size, self.config.model_config.num_key_value_heads, self.num_sms)
 
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> PendingSamples:

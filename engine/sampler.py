@@ -286,13 +286,26 @@ def _top_k_top_p_floor(scaled: torch.Tensor, batch: SamplingBatch) -> torch.Tens
         return floor
     in_top_k = sorted_logits >= floor  # [B, V], a prefix of each sorted row
     probs = sorted_logits.masked_fill(~in_top_k, float("-inf")).softmax(dim=-1)  # [B, V]
-    mass_before = probs.cumsum(dim=-1) - probs  # [B, V], probability of all strictly better tokens
+    mass_before = _row_cumsum(probs) - probs  # [B, V], probability of all strictly better tokens
     top_ps = batch.top_ps[:, None]  # [B, 1]
     # top_p = 1 keeps all: rounding could otherwise push mass_before to 1.0 before the tail.
     keep = in_top_k & ((mass_before < top_ps) | (top_ps >= 1.0))  # [B, V], a prefix holding index 0
     # >= 1 (the docstring's promise) even where top_p rounds to 0 in float32 or the scaled logits overflow.
     num_kept = keep.sum(dim=-1, keepdim=True).clamp_min(1)  # [B, 1]
     return sorted_logits.gather(1, num_kept - 1)
+
+
+def _row_cumsum(x: torch.Tensor) -> torch.Tensor:
+    """Cumulative sums along each row of x [B, V], the same bits for a row whatever B is.
+
+    On CUDA, torch scans a lone row with another algorithm (CUB's device scan) than rows of a batch (one
+    block-wide scan per row): measured on an H200, a row's float32 sums differ in the last bits between B = 1
+    and B >= 2 (bench/invariance_probe.py), which can move the top-p cut and so the sampled token. A lone row
+    goes through the batched algorithm, as the first of two.
+    """
+    if x.shape[0] != 1 or not x.is_cuda:
+        return x.cumsum(dim=-1)
+    return torch.cat([x, x]).cumsum(dim=-1)[:1]
 
 
 def _min_p(probs: torch.Tensor, min_ps: torch.Tensor) -> torch.Tensor:

@@ -12,6 +12,10 @@ import torch
 
 from kernels.triton_compat import tl, triton
 
+# Query rows (tokens x GQA heads) and keys of one tile in the batch-invariant mode, decode and prefill alike: the
+# same matrix-multiply shapes on both paths, hence the same order of every sum a query's output is made of.
+BATCH_INVARIANT_TILE = (16, 64)
+
 
 def decode_kv_splits(batch_size: int, num_kv_heads: int, num_sms: int) -> int:
     """Flash-decoding splits for a decode batch: enough programs to fill the GPU (at most 16)."""
@@ -33,6 +37,7 @@ def paged_attention(
     max_query_len: int,
     num_splits: int = 1,
     out: torch.Tensor | None = None,  # [T, Hq, D], written in place when given
+    batch_invariant: bool = False,
 ) -> torch.Tensor:  # [T, Hq, D]
     """Triton version of `paged_attention_ref`.
 
@@ -41,6 +46,9 @@ def paged_attention(
     group (GQA). With num_splits > 1 (flash-decoding) each program covers a slice of the context
     and a second kernel merges the partial results by their log-sum-exp, so a small batch of long
     contexts still fills the GPU. `max_query_len` and `num_splits` are host-side launch shapes.
+
+    `batch_invariant`: one tile shape for decode and prefill (BATCH_INVARIANT_TILE) and no KV split, so each
+    query's keys are reduced in the same order whatever the step holds (engine/batch_invariance.py).
     """
     num_tokens, num_heads, head_dim = query.shape
     num_seqs = seq_lens.shape[0]
@@ -49,11 +57,16 @@ def paged_attention(
     num_kv_heads, page = k_cache.shape[2], k_cache.shape[1]
     group = num_heads // num_kv_heads
     decode = max_query_len == 1
-    block_q = 1 if decode else max(1, 64 // group)
+    if batch_invariant:
+        assert num_splits == 1, "a KV split count that follows the batch breaks batch invariance"
+        rows, block_n = BATCH_INVARIANT_TILE
+        block_q = 1 if decode else max(1, rows // group)
+    else:
+        block_q = 1 if decode else max(1, 64 // group)
+        # Decode reads each key once per GQA group: longer KV tiles keep more bytes in flight per program
+        # (measured on an H200 with mixed context lengths: 1.14x the memory roofline at batch 128, 1.23x with 64).
+        block_n = 128 if decode else 64
     block_m = max(16, triton.next_power_of_2(block_q * group))
-    # Decode reads each key once per GQA group: longer KV tiles keep more bytes in flight per program (measured
-    # on an H200 with contexts of mixed lengths: 1.14x the memory roofline at batch 128 against 1.23x with 64).
-    block_n = 128 if decode else 64
     num_q_tiles = triton.cdiv(max_query_len, block_q)
     out = torch.empty_like(query) if out is None else out
     if num_splits > 1:

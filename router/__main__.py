@@ -72,6 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: 0.9 on a GPU of its own; replicas that share a GPU, when --replicas x "
                    "--tensor-parallel-size exceeds the GPUs, split 0.9 of it evenly)")
     p.add_argument("--num-kv-blocks", type=int, help="KV cache blocks per replica (default: sized from memory)")
+    p.add_argument("--batch-invariant", action=argparse.BooleanOptionalAction,
+                   help="batch-invariant numerics: each token's logits bitwise independent of the batch around it, "
+                   "so a stream moved to another replica continues exactly (default: on for replicas on GPUs; CPU "
+                   "replicas are invariant anyway); --no-batch-invariant trades that for speed (bench/RESULTS.md)")
     p.add_argument("--max-queued-per-replica", type=int, default=DEFAULTS.max_queued_per_replica,
                    help="requests waiting in one replica before it refuses more (RESOURCE_EXHAUSTED)")
     p.add_argument("--drain-timeout", type=float, default=DEFAULTS.drain_timeout_s,
@@ -125,7 +129,7 @@ def parse_args(argv: list[str] | None = None) -> RouterConfig:
             host=args.host, port=args.port, http_port=args.http_port, ray_address=args.ray_address,
             metrics_port=None if args.metrics_port < 0 else args.metrics_port,
             max_queued_per_replica=args.max_queued_per_replica, drain_timeout_s=args.drain_timeout,
-            stall_timeout_s=args.stall_timeout,
+            stall_timeout_s=args.stall_timeout, batch_invariant=args.batch_invariant,
             max_stream_buffer_tokens=args.max_stream_buffer_tokens,
             stalled_stream_timeout_s=args.stalled_stream_timeout,
             replica_prefix=args.replica_prefix, api_keys=read_api_keys(args.api_key_file) if args.api_key_file else (),

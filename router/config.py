@@ -17,6 +17,9 @@ class RouterConfig:
     model: str | None = None  # None: the embedded tiny random Qwen3
     tensor_parallel_size: int = 1
     engine_kwargs: dict[str, Any] = field(default_factory=dict)  # passed to LLMEngine as is
+    # Batch-invariant numerics (LLMEngine's batch_invariant), so a request moved to another replica continues
+    # exactly; None: on for replicas on GPUs (CPU replicas are invariant anyway).
+    batch_invariant: bool | None = None
     policy: str = "prefix"
     # The prefix policy weighs cache affinity only among replicas whose load is at most
     # ratio x (the least load) + slack tokens; past that bound, load wins.

@@ -65,6 +65,7 @@ class ReplicaPool:
             metrics.add_replica(slot.name)
         self.info: EngineInfo | None = None
         self.resources: ReplicaResources | None = None  # what each replica asks Ray for, planned at start
+        self._engine_kwargs: dict[str, Any] = {}  # the config's, with what the plan adds
         self.on_serving_changed: Callable[[bool], None] = lambda serving: None
         self.budget = RetryBudget()
         self._closing = False
@@ -99,8 +100,11 @@ class ReplicaPool:
         on_gpu = device.startswith("cuda") or (device == "auto" and cluster.get("GPU", 0) > 0)
         resources = plan_replicas(cfg.num_replicas, cfg.tensor_parallel_size, on_gpu, cluster,
                                   cfg.engine_kwargs.get("gpu_memory_utilization"))
-        log.info("placement: %s; each replica asks Ray for %s", resources.summary,
-                 ", ".join(f"{key} {amount:g}" for key, amount in resources.ray_resources.items()))
+        batch_invariant = on_gpu if cfg.batch_invariant is None else cfg.batch_invariant
+        self._engine_kwargs = {**cfg.engine_kwargs, "batch_invariant": batch_invariant}
+        log.info("placement: %s; each replica asks Ray for %s; batch-invariant numerics %s", resources.summary,
+                 ", ".join(f"{key} {amount:g}" for key, amount in resources.ray_resources.items()),
+                 "on" if batch_invariant else "off")
         return resources
 
     async def _bring_up(self, slot: ReplicaSlot) -> None:
@@ -145,7 +149,7 @@ class ReplicaPool:
         assert self.resources is not None
         log.info("%s: starting a replica (model %s)", slot.name, cfg.model or "embedded tiny random Qwen3")
         return start_replica(
-            slot.name, cfg.model, dict(cfg.engine_kwargs), resources=self.resources,
+            slot.name, cfg.model, dict(self._engine_kwargs), resources=self.resources,
             max_queued_requests=cfg.max_queued_per_replica, drain_timeout_s=cfg.drain_timeout_s,
             namespace=cfg.namespace,
         )

@@ -30,12 +30,13 @@ class AttentionMetadata:
     num_splits: int = 1  # KV splits per sequence (flash-decoding) for the GPU kernel
 
 
-def attention_backend(device: torch.device, block_size: int) -> str:
+def attention_backend(device: torch.device, block_size: int, batch_invariant: bool = False) -> str:
     """Which implementation runs attention on `device` with `block_size`-token pages:
-    "flash-attn", "triton" or "torch-reference"."""
+    "flash-attn", "triton" or "torch-reference". The batch-invariant mode never takes flash-attn, whose
+    decode and prefill paths reduce a query's keys in different orders."""
     if device.type != "cuda":
         return "torch-reference"
-    if flash_attn_supports(block_size):
+    if flash_attn_supports(block_size) and not batch_invariant:
         return "flash-attn"
     return "triton" if HAS_TRITON else "torch-reference"
 
@@ -50,12 +51,16 @@ class Attention(nn.Module):
         self.v_cache = torch.empty(0)
         self.backend = "torch-reference"
         self.max_seq_len = 0
+        self.batch_invariant = False
 
-    def bind_kv_cache(self, k_cache: torch.Tensor, v_cache: torch.Tensor, max_seq_len: int) -> None:
+    def bind_kv_cache(
+        self, k_cache: torch.Tensor, v_cache: torch.Tensor, max_seq_len: int, batch_invariant: bool
+    ) -> None:
         """Attach this layer's slice of the KV cache (called once by the model runner); no sequence is
-        ever longer than `max_seq_len` tokens."""
+        ever longer than `max_seq_len` tokens. `batch_invariant`: see engine/batch_invariance.py."""
         self.k_cache, self.v_cache, self.max_seq_len = k_cache, v_cache, max_seq_len
-        self.backend = attention_backend(k_cache.device, k_cache.shape[1])
+        self.backend = attention_backend(k_cache.device, k_cache.shape[1], batch_invariant)
+        self.batch_invariant = batch_invariant
 
     def forward(self, q: torch.Tensor, metadata: AttentionMetadata) -> torch.Tensor:
         """q: [T, Hq, D] -> [T, Hq, D]."""
@@ -68,7 +73,7 @@ class Attention(nn.Module):
         if self.backend == "triton":
             return paged_attention(
                 q, self.k_cache, self.v_cache, m.query_start_loc, m.seq_lens, m.block_tables, self.scale,
-                m.max_query_len, m.num_splits,
+                m.max_query_len, m.num_splits, batch_invariant=self.batch_invariant,
             )
         return paged_attention_ref(
             q, self.k_cache, self.v_cache, m.query_start_loc, m.seq_lens, m.block_tables, self.scale

@@ -42,7 +42,7 @@ def test_help_lists_every_flag() -> None:
 def test_help_shows_each_default_once_and_the_engine_s_are_llm_engine_s() -> None:
     parser = cli.build_parser()
     options = re.sub(r"\s+", " ", parser.format_help()).partition(" options: ")[2]
-    entries = {entry.split()[0]: entry for entry in re.split(r" (?=--[a-z])", options)}
+    entries = {entry.split()[0].rstrip(","): entry for entry in re.split(r" (?=--[a-z])", options)}
     for flag in re.findall(r'add_argument\(\s*"(--[a-z-]+)"', inspect.getsource(cli)):
         default = parser.get_default(flag[2:].replace("-", "_"))
         assert entries[flag].count("default") <= 1, entries[flag]

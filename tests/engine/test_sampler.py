@@ -299,3 +299,23 @@ def test_extreme_top_p_keeps_the_most_likely_token(params: SamplingParams) -> No
     row = make_logits(64)
     out = run_sampler(row[None, :], [params])
     assert out.token_ids.tolist() == [int(row.argmax())]
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])
+def test_a_row_samples_the_same_alone_and_in_any_batch(device: str) -> None:
+    """Top-k, top-p and min-p, greedy, logprobs: row 0's token and logprobs bitwise the same beside 1, 7 or 255
+    other rows (a lone row once took another cumulative-sum algorithm on CUDA: engine/sampler.py _row_cumsum)."""
+    g = torch.Generator().manual_seed(3)
+    logits = (torch.randn(256, 32000, generator=g) * 3).to(device)
+    params = [SamplingParams(temperature=0.8, top_p=0.9, top_k=500, min_p=0.01, seed=7, logprobs=5),
+              SamplingParams(temperature=0.0, logprobs=5)]
+    for row_params in params:
+        outputs = []
+        for size in (1, 2, 8, 256):
+            batch = SamplingBatch.build([row_params] + [SamplingParams(temperature=1.0, top_p=0.5, seed=i)
+                                                        for i in range(size - 1)],
+                                        seeds=list(range(size)), positions=[11] * size, suppressed=[[]] * size,
+                                        device=torch.device(device), histories=[None] * size)
+            out = Sampler()(logits[:size], batch)
+            outputs.append((out.token_ids[0].item(), out.logprobs[0].item(), out.top_logprobs[0].tolist()))
+        assert outputs == [outputs[0]] * 4, row_params

@@ -48,7 +48,9 @@ def _variants() -> list[tuple[object, dict[str, str], dict[str, object]]]:
                              "stride_ot", "stride_oh", "num_tokens", "num_q_tiles"], "i32"),
         }
         precision = "ieee" if dtype == "fp32" else "tf32"
-        for block_q, block_m, block_n, splits in ((1, 16, 128, 1), (1, 16, 128, 8), (32, 64, 64, 1)):  # decode, prefill
+        # decode, prefill; then the batch-invariant mode's decode and prefill (kernels/paged_attention.py)
+        for block_q, block_m, block_n, splits in ((1, 16, 128, 1), (1, 16, 128, 8), (32, 64, 64, 1), (1, 16, 64, 1),
+                                                  (8, 16, 64, 1)):
             variants.append((paged_attention._paged_attention_kernel, attention_signature, dict(
                 GROUP=2, BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=block_n, PAGE=16, HEAD_DIM=128, NUM_SPLITS=splits,
                 DOT_PRECISION=precision)))

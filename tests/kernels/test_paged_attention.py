@@ -92,3 +92,38 @@ def test_paged_attention_matches_reference(
 def test_decode_kv_splits_fill_the_gpu_with_at_most_sixteen() -> None:
     # One program per (sequence, KV head); split until there are two programs per SM, capped at 16 splits.
     assert [decode_kv_splits(b, 8, 132) for b in (1, 2, 4, 8, 16, 17, 32, 33, 256)] == [16, 16, 16, 8, 4, 2, 2, 1, 1]
+
+
+@pytest.mark.parametrize("num_heads,num_kv_heads", [(16, 8), (8, 2)])
+def test_batch_invariant_mode_matches_the_reference(num_heads: int, num_kv_heads: int) -> None:
+    for q_lens, context_lens in CASES:
+        batch = make_batch(q_lens, context_lens, num_heads, num_kv_heads, 64, 16, DTYPES[-1], seed=7)
+        out = paged_attention(**batch, max_query_len=max(q_lens), batch_invariant=True)
+        assert relative_error(out, paged_attention_ref(**batch)) < TOLERANCE[DTYPES[-1]]
+
+
+@pytest.mark.skipif(not ON_GPU, reason="bitwise equality is a property of the compiled kernel (needs a GPU)")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_batch_invariant_mode_reduces_a_query_alike_on_every_path(dtype: torch.dtype) -> None:
+    """A sequence's last token, computed as a decode, in a decode batch, and as the end of prefill chunks of
+    several sizes: bitwise the same output in the mode (the same case without it differs: a negative control)."""
+    context, num_heads, num_kv_heads, head_dim = 1000, 16, 8, 128
+    batch = make_batch([context], [0], num_heads, num_kv_heads, head_dim, 16, dtype, seed=11)
+    query, last = batch["query"], batch["query"][-1:]
+
+    def last_token(q: torch.Tensor, q_lens: list[int], invariant: bool, num_splits: int = 1) -> torch.Tensor:
+        starts = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32, device=DEVICE)
+        seq_lens = torch.tensor([context] * len(q_lens), dtype=torch.int32, device=DEVICE)
+        tables = batch["block_tables"].expand(len(q_lens), -1).contiguous()
+        out = paged_attention(q, batch["k_cache"], batch["v_cache"], starts, seq_lens, tables, batch["scale"],
+                              max(q_lens), num_splits, batch_invariant=invariant)
+        return out[q_lens[0] - 1]
+
+    for invariant in (True, False):
+        decode = last_token(last, [1], invariant)
+        paths = {f"prefill chunk of {n}": last_token(query[-n:], [n], invariant) for n in (2, 64, 512, context)}
+        paths["decode beside 63 others"] = last_token(torch.cat([last, query[:63]]), [1] * 64, invariant)
+        if not invariant:
+            paths["decode in 4 KV splits"] = last_token(last, [1], invariant, num_splits=4)
+        differ = [name for name, out in paths.items() if not torch.equal(out, decode)]
+        assert (differ == []) == invariant, (invariant, differ)
