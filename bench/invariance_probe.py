@@ -96,8 +96,9 @@ def probe_rms_norm() -> None:
 
 
 def probe_rotary() -> None:
-    print("-- q/k norm + rotary + KV store: token 0 alone vs inside T tokens (T >= 1024: the multi-head variant)")
-    qkv = rand(4096, (HEADS + 2 * KV_HEADS) * HEAD_DIM)
+    print("-- q/k norm + rotary + KV store: a 1,023-token step (a head per program) vs its tokens inside T tokens "
+          "(8 heads per program)")
+    qkv = rand(4096, (HEADS + 2 * KV_HEADS) * HEAD_DIM, scale=4.0)
     positions = torch.arange(4096, device=DEVICE)
     half = torch.arange(0, HEAD_DIM, 2, device=DEVICE).float() / HEAD_DIM
     freqs = torch.outer(torch.arange(8192, device=DEVICE).float(), 1.0 / (1e6**half))
@@ -109,10 +110,10 @@ def probe_rotary() -> None:
         v_cache = torch.zeros_like(k_cache)
         q = rotary_kv_store(qkv[:n], positions[:n], qw, kw, cos, sin, 1e-6, HEADS, KV_HEADS, k_cache, v_cache,
                             torch.arange(n, device=DEVICE))
-        return q[0], k_cache[0]
+        return q[:1023], k_cache[:1023]
 
-    q_alone, k_alone = run(1)
-    runs = {f"T={t}": run(t) for t in (2, 256, 1024, 4096)}
+    q_alone, k_alone = run(1023)
+    runs = {f"T={t}": run(t) for t in (1024, 4096)}
     report("rotary q", q_alone, {k: v[0] for k, v in runs.items()})
     report("rotary k (cache)", k_alone, {k: v[1] for k, v in runs.items()})
 

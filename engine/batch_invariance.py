@@ -4,10 +4,13 @@ Why a token's numbers move with its batch on a GPU, measured on an H200 in bf16 
 bench/RESULTS.md): cuBLAS switches to split-K for some shapes as the row count grows (the MLP's down
 projection from 256 rows), which sums each row's products in another order; attention reduces a query's
 keys in tiles of 128 keys on the decode path, of 64 on the prefill path, and across a number of KV splits
-chosen by the batch size; and torch scans a lone row (the sampler's top-p cumulative sum) with another
-algorithm than a batch's rows. RMSNorm, rotary, SiLU, softmax, sort and top-k came out the same.
+chosen by the batch size; torch scans a lone row (the sampler's top-p cumulative sum) with another algorithm
+than a batch's rows; and the q/k-norm + rotary kernel summed a head's squares in an order that followed the
+step's token count (it takes more heads per program from 1,024 tokens on). RMSNorm, SiLU, softmax, sort and
+top-k came out the same.
 
-So the mode changes two things; the third is fixed for every mode (engine/sampler.py `_row_cumsum`):
+So the mode changes two things; the other two are fixed for every mode (engine/sampler.py `_row_cumsum`, and
+kernels/rotary_kv_store.py, which now normalises a program's heads one after another):
 - cuBLAS gets no workspace (`CUBLAS_WORKSPACE_CONFIG=:0:0`), which rules out split-K: each output row is then
   the same sum in the same order whatever M is (the probe: bitwise equal from 1 to 8,192 rows, every shape).
 - Attention (`kernels/paged_attention.py`) runs one tile shape on both paths (16 query rows, 64 keys) and no KV

@@ -67,45 +67,53 @@ def _rotary_kv_store_kernel(
     NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HALF: tl.constexpr, HAS_NORM: tl.constexpr,
     HEADS: tl.constexpr,
 ):
-    """Program (t, g) takes HEADS heads of token t: query heads, or (for g past them) key heads with their values."""
+    """Program (t, g) takes HEADS heads of token t: query heads, or (for g past them) key heads with their values.
+
+    The heads are taken one after another, each as the same [HALF] vectors: a [HEADS, HALF] tile would sum a
+    head's squares in an order that follows HEADS (the tile's layout across threads), and so a token's keys
+    would change in the last bit with the number of tokens in its step (measured on an H200).
+    """
     t = tl.program_id(0)
     first = tl.program_id(1) * HEADS  # in [query heads | key heads]
     is_q = first < NUM_HEADS
-    offs = tl.arange(0, HALF)[None, :]
-    heads = first + tl.arange(0, HEADS)[:, None]
-    src = QKV + t * stride_t + heads * 2 * HALF + offs
-    x1 = tl.load(src)
-    x2 = tl.load(src + HALF)
-    dtype = x1.dtype
-    n1, n2 = x1.to(tl.float32), x2.to(tl.float32)
-    if HAS_NORM:  # the weights are None otherwise: this branch is compiled out
-        if is_q:
-            w1 = tl.load(Wq + offs).to(tl.float32)
-            w2 = tl.load(Wq + HALF + offs).to(tl.float32)
-        else:
-            w1 = tl.load(Wk + offs).to(tl.float32)
-            w2 = tl.load(Wk + HALF + offs).to(tl.float32)
-        rstd = tl.rsqrt((tl.sum(n1 * n1, 1) + tl.sum(n2 * n2, 1)) / (2 * HALF) + eps)[:, None]
-        n1 = ((n1 * rstd).to(dtype).to(tl.float32) * w1).to(dtype).to(tl.float32)
-        n2 = ((n2 * rstd).to(dtype).to(tl.float32) * w2).to(dtype).to(tl.float32)
+    offs = tl.arange(0, HALF)
     pos = tl.load(positions + t)
-    cos = tl.load(Cos + pos * 2 * HALF + offs).to(dtype).to(tl.float32)  # both halves of the row are equal
-    sin = tl.load(Sin + pos * 2 * HALF + offs).to(dtype).to(tl.float32)
-    o1 = ((n1 * cos).to(dtype).to(tl.float32) + (-n2 * sin).to(dtype).to(tl.float32)).to(dtype)
-    o2 = ((n2 * cos).to(dtype).to(tl.float32) + (n1 * sin).to(dtype).to(tl.float32)).to(dtype)
-    if is_q:
-        dst = Q + (t * NUM_HEADS + heads) * 2 * HALF + offs
-        tl.store(dst, o1)
-        tl.store(dst + HALF, o2)
-    else:
-        slot = tl.load(slot_mapping + t)
-        stored = offs < tl.where(slot >= 0, HALF, 0)  # a padding token's key and value are not stored
-        kv_offset = (slot * NUM_KV_HEADS + heads - NUM_HEADS) * 2 * HALF + offs
-        tl.store(K_cache + kv_offset, o1, mask=stored)
-        tl.store(K_cache + kv_offset + HALF, o2, mask=stored)
-        value = src + NUM_KV_HEADS * 2 * HALF  # the value head sits Hkv heads after its key head
-        tl.store(V_cache + kv_offset, tl.load(value), mask=stored)
-        tl.store(V_cache + kv_offset + HALF, tl.load(value + HALF), mask=stored)
+    cos = tl.load(Cos + pos * 2 * HALF + offs)  # both halves of the row are equal
+    sin = tl.load(Sin + pos * 2 * HALF + offs)
+    slot = tl.load(slot_mapping + t)
+    stored = offs < tl.where(slot >= 0, HALF, 0)  # a padding token's key and value are not stored
+    for i in tl.static_range(HEADS):
+        head = first + i
+        src = QKV + t * stride_t + head * 2 * HALF + offs
+        x1 = tl.load(src)
+        x2 = tl.load(src + HALF)
+        dtype = x1.dtype
+        n1, n2 = x1.to(tl.float32), x2.to(tl.float32)
+        if HAS_NORM:  # the weights are None otherwise: this branch is compiled out
+            if is_q:
+                w1 = tl.load(Wq + offs).to(tl.float32)
+                w2 = tl.load(Wq + HALF + offs).to(tl.float32)
+            else:
+                w1 = tl.load(Wk + offs).to(tl.float32)
+                w2 = tl.load(Wk + HALF + offs).to(tl.float32)
+            rstd = tl.rsqrt((tl.sum(n1 * n1, 0) + tl.sum(n2 * n2, 0)) / (2 * HALF) + eps)
+            n1 = ((n1 * rstd).to(dtype).to(tl.float32) * w1).to(dtype).to(tl.float32)
+            n2 = ((n2 * rstd).to(dtype).to(tl.float32) * w2).to(dtype).to(tl.float32)
+        c = cos.to(dtype).to(tl.float32)
+        s = sin.to(dtype).to(tl.float32)
+        o1 = ((n1 * c).to(dtype).to(tl.float32) + (-n2 * s).to(dtype).to(tl.float32)).to(dtype)
+        o2 = ((n2 * c).to(dtype).to(tl.float32) + (n1 * s).to(dtype).to(tl.float32)).to(dtype)
+        if is_q:
+            dst = Q + (t * NUM_HEADS + head) * 2 * HALF + offs
+            tl.store(dst, o1)
+            tl.store(dst + HALF, o2)
+        else:
+            kv_offset = (slot * NUM_KV_HEADS + head - NUM_HEADS) * 2 * HALF + offs
+            tl.store(K_cache + kv_offset, o1, mask=stored)
+            tl.store(K_cache + kv_offset + HALF, o2, mask=stored)
+            value = src + NUM_KV_HEADS * 2 * HALF  # the value head sits Hkv heads after its key head
+            tl.store(V_cache + kv_offset, tl.load(value), mask=stored)
+            tl.store(V_cache + kv_offset + HALF, tl.load(value + HALF), mask=stored)
 
 
 def rotary_kv_store_ref(

@@ -29,14 +29,14 @@ def run_sampler(
     positions: list[int] | None = None,
     suppressed: list[list[int]] | None = None,
 ) -> SamplerOutput:
-    """Sample logits [B, V] with one SamplingParams per row."""
+    """Sample logits [B, V] with one SamplingParams per row, on the logits' device."""
     num_rows = len(params)
     batch = SamplingBatch.build(
         params,
         seeds if seeds is not None else list(range(num_rows)),
         positions if positions is not None else [7] * num_rows,
         suppressed if suppressed is not None else [[] for _ in range(num_rows)],
-        CPU,
+        logits.device,
     )
     return Sampler()(logits, batch)
 
@@ -176,16 +176,20 @@ def test_same_seed_and_position_give_the_same_token() -> None:
 
 
 @pytest.fixture(params=["torch", "gpu-kernels"])
-def sampler_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Run a test through the CPU code and through the GPU code (Triton kernels, interpreted on CPU)."""
-    if request.param == "gpu-kernels":
-        if not HAS_TRITON:
-            pytest.skip("Triton is not installed")
-        monkeypatch.setattr(sampler_module, "_on_gpu", lambda device: True)
-    return request.param
+def sampler_device(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> torch.device:
+    """Where a test runs the sampler: its CPU code, and its GPU code (Triton kernels, on the GPU where there is
+    one, else interpreted on the CPU)."""
+    if request.param == "torch":
+        return CPU
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if not HAS_TRITON:
+        pytest.skip("Triton is not installed")
+    monkeypatch.setattr(sampler_module, "_on_gpu", lambda device: True)
+    return CPU
 
 
-def test_a_row_does_not_depend_on_the_rest_of_the_batch(sampler_path: str) -> None:
+def test_a_row_does_not_depend_on_the_rest_of_the_batch(sampler_device: torch.device) -> None:
     params = [
         SamplingParams(temperature=0.0),
         SamplingParams(temperature=1.0),
@@ -194,12 +198,12 @@ def test_a_row_does_not_depend_on_the_rest_of_the_batch(sampler_path: str) -> No
         SamplingParams(temperature=1.0, min_p=0.2, logprobs=2),
         SamplingParams(temperature=0.6, top_k=9, top_p=0.9, min_p=0.05),
     ]
-    logits = torch.stack([make_logits(40, seed=i) for i in range(6)])  # [6, 40]
+    logits = torch.stack([make_logits(40, seed=i) for i in range(6)]).to(sampler_device)  # [6, 40]
     seeds, positions = [11, 22, 33, 44, 55, 66], [3, 9, 0, 14, 2, 30]
     banned = [[1], [], [2, 5], [], [0], []]
     full = run_sampler(logits, params, seeds, positions, banned).token_ids
     assert all(int(token) not in ban for token, ban in zip(full, banned))
-    assert int(full[0]) == int(logits[0].index_fill(0, torch.tensor(banned[0]), float("-inf")).argmax())
+    assert int(full[0]) == int(logits[0].cpu().index_fill(0, torch.tensor(banned[0]), float("-inf")).argmax())
     for rows in ([5, 3, 1, 0, 4, 2], [2], [4, 0], [1, 2, 3]):
         subset = run_sampler(
             logits[rows],
