@@ -9,13 +9,15 @@ than a batch's rows; and the q/k-norm + rotary kernel summed a head's squares in
 step's token count (it takes more heads per program from 1,024 tokens on). RMSNorm, SiLU, softmax, sort and
 top-k came out the same.
 
-So the mode changes two things; the other two are fixed for every mode (engine/sampler.py `_row_cumsum`, and
-kernels/rotary_kv_store.py, which now normalises a program's heads one after another):
+So the mode changes three things; the other two are fixed for every mode (engine/sampler.py `_row_cumsum`, and
+kernels/rotary_kv_store.py, which now takes the same number of heads per program in every step):
 - cuBLAS gets no workspace (`CUBLAS_WORKSPACE_CONFIG=:0:0`), which rules out split-K: each output row is then
   the same sum in the same order whatever M is (the probe: bitwise equal from 1 to 8,192 rows, every shape).
 - Attention (`kernels/paged_attention.py`) runs one tile shape on both paths (16 query rows, 64 keys) and no KV
   split, so a query's keys are reduced in the same order in decode, in a prefill chunk of any size, and after
   a prefix-cache hit. flash-attn, whose decode and prefill differ, is not used in the mode.
+- With 3 or more tensor-parallel ranks, a row-parallel layer sums the ranks' partials in rank order
+  (engine/layers/tp_reduce.py): NCCL and gloo add a row's ranks in an order that follows the message's size.
 The aim: a request alone, in any batch, chunked under any token budget, cached or not, preempted and
 recomputed, or resumed from prompt + its first tokens, gets bitwise the same logits;
 tests/engine/test_gpu_batch_invariance.py checks exactly that on a GPU.

@@ -16,6 +16,7 @@ from engine.cuda_graphs import DecodeGraphs
 from engine.heartbeat import Heartbeat
 from engine.kv_cache import allocate_kv_cache, bytes_per_block, log_kv_cache, num_cpu_blocks, num_gpu_blocks
 from engine.layers.attention import AttentionMetadata
+from engine.layers.linear import RowParallelLinear
 from engine.loader import load_weights
 from engine.models.qwen import QwenForCausalLM
 from engine.pending_samples import PendingSamples
@@ -50,6 +51,9 @@ class ModelRunner:
         tp_size = config.tensor_parallel_size
         with _default_dtype(config.dtype), torch.device(self.device):
             self.model = QwenForCausalLM(config.model_config, config.max_model_len, rank, tp_size)
+        for layer in self.model.modules():
+            if isinstance(layer, RowParallelLinear):  # its sum over the ranks (engine/layers/tp_reduce.py)
+                layer.batch_invariant = config.batch_invariant
         load_weights(self.model, config.model)
         if heartbeat is not None:
             self.model.model.on_layer_done = heartbeat.beat

@@ -32,7 +32,7 @@ class VocabParallelEmbedding(nn.Module):
         local = input_ids - self.vocab_start
         in_shard = (local >= 0) & (local < self.shard_size)
         y = F.embedding(local.clamp(0, self.shard_size - 1), self.weight) * in_shard.unsqueeze(-1)
-        dist.all_reduce(y)
+        dist.all_reduce(y)  # exact in any order, so batch-invariant: one rank holds a token's row, the rest add 0
         return y
 
 

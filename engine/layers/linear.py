@@ -1,16 +1,17 @@
 """Tensor-parallel-ready linear layers; each parameter carries the `weight_loader` that shards it.
 
 Column-parallel layers split the output dimension across ranks, row-parallel ones the input
-dimension (their partial outputs are summed with an all-reduce). With tp_size 1 they are plain
-linear layers.
+dimension (their partial outputs are summed over the ranks: engine/layers/tp_reduce.py). With
+tp_size 1 they are plain linear layers.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+
+from engine.layers.tp_reduce import all_reduce
 
 
 class LinearBase(nn.Module):
@@ -105,9 +106,10 @@ class QKVParallelLinear(ColumnParallelLinear):
 class RowParallelLinear(LinearBase):
     def __init__(self, input_size: int, output_size: int, bias: bool = False, tp_rank: int = 0, tp_size: int = 1):
         super().__init__(input_size, output_size, bias, 1, tp_rank, tp_size)
+        self.batch_invariant = False  # the model runner sets the engine's mode: sum the ranks in rank order
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.linear(x, self.weight)
         if self.tp_size > 1:
-            dist.all_reduce(y)
+            y = all_reduce(y, self.tp_size, self.batch_invariant)
         return y if self.bias is None else y + self.bias
