@@ -39,7 +39,7 @@ def rotary_kv_store(
     assert qkv.stride(-1) == 1 and cos.is_contiguous() and sin.is_contiguous()
     assert k_cache.is_contiguous() and v_cache.is_contiguous()
     q = torch.empty(num_tokens, num_heads, head_dim, dtype=qkv.dtype, device=qkv.device)
-    heads_per_program = _heads_per_program(num_tokens, num_heads, num_kv_heads)
+    heads_per_program = _heads_per_program(num_heads, num_kv_heads)
     grid = (num_tokens, (num_heads + num_kv_heads) // heads_per_program)
     _rotary_kv_store_kernel[grid](
         qkv, positions, q_weight, k_weight, cos, sin, q, k_cache, v_cache, slot_mapping, qkv.stride(0), eps,
@@ -49,12 +49,11 @@ def rotary_kv_store(
     return q
 
 
-def _heads_per_program(num_tokens: int, num_heads: int, num_kv_heads: int) -> int:
-    """A head per program while the tokens are few (decode: the most programs in flight, the shortest
-    chain each); for long prefills up to 8 heads (a power of two dividing both head counts), since a
-    program per head was ~5x slower on 16k tokens: too little work per program. Two compiled variants."""
-    if num_tokens < 1024:
-        return 1
+def _heads_per_program(num_heads: int, num_kv_heads: int) -> int:
+    """Up to 8 heads per program (a power of two dividing both head counts): a program per head was ~5x slower
+    on 16k tokens (too little work per program). The same for every step, whatever its token count: Triton sums
+    a head's squares in an order that follows the tile's shape, so a count chosen by step size (once: 1 head
+    below 1,024 tokens) moved a token's keys by a bf16 ulp between steps (bench/RESULTS.md)."""
     heads = 8
     while num_heads % heads or num_kv_heads % heads:
         heads //= 2
@@ -67,53 +66,45 @@ def _rotary_kv_store_kernel(
     NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HALF: tl.constexpr, HAS_NORM: tl.constexpr,
     HEADS: tl.constexpr,
 ):
-    """Program (t, g) takes HEADS heads of token t: query heads, or (for g past them) key heads with their values.
-
-    The heads are taken one after another, each as the same [HALF] vectors: a [HEADS, HALF] tile would sum a
-    head's squares in an order that follows HEADS (the tile's layout across threads), and so a token's keys
-    would change in the last bit with the number of tokens in its step (measured on an H200).
-    """
+    """Program (t, g) takes HEADS heads of token t: query heads, or (for g past them) key heads with their values."""
     t = tl.program_id(0)
     first = tl.program_id(1) * HEADS  # in [query heads | key heads]
     is_q = first < NUM_HEADS
-    offs = tl.arange(0, HALF)
-    pos = tl.load(positions + t)
-    cos = tl.load(Cos + pos * 2 * HALF + offs)  # both halves of the row are equal
-    sin = tl.load(Sin + pos * 2 * HALF + offs)
-    slot = tl.load(slot_mapping + t)
-    stored = offs < tl.where(slot >= 0, HALF, 0)  # a padding token's key and value are not stored
-    for i in tl.static_range(HEADS):
-        head = first + i
-        src = QKV + t * stride_t + head * 2 * HALF + offs
-        x1 = tl.load(src)
-        x2 = tl.load(src + HALF)
-        dtype = x1.dtype
-        n1, n2 = x1.to(tl.float32), x2.to(tl.float32)
-        if HAS_NORM:  # the weights are None otherwise: this branch is compiled out
-            if is_q:
-                w1 = tl.load(Wq + offs).to(tl.float32)
-                w2 = tl.load(Wq + HALF + offs).to(tl.float32)
-            else:
-                w1 = tl.load(Wk + offs).to(tl.float32)
-                w2 = tl.load(Wk + HALF + offs).to(tl.float32)
-            rstd = tl.rsqrt((tl.sum(n1 * n1, 0) + tl.sum(n2 * n2, 0)) / (2 * HALF) + eps)
-            n1 = ((n1 * rstd).to(dtype).to(tl.float32) * w1).to(dtype).to(tl.float32)
-            n2 = ((n2 * rstd).to(dtype).to(tl.float32) * w2).to(dtype).to(tl.float32)
-        c = cos.to(dtype).to(tl.float32)
-        s = sin.to(dtype).to(tl.float32)
-        o1 = ((n1 * c).to(dtype).to(tl.float32) + (-n2 * s).to(dtype).to(tl.float32)).to(dtype)
-        o2 = ((n2 * c).to(dtype).to(tl.float32) + (n1 * s).to(dtype).to(tl.float32)).to(dtype)
+    offs = tl.arange(0, HALF)[None, :]
+    heads = first + tl.arange(0, HEADS)[:, None]
+    src = QKV + t * stride_t + heads * 2 * HALF + offs
+    x1 = tl.load(src)
+    x2 = tl.load(src + HALF)
+    dtype = x1.dtype
+    n1, n2 = x1.to(tl.float32), x2.to(tl.float32)
+    if HAS_NORM:  # the weights are None otherwise: this branch is compiled out
         if is_q:
-            dst = Q + (t * NUM_HEADS + head) * 2 * HALF + offs
-            tl.store(dst, o1)
-            tl.store(dst + HALF, o2)
+            w1 = tl.load(Wq + offs).to(tl.float32)
+            w2 = tl.load(Wq + HALF + offs).to(tl.float32)
         else:
-            kv_offset = (slot * NUM_KV_HEADS + head - NUM_HEADS) * 2 * HALF + offs
-            tl.store(K_cache + kv_offset, o1, mask=stored)
-            tl.store(K_cache + kv_offset + HALF, o2, mask=stored)
-            value = src + NUM_KV_HEADS * 2 * HALF  # the value head sits Hkv heads after its key head
-            tl.store(V_cache + kv_offset, tl.load(value), mask=stored)
-            tl.store(V_cache + kv_offset + HALF, tl.load(value + HALF), mask=stored)
+            w1 = tl.load(Wk + offs).to(tl.float32)
+            w2 = tl.load(Wk + HALF + offs).to(tl.float32)
+        rstd = tl.rsqrt((tl.sum(n1 * n1, 1) + tl.sum(n2 * n2, 1)) / (2 * HALF) + eps)[:, None]
+        n1 = ((n1 * rstd).to(dtype).to(tl.float32) * w1).to(dtype).to(tl.float32)
+        n2 = ((n2 * rstd).to(dtype).to(tl.float32) * w2).to(dtype).to(tl.float32)
+    pos = tl.load(positions + t)
+    cos = tl.load(Cos + pos * 2 * HALF + offs).to(dtype).to(tl.float32)  # both halves of the row are equal
+    sin = tl.load(Sin + pos * 2 * HALF + offs).to(dtype).to(tl.float32)
+    o1 = ((n1 * cos).to(dtype).to(tl.float32) + (-n2 * sin).to(dtype).to(tl.float32)).to(dtype)
+    o2 = ((n2 * cos).to(dtype).to(tl.float32) + (n1 * sin).to(dtype).to(tl.float32)).to(dtype)
+    if is_q:
+        dst = Q + (t * NUM_HEADS + heads) * 2 * HALF + offs
+        tl.store(dst, o1)
+        tl.store(dst + HALF, o2)
+    else:
+        slot = tl.load(slot_mapping + t)
+        stored = offs < tl.where(slot >= 0, HALF, 0)  # a padding token's key and value are not stored
+        kv_offset = (slot * NUM_KV_HEADS + heads - NUM_HEADS) * 2 * HALF + offs
+        tl.store(K_cache + kv_offset, o1, mask=stored)
+        tl.store(K_cache + kv_offset + HALF, o2, mask=stored)
+        value = src + NUM_KV_HEADS * 2 * HALF  # the value head sits Hkv heads after its key head
+        tl.store(V_cache + kv_offset, tl.load(value), mask=stored)
+        tl.store(V_cache + kv_offset + HALF, tl.load(value + HALF), mask=stored)
 
 
 def rotary_kv_store_ref(

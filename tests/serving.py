@@ -25,10 +25,13 @@ from router.server import Router
 
 T = TypeVar("T")
 VOCAB = 1024  # the tiny checkpoint's vocabulary
-# The replicas run on the CPU in CI; NANOSERVE_TEST_DEVICE=cuda runs the same serving and chaos tests on the
-# GPUs of a multi-GPU machine (one GPU a replica, placed by Ray).
-ENGINE_KWARGS: dict[str, Any] = dict(device=os.environ.get("NANOSERVE_TEST_DEVICE", "cpu"), dtype="float32",
-                                     num_kv_blocks=128, max_model_len=512)
+# The replicas run on the CPU in CI, in fp32; NANOSERVE_TEST_DEVICE=cuda runs the same serving and chaos tests
+# on GPUs (one a replica, or shares of one), in bf16 through CUDA graphs and in the batch-invariant mode, as
+# users serve. NANOSERVE_TEST_BATCH_INVARIANT=0 turns the mode off there: the identity checks' negative control.
+DEVICE = os.environ.get("NANOSERVE_TEST_DEVICE", "cpu")
+BATCH_INVARIANT = DEVICE != "cpu" and os.environ.get("NANOSERVE_TEST_BATCH_INVARIANT", "1") != "0"
+ENGINE_KWARGS: dict[str, Any] = dict(device=DEVICE, dtype="float32" if DEVICE == "cpu" else "bfloat16",
+                                     batch_invariant=BATCH_INVARIANT, num_kv_blocks=128, max_model_len=512)
 
 
 class RouterThread:
@@ -94,7 +97,8 @@ def router_factory(model_dir: Path) -> Iterator[Callable[..., RouterThread]]:
         config = RouterConfig(
             num_replicas=num_replicas, model=overrides.pop("model", str(model_dir)),
             engine_kwargs=overrides.pop("engine_kwargs", dict(ENGINE_KWARGS)), policy=policy,
-            host="127.0.0.1", port=0, metrics_port=overrides.pop("metrics_port", None), namespace="nanoserve-test",
+            batch_invariant=overrides.pop("batch_invariant", BATCH_INVARIANT), host="127.0.0.1", port=0,
+            metrics_port=overrides.pop("metrics_port", None), namespace="nanoserve-test",
             replica_prefix=overrides.pop("replica_prefix", f"test-{uuid.uuid4().hex[:6]}"), **overrides,
         )
         routers.append(RouterThread(config))

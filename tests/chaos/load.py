@@ -51,7 +51,8 @@ def mixed_requests(n: int, seed: int, max_tokens: int = 60, prompt_len: tuple[in
 
 
 def expected_outputs(model_dir: Path, requests: list[Request]) -> list[list[int]]:
-    """Each request's tokens on an undisturbed engine (fp32 CPU: independent of the batch around it)."""
+    """Each request's tokens on an undisturbed engine (independent of the batch around it: fp32 on the CPU, the
+    batch-invariant mode on a GPU)."""
     with LLMEngine(model_dir, **ENGINE_KWARGS) as engine:  # closed: on a GPU its memory goes at once
         results = engine.generate([r.prompt for r in requests], [SamplingParams(**r.params) for r in requests],
                                   use_tqdm=False)
