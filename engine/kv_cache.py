@@ -16,6 +16,10 @@ log = logging.getLogger(__name__)
 # often it looks: a killed process's memory is back within seconds, once the driver has torn down its context.
 FREE_MEMORY_WAIT_S = 60.0
 FREE_MEMORY_POLL_S = 0.5
+# The most blocks a GPU cache gets: the block manager keeps a Python object per block, and a tiny model's share
+# of a large GPU would otherwise be tens of millions of blocks (minutes and gigabytes of host memory to set up).
+# 16.7M tokens at the default block size: a real model's share of any GPU today is far below it.
+MAX_GPU_KV_BLOCKS = 1 << 20
 
 
 def attention_layers(model: nn.Module) -> list[Attention]:
@@ -59,13 +63,16 @@ def num_gpu_blocks(
     free, total = torch.cuda.mem_get_info(config.device)
     held = torch.cuda.memory_reserved(config.device)
     budget = total * config.gpu_memory_utilization - held - peak_activation_bytes
-    num_blocks = max(int(budget // block_bytes), 0)
+    num_blocks = min(max(int(budget // block_bytes), 0), MAX_GPU_KV_BLOCKS)
     log.info(
         "KV budget: %.2f GiB = %.0f%% of %.1f GiB - %.2f GiB this engine holds (weights) - %.2f GiB activation "
         "peak; other processes on the GPU do not count",
         budget / 2**30, 100 * config.gpu_memory_utilization, total / 2**30, held / 2**30,
         peak_activation_bytes / 2**30,
     )
+    if num_blocks == MAX_GPU_KV_BLOCKS:
+        log.info("KV cache capped at %d blocks (%.2f GiB of the budget): enough for any workload, and the block "
+                 "manager's host bookkeeping stays small", MAX_GPU_KV_BLOCKS, MAX_GPU_KV_BLOCKS * block_bytes / 2**30)
     needed = num_blocks * block_bytes + peak_activation_bytes
     if num_blocks > 0 and free < needed:
         _wait_for_free_memory(config, needed, free, wait_s)

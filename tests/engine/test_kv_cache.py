@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from engine.config import EngineConfig
-from engine.kv_cache import num_gpu_blocks
+from engine.kv_cache import MAX_GPU_KV_BLOCKS, num_gpu_blocks
 
 GIB = 2**30
 MIB = 2**20
@@ -96,3 +96,13 @@ def test_a_share_smaller_than_the_weights_gives_no_block_and_does_not_wait(
     reads = fake_gpu(monkeypatch, constant(0))
     assert num_gpu_blocks(small, MIB, PEAK, wait_s=30.0) == 0
     assert len(reads) == 1
+
+
+def test_a_tiny_model_on_a_large_gpu_gets_at_most_max_gpu_kv_blocks(
+    config: EngineConfig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """4 KiB blocks (the embedded tiny model's) in 17 GiB would be 4.5M blocks, each a Python object in the block
+    manager; the cache stops at MAX_GPU_KV_BLOCKS and asks only for the memory those need."""
+    reads = fake_gpu(monkeypatch, constant(TOTAL - HELD))
+    assert num_gpu_blocks(config, 4096, PEAK, wait_s=0.0) == MAX_GPU_KV_BLOCKS == 2**20
+    assert len(reads) == 1  # enough is free: no wait
