@@ -3,7 +3,7 @@
 Runs the engine's own `LLMEngine.step()` (schedule -> launch -> `_process` of the step before) with a
 stand-in model runner that samples a fixed token, so what is timed is exactly the per-step Python work
 the engine does around the model: `Scheduler.schedule()`, then per sequence `num_computed_tokens` and
-a placeholder for its coming token, then for the step before: the token put in place,
+its coming token counted as pending, then for the step before: the token appended,
 `BlockManager.commit`, the stop check and the `RequestOutput`.
 `--num-seqs` sequences are prefilled first, then every timed step decodes all of them.
 

@@ -95,7 +95,9 @@ class BlockManager:
         return (len(seq.block_table) + self.num_free_blocks) * self.block_size
 
     def commit(self, seq: Sequence) -> None:
-        """Publish the hashes of `seq`'s blocks that are now full and computed."""
+        """Publish the hashes of `seq`'s blocks that are now full and computed (known tokens only: a pending
+        token is never computed yet)."""
+        assert seq.num_computed_tokens <= len(seq.token_ids), "a computed token is still pending"
         bs = self.block_size
         hashes = seq.block_hashes
         while len(hashes) < seq.num_computed_tokens // bs:

@@ -27,7 +27,6 @@ from engine.prompt import Prompt, validate_prompt
 from engine.sampling_params import SamplingParams
 from engine.scheduler import ScheduledBatch, Scheduler
 from engine.sequence import Sequence
-from engine.step_plan import placeholder
 from engine.stopping import check_stop, finishes_by_length
 from engine.tokenizer import Tokenizer
 from engine.tp.group import RankGroup
@@ -40,7 +39,7 @@ class InFlightStep:
     """A launched step whose tokens the host has not read yet."""
 
     pending: PendingSamples
-    slots: list[int | None]  # per sampling row: index of its placeholder in token_ids; None: appended at the end
+    counted: list[bool]  # per sampling row: its token is in its sequence's num_pending (not a last one by length)
     chunks: list[Sequence]  # the batch's prefill chunks that sample nothing (committed on their own)
 
 
@@ -189,7 +188,7 @@ class LLMEngine:
             return False
         self.scheduler.finish(seq)
         seq.finish_reason = "abort"
-        seq.drop_placeholders()
+        seq.num_pending = 0  # what running steps sample for it is dropped
         self._aborted.append(seq)
         return True
 
@@ -216,46 +215,41 @@ class LLMEngine:
 
     def _launch(self, batch: ScheduledBatch) -> InFlightStep:
         """Queue `batch` on the device and advance its sequences as if it were done: each sampling sequence
-        gets a placeholder for its coming token, so the next step can be planned before the token is known.
-        A sequence whose coming token is its last by length gets none: nothing is left to compute for it."""
+        counts its coming token as pending, so the next step can be planned before the token is known. A
+        sequence whose coming token is its last by length does not: nothing is left to compute for it."""
         num_decode = batch.num_new_tokens.count(1)
         self.last_step_tokens = (batch.num_tokens - num_decode, num_decode)
         pending = self.model_runner.launch(batch)
         chunks: list[Sequence] = []
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
             seq.num_computed_tokens += n
-            if seq.num_computed_tokens < len(seq.token_ids):
+            if seq.num_computed_tokens < seq.num_tokens:
                 chunks.append(seq)
-        slots: list[int | None] = []
-        for row, seq in enumerate(pending.seqs):
-            if finishes_by_length(seq, seq.num_tokens + 1):
-                slots.append(None)
-            else:
-                slots.append(seq.num_tokens)
-                seq.token_ids.append(placeholder(row))
-        return InFlightStep(pending, slots, chunks)
+        counted = [not finishes_by_length(seq, seq.num_tokens + 1) for seq in pending.seqs]
+        for seq, counts in zip(pending.seqs, counted):
+            if counts:
+                seq.num_pending += 1
+        return InFlightStep(pending, counted, chunks)
 
     def _process(self, step: InFlightStep) -> list[RequestOutput]:
-        """Put a finished step's tokens in place, publish newly full blocks, apply stops; one output per
-        sampling request. Requests that finished or were aborted since its launch are skipped."""
+        """Append a finished step's tokens, publish newly full blocks, apply stops; one output per sampling
+        request. Requests that finished or were aborted since its launch are skipped."""
         outputs: list[RequestOutput] = []
         commit = self.block_manager.commit
         eos_token_ids = self.eos_token_ids
-        samples = zip(step.pending.seqs, step.slots, self.model_runner.wait(step.pending))
-        for seq, slot, (token_id, logprobs) in samples:
+        samples = zip(step.pending.seqs, step.counted, self.model_runner.wait(step.pending))
+        for seq, counted, (token_id, logprobs) in samples:
             if seq.is_finished:
                 continue  # aborted, or it stopped the step before and its row here was wasted
-            if slot is None:
-                seq.token_ids.append(token_id)
-                slot = len(seq.token_ids) - 1
-            else:
-                seq.token_ids[slot] = token_id
+            seq.token_ids.append(token_id)
+            if counted:
+                seq.num_pending -= 1
             commit(seq)  # now that every token it has computed is known
             new_logprobs = [] if logprobs is None else [logprobs]
             seq.logprobs += new_logprobs
-            finish_reason = seq.finish_reason = check_stop(seq, token_id, slot + 1, eos_token_ids)
+            finish_reason = seq.finish_reason = check_stop(seq, token_id, len(seq.token_ids), eos_token_ids)
             if finish_reason is not None:
-                del seq.token_ids[slot + 1 :]  # the placeholder that the step now running gave it
+                seq.num_pending = 0  # the token the step now running samples for it is dropped
                 self.scheduler.finish(seq)
                 del self._requests[seq.request_id]
             # Positional: this runs per request per step, and keyword construction costs twice as much.
@@ -283,8 +277,8 @@ class LLMEngine:
         return EngineStats(
             num_running=len(self.scheduler.running),
             num_waiting=len(self.scheduler.waiting),
-            num_running_tokens=sum(len(seq.token_ids) for seq in self.scheduler.running),
-            num_waiting_tokens=sum(len(seq.token_ids) for seq in self.scheduler.waiting),
+            num_running_tokens=sum(seq.num_tokens for seq in self.scheduler.running),
+            num_waiting_tokens=sum(seq.num_tokens for seq in self.scheduler.waiting),
             num_kv_blocks_used=self.block_manager.num_used_blocks,
             num_kv_blocks_total=self.block_manager.num_blocks,
             num_prefix_hit_tokens=self.scheduler.num_prefix_hit_tokens,

@@ -8,6 +8,7 @@ import logging
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -61,8 +62,10 @@ class ModelRunner:
         on_gpu = self.device.type == "cuda"
         self.num_sms = torch.cuda.get_device_properties(self.device).multi_processor_count if on_gpu else 1
         self.num_kv_blocks = self._setup_kv_cache()
-        # The latest step's sampled tokens [S], on the device: the next step's placeholders read them.
+        # The latest step's sampled tokens [S], on the device, where the next step reads its pending tokens; on
+        # rank 0, the row of each of its sequences there.
         self._last_sampled: torch.Tensor | None = None
+        self._last_sampled_rows: dict[Sequence, int] = {}
         self._sampled_buffer = torch.zeros(config.max_num_seqs, dtype=torch.int64, device=self.device)  # ranks > 0
         self.graphs: DecodeGraphs | None = None  # decode at fixed, padded batch sizes (GPU only)
         if on_gpu:
@@ -77,7 +80,7 @@ class ModelRunner:
         whenever the engine is collected; the runner is unusable afterwards."""
         if self.graphs is not None:
             self.graphs.release()
-        del self.graphs, self.kv_cache, self.model, self._last_sampled
+        del self.graphs, self.kv_cache, self.model, self._last_sampled, self._last_sampled_rows
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
@@ -87,7 +90,7 @@ class ModelRunner:
 
         Nothing here waits for the device, so the host can plan the next step while this one runs.
         """
-        plan, sampling_seqs = StepPlan.build(batch, self.config.block_size)
+        plan, sampling_seqs = StepPlan.build(batch, self.config.block_size, self._last_sampled_rows)
         if self.ranks is None:
             return self._forward_and_sample(plan, sampling_seqs)
         try:
@@ -112,8 +115,9 @@ class ModelRunner:
         rank 0; None on other ranks and when no row samples."""
         device = self.device
         input_ids = to_device(torch.from_numpy(plan.input_ids), device)
-        if plan.has_placeholders:
-            input_ids = self._fill_placeholders(input_ids)
+        if len(plan.pending_indices):
+            indices = to_device(torch.from_numpy(plan.pending_indices), device)
+            input_ids = input_ids.index_copy(0, indices, self._previous_tokens(plan.pending_rows))
         positions = to_device(torch.from_numpy(plan.positions), device)
         metadata = AttentionMetadata(
             slot_mapping=to_device(torch.from_numpy(plan.slot_mapping), device),
@@ -132,17 +136,15 @@ class ModelRunner:
         if num_samples == 0:
             return None
         logits = self.model.compute_logits(hidden[to_device(torch.from_numpy(plan.sample_indices), device)])
-        if self.rank > 0:  # rank 0 samples and broadcasts the tokens, which the next step's placeholders need
+        if self.rank > 0:  # rank 0 samples and broadcasts the tokens: the next step's pending tokens are among them
             self._last_sampled = self._sampled_buffer[:num_samples]
             dist.broadcast(self._last_sampled, src=0)
         return logits
 
-    def _fill_placeholders(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Input ids [T] with each placeholder replaced, on the device, by the previous step's sampled token
-        it stands for: the host never waits for those tokens to plan this step."""
-        assert self._last_sampled is not None, "a placeholder, but no step has sampled yet"
-        rows = (-1 - input_ids).clamp_(min=0)  # [T], step_plan.placeholder inverted; real ids' rows are unused
-        return torch.where(input_ids < 0, self._last_sampled[rows], input_ids)
+    def _previous_tokens(self, rows: np.ndarray | list[int]) -> torch.Tensor:
+        """The latest step's sampled tokens at `rows`, gathered on the device: the host never waits for them."""
+        assert self._last_sampled is not None, "a pending token, but no step has sampled yet"
+        return self._last_sampled[to_device(torch.as_tensor(rows, dtype=torch.int64), self.device)]
 
     def _forward_and_sample(self, plan: StepPlan, seqs: list[Sequence]) -> PendingSamples:
         logits = self.execute(plan)
@@ -165,11 +167,14 @@ class ModelRunner:
             device=self.device,
             histories=[seq.penalty_history() if seq.params.has_penalties else None for seq in seqs],
         )
-        if batch.penalties is not None and batch.penalties.has_placeholders:
-            # The output may end with the previous step's token, still a placeholder on the host.
-            batch = batch.with_output_token_ids(self._fill_placeholders(batch.penalties.output_token_ids))
+        if batch.penalties is not None:  # a penalised output may end with the previous step's pending token
+            rows = [i for i, seq in enumerate(seqs) if seq.num_pending and seq.params.has_penalties]
+            if rows:
+                previous = self._previous_tokens([self._last_sampled_rows[seqs[i]] for i in rows])
+                batch = batch.with_output_tokens(rows, previous)
         out = self.sampler(logits, batch)
         self._last_sampled = out.token_ids
+        self._last_sampled_rows = {seq: row for row, seq in enumerate(seqs)}
         if self.ranks is not None:
             dist.broadcast(out.token_ids, src=0)
         return PendingSamples.start(seqs, out)

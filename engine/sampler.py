@@ -4,8 +4,8 @@ Per row, computed in float32:
 
 0. Penalties (rows whose params set any; SamplingParams says what each does): from the row's output
    token ids (counts) and, for repetition_penalty, its prompt ids, scattered into [P, V] tensors of
-   the penalised rows only. Output ids may still be placeholders of the step before when the batch is
-   built; the model runner resolves them on the device (`with_output_token_ids`).
+   the penalised rows only. A row's newest output token may not be known on the host when the batch is
+   built (the step before is still sampling it); the model runner adds it on the device (`with_output_tokens`).
 1. Suppression: each (row, token) pair in `suppress_rows`/`suppress_token_ids` gets logit -inf
    (min_tokens bans EOS and the stop ids this way).
 2. Greedy rows (temperature 0) take the argmax of the suppressed logits; no mask applies to them.
@@ -114,10 +114,15 @@ class SamplingBatch:
             penalties=Penalties.build(params, histories, device) if any(p.has_penalties for p in params) else None,
         )
 
-    def with_output_token_ids(self, output_token_ids: torch.Tensor) -> SamplingBatch:
-        """The same batch with the penalised rows' output ids replaced (placeholders resolved)."""
-        assert self.penalties is not None
-        penalties = dataclasses.replace(self.penalties, output_token_ids=output_token_ids, has_placeholders=False)
+    def with_output_tokens(self, rows: list[int], token_ids: torch.Tensor) -> SamplingBatch:
+        """The same batch with `token_ids[k]` (on the device) one more output token of row `rows[k]`, a row with
+        penalties: a token the host does not know yet counts without the host waiting for it."""
+        pen = self.penalties
+        assert pen is not None
+        index = {row: j for j, row in enumerate(pen.host_rows)}
+        output_rows = to_device([index[row] for row in rows], token_ids.device, torch.int64)
+        penalties = dataclasses.replace(pen, output_rows=torch.cat([pen.output_rows, output_rows]),
+                                        output_token_ids=torch.cat([pen.output_token_ids, token_ids]))
         return dataclasses.replace(self, penalties=penalties)
 
 
@@ -126,15 +131,15 @@ class Penalties:
     """The penalised rows of a step and the token ids their penalties count, on the device."""
 
     rows: torch.Tensor  # [P] int64: rows of the batch with a penalty
+    host_rows: tuple[int, ...]  # the same, on the host
     presence: torch.Tensor  # [P] float32
     frequency: torch.Tensor  # [P] float32
     repetition: torch.Tensor  # [P] float32
     output_rows: torch.Tensor  # [N] int64 in [0, P): whose output token each of output_token_ids is
-    output_token_ids: torch.Tensor  # [N] int64; negative: a placeholder (step_plan) until resolved
+    output_token_ids: torch.Tensor  # [N] int64
     prompt_rows: torch.Tensor  # [M] int64 in [0, P), for repetition_penalty only
     prompt_token_ids: torch.Tensor  # [M] int64
     any_repetition: bool
-    has_placeholders: bool  # some output id is a placeholder (host-side, so checking it needs no sync)
 
     @classmethod
     def build(
@@ -145,17 +150,16 @@ class Penalties:
         if histories is None or any(histories[i] is None for i in rows):
             raise ValueError("rows with penalties need their (prompt, output) token ids")
         output_rows, output_ids, prompt_rows, prompt_ids = [], [], [], []
-        has_placeholders = False
         for j, i in enumerate(rows):
             prompt, output = histories[i]  # type: ignore[misc]
             output_rows += [j] * len(output)
             output_ids += output
-            has_placeholders |= bool(output) and output[-1] < 0  # only the newest token can be one
             if params[i].repetition_penalty != 1.0:
                 prompt_rows += [j] * len(prompt)
                 prompt_ids += prompt
         return cls(
             rows=to_device(rows, device, torch.int64),
+            host_rows=tuple(rows),
             presence=to_device([params[i].presence_penalty for i in rows], device, torch.float32),
             frequency=to_device([params[i].frequency_penalty for i in rows], device, torch.float32),
             repetition=to_device([params[i].repetition_penalty for i in rows], device, torch.float32),
@@ -164,7 +168,6 @@ class Penalties:
             prompt_rows=to_device(prompt_rows, device, torch.int64),
             prompt_token_ids=to_device(prompt_ids, device, torch.int64),
             any_repetition=any(params[i].repetition_penalty != 1.0 for i in rows),
-            has_placeholders=has_placeholders,
         )
 
 

@@ -71,7 +71,7 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:  # 1) decodes
             seq = self.running[i]
-            num_remaining = len(seq.token_ids) - seq.num_computed_tokens
+            num_remaining = seq.num_tokens - seq.num_computed_tokens
             if num_remaining > 1:
                 prefills.append(seq)
             elif num_remaining == 1 and self._make_room_for_decode(seq):

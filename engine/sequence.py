@@ -30,11 +30,13 @@ class TokenLogprobs:
 
 @dataclass(slots=True, eq=False)
 class Sequence:
-    """One request. `token_ids` is prompt + output; the first `num_computed_tokens` have K/V in the cache.
+    """One request. `token_ids` is prompt + output, known ids only; `num_pending` more tokens follow them that
+    launched steps are still sampling (steps overlap: see engine/step_plan.py). `num_tokens` counts both; the
+    first `num_computed_tokens` have K/V in the cache.
 
-    A step computes `token_ids[num_computed_tokens : num_computed_tokens + n]`; when that reaches
-    the end of `token_ids` the step also samples the next token. A decode is simply n == 1, and a
-    preempted request restarts with num_computed_tokens = 0 (recompute).
+    A step computes tokens `num_computed_tokens : num_computed_tokens + n`; when that reaches `num_tokens` the
+    step also samples the next token. A decode is simply n == 1 (its token may be pending: the device takes it
+    from the step before), and a preempted request restarts with num_computed_tokens = 0 (recompute).
     """
 
     request_id: str
@@ -53,29 +55,27 @@ class Sequence:
     detokenizer: IncrementalDetokenizer | None = None  # only for requests with stop strings
     stop_text_len: int | None = None  # output text length before a matched stop string
     resumed_tokens: int = 0  # the prompt's last tokens that an earlier attempt generated (a failover)
+    num_pending: int = 0  # output tokens sampled by launched steps, not yet read back: they follow token_ids
 
     @property
     def num_tokens(self) -> int:
-        return len(self.token_ids)
+        return len(self.token_ids) + self.num_pending
 
     @property
     def num_output_tokens(self) -> int:
-        return len(self.token_ids) - self.num_prompt_tokens
+        return self.num_tokens - self.num_prompt_tokens
 
     @property
     def output_token_ids(self) -> list[int]:
+        """The known output ids: all of them once the request has finished."""
         return self.token_ids[self.num_prompt_tokens :]
 
     def penalty_history(self) -> tuple[list[int], list[int]]:
-        """(prompt, output) token ids as penalties see them: a resumed request's earlier output counts as
-        output, so its continuation is the one an undisturbed run would have produced."""
+        """(prompt, output) known token ids as penalties see them (pending ones are added on the device): a
+        resumed request's earlier output counts as output, so its continuation is the one an undisturbed run
+        would have produced."""
         start = self.num_prompt_tokens - self.resumed_tokens
         return self.token_ids[:start], self.token_ids[start:]
-
-    def drop_placeholders(self) -> None:
-        """Forget tokens a running step is still sampling (placeholders, always at the end: see step_plan)."""
-        while self.token_ids and self.token_ids[-1] < 0:
-            self.token_ids.pop()
 
     @property
     def is_finished(self) -> bool:

@@ -9,8 +9,8 @@ from engine.sequence import FinishReason, Sequence
 def check_stop(seq: Sequence, token_id: int, num_tokens: int, eos_token_ids: frozenset[int]) -> FinishReason | None:
     """Finish reason once `seq` gained `token_id` as its `num_tokens`-th token (prompt included), or None.
 
-    The token is passed explicitly: with overlapped steps, placeholders of a step still running may
-    already follow it in `seq.token_ids`.
+    The count is passed explicitly: with overlapped steps, `seq.num_tokens` may already count the token a
+    step still running samples.
     """
     params = seq.params
     if seq.detokenizer is not None and _hit_stop_string(seq, token_id):

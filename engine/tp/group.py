@@ -33,7 +33,8 @@ log = logging.getLogger(__name__)
 
 SHUTDOWN_TIMEOUT_S = 10.0
 RANK_DEATH_EXIT_CODE = 70  # an NCCL engine's process exits with this when one of its ranks died
-# Room for the largest step plan: ids, positions and slots per token; lengths and block tables per sequence.
+# Room for the largest step plan: ids, positions and slots per token; lengths, block tables, sample indices and
+# pending tokens' indices and rows per sequence.
 _CHANNEL_HEADROOM = 1 << 16
 
 
@@ -197,7 +198,7 @@ def _raise_if_any_dead(processes: list[BaseProcess]) -> None:
 
 def _channel_size(config: EngineConfig) -> int:
     max_blocks = -(-config.max_model_len // config.block_size)
-    per_seq = 4 * max_blocks + 4 * 2 + 8
+    per_seq = 4 * max_blocks + 4 * 2 + 8 * 3
     return _CHANNEL_HEADROOM + 3 * 8 * config.max_num_batched_tokens + config.max_num_seqs * per_seq
 
 

@@ -298,7 +298,7 @@ def test_step_returns_the_progress_of_the_step_before(engine: LLMEngine, hello_g
 
 def test_stop_on_a_sampled_token_caches_only_real_tokens(model_dir: Path, engine: LLMEngine) -> None:
     """The step after a stop token still computes the stopped request's row (its stop is not known at
-    launch): that row's K/V is of the real stop token, and no placeholder reaches an output or a block."""
+    launch): that row's K/V is of the real stop token, and no pending token reaches an output or a block."""
     prompt, other_prompt = random_ids(12, 40), random_ids(13, 20)
     reference = one(engine, prompt, greedy(40))["token_ids"]
     j = next(i for i in range(24, 40) if reference[i] not in reference[:i])  # 40 + j + 1 tokens: past 4 blocks
@@ -316,3 +316,32 @@ def test_stop_on_a_sampled_token_caches_only_real_tokens(model_dir: Path, engine
         hash_blocks(other_prompt + tokens_of(deltas[other]), block_size))
     assert all(min(block.token_ids) >= 0 for block in fresh.block_manager.blocks if block.hash is not None)
     assert_idle(fresh)
+
+
+def test_sequences_hold_only_the_tokens_streamed_so_far(model_dir: Path, engine: LLMEngine) -> None:
+    """Between steps a request's token_ids are its prompt and exactly the tokens step() has returned for it: the
+    token its running step samples is only counted (num_pending), never stood in for. Through preemption, a stop
+    token, a last token by length, penalties and an abort."""
+    prompts = [random_ids(20 + i, 20) for i in range(4)]
+    reference = one(engine, prompts[0], greedy(20))["token_ids"]
+    j = next(i for i in range(14, 20) if reference[i] not in reference[:i])  # past its second block
+    params = [greedy(20, stop_token_ids=[reference[j]]), greedy(20, presence_penalty=0.5, repetition_penalty=1.2),
+              greedy(20), greedy(40)]
+    small = LLMEngine(model_dir, device="cpu", dtype="float32", max_model_len=256, num_kv_blocks=6)
+    seqs = []
+    for prompt, p in zip(prompts, params):
+        small.add_request(prompt, p)
+        seqs.append(small.scheduler.waiting[-1])
+    streamed: dict[str, list[int]] = defaultdict(list)
+    while small.has_unfinished():
+        for out in small.step():
+            streamed[out.request_id] += out.new_token_ids
+        for prompt, seq in zip(prompts, seqs):
+            assert seq.token_ids == prompt + streamed[seq.request_id]
+            assert seq.num_pending == (seq in small.scheduler.running and seq.num_computed_tokens == seq.num_tokens - 1)
+        if seqs[3].num_pending and len(streamed[seqs[3].request_id]) == 3:  # abort it with a token in flight
+            assert small.abort(seqs[3].request_id) and seqs[3].num_pending == 0
+    assert small.stats().num_preemptions > 0
+    assert streamed[seqs[0].request_id] == reference[: j + 1] and seqs[0].finish_reason == "stop"
+    assert [seq.finish_reason for seq in seqs[1:]] == ["length", "length", "abort"]
+    assert_idle(small)

@@ -1,5 +1,5 @@
 """Presence, frequency and repetition penalties: the sampler's formula, Hugging Face parity through the
-engine (overlapped steps, so the newest output token is still a placeholder when the batch is built),
+engine (overlapped steps, so the newest output token is still pending when the batch is built),
 failover resumption, and bad values naming the field."""
 
 from __future__ import annotations
@@ -43,6 +43,21 @@ def test_sampler_applies_the_formula() -> None:
     from engine.sampler import _penalize
 
     torch.testing.assert_close(_penalize(logits, batch), expected)
+
+
+def test_output_tokens_added_on_the_device_count_as_output() -> None:
+    # The model runner adds a penalised row's newest output token, still pending on the host, this way.
+    logits = 3 * torch.randn(3, 40, generator=torch.Generator().manual_seed(1))
+    params = [SamplingParams(temperature=0.0, repetition_penalty=1.3, presence_penalty=0.5, frequency_penalty=0.25),
+              SamplingParams(temperature=0.0),
+              SamplingParams(temperature=0.0, frequency_penalty=-1.0)]
+    whole = SamplingBatch.build(params, [0] * 3, [0] * 3, [[]] * 3, CPU, [([1, 2], [3, 5, 5, 7]), None, ([9], [4, 4])])
+    known = SamplingBatch.build(params, [0] * 3, [0] * 3, [[]] * 3, CPU, [([1, 2], [3, 5, 5]), None, ([9], [4])])
+    added = known.with_output_tokens([0, 2], torch.tensor([7, 4]))
+    from engine.sampler import _penalize
+
+    torch.testing.assert_close(_penalize(logits, added), _penalize(logits, whole), rtol=0, atol=0)
+    assert not torch.equal(_penalize(logits, known), _penalize(logits, whole))
 
 
 class OutputPenalties(LogitsProcessor):

@@ -27,6 +27,8 @@ def make_plan(num_seqs: int, num_cols: int) -> StepPlan:
         seq_lens=rng.integers(1, 4096, num_seqs, dtype=np.int32),
         block_tables=rng.integers(0, 1 << 16, (num_seqs, num_cols), dtype=np.int32),
         sample_indices=np.arange(num_seqs, dtype=np.int64),
+        pending_indices=np.arange(0, num_seqs, 2, dtype=np.int64),
+        pending_rows=rng.integers(0, num_seqs, (num_seqs + 1) // 2, dtype=np.int64),
         max_query_len=1,
     )
 
