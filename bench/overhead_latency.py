@@ -31,14 +31,12 @@ from typing import Any
 
 import grpc
 import numpy as np
-import ray
 from overhead_router import REPO_ROOT, ROUTER_REPLICA_NAME, OverheadConfig, RouterProcess, start_model_free_replica
-from ray.actor import ActorHandle
 from serving_workloads import random_tokens, stream_request
 
 from router.client import AsyncClient
 from router.config import RouterConfig
-from worker import RequestSpec
+from worker import ReplicaHandle, RequestSpec
 from worker.messages import RequestDelta
 
 HEALTH_INTERVAL_S = RouterConfig().health_interval_s  # as often as the router checks
@@ -59,8 +57,8 @@ class DirectReplica:
     """A `worker.Replica` driven as router/replica_pool.py drives one: submit, read its batched event
     stream, and call `health` every second (the replica aborts the requests of a silent router)."""
 
-    def __init__(self, actor: ActorHandle) -> None:
-        self.actor = actor
+    def __init__(self, handle: ReplicaHandle) -> None:
+        self.handle = handle
         self._deltas: dict[str, asyncio.Queue[RequestDelta]] = {}
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -73,11 +71,10 @@ class DirectReplica:
     async def _heartbeat(self) -> None:
         while True:
             await asyncio.sleep(HEALTH_INTERVAL_S)
-            await self.actor.health.remote()
+            await self.handle.health()
 
     async def _read_events(self, opened: asyncio.Future[None]) -> None:
-        async for ref in self.actor.events.remote():
-            batch = await ref
+        async for batch in self.handle.events():
             if not opened.done():
                 opened.set_result(None)
             for delta in batch.outputs:
@@ -90,7 +87,7 @@ class DirectReplica:
         queue = self._deltas[request_id] = asyncio.Queue()
         sampling = dict(max_tokens=max_tokens, temperature=0.0, ignore_eos=True, seed=0)
         sent = time.perf_counter()
-        [error] = await self.actor.submit.remote([RequestSpec(request_id, prompt_ids, sampling)])
+        [error] = await self.handle.submit([RequestSpec(request_id, prompt_ids, sampling)])
         if error is not None:
             raise RuntimeError(f"submit refused: {error}")
         timing, last = Timing(0.0, []), sent
@@ -106,16 +103,16 @@ class DirectReplica:
                 del self._deltas[request_id]
                 return timing
 
-    def stop(self) -> None:
+    async def stop(self) -> None:
         for task in self._tasks:
             task.cancel()
-        ray.kill(self.actor, no_restart=True)
+        await self.handle.kill(wait=False)
 
 
 async def start_direct_replica(config: OverheadConfig) -> DirectReplica:
     """A stand-in replica of its own (cold cache), driven directly; the same kind as the router's."""
-    actor = await asyncio.to_thread(start_model_free_replica, config, f"bench-direct-{uuid.uuid4().hex[:6]}")
-    replica = DirectReplica(actor)
+    handle = await asyncio.to_thread(start_model_free_replica, config, f"bench-direct-{uuid.uuid4().hex[:6]}")
+    replica = DirectReplica(handle)
     await replica.start()
     return replica
 
@@ -213,7 +210,7 @@ async def time_all(
                     for prompt in prompts[start:start + block]:
                         timings[regime][path].append(await generate(prompt, config.output_len))
     finally:
-        direct.stop()
+        await direct.stop()
         for process in (client, echo_client, echo):
             process.stop()
     return timings

@@ -14,6 +14,7 @@ the client, the router and the replica compete for the cores (the machine's busy
 
 from __future__ import annotations
 
+import asyncio
 import os
 import select
 import signal
@@ -25,11 +26,9 @@ from pathlib import Path
 from typing import Any
 
 import ray
-from ray.actor import ActorHandle
-from serving_workloads import wait_until_gone
 from stand_in_runner import FixedTokenRunner
 
-from worker.launch import MAX_CONCURRENCY
+from worker.handle import MAX_CONCURRENCY, ReplicaHandle
 from worker.replica import CONCURRENCY_GROUPS, Replica
 
 BENCH_DIR = Path(__file__).resolve().parent
@@ -70,7 +69,7 @@ class ModelFreeReplica(Replica):
         engine.model_runner = FixedTokenRunner(whole, max_batch, step_s)
 
 
-def start_model_free_replica(config: OverheadConfig, name: str) -> ActorHandle:
+def start_model_free_replica(config: OverheadConfig, name: str) -> ReplicaHandle:
     """A stand-in replica named `name` (ROUTER_REPLICA_NAME: `python -m router` re-attaches to it)."""
     actor_class = ray.remote(concurrency_groups=CONCURRENCY_GROUPS)(ModelFreeReplica)  # type: ignore[call-overload]
     kwargs = dict(device="cpu", max_model_len=router_max_len(config), max_num_seqs=config.num_streams,
@@ -78,8 +77,9 @@ def start_model_free_replica(config: OverheadConfig, name: str) -> ActorHandle:
     actor = actor_class.options(name=name, namespace=ROUTER_NAMESPACE, lifetime="detached",
                                 max_concurrency=MAX_CONCURRENCY).remote(name, str(config.model), kwargs,
                                                                         config.step_ms / 1e3)
-    ray.get(actor.describe.remote())
-    return actor
+    handle = ReplicaHandle(name, actor, ROUTER_NAMESPACE)
+    asyncio.run(handle.describe())
+    return handle
 
 
 class RouterProcess:
@@ -131,7 +131,7 @@ class RouterProcess:
         return by_name
 
     def stop(self) -> None:
-        """SIGTERM (drain, then kill the replicas) and wait until the replica's name is free."""
+        """SIGTERM (drain, then kill the replica and wait until its name is free; here too if that took too long)."""
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
             try:
@@ -139,7 +139,9 @@ class RouterProcess:
             except subprocess.TimeoutExpired:
                 self.process.kill()
         self._log.close()
-        wait_until_gone([ROUTER_REPLICA_NAME], ROUTER_NAMESPACE)
+        left = ReplicaHandle.find(ROUTER_REPLICA_NAME, ROUTER_NAMESPACE)
+        if left is not None:
+            asyncio.run(left.kill())
 
 
 def stat_cpu_seconds(stat_path: Path) -> float:

@@ -66,7 +66,6 @@ from serving_workloads import (  # noqa: E402
     generated_shared_prefix,
     multi_turn_chat,
     random_tokens,
-    wait_until_gone,
 )
 
 from router.client import AsyncClient  # noqa: E402
@@ -143,11 +142,10 @@ class RouterThread:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout_s)
 
     def stop(self) -> None:
-        """Stop the router, kill its replicas and wait until their names are free (their processes exit)."""
+        """Stop the router; it kills its replicas and waits until their names are free (their processes exit)."""
         self._call(self.router.stop(kill_replicas=True), timeout_s=120)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(10)
-        wait_until_gone(self.router.config.replica_names, self.router.config.namespace)
 
 
 def bench_model(shape_name: str) -> Path:

@@ -8,9 +8,6 @@ per request. Prompts are random token ids (no tokenizer involved), every request
 - `multi_turn_chat`: C conversations x T turns. Turn t's prompt is turn t-1's prompt + its answer +
   new user tokens, so every turn extends the previous one; turns of a conversation run one after
   another, conversations concurrently, their first turns arriving as a Poisson process.
-
-Also `wait_until_gone`, for every serving benchmark that starts fresh replicas under the names of the last
-run's (the router's, and the router overhead's).
 """
 
 from __future__ import annotations
@@ -24,7 +21,6 @@ from dataclasses import dataclass, field
 import grpc
 
 from router.client import AsyncClient
-from worker import get_replica
 
 # Qwen3's special tokens start here; random prompts stay below it (a tiny vocabulary is smaller anyway).
 FIRST_SPECIAL_TOKEN_ID = 151643
@@ -199,14 +195,3 @@ async def multi_turn_chat(
     )
     return [record for records in conversations for record in records]
 
-
-def wait_until_gone(names: Sequence[str], namespace: str, timeout_s: float = 60.0) -> None:
-    """Block until no actor holds any of `names` (a killed replica's CPU would skew the next run)."""
-    deadline = time.monotonic() + timeout_s
-    for name in names:
-        while time.monotonic() < deadline:
-            try:
-                get_replica(name, namespace)
-            except ValueError:
-                break
-            time.sleep(0.2)

@@ -40,8 +40,8 @@ def rss_mib(pid: int | None = None) -> float:
 
 
 def replica_rss(router: Router) -> dict[str, float]:
-    return {slot.name: ray.get(slot.actor.__ray_call__.remote(lambda self: rss_mib()), timeout=30)
-            for slot in router.pool.slots if slot.actor is not None}
+    return {slot.name: asyncio.run(slot.handle.run(lambda replica: rss_mib(), timeout_s=30))
+            for slot in router.pool.slots if slot.handle is not None}
 
 
 async def run_requests(address: str, n: int, concurrency: int, seed: int) -> int:
@@ -102,7 +102,7 @@ def main() -> None:
     failures += asyncio.run(run_requests(address, args.requests, args.concurrency, seed=1))
     seconds = time.monotonic() - start
     after = {"router": rss_mib(), **replica_rss(router)}
-    stats = [ray.get(s.actor.stats.remote()).engine for s in router.pool.slots if s.actor is not None]
+    stats = [asyncio.run(s.handle.stats(timeout_s=30)).engine for s in router.pool.slots if s.handle is not None]
     leftover = [s for s in stats if s.num_running or s.num_waiting or s.num_kv_blocks_used]
     inflight = sum(len(s.inflight) for s in router.pool.slots)
     print(f"{args.requests} requests in {seconds:.0f} s ({args.requests / seconds:.0f} req/s), {failures} failed")

@@ -2,24 +2,18 @@
 
 from __future__ import annotations
 
-import asyncio
-
-from ray.actor import ActorHandle
-from ray.exceptions import RayError
-
 from router.config import RouterConfig
+from worker.handle import ReplicaGone, ReplicaHandle
 from worker.messages import ReplicaHealth
 
 
-async def check_health(actor: ActorHandle, cfg: RouterConfig) -> ReplicaHealth | str:
+async def check_health(handle: ReplicaHandle, cfg: RouterConfig) -> ReplicaHealth | str:
     """The replica's health, or why it is down: no answer within health_timeout_s, a failed engine, or no
     heartbeat for stall_timeout_s (its step thread is stuck: a slow step still beats, after every layer)."""
     try:
-        health: ReplicaHealth = await asyncio.wait_for(actor.health.remote(), cfg.health_timeout_s)
-    except asyncio.TimeoutError:
-        return f"health check took over {cfg.health_timeout_s:g} s"
-    except RayError as e:
-        return f"health check failed: {e.__class__.__name__}"
+        health = await handle.health(cfg.health_timeout_s)
+    except ReplicaGone as gone:
+        return gone.reason
     if health.state == "stopped" and health.draining:
         return health  # drained: its event stream ends after its last batch, and that takes it down
     if health.state != "running":

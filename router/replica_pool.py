@@ -11,16 +11,12 @@ new request, its requests finish there, and when it exits it is down (what is le
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
 import grpc
-import ray
-from ray.actor import ActorHandle
-from ray.exceptions import RayError, RayTaskError
 
 from router.config import RouterConfig
 from router.health import check_health
@@ -28,10 +24,10 @@ from router.inflight import InFlightRequest
 from router.kv_view import KVView
 from router.metrics import RouterMetrics
 from router.policies import Candidate, RoutingPolicy
-from router.ray_placement import wait_until_placed
+from router.ray_placement import cluster_resources, wait_until_placed
 from router.replica_slot import ReplicaSlot, SlotState
 from router.retry_budget import MAX_REPLICA_DEATHS, RetryBudget
-from worker import get_replica, start_replica
+from worker.handle import ReplicaGone, ReplicaHandle
 from worker.messages import EngineInfo, StepEvents, SubmitError
 from worker.resources import ReplicaResources, plan_replicas
 
@@ -47,12 +43,6 @@ class PoolError(Exception):
 
 class StartupError(Exception):
     """No replica could start (each one's first attempt failed): the router cannot serve."""
-
-
-def why(error: Exception) -> str:
-    """An error in one line: a replica's own exception rather than Ray's wrapper with its remote traceback."""
-    cause = error.cause if isinstance(error, RayTaskError) else None
-    return f"{cause.__class__.__name__}: {cause}" if isinstance(cause, Exception) else str(error).splitlines()[0]
 
 
 class ReplicaPool:
@@ -95,7 +85,7 @@ class ReplicaPool:
 
     def _plan(self) -> ReplicaResources:
         cfg = self.config
-        cluster = ray.cluster_resources()
+        cluster = cluster_resources()
         device = str(cfg.engine_kwargs.get("device", "auto"))
         on_gpu = device.startswith("cuda") or (device == "auto" and cluster.get("GPU", 0) > 0)
         resources = plan_replicas(cfg.num_replicas, cfg.tensor_parallel_size, on_gpu, cluster,
@@ -111,15 +101,15 @@ class ReplicaPool:
         """Re-attach to the live replica of that name, or start one; when that fails, keep restarting it."""
         try:
             await self._attach_or_start(slot)
-        except (RayError, RuntimeError, ValueError) as e:
-            self._start_errors.append(f"{slot.name}: {why(e)}")
+        except (ReplicaGone, RuntimeError, ValueError) as e:
+            self._start_errors.append(f"{slot.name}: {e}")
             self._late.add(slot.name)
             assert self._started is not None
             if len(self._start_errors) == len(self.slots) and not self._started.done():
                 self._started.set_exception(StartupError("no replica could start; " + "; ".join(self._start_errors)))
                 return
             self._check_started()
-            log.warning("%s: failed to start (%s); retrying", slot.name, why(e))
+            log.warning("%s: failed to start (%s); retrying", slot.name, e)
             await self._restart(slot)
 
     def _check_started(self) -> None:
@@ -130,31 +120,30 @@ class ReplicaPool:
             self._started.set_result(None)
 
     async def _attach_or_start(self, slot: ReplicaSlot) -> None:
-        try:
-            leftover = get_replica(slot.name, self.config.namespace)
-        except ValueError:
+        leftover = ReplicaHandle.find(slot.name, self.config.namespace)
+        if leftover is None:
             await self._attach(slot, self._start_actor(slot))
             return
         try:
-            num_orphans = await leftover.abort_all.remote()  # they belonged to the router before us
+            num_orphans = await leftover.abort_all()  # they belonged to the router before us
             log.info("%s: re-attaching to the running replica (%d orphaned requests aborted)", slot.name, num_orphans)
             await self._attach(slot, leftover)
-        except RayError:
+        except ReplicaGone:
             log.warning("%s: the running replica did not answer; starting a new one", slot.name)
-            await self._kill_and_wait(slot.name)
+            await leftover.kill()
             await self._attach(slot, self._start_actor(slot))
 
-    def _start_actor(self, slot: ReplicaSlot) -> ActorHandle:
+    def _start_actor(self, slot: ReplicaSlot) -> ReplicaHandle:
         cfg = self.config
         assert self.resources is not None
         log.info("%s: starting a replica (model %s)", slot.name, cfg.model or "embedded tiny random Qwen3")
-        return start_replica(
+        return ReplicaHandle.start(
             slot.name, cfg.model, dict(self._engine_kwargs), resources=self.resources,
             max_queued_requests=cfg.max_queued_per_replica, drain_timeout_s=cfg.drain_timeout_s,
             namespace=cfg.namespace,
         )
 
-    async def _attach(self, slot: ReplicaSlot, actor: ActorHandle) -> None:
+    async def _attach(self, slot: ReplicaSlot, handle: ReplicaHandle) -> None:
         """Wait for Ray to place it and for its engine, subscribe to its events (the pump takes the first
         snapshot), start health checks."""
         assert self.resources is not None
@@ -163,14 +152,14 @@ class ReplicaPool:
             self._late.add(slot.name)
             self._check_started()
 
-        await wait_until_placed(actor, slot.name, self.resources, on_report=late)
-        info: EngineInfo = await actor.describe.remote()
+        await wait_until_placed(handle, self.resources, on_report=late)
+        info = await handle.describe()
         self.info = self.info or info
-        slot.actor, slot.kv, slot.next_seq = actor, KVView(), None
+        slot.handle, slot.kv, slot.next_seq = handle, KVView(), None
         subscribed = asyncio.get_running_loop().create_future()
         slot.tasks = [
-            asyncio.create_task(self._pump(slot, actor, subscribed), name=f"{slot.name}-events"),
-            asyncio.create_task(self._watch_health(slot, actor), name=f"{slot.name}-health"),
+            asyncio.create_task(self._pump(slot, handle, subscribed), name=f"{slot.name}-events"),
+            asyncio.create_task(self._watch_health(slot, handle), name=f"{slot.name}-health"),
         ]
         await subscribed
         self._set_state(slot, "serving")
@@ -190,9 +179,10 @@ class ReplicaPool:
         for slot in self.slots:
             for task in slot.tasks:
                 task.cancel()
-            if kill_replicas and slot.actor is not None:
-                with contextlib.suppress(RayError):
-                    ray.kill(slot.actor, no_restart=True)
+        handles = [slot.handle for slot in self.slots if kill_replicas and slot.handle is not None]
+        for handle, result in zip(handles, await asyncio.gather(*(h.kill() for h in handles), return_exceptions=True)):
+            if isinstance(result, Exception):
+                log.warning("%s: not killed: %s", handle.name, result)
 
     # --- routing ---
 
@@ -259,13 +249,13 @@ class ReplicaPool:
         return next(s for s in open_slots if s.name == chosen.name), chosen.cached_prefix_blocks
 
     async def _submit_to(self, slot: ReplicaSlot, request: InFlightRequest) -> SubmitError | None:
-        assert slot.actor is not None
+        assert slot.handle is not None
         try:
-            [error] = await slot.actor.submit.remote([request.spec()])
-        except RayError as e:
+            [error] = await slot.handle.submit([request.spec()])
+        except ReplicaGone as gone:
             slot.remove(request.engine_request_id)  # this submit retries it; the failover must not
-            self._mark_down(slot, f"submit failed: {e.__class__.__name__}")
-            return SubmitError("unavailable", str(e))
+            self._mark_down(slot, gone.reason)
+            return SubmitError("unavailable", gone.reason)
         return error
 
     def abort(self, request: InFlightRequest) -> None:
@@ -278,19 +268,18 @@ class ReplicaPool:
     def _cancel_on_replica(self, request: InFlightRequest) -> None:
         for slot in self.slots:
             if slot.remove(request.engine_request_id) is not None:
-                if slot.actor is not None:
-                    slot.actor.abort.remote([request.engine_request_id])  # fire and forget
+                if slot.handle is not None:
+                    slot.handle.abort([request.engine_request_id])
                 self.metrics.inflight.labels(slot.name).set(len(slot.inflight))
 
     # --- events ---
 
-    async def _pump(self, slot: ReplicaSlot, actor: ActorHandle, subscribed: asyncio.Future[None]) -> None:
+    async def _pump(self, slot: ReplicaSlot, handle: ReplicaHandle, subscribed: asyncio.Future[None]) -> None:
         """Apply the replica's step batches: token deltas to their requests, KV events to its view."""
         try:
-            async for ref in actor.events.remote():
-                batch: StepEvents = await ref
+            async for batch in handle.events():
                 if not slot.kv.apply(batch):  # first batch, a gap or a new epoch: re-snapshot, then re-apply
-                    slot.kv.reset(await actor.kv_snapshot.remote())
+                    slot.kv.reset(await handle.kv_snapshot())
                     slot.kv.apply(batch)
                 if not subscribed.done():
                     subscribed.set_result(None)
@@ -304,7 +293,8 @@ class ReplicaPool:
                 subscribed.set_exception(e if isinstance(e, Exception) else RuntimeError("event stream cancelled"))
             if isinstance(e, asyncio.CancelledError):
                 raise
-            self._mark_down(slot, f"event stream broke: {e.__class__.__name__}")
+            reason = e.reason if isinstance(e, ReplicaGone) else f"event stream broke: {e.__class__.__name__}"
+            self._mark_down(slot, reason)
             return
         if slot.state == "draining":
             self._mark_down(slot, "drained", died=False)
@@ -330,8 +320,8 @@ class ReplicaPool:
             stop_seen = request.on_delta(delta, slot.name)
             if stop_seen:
                 slot.remove(delta.request_id)
-                if not delta.finished and slot.actor is not None:  # a stop string only the router saw (TextStream)
-                    slot.actor.abort.remote([delta.request_id])
+                if not delta.finished and slot.handle is not None:  # a stop string only the router saw (TextStream)
+                    slot.handle.abort([delta.request_id])
                 self._record_finished(request)
             elif request.num_pending_tokens > self.config.max_stream_buffer_tokens:
                 self._pause(slot, request)
@@ -343,15 +333,15 @@ class ReplicaPool:
     def _drop_superseded(self, slot: ReplicaSlot, engine_request_id: str) -> None:
         log.warning("%s: dropping %s, superseded by a later attempt", slot.name, engine_request_id)
         slot.remove(engine_request_id)
-        if slot.actor is not None:
-            slot.actor.abort.remote([engine_request_id])
+        if slot.handle is not None:
+            slot.handle.abort([engine_request_id])
 
     def _pause(self, slot: ReplicaSlot, request: InFlightRequest) -> None:
         """The client reads slower than its request generates: stop generating (its KV blocks are freed) until
         the client has taken what waits for it; then `resume` continues from there, as a failover would."""
         slot.remove(request.engine_request_id)
-        if slot.actor is not None:
-            slot.actor.abort.remote([request.engine_request_id])
+        if slot.handle is not None:
+            slot.handle.abort([request.engine_request_id])
         request.paused = True
         self.metrics.slow_clients.labels("paused").inc()
         log.info("request %s paused after %d tokens: %d wait for its client (max_stream_buffer_tokens=%d)",
@@ -383,13 +373,13 @@ class ReplicaPool:
 
     # --- failure handling ---
 
-    async def _watch_health(self, slot: ReplicaSlot, actor: ActorHandle) -> None:
+    async def _watch_health(self, slot: ReplicaSlot, handle: ReplicaHandle) -> None:
         """A replica that does not answer, failed, or whose step thread stopped beating is down."""
         cfg = self.config
         stats: asyncio.Task[None] | None = None
-        while slot.actor is actor and slot.state != "down":
+        while slot.handle is handle and slot.state != "down":
             await asyncio.sleep(cfg.health_interval_s)
-            health = await check_health(actor, cfg)
+            health = await check_health(handle, cfg)
             if isinstance(health, str):
                 self._mark_down(slot, health)
                 return
@@ -398,12 +388,15 @@ class ReplicaPool:
                          len(slot.inflight))
                 self._set_state(slot, "draining")
             if stats is None or stats.done():  # stats wait for a step: never let them hold up health checks
-                stats = asyncio.create_task(self._refresh_stats(slot, actor))
+                stats = asyncio.create_task(self._refresh_stats(slot, handle))
 
-    async def _refresh_stats(self, slot: ReplicaSlot, actor: ActorHandle) -> None:
-        with contextlib.suppress(RayError):
-            slot.stats = await actor.stats.remote()
-            self._publish_stats(slot)
+    async def _refresh_stats(self, slot: ReplicaSlot, handle: ReplicaHandle) -> None:
+        try:
+            slot.stats = await handle.stats()
+        except ReplicaGone as gone:
+            log.info("%s: no stats (%s); its health check tells whether it is down", slot.name, gone.reason)
+            return
+        self._publish_stats(slot)
 
     def _publish_stats(self, slot: ReplicaSlot) -> None:
         if slot.stats is None:
@@ -498,38 +491,26 @@ class ReplicaPool:
         delay = 1.0
         while not self._closing:
             self._set_state(slot, "starting")
-            actor = None
+            handle = None
             try:
-                await self._kill_and_wait(slot.name)
-                slot.actor = None
-                actor = self._start_actor(slot)
-                await self._attach(slot, actor)
+                old = ReplicaHandle.find(slot.name, self.config.namespace)
+                if old is not None:
+                    await old.kill()
+                slot.handle = None
+                handle = self._start_actor(slot)
+                await self._attach(slot, handle)
                 slot.num_restarts += 1
                 self.metrics.replica_restarts.labels(slot.name).inc()
                 return
             except asyncio.CancelledError:  # the pool closed while the new replica was starting: it must not live on
-                if actor is not None:
-                    with contextlib.suppress(RayError):
-                        ray.kill(actor, no_restart=True)
+                if handle is not None:
+                    await handle.kill(wait=False)  # returns at once
                 raise
-            except (RayError, RuntimeError, ValueError) as e:
-                log.warning("%s: restart failed (%s); retrying in %.0f s", slot.name, why(e), delay)
+            except (ReplicaGone, RuntimeError, ValueError) as e:
+                log.warning("%s: restart failed (%s); retrying in %.0f s", slot.name, e, delay)
                 self._set_state(slot, "down")
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 30.0)
-
-    async def _kill_and_wait(self, name: str, timeout_s: float = 30.0) -> None:
-        """Kill the actor of that name, if any, and wait until the name is free for the replacement."""
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            try:
-                actor = get_replica(name, self.config.namespace)
-            except ValueError:
-                return
-            with contextlib.suppress(RayError):
-                ray.kill(actor, no_restart=True)
-            await asyncio.sleep(0.2)
-        raise RuntimeError(f"{name}: the old actor still holds its name after {timeout_s:.0f} s")
 
     def _set_state(self, slot: ReplicaSlot, state: SlotState) -> None:
         was_serving = bool(self.serving())

@@ -6,10 +6,9 @@ import asyncio
 from dataclasses import dataclass, field
 from typing import Literal
 
-from ray.actor import ActorHandle
-
 from router.inflight import InFlightRequest
 from router.kv_view import KVView
+from worker.handle import ReplicaHandle
 from worker.messages import ReplicaStats
 
 SlotState = Literal["starting", "serving", "down", "draining"]
@@ -20,7 +19,7 @@ class ReplicaSlot:
     """One replica name: the live actor behind it (replaced on restart) and the router's view of it."""
 
     name: str
-    actor: ActorHandle | None = None
+    handle: ReplicaHandle | None = None
     state: SlotState = "starting"
     kv: KVView = field(default_factory=KVView)
     inflight: dict[str, InFlightRequest] = field(default_factory=dict)  # by engine request id

@@ -5,11 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 from pathlib import Path
 
 import grpc
-import ray
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
@@ -24,6 +22,7 @@ from router.core import ServingCore
 from router.http_server import HttpFrontDoor
 from router.metrics import RouterMetrics
 from router.policies import make_policy
+from router.ray_placement import start_ray
 from router.replica_pool import ReplicaPool
 from router.service import NanoServeService
 from router.validation import request_parser
@@ -55,8 +54,7 @@ class Router:
         cfg = self.config
         # First: a model that cannot be found fails here, before replicas start loading it.
         tokenizer = await asyncio.to_thread(load_tokenizer, cfg.model)
-        if not ray.is_initialized():
-            start_ray(cfg.ray_address, cfg.namespace)
+        start_ray(cfg.ray_address, cfg.namespace)
         if cfg.metrics_port is not None:
             self.metrics_port = self.metrics.serve(cfg.metrics_port, cfg.host)
         info = await self.pool.start()
@@ -122,23 +120,6 @@ class Router:
         await self.pool.close(kill_replicas)
         self.metrics.close()
         log.info("router stopped")
-
-
-def start_ray(address: str | None, namespace: str) -> None:
-    """Join the Ray cluster at `address`, or start a local one (address None) that operators can inspect: with
-    its dashboard (`ray list actors` and the state API need it; on 127.0.0.1 only), and the command that reaches
-    it in the log. Ray gives a local cluster token authentication and warns so at every start; the log line here
-    says instead what a shell needs to use the token."""
-    local = address is None
-    if local:
-        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
-    # Ray starts the dashboard when its packages (ray[default], the cluster extra) are installed.
-    ray.init(address=address, namespace=namespace, dashboard_host="127.0.0.1", logging_level=logging.WARNING)
-    if local:
-        gcs = ray.get_runtime_context().gcs_address
-        token = "RAY_AUTH_MODE=token " if os.environ.get("RAY_AUTH_MODE") == "token" else ""
-        log.info("Ray: a local cluster at %s. Inspect it from a shell with `%sRAY_ADDRESS=%s ray status` (or `ray "
-                 "list actors`)%s", gcs, token, gcs, "; its token is in ~/.ray/auth_token" if token else "")
 
 
 def load_tokenizer(model: str | None) -> Tokenizer:

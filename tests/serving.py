@@ -22,6 +22,7 @@ from proto import nanoserve_pb2 as pb
 from router.client import Client
 from router.config import RouterConfig
 from router.server import Router
+from worker.handle import ReplicaHandle
 
 T = TypeVar("T")
 VOCAB = 1024  # the tiny checkpoint's vocabulary
@@ -71,6 +72,19 @@ class RouterThread:
                 return status
             assert time.monotonic() < deadline, f"cluster never reached the condition: {status}"
             time.sleep(0.2)
+
+
+def handle_of(router: RouterThread, name: str) -> ReplicaHandle:
+    """The handle of the replica actor behind the router's replica of that name now."""
+    [handle] = [slot.handle for slot in router.router.pool.slots if slot.name == name]
+    assert handle is not None, f"{name} has no actor now"
+    return handle
+
+
+def serving_handles(router: RouterThread) -> dict[str, ReplicaHandle]:
+    """The handles of the replicas the router serves from now, by name."""
+    return {slot.name: slot.handle for slot in router.router.pool.slots
+            if slot.state == "serving" and slot.handle is not None}
 
 
 @pytest.fixture(scope="package")

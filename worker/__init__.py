@@ -1,11 +1,11 @@
 """nanoserve's worker layer: `Replica`, a Ray actor that runs one LLMEngine and streams its steps.
 
-The router starts replicas with `start_replica`, re-attaches to running ones with `get_replica`,
-and talks to them only through the typed messages of `worker.messages`. Importing this package
-does not load torch: the engine is built inside the actor.
+The router starts replicas, re-attaches to running ones and calls them only through `ReplicaHandle` (a Ray
+error or a timeout is one `ReplicaGone`), with the typed messages of `worker.messages`. Importing this
+package does not load torch: the engine is built inside the actor.
 """
 
-from worker.launch import get_replica, start_replica
+from worker.handle import ReplicaGone, ReplicaHandle
 from worker.messages import (
     EngineInfo,
     KVSnapshot,
@@ -22,12 +22,12 @@ __all__ = [
     "EngineInfo",
     "KVSnapshot",
     "Replica",
+    "ReplicaGone",
+    "ReplicaHandle",
     "ReplicaHealth",
     "ReplicaStats",
     "RequestDelta",
     "RequestSpec",
     "StepEvents",
     "SubmitError",
-    "get_replica",
-    "start_replica",
 ]

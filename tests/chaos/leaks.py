@@ -10,6 +10,7 @@ segment created during the scenario is gone.
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import gc
 import logging
@@ -20,7 +21,7 @@ from pathlib import Path
 
 import ray
 
-from tests.serving import RouterThread
+from tests.serving import RouterThread, serving_handles
 
 log = logging.getLogger(__name__)
 
@@ -49,11 +50,8 @@ def settle_memory() -> int:
 
 def settled_replica_pids(router: RouterThread) -> dict[str, int]:
     """The process of each replica the router now serves from, by replica name, its memory settled."""
-    pids = {}
-    for slot in router.router.pool.slots:
-        if slot.state == "serving" and slot.actor is not None:
-            pids[slot.name] = ray.get(slot.actor.__ray_call__.remote(lambda self: settle_memory()), timeout=30)
-    return pids
+    return {name: asyncio.run(handle.run(lambda replica: settle_memory(), timeout_s=30))
+            for name, handle in serving_handles(router).items()}
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,7 @@ in leaks.py, checked after every scenario)."""
 
 from __future__ import annotations
 
+import asyncio
 import random
 import threading
 import time
@@ -13,11 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-import ray
 
 from engine import LLMEngine, SamplingParams
 from router.client import Client
-from tests.serving import ENGINE_KWARGS, VOCAB, RouterThread
+from tests.serving import ENGINE_KWARGS, VOCAB, RouterThread, serving_handles
 
 
 @dataclass
@@ -117,8 +117,7 @@ def assert_kv_conserved(router: RouterThread, timeout_s: float = 20.0) -> None:
     """I3: after quiesce every live replica holds no request and every KV block is free or cached."""
     deadline = time.monotonic() + timeout_s
     while True:
-        stats = [ray.get(slot.actor.stats.remote(), timeout=10) for slot in router.router.pool.slots
-                 if slot.state == "serving" and slot.actor is not None]
+        stats = [asyncio.run(handle.stats(timeout_s=10)) for handle in serving_handles(router).values()]
         busy = [(s.replica, s.engine) for s in stats
                 if s.engine.num_kv_blocks_used or s.engine.num_running or s.engine.num_waiting]
         if not busy:

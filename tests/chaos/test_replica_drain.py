@@ -7,13 +7,13 @@ Zero client errors either way, and every stream equals an undisturbed run.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-import ray
 
 from proto import nanoserve_pb2 as pb
 from router.client import Client
@@ -27,7 +27,7 @@ from tests.chaos.load import (
     wait_for,
 )
 from tests.engine.tp.test_lifecycle import pid_alive
-from tests.serving import RouterThread
+from tests.serving import RouterThread, handle_of
 
 
 @pytest.mark.parametrize("how, drain_timeout_s", [("SIGTERM", 60.0), ("drain call", 0.5)])
@@ -41,14 +41,14 @@ def test_draining_replica_finishes_its_streams_and_is_replaced(
     load = Load(router, requests, concurrency=32)
     load.wait_until_streaming(fraction=0.5)
     victim = max(pool.slots, key=lambda s: len(s.inflight))
-    assert victim.actor is not None and victim.inflight
-    actor = victim.actor
-    pid = ray.get(actor.__ray_call__.remote(lambda self: os.getpid()), timeout=30)
+    assert victim.inflight
+    handle = handle_of(router, victim.name)
+    pid = asyncio.run(handle.run(lambda replica: os.getpid(), timeout_s=30))
     if how == "SIGTERM":
         os.kill(pid, signal.SIGTERM)
     else:
-        ray.get(actor.drain.remote(), timeout=30)
-    wait_for(lambda: ray.get(actor.health.remote(), timeout=30).draining, 2, "the replica reporting draining")
+        asyncio.run(handle.run(lambda replica: replica.drain(), timeout_s=30))
+    wait_for(lambda: asyncio.run(handle.health(timeout_s=30)).draining, 2, "the replica reporting draining")
     wait_for(lambda: victim.state != "serving", 10, "the router seeing the replica drain")
     if how == "SIGTERM":  # the long drain timeout: still draining, reported, and routed around
         assert victim.state == "draining"

@@ -3,6 +3,7 @@ every stream equals an undisturbed run, and the cluster heals without a router r
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import time
@@ -11,7 +12,6 @@ from pathlib import Path
 
 import grpc
 import pytest
-import ray
 
 from proto import nanoserve_pb2 as pb
 from router.client import Client
@@ -24,13 +24,13 @@ from tests.chaos.load import (
     mixed_requests,
     wait_for,
 )
-from tests.serving import RouterThread
+from tests.faults import hang_step_loop
+from tests.serving import RouterThread, handle_of
 
 
 def actor_call(router: RouterThread, name: str, fn: Callable) -> object:
-    """Run fn(replica) inside the replica actor (Ray's __ray_call__): fault injection without test hooks."""
-    slot = next(s for s in router.router.pool.slots if s.name == name)
-    return ray.get(slot.actor.__ray_call__.remote(fn), timeout=30)
+    """Run fn(replica) inside the replica actor: fault injection without test hooks."""
+    return asyncio.run(handle_of(router, name).run(fn, timeout_s=30))
 
 
 def busiest_replica(router: RouterThread) -> str:
@@ -50,8 +50,7 @@ def test_replica_killed_mid_stream(start_router: Callable[..., RouterThread], mo
     load.wait_until_streaming(fraction=0.5)
     victim = busiest_replica(router)
     if how == "ray.kill":
-        ray.kill(router.router.pool.slots[[s.name for s in router.router.pool.slots].index(victim)].actor,
-                 no_restart=True)
+        asyncio.run(handle_of(router, victim).kill(wait=False))
     else:
         os.kill(int(actor_call(router, victim, lambda self: os.getpid())), signal.SIGKILL)
     outcomes = load.finish()
@@ -71,7 +70,7 @@ def test_replica_dying_before_the_first_token_is_retried(
     expected = expected_outputs(model_dir, requests)
     victim = router.router.pool.slots[0]
     actor_call(router, victim.name, lambda self: self._loop.call(lambda engine: None))  # replica is idle
-    ray.kill(victim.actor, no_restart=True)  # dies before it gets or streams anything
+    asyncio.run(handle_of(router, victim.name).kill(wait=False))  # dies before it gets or streams anything
     load = Load(router, requests, concurrency=8)
     outcomes = load.finish()
     assert_no_lost_request(outcomes)
@@ -93,7 +92,7 @@ def test_hung_replica_is_marked_down_and_its_streams_move(
     victim = busiest_replica(router)
     slot = next(s for s in router.router.pool.slots if s.name == victim)
     # The step loop stops (a hung kernel, a deadlock); RPCs such as health still answer.
-    slot.actor.__ray_call__.remote(lambda self: self._loop.call(lambda engine: time.sleep(60)))
+    actor_call(router, victim, hang_step_loop(60))
     hung_at = time.monotonic()
 
     def stalled_since() -> float | None:
@@ -101,7 +100,7 @@ def test_hung_replica_is_marked_down_and_its_streams_move(
         may start the stall a while after we asked for it)."""
         if slot.state != "serving":
             return None
-        silent_s = ray.get(slot.actor.health.remote(), timeout=30).seconds_since_heartbeat
+        silent_s = asyncio.run(handle_of(router, victim).health(timeout_s=30)).seconds_since_heartbeat
         return time.monotonic() - silent_s if silent_s > 1.0 else None
 
     stall_start = None
@@ -126,14 +125,14 @@ def test_two_of_four_then_all_replicas_die(start_router: Callable[..., RouterThr
     load = Load(router, requests, concurrency=32)
     load.wait_until_streaming(fraction=0.5)
     for slot in pool.slots[:2]:
-        ray.kill(slot.actor, no_restart=True)
+        asyncio.run(handle_of(router, slot.name).kill(wait=False))
     outcomes = load.finish()
     assert_no_lost_request(outcomes)
     assert_identical_outputs(outcomes, expected)
     wait_for(lambda: all_serving(router), 90, "the two killed replicas serving again")
 
     for slot in pool.slots:
-        ray.kill(slot.actor, no_restart=True)
+        asyncio.run(handle_of(router, slot.name).kill(wait=False))
     wait_for(lambda: not pool.serving(), 10, "all replicas marked down")
     started = time.monotonic()
     with Client(router.address) as client, pytest.raises(grpc.RpcError) as info:

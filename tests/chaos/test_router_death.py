@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
@@ -16,7 +17,7 @@ import ray
 
 from router.client import Client
 from tests.chaos.load import Load, assert_no_lost_request, mixed_requests, wait_for
-from worker import get_replica
+from worker import ReplicaHandle
 
 ROOT = Path(__file__).resolve().parents[2]
 PREFIX = "chaos-router"
@@ -55,8 +56,9 @@ def test_router_killed_then_replaced(ray_cluster: None, model_dir: Path,
                                      processes: list[subprocess.Popen[str]]) -> None:
     first, address = start_router_process(model_dir)
     processes.append(first)
-    replicas = [get_replica(f"{PREFIX}-{i}") for i in range(2)]
-    epochs = [ray.get(r.health.remote()).epoch for r in replicas]
+    replicas = [ReplicaHandle.find(f"{PREFIX}-{i}") for i in range(2)]
+    assert None not in replicas
+    epochs = [asyncio.run(r.health(timeout_s=30)).epoch for r in replicas]  # type: ignore[union-attr]
     load = Load(_Address(address), mixed_requests(16, seed=6, max_tokens=400), concurrency=16)  # type: ignore[arg-type]
     load.wait_until_streaming()
     os.kill(first.pid, signal.SIGKILL)
@@ -66,13 +68,13 @@ def test_router_killed_then_replaced(ray_cluster: None, model_dir: Path,
     assert any(o.code == grpc.StatusCode.UNAVAILABLE for o in outcomes)
 
     def quiet() -> bool:  # the replicas abort the orphaned requests on their own (no router heartbeat)
-        stats = [ray.get(r.stats.remote(), timeout=10).engine for r in replicas]
+        stats = [asyncio.run(r.stats(timeout_s=10)).engine for r in replicas]  # type: ignore[union-attr]
         return all(s.num_running == s.num_waiting == s.num_kv_blocks_used == 0 for s in stats)
 
     wait_for(quiet, 15, "replicas aborting the dead router's requests")
     second, address = start_router_process(model_dir)
     processes.append(second)
-    assert [ray.get(r.health.remote()).epoch for r in replicas] == epochs  # same engines: no model reload
+    assert [asyncio.run(r.health(timeout_s=30)).epoch for r in replicas] == epochs  # type: ignore[union-attr]
     started = time.monotonic()
     with Client(address) as client:
         assert len(client.complete([1, 2, 3], timeout=30, max_tokens=4, ignore_eos=True).token_ids) == 4

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
-
-import ray
 
 from tests.chaos.load import (
     Load,
@@ -20,7 +19,7 @@ from tests.chaos.load import (
     wait_for,
 )
 from tests.engine.tp.test_lifecycle import pid_alive, tp_segments
-from tests.serving import ENGINE_KWARGS, RouterThread
+from tests.serving import ENGINE_KWARGS, RouterThread, handle_of
 
 
 def test_killed_rank_takes_its_replica_down_and_its_requests_move(
@@ -34,9 +33,9 @@ def test_killed_rank_takes_its_replica_down_and_its_requests_move(
     load = Load(router, requests, concurrency=24)
     load.wait_until_streaming(fraction=0.5)
     victim = max(router.router.pool.slots, key=lambda s: len(s.inflight))
-    rank_pids, replica_pid = ray.get(victim.actor.__ray_call__.remote(
-        lambda self: (self._loop.call(lambda engine: [p.pid for p in engine.ranks.processes]), os.getpid())),
-        timeout=30)
+    rank_pids, replica_pid = asyncio.run(handle_of(router, victim.name).run(
+        lambda replica: (replica._loop.call(lambda engine: [p.pid for p in engine.ranks.processes]), os.getpid()),
+        timeout_s=30))
     # Its control channel's name was unlinked once the ranks attached: nothing in /dev/shm to leak.
     assert not any(seg.startswith(f"nanoserve-tp-{replica_pid}-") for seg in tp_segments())
     os.kill(rank_pids[0], signal.SIGKILL)

@@ -4,6 +4,7 @@ a max_tokens beyond the context, a request that crashes the replicas it runs on.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import queue
@@ -29,6 +30,7 @@ import ray
 from proto import nanoserve_pb2 as pb
 from router.client import Client
 from tests.faults import DEADLY_PROMPT, die_on
+from worker import ReplicaHandle
 
 ROOT = Path(__file__).resolve().parents[2]
 WORDS = ("serving", "replica", "token", "cache", "prefix", "router", "engine", "stream", "block", "kernel", "the", "of",
@@ -156,8 +158,9 @@ def test_a_query_of_death_is_stopped_after_two_replicas_while_the_others_stream_
     args = ["--replicas", "3", "--ray-address", ray.get_runtime_context().gcs_address, "--replica-prefix", prefix]
     with running_router(args) as router, Client(router.address) as client, ThreadPoolExecutor(6) as streams:
         for i in range(3):
-            replica = ray.get_actor(f"{prefix}-{i}", namespace="nanoserve")
-            ray.get(replica.__ray_call__.remote(die_on(DEADLY_PROMPT[:4])), timeout=30)
+            replica = ReplicaHandle.find(f"{prefix}-{i}")
+            assert replica is not None
+            asyncio.run(replica.run(die_on(DEADLY_PROMPT[:4]), timeout_s=30))
         others = [streams.submit(client.complete, [5 + i] * 20, timeout=120, max_tokens=60, temperature=0.0,
                                  ignore_eos=True) for i in range(6)]
         with pytest.raises(grpc.RpcError) as stopped:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import random
 import threading
@@ -12,13 +13,11 @@ from typing import Any
 
 import grpc
 import pytest
-import ray
 
 from engine import LLMEngine, SamplingParams
 from proto import nanoserve_pb2 as pb
 from router.client import Client
-from tests.serving import ENGINE_KWARGS, VOCAB, RouterThread, greedy, served_services
-from worker import get_replica
+from tests.serving import ENGINE_KWARGS, VOCAB, RouterThread, greedy, handle_of, served_services
 
 
 def prompt(seed: int, n: int) -> list[int]:
@@ -129,7 +128,7 @@ def test_replica_killed_mid_stream_loses_no_request(
         assert event.wait(60)
     victim = router.status().replicas[0].name
     unfinished = sum(len(s) < 300 for s in streams)
-    ray.kill(get_replica(victim, "nanoserve-test"), no_restart=True)
+    asyncio.run(handle_of(router, victim).kill(wait=False))
     for t in threads:
         t.join(120)
     assert not errors, errors

@@ -2,26 +2,33 @@
 
 from __future__ import annotations
 
+import asyncio
 import random
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 import ray
-from ray.actor import ActorHandle
 
 from engine import LLMEngine, SamplingParams
-from worker import RequestDelta, RequestSpec, StepEvents, SubmitError, get_replica, start_replica
+from worker import ReplicaHandle, RequestDelta, RequestSpec, StepEvents, SubmitError
 
+T = TypeVar("T")
 REPO_ROOT = Path(__file__).resolve().parents[2]
 VOCAB = 1024  # the tiny checkpoint's vocabulary
 # 32 blocks of 16 tokens: small enough that two rounds of 100-token prompts evict cached blocks.
 ENGINE_KWARGS: dict[str, Any] = dict(device="cpu", dtype="float32", num_kv_blocks=32, max_model_len=256)
 MAX_QUEUED = 4
 TIMEOUT_S = 60.0
+# One loop for every call of this module's tests: an event stream lives on the loop it was opened on.
+LOOP = asyncio.new_event_loop()
+
+
+def run(call: Awaitable[T]) -> T:
+    return LOOP.run_until_complete(call)
 
 
 def prompt(seed: int, n: int) -> list[int]:
@@ -38,14 +45,12 @@ def spec(request_id: str, token_ids: list[int], max_tokens: int, **params: Any) 
 class Stream:
     """A subscription to a replica's event batches, read with a timeout."""
 
-    def __init__(self, replica: ActorHandle) -> None:
-        self._events = replica.events.remote()
+    def __init__(self, replica: ReplicaHandle) -> None:
+        self._events = replica.events()
         self.opening = self.next()
 
     def next(self) -> StepEvents:
-        ready, _ = ray.wait([self._events], timeout=TIMEOUT_S)
-        assert ready, f"no event batch within {TIMEOUT_S} s"
-        return ray.get(next(self._events))
+        return run(asyncio.wait_for(anext(self._events), TIMEOUT_S))
 
     def until_finished(self, request_ids: list[str]) -> list[StepEvents]:
         """Batches until every one of `request_ids` has finished."""
@@ -69,8 +74,8 @@ def tokens_of(deltas: list[RequestDelta]) -> list[int]:
     return [t for d in deltas for t in d.new_token_ids]
 
 
-def submit(replica: ActorHandle, specs: list[RequestSpec]) -> list[SubmitError | None]:
-    return ray.get(replica.submit.remote(specs), timeout=TIMEOUT_S)
+def submit(replica: ReplicaHandle, specs: list[RequestSpec]) -> list[SubmitError | None]:
+    return run(replica.submit(specs, TIMEOUT_S))
 
 
 @pytest.fixture(scope="module")
@@ -78,6 +83,8 @@ def ray_cluster() -> Iterator[None]:
     # Workers import `worker` and `engine` from this checkout, as the driver does.
     ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": str(REPO_ROOT)}})
     yield
+    LOOP.run_until_complete(LOOP.shutdown_asyncgens())
+    LOOP.close()
     ray.shutdown()
 
 
@@ -87,18 +94,18 @@ def model_dir(tiny_checkpoint: Callable[..., Path]) -> Path:
 
 
 @pytest.fixture(scope="module")
-def replica(ray_cluster: None, model_dir: Path) -> Iterator[ActorHandle]:
-    handle = start_replica(
+def replica(ray_cluster: None, model_dir: Path) -> Iterator[ReplicaHandle]:
+    handle = ReplicaHandle.start(
         f"test-{uuid.uuid4().hex[:8]}", model_dir, ENGINE_KWARGS, max_queued_requests=MAX_QUEUED
     )
-    assert ray.get(handle.health.remote(), timeout=TIMEOUT_S).state in ("loading", "running")  # answers at once
-    ray.get(handle.describe.remote(), timeout=TIMEOUT_S)  # waits for the engine
-    assert ray.get(handle.health.remote(), timeout=TIMEOUT_S).state == "running"
+    assert run(handle.health(TIMEOUT_S)).state in ("loading", "running")  # answers at once
+    run(handle.describe(TIMEOUT_S))  # waits for the engine
+    assert run(handle.health(TIMEOUT_S)).state == "running"
     yield handle
-    ray.kill(handle)
+    run(handle.kill())
 
 
-def test_greedy_stream_matches_offline_generate(replica: ActorHandle, model_dir: Path) -> None:
+def test_greedy_stream_matches_offline_generate(replica: ReplicaHandle, model_dir: Path) -> None:
     token_ids = prompt(1, 40)
     offline = LLMEngine(model_dir, **ENGINE_KWARGS).generate(
         token_ids, SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True), use_tqdm=False
@@ -110,9 +117,9 @@ def test_greedy_stream_matches_offline_generate(replica: ActorHandle, model_dir:
     assert (deltas[-1].finish_reason, deltas[-1].num_prompt_tokens) == ("length", 40)
 
 
-def test_each_batch_carries_every_request_of_its_steps(replica: ActorHandle) -> None:
+def test_each_batch_carries_every_request_of_its_steps(replica: ReplicaHandle) -> None:
     stream = Stream(replica)
-    steps_before = ray.get(replica.health.remote()).num_steps
+    steps_before = run(replica.health(TIMEOUT_S)).num_steps
     lengths = {f"c{i}": max_tokens for i, max_tokens in enumerate((3, 6, 9, 12))}
     specs = [spec(rid, prompt(10 + i, 20 + 10 * i), n) for i, (rid, n) in enumerate(lengths.items())]
     assert submit(replica, specs) == [None] * 4
@@ -124,30 +131,30 @@ def test_each_batch_carries_every_request_of_its_steps(replica: ActorHandle) -> 
         assert len(ids) == len(set(ids)), "a request appears once per batch"
     deltas = deltas_of(batches)
     assert {rid: len(tokens_of(deltas[rid])) for rid in lengths} == lengths
-    steps = ray.get(replica.health.remote()).num_steps - steps_before
+    steps = run(replica.health(TIMEOUT_S)).num_steps - steps_before
     assert sum(b.num_steps for b in batches) == steps  # every step went into exactly one batch
 
 
-def test_abort_frees_kv_blocks_at_once(replica: ActorHandle) -> None:
+def test_abort_frees_kv_blocks_at_once(replica: ReplicaHandle) -> None:
     stream = Stream(replica)
     assert submit(replica, [spec("long", prompt(2, 40), 200)]) == [None]
     while "long" not in deltas_of([stream.next()]):
         pass
-    assert ray.get(replica.stats.remote()).engine.num_kv_blocks_used > 0
-    ray.get(replica.abort.remote(["long"]))
+    assert run(replica.stats(TIMEOUT_S)).engine.num_kv_blocks_used > 0
+    replica.abort(["long"])
     last = deltas_of(stream.until_finished(["long"]))["long"][-1]
     assert (last.finished, last.finish_reason) == (True, "abort")
-    engine_stats = ray.get(replica.stats.remote()).engine
+    engine_stats = run(replica.stats(TIMEOUT_S)).engine
     assert (engine_stats.num_kv_blocks_used, engine_stats.num_running, engine_stats.num_waiting) == (0, 0, 0)
 
 
-def test_snapshot_plus_later_events_equals_a_later_snapshot(replica: ActorHandle) -> None:
+def test_snapshot_plus_later_events_equals_a_later_snapshot(replica: ReplicaHandle) -> None:
     """The router's view: a snapshot taken mid-run, plus every later batch, is exact (evictions included)."""
     stream = Stream(replica)
     rounds = [[spec(f"kv{r}{i}", prompt(100 + 10 * r + i, 100), 20) for i in range(3)] for r in range(2)]
     assert submit(replica, rounds[0]) == [None] * 3
     batches = [stream.next()]
-    snapshot = ray.get(replica.kv_snapshot.remote())
+    snapshot = run(replica.kv_snapshot(TIMEOUT_S))
     assert submit(replica, rounds[1]) == [None] * 3
     batches += stream.until_finished([s.request_id for r in rounds for s in r])
     view = set(snapshot.block_hashes)
@@ -155,13 +162,13 @@ def test_snapshot_plus_later_events_equals_a_later_snapshot(replica: ActorHandle
         if batch.seq > snapshot.seq:
             view.update(batch.kv_stored)
             view.difference_update(batch.kv_evicted)
-    later = ray.get(replica.kv_snapshot.remote())
+    later = run(replica.kv_snapshot(TIMEOUT_S))
     assert later.seq == batches[-1].seq and later.epoch == snapshot.epoch
     assert view == set(later.block_hashes)
     assert any(b.kv_evicted for b in batches if b.seq > snapshot.seq), "the cache should have been too small"
 
 
-def test_a_bad_request_fails_alone(replica: ActorHandle) -> None:
+def test_a_bad_request_fails_alone(replica: ReplicaHandle) -> None:
     stream = Stream(replica)
     good = prompt(3, 10)
     errors = submit(replica, [
@@ -177,7 +184,7 @@ def test_a_bad_request_fails_alone(replica: ActorHandle) -> None:
     stream.until_finished(["ok1", "ok2"])
 
 
-def test_a_full_queue_refuses_with_its_own_code(replica: ActorHandle) -> None:
+def test_a_full_queue_refuses_with_its_own_code(replica: ReplicaHandle) -> None:
     stream = Stream(replica)
     specs = [spec(f"q{i}", prompt(20 + i, 10), 2) for i in range(MAX_QUEUED + 2)]
     errors = submit(replica, specs)
@@ -189,43 +196,33 @@ def test_a_full_queue_refuses_with_its_own_code(replica: ActorHandle) -> None:
 
 def test_a_detached_named_replica_is_found_again_stopped_and_killed(ray_cluster: None, model_dir: Path) -> None:
     name = f"detached-{uuid.uuid4().hex[:8]}"
-    started = start_replica(name, model_dir, ENGINE_KWARGS)
-    found = get_replica(name)
-    assert ray.get(found.health.remote(), timeout=TIMEOUT_S).epoch == ray.get(started.health.remote()).epoch
-    ray.get(found.shutdown.remote())
-    assert ray.get(found.health.remote()).state == "stopped"
+    started = ReplicaHandle.start(name, model_dir, ENGINE_KWARGS)
+    found = ReplicaHandle.find(name)
+    assert found is not None
+    assert run(found.health(TIMEOUT_S)).epoch == run(started.health(TIMEOUT_S)).epoch
+    run(found.run(lambda replica: replica.shutdown(), TIMEOUT_S))
+    assert run(found.health(TIMEOUT_S)).state == "stopped"
     (error,) = submit(found, [spec("late", prompt(4, 10), 2)])
     assert error is not None and error.code == "unavailable"
-    ray.kill(found)
-    deadline = time.monotonic() + TIMEOUT_S
-    while time.monotonic() < deadline:
-        try:
-            get_replica(name)
-        except ValueError:
-            return
-        time.sleep(0.1)
-    pytest.fail(f"replica {name} still registered after ray.kill")
+    run(found.kill())  # returns once the name is free
+    assert ReplicaHandle.find(name) is None
 
 
 def test_a_draining_replica_refuses_new_requests_finishes_its_own_then_exits(
     ray_cluster: None, model_dir: Path
 ) -> None:
     name = f"drain-{uuid.uuid4().hex[:8]}"
-    replica = start_replica(name, model_dir, ENGINE_KWARGS)
+    replica = ReplicaHandle.start(name, model_dir, ENGINE_KWARGS)
     stream = Stream(replica)
     assert submit(replica, [spec("running", prompt(5, 10), 30)]) == [None]
-    ray.get(replica.drain.remote(), timeout=TIMEOUT_S)  # returns at once; the drain goes on in the actor
-    health = ray.get(replica.health.remote(), timeout=TIMEOUT_S)
+    run(replica.run(lambda r: r.drain(), TIMEOUT_S))  # returns at once; the drain goes on in the actor
+    health = run(replica.health(TIMEOUT_S))
     assert health.draining and health.state == "running"
     (error,) = submit(replica, [spec("late", prompt(6, 10), 2)])
     assert error is not None and error.code == "unavailable" and "draining" in error.message
     [finished] = [d for b in stream.until_finished(["running"]) for d in b.outputs if d.finished]
     assert finished.finish_reason == "length"  # ran to its end: a drain does not abort
     deadline = time.monotonic() + TIMEOUT_S
-    while time.monotonic() < deadline:  # then the actor exits on its own and frees its name
-        try:
-            get_replica(name)
-        except ValueError:
-            return
+    while ReplicaHandle.find(name) is not None:  # then the actor exits on its own and frees its name
+        assert time.monotonic() < deadline, f"drained replica {name} still registered"
         time.sleep(0.1)
-    pytest.fail(f"drained replica {name} still registered")
