@@ -30,6 +30,7 @@ from engine.sequence import Sequence
 from engine.stopping import check_stop, finishes_by_length
 from engine.tokenizer import Tokenizer
 from engine.tp.group import RankGroup
+from engine.tp.rank import run_rank
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +99,8 @@ class LLMEngine:
         )
         self.tokenizer = Tokenizer.from_dir(self.config.model)
         self.eos_token_ids = frozenset(self.config.model_config.eos_token_ids) | self.tokenizer.eos_token_ids
-        self.ranks = RankGroup(self.config, self.eos_token_ids) if self.config.tensor_parallel_size > 1 else None
+        tp_size = self.config.tensor_parallel_size
+        self.ranks = RankGroup(self.config, self.eos_token_ids, run_rank) if tp_size > 1 else None
         self.heartbeat = Heartbeat()  # beats through every step, after each layer (see engine/heartbeat.py)
         try:
             self.model_runner = ModelRunner(self.config, self.eos_token_ids, ranks=self.ranks, heartbeat=self.heartbeat)

@@ -1,4 +1,8 @@
-"""Rank 0's handle on ranks 1..N-1: spawn them, send them each step, notice a death, shut them down."""
+"""Rank 0's handle on ranks 1..N-1: spawn them, send them each step, notice a death, shut them down.
+
+What a rank process runs is its creator's choice (LLMEngine: engine/tp/rank.py's `run_rank`), so this module
+needs nothing of the model runner, which drives the group.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +14,7 @@ import signal
 import threading
 import time
 import weakref
+from collections.abc import Callable
 from multiprocessing.connection import wait
 from multiprocessing.process import BaseProcess
 
@@ -27,7 +32,6 @@ from engine.tp.process_group import (
     join_store,
     started_key,
 )
-from engine.tp.rank import run_rank
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +41,9 @@ RANK_DEATH_EXIT_CODE = 70  # an NCCL engine's process exits with this when one o
 # pending tokens' indices and rows per sequence.
 _CHANNEL_HEADROOM = 1 << 16
 
+# A rank process's entry point, called with (config, eos token ids, rank, store port, channel name, doorbells).
+RankMain = Callable[[EngineConfig, frozenset[int], int, int, str, list[Doorbell]], None]
+
 
 class RankDiedError(RuntimeError):
     """A tensor-parallel rank process exited while the engine was using it."""
@@ -45,8 +52,9 @@ class RankDiedError(RuntimeError):
 class RankGroup:
     """Ranks 1..N-1 of one engine's tensor-parallel group, seen from rank 0."""
 
-    def __init__(self, config: EngineConfig, eos_token_ids: frozenset[int]) -> None:
-        """Spawn the ranks and join their process group (they then build their model shards alongside ours)."""
+    def __init__(self, config: EngineConfig, eos_token_ids: frozenset[int], main: RankMain) -> None:
+        """Spawn the ranks, each running `main` (a module-level function: 'spawn' pickles it by name), and join
+        their process group (they then build their model shards alongside ours)."""
         world_size = config.tensor_parallel_size
         if dist.is_initialized():
             raise ValueError(
@@ -61,7 +69,7 @@ class RankGroup:
         self.processes: list[BaseProcess] = []
         for rank in range(1, world_size):
             process = ctx.Process(
-                target=run_rank, args=(config, eos_token_ids, rank, port, self.channel.name, wakeups),
+                target=main, args=(config, eos_token_ids, rank, port, self.channel.name, wakeups),
                 name=f"nanoserve-tp-rank-{rank}", daemon=True,
             )
             process.start()

@@ -182,7 +182,7 @@ def exit_at_start(*args: object) -> None:
 
 def test_a_rank_that_dies_at_start_fails_the_engine_at_once(model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     segments_before = tp_segments()
-    monkeypatch.setattr("engine.tp.group.run_rank", exit_at_start)
+    monkeypatch.setattr("engine.llm_engine.run_rank", exit_at_start)
     start = time.monotonic()
     with pytest.raises(RankDiedError, match=r"rank 1 \(pid \d+\) died with exit code 3 before joining"):
         tp2(model_dir)
