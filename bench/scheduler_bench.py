@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import argparse
 import cProfile
-import gc
-import itertools
 import pstats
 import random
 import sys
@@ -27,45 +25,41 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from stand_in_runner import FixedTokenRunner  # noqa: E402
 
 from engine.block_manager import BlockManager  # noqa: E402
-from engine.heartbeat import Heartbeat  # noqa: E402
+from engine.config import EngineConfig  # noqa: E402
+from engine.default_model import default_model_dir  # noqa: E402
 from engine.llm_engine import LLMEngine  # noqa: E402
 from engine.sampling_params import SamplingParams  # noqa: E402
 from engine.scheduler import ScheduledBatch, Scheduler  # noqa: E402
-from engine.sequence import Sequence  # noqa: E402
+from engine.tokenizer import Tokenizer  # noqa: E402
 
 SAMPLED_TOKEN = 7
 MAX_NUM_BATCHED_TOKENS = 8192  # the engine's default
 
 
-def engine_without_model(num_seqs: int, num_blocks: int, block_size: int) -> LLMEngine:
-    """An LLMEngine whose step() runs the real scheduler, block manager and `_process`, minus the model."""
-    engine = object.__new__(LLMEngine)  # skip __init__: no checkpoint, tokenizer or device
-    engine.eos_token_ids = frozenset()
-    engine.heartbeat = Heartbeat()
-    engine.model_runner = FixedTokenRunner([SAMPLED_TOKEN], num_seqs)  # type: ignore[assignment]
-    engine.block_manager = BlockManager(num_blocks, block_size)
-    engine.scheduler = Scheduler(engine.block_manager, num_seqs, MAX_NUM_BATCHED_TOKENS)
-    engine._requests = {}
-    engine._aborted = []
-    engine._in_flight = None
-    engine._closed = False
-    engine._arrivals = itertools.count()
-    engine.last_step_tokens = (0, 0)
-    gc.collect()
-    gc.freeze()  # as LLMEngine.__init__ does
-    return engine
+class StandInRunner(FixedTokenRunner):
+    """FixedTokenRunner as an engine's own model runner, which the engine closes with itself (nothing to free)."""
+
+    def close(self) -> None:
+        pass
+
+
+def engine_without_model(num_seqs: int, num_blocks: int, block_size: int, max_model_len: int) -> LLMEngine:
+    """An LLMEngine whose step() runs the real scheduler, block manager and `_process`, minus the model: the
+    embedded model's config and tokenizer (no weights loaded, no device) and a stand-in model runner."""
+    config = EngineConfig.create(default_model_dir(), max_num_batched_tokens=MAX_NUM_BATCHED_TOKENS,
+                                 max_num_seqs=num_seqs, max_model_len=max_model_len, block_size=block_size,
+                                 num_kv_blocks=num_blocks, device="cpu")
+    scheduler = Scheduler(BlockManager(num_blocks, block_size), num_seqs, MAX_NUM_BATCHED_TOKENS)
+    runner = StandInRunner([SAMPLED_TOKEN], num_seqs)
+    return LLMEngine.from_parts(config, Tokenizer.from_dir(config.model), runner, scheduler)  # type: ignore[arg-type]
 
 
 def add_requests(engine: LLMEngine, num_seqs: int, prompt_len: int, max_tokens: int) -> None:
-    """Distinct random prompts (no prefix hits), queued the way add_request queues them."""
+    """Distinct random prompts (no prefix hits)."""
     rng = random.Random(0)
     params = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
     for i in range(num_seqs):
-        tokens = [rng.randrange(150_000) for _ in range(prompt_len)]
-        seq = Sequence(request_id=f"r{i}", arrival=next(engine._arrivals), token_ids=tokens,
-                       num_prompt_tokens=prompt_len, params=params, seed=i)
-        engine._requests[seq.request_id] = seq
-        engine.scheduler.add(seq)
+        engine.add_request([rng.randrange(150_000) for _ in range(prompt_len)], params, request_id=f"r{i}")
 
 
 def time_steps(engine: LLMEngine, steps: int) -> tuple[list[int], list[int], list[int]]:
@@ -117,9 +111,9 @@ def main() -> None:
     max_tokens = num_prefill_steps + args.warmup + args.steps * (2 if args.profile else 1) + 1
     max_model_len = args.prompt_len + max_tokens + 1
     num_blocks = args.num_seqs * -(-max_model_len // args.block_size)
-    engine = engine_without_model(args.num_seqs, num_blocks, args.block_size)
+    engine = engine_without_model(args.num_seqs, num_blocks, args.block_size, max_model_len)
     add_requests(engine, args.num_seqs, args.prompt_len, max_tokens)
-    while any(seq.num_output_tokens == 0 for seq in engine._requests.values()):
+    while engine.scheduler.waiting or any(seq.num_output_tokens == 0 for seq in engine.scheduler.running):
         engine.step()  # prefill
     time_steps(engine, args.warmup)
     assert len(engine.scheduler.running) == args.num_seqs and not engine.scheduler.waiting

@@ -91,25 +91,52 @@ class LLMEngine:
         """
         if batch_invariant:  # before anything runs on the GPU (and before the rank processes start)
             disable_cublas_split_k()
-        self.config = EngineConfig.create(
+        config = EngineConfig.create(
             model, tensor_parallel_size=tensor_parallel_size, max_num_batched_tokens=max_num_batched_tokens,
             max_num_seqs=max_num_seqs, max_model_len=max_model_len, gpu_memory_utilization=gpu_memory_utilization,
             block_size=block_size, num_kv_blocks=num_kv_blocks, enforce_eager=enforce_eager,
             batch_invariant=batch_invariant, dtype=dtype, device=device,
         )
-        self.tokenizer = Tokenizer.from_dir(self.config.model)
-        self.eos_token_ids = frozenset(self.config.model_config.eos_token_ids) | self.tokenizer.eos_token_ids
-        tp_size = self.config.tensor_parallel_size
-        self.ranks = RankGroup(self.config, self.eos_token_ids, run_rank) if tp_size > 1 else None
-        self.heartbeat = Heartbeat()  # beats through every step, after each layer (see engine/heartbeat.py)
+        tokenizer = Tokenizer.from_dir(config.model)
+        eos_token_ids = _eos_token_ids(config, tokenizer)
+        ranks = RankGroup(config, eos_token_ids, run_rank) if config.tensor_parallel_size > 1 else None
+        heartbeat = Heartbeat()  # beats through every step, after each layer (see engine/heartbeat.py)
         try:
-            self.model_runner = ModelRunner(self.config, self.eos_token_ids, ranks=self.ranks, heartbeat=self.heartbeat)
+            model_runner = ModelRunner(config, eos_token_ids, ranks=ranks, heartbeat=heartbeat)
         except BaseException as e:
-            if self.ranks is not None:
-                self.ranks.fail(e)
+            if ranks is not None:
+                ranks.fail(e)
             raise
-        self.block_manager = BlockManager(self.model_runner.num_kv_blocks, self.config.block_size)
-        self.scheduler = Scheduler(self.block_manager, self.config.max_num_seqs, self.config.max_num_batched_tokens)
+        scheduler = Scheduler(BlockManager(model_runner.num_kv_blocks, config.block_size), config.max_num_seqs,
+                              config.max_num_batched_tokens)
+        self._assemble(config, tokenizer, eos_token_ids, model_runner, scheduler, heartbeat, ranks)
+
+    @classmethod
+    def from_parts(
+        cls, config: EngineConfig, tokenizer: Tokenizer, model_runner: ModelRunner, scheduler: Scheduler, *,
+        heartbeat: Heartbeat | None = None, ranks: RankGroup | None = None,
+    ) -> LLMEngine:
+        """An engine of parts built elsewhere, such as a benchmark's stand-in model runner; `LLMEngine(model, ...)`
+        builds them from its arguments. The engine owns them from then on: close() closes the model runner and the
+        ranks. `heartbeat`: the one the model runner beats (None: a new one)."""
+        engine = cls.__new__(cls)
+        engine._assemble(config, tokenizer, _eos_token_ids(config, tokenizer), model_runner, scheduler,
+                         heartbeat or Heartbeat(), ranks)
+        return engine
+
+    def _assemble(
+        self, config: EngineConfig, tokenizer: Tokenizer, eos_token_ids: frozenset[int], model_runner: ModelRunner,
+        scheduler: Scheduler, heartbeat: Heartbeat, ranks: RankGroup | None,
+    ) -> None:
+        """The engine around its parts, with no request yet (both constructors end here)."""
+        self.config = config
+        self.tokenizer = tokenizer
+        self.eos_token_ids = eos_token_ids
+        self.ranks = ranks
+        self.heartbeat = heartbeat
+        self.model_runner = model_runner
+        self.scheduler = scheduler
+        self.block_manager = scheduler.block_manager
         self._requests: dict[str, Sequence] = {}
         self._aborted: list[Sequence] = []
         self._in_flight: InFlightStep | None = None
@@ -352,6 +379,11 @@ class LLMEngine:
                 rates = {k: tokens[k] / seconds[k] for k in tokens}
                 bar.set_postfix_str(f"prefill {rates['prefill']:,.0f} tok/s, decode {rates['decode']:,.0f} tok/s")
                 bar.update(finished)
+
+
+def _eos_token_ids(config: EngineConfig, tokenizer: Tokenizer) -> frozenset[int]:
+    """The model's EOS ids and its tokenizer's: either ends a request (unless it ignores EOS)."""
+    return frozenset(config.model_config.eos_token_ids) | tokenizer.eos_token_ids
 
 
 def _release(model_runner: ModelRunner, ranks: RankGroup | None) -> None:
