@@ -16,6 +16,7 @@ from engine.tokenizer import Tokenizer
 from proto import nanoserve_pb2 as pb
 from router.inflight import Failure, InFlightRequest
 from router.replica_pool import PoolError, ReplicaPool
+from router.request_state import RequestState
 from router.validation import InvalidRequest, RequestValidator, UndecodableRequest
 from worker.messages import EngineInfo
 
@@ -77,7 +78,7 @@ class ServingCore:
         self._streams.add(stream)
         try:
             while True:
-                if inflight.paused and not inflight.done:  # the client has read everything: generate again
+                if inflight.state is RequestState.PAUSED:  # the client has read everything: generate again
                     await self.pool.resume(inflight)
                 chunk = await inflight.next_chunk()
                 if isinstance(chunk, Failure):

@@ -12,6 +12,7 @@ import grpc
 
 from engine.tokenizer import Tokenizer
 from proto import nanoserve_pb2 as pb
+from router.request_state import NEXT_STATES, RequestState
 from router.text_stream import TextStream
 from router.validation import PreparedRequest
 from worker.messages import RequestDelta, RequestSpec
@@ -33,13 +34,11 @@ class InFlightRequest:
         self.output_token_ids: list[int] = []
         self.num_cached_tokens: int | None = None  # from the first replica that admitted it
         self.replica: str | None = None
-        self.attempt = 0  # bumped on every (re)submission: each attempt has its own engine request id
+        self._state = RequestState.PLACING
+        self.attempt = 0  # placements so far: each attempt has its own engine request id
         self.num_failovers = 0
         # Replicas that died while running it since its last token (the retry budget's suspicion of it).
         self.replica_deaths: list[str] = []
-        self.done = False
-        self.paused = False  # taken off its replica until the client reads what waits for it (see ReplicaPool)
-        self.placing = False  # a ReplicaPool.submit of it is in progress
         self.arrived_at = time.monotonic()
         self.first_token_at: float | None = None
         self.writing_since: float | None = None  # time.monotonic() while the client is being sent a chunk
@@ -58,6 +57,21 @@ class InFlightRequest:
     @property
     def engine_request_id(self) -> str:
         return f"{self.prepared.request_id}#{self.attempt}"
+
+    @property
+    def state(self) -> RequestState:
+        return self._state
+
+    @property
+    def done(self) -> bool:
+        return self._state is RequestState.DONE
+
+    def set_state(self, state: RequestState) -> None:
+        """Move to `state`, which must be legal from the current one. Each placement is a new attempt."""
+        assert state in NEXT_STATES[self._state], f"request {self.request_id}: {self._state.value} -> {state.value}"
+        self._state = state
+        if state is RequestState.PLACING:
+            self.attempt += 1
 
     @property
     def num_tokens(self) -> int:
@@ -91,7 +105,7 @@ class InFlightRequest:
         finish_reason = "stop" if self._text.hit_stop else delta.finish_reason if delta.finished else None
         if finish_reason is not None:
             text += self._text.finish()
-            self.done = True
+            self.set_state(RequestState.DONE)
         if not (text or delta.new_token_ids or self.done):
             return False
         chunk = self._pending
@@ -119,7 +133,7 @@ class InFlightRequest:
     def fail(self, code: grpc.StatusCode, message: str) -> None:
         """End the stream with this status, after the output already waiting for the client."""
         if not self.done:
-            self.done = True
+            self.set_state(RequestState.DONE)
             self._failure = Failure(code, message)
             self._wake_reader()
 

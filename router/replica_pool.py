@@ -26,6 +26,7 @@ from router.metrics import RouterMetrics
 from router.policies import Candidate, RoutingPolicy
 from router.ray_placement import cluster_resources, wait_until_placed
 from router.replica_slot import ReplicaSlot, SlotState
+from router.request_state import RequestState
 from router.retry_budget import MAX_REPLICA_DEATHS, RetryBudget
 from worker.handle import ReplicaGone, ReplicaHandle
 from worker.messages import EngineInfo, StepEvents, SubmitError
@@ -200,9 +201,8 @@ class ReplicaPool:
         """Choose a replica not in `tried` and track the request there; (it, the prompt blocks it has cached)."""
         slot, num_cached_blocks = self._choose(request, tried)
         tried.add(slot.name)
-        request.attempt += 1
+        request.set_state(RequestState.PLACING)  # a failover meanwhile leaves it to `_submit_placed`
         request.replica = slot.name
-        request.placing = True  # a failover meanwhile leaves it to `_submit_placed`: one placement at a time
         slot.add(request)  # before the call: its events may come first
         self.metrics.inflight.labels(slot.name).set(len(slot.inflight))
         return slot, num_cached_blocks
@@ -214,7 +214,7 @@ class ReplicaPool:
         reached it). PoolError when the replica finds it invalid."""
         try:
             error = await self._submit_to(slot, request)
-            if request.done or request.paused:  # it ended, or was paused, while the call was out
+            if request.state in (RequestState.DONE, RequestState.PAUSED):  # it ended, or was paused, meanwhile
                 return True
             if error is None and slot.inflight.get(request.engine_request_id) is request:
                 log.info("request %s -> %s (attempt %d, %d prompt tokens, %d of its blocks cached there)",
@@ -226,7 +226,8 @@ class ReplicaPool:
                 raise PoolError(grpc.StatusCode.INVALID_ARGUMENT, error.message)
             return False
         finally:
-            request.placing = False
+            if request.state is RequestState.PLACING:
+                request.set_state(RequestState.RUNNING)
 
     def _choose(self, request: InFlightRequest, tried: set[str]) -> tuple[ReplicaSlot, int]:
         slots = [s for s in self.serving() if s.name not in tried]
@@ -260,7 +261,8 @@ class ReplicaPool:
 
     def abort(self, request: InFlightRequest) -> None:
         """Stop the request for good (client gone or deadline passed): its blocks are freed within a step."""
-        request.done = True
+        if not request.done:
+            request.set_state(RequestState.DONE)
         self._cancel_on_replica(request)
         if self.budget:
             self._admit_failovers()
@@ -342,7 +344,7 @@ class ReplicaPool:
         slot.remove(request.engine_request_id)
         if slot.handle is not None:
             slot.handle.abort([request.engine_request_id])
-        request.paused = True
+        request.set_state(RequestState.PAUSED)
         self.metrics.slow_clients.labels("paused").inc()
         log.info("request %s paused after %d tokens: %d wait for its client (max_stream_buffer_tokens=%d)",
                  request.request_id, len(request.output_token_ids), request.num_pending_tokens,
@@ -350,7 +352,6 @@ class ReplicaPool:
 
     async def resume(self, request: InFlightRequest) -> None:
         """Place a paused request again (prompt + its output so far); its stream fails if no replica takes it."""
-        request.paused = False
         self.metrics.slow_clients.labels("resumed").inc()
         try:
             await self.submit(request)
@@ -421,7 +422,7 @@ class ReplicaPool:
         requests = list(slot.inflight.values())
         for request in requests:
             slot.remove(request.engine_request_id)
-            if died and not request.placing:  # queued there, not on its way
+            if died and request.state is not RequestState.PLACING:  # queued there, not on its way
                 request.replica_deaths.append(slot.name)
         self.metrics.inflight.labels(slot.name).set(0)
         self._fail_over(requests, exclude=frozenset({slot.name}))
@@ -432,7 +433,7 @@ class ReplicaPool:
         replicas."""
         limit = self.config.max_failovers_per_request
         for request in requests:
-            if request.done or request.placing:  # a submit in progress places it elsewhere if this one failed
+            if request.state in (RequestState.DONE, RequestState.PLACING):  # a submit in progress places it again
                 continue
             if len(request.replica_deaths) >= MAX_REPLICA_DEATHS:
                 self._stop_suspect(request)

@@ -15,6 +15,7 @@ from router.inflight import Failure, InFlightRequest
 from router.metrics import RouterMetrics
 from router.policies import make_policy
 from router.replica_pool import PoolError, ReplicaPool, ReplicaSlot
+from router.request_state import RequestState
 from router.validation import PreparedRequest
 from worker.messages import RequestDelta, StepEvents
 
@@ -71,19 +72,20 @@ def test_a_request_whose_client_falls_behind_is_paused_then_resumed(qwen_tokeniz
         submitted: list[str] = []
 
         async def submit(r: InFlightRequest, exclude: frozenset[str] = frozenset()) -> None:
-            r.attempt += 1
+            r.set_state(RequestState.PLACING)
             slot.inflight[r.engine_request_id] = r
+            r.set_state(RequestState.RUNNING)
             submitted.append(r.engine_request_id)
 
         pool.submit = submit  # type: ignore[method-assign]
         await pool.submit(request)
         for step in range(3):  # 2 tokens a step; the client reads nothing
             pool._deliver(slot, StepEvents("a", "e", step + 1, 1, [delta(request, [7, 8])], [], []))
-        assert request.paused and not slot.inflight  # taken off the replica at 6 > 4 pending tokens
+        assert request.state is RequestState.PAUSED and not slot.inflight  # off its replica at 6 > 4 pending tokens
         pool._deliver(slot, StepEvents("a", "e", 4, 1, [delta(request, [9])], [], []))  # the aborted attempt's
         assert request.num_pending_tokens == 6 and list((await request.next_chunk()).token_ids) == [7, 8] * 3
         await pool.resume(request)
-        assert not request.paused and submitted == ["r#1", "r#2"]
+        assert request.state is RequestState.RUNNING and submitted == ["r#1", "r#2"]
         assert request.spec().prompt_token_ids == [1, 2, 3, 7, 8, 7, 8, 7, 8]
         assert request.spec().sampling_params["max_tokens"] == 94
         assert metrics.slow_clients.labels("paused")._value.get() == 1
@@ -93,7 +95,7 @@ def test_a_request_whose_client_falls_behind_is_paused_then_resumed(qwen_tokeniz
             raise PoolError(grpc.StatusCode.UNAVAILABLE, "no healthy replica")
 
         pool.submit = refuse  # type: ignore[method-assign]
-        request.paused = True
+        request.set_state(RequestState.PAUSED)
         await pool.resume(request)
         failure = await request.next_chunk()
         assert isinstance(failure, Failure) and failure.code == grpc.StatusCode.UNAVAILABLE

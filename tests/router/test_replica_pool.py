@@ -13,6 +13,7 @@ from router.metrics import RouterMetrics
 from router.policies import make_policy
 from router.replica_pool import ReplicaPool
 from router.replica_slot import ReplicaSlot
+from router.request_state import RequestState
 from router.validation import PreparedRequest
 from worker.messages import KVSnapshot, RequestDelta, StepEvents
 
@@ -36,7 +37,7 @@ def group_request(tokenizer: Tokenizer, group: int, i: int) -> InFlightRequest:
 
 def place(pool: ReplicaPool, request: InFlightRequest) -> ReplicaSlot:
     slot, _ = pool._place(request, set())
-    request.placing = False  # as if its submit call had returned
+    request.set_state(RequestState.RUNNING)  # as if its submit call had returned
     return slot
 
 
@@ -127,7 +128,7 @@ def test_deltas_of_a_superseded_attempt_are_never_streamed(qwen_tokenizer: Token
         old = place(pool, request)
         old_id = request.engine_request_id
         new = next(s for s in pool.slots if s is not old)
-        request.attempt += 1
+        request.set_state(RequestState.PLACING)
         new.add(request)  # a later attempt elsewhere, while the old one still runs (a race this guards against)
         prompt_len = len(request.prepared.prompt_token_ids)
         pool._deliver(old, StepEvents(old.name, "e", 1, 1, [RequestDelta(old_id, [5], False, None, prompt_len, 0, [])],

@@ -15,6 +15,7 @@ from router.metrics import RouterMetrics
 from router.policies import make_policy
 from router.replica_pool import ReplicaPool
 from router.replica_slot import ReplicaSlot
+from router.request_state import RequestState
 from router.retry_budget import RetryBudget, has_failover_in_progress
 from router.validation import PreparedRequest
 from worker.messages import KVSnapshot, RequestDelta, StepEvents, SubmitError
@@ -40,8 +41,10 @@ def accepting_pool(num_replicas: int) -> ReplicaPool:
 
 def request_on(slot: ReplicaSlot, tokenizer: Tokenizer, name: str) -> InFlightRequest:
     request = InFlightRequest(PreparedRequest(name, [1, 2, 3], SamplingParams(seed=1, max_tokens=8), []), tokenizer)
-    request.attempt, request.replica = 1, slot.name
+    request.set_state(RequestState.PLACING)
+    request.replica = slot.name
     slot.add(request)
+    request.set_state(RequestState.RUNNING)
     return request
 
 
@@ -148,7 +151,7 @@ def test_the_budget_skips_requests_that_ended_and_keeps_order(qwen_tokenizer: To
     free = ReplicaSlot("free", state="serving")
     requests = [InFlightRequest(PreparedRequest(f"r{i}", [1], SamplingParams(seed=1), []), qwen_tokenizer)
                 for i in range(3)]
-    requests[0].done = True
+    requests[0].fail(grpc.StatusCode.CANCELLED, "ended")
     for request in requests:
         budget.wait(request, frozenset())
     admitted = budget.admit([free])
