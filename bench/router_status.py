@@ -31,7 +31,7 @@ from router.client import Client  # noqa: E402
 
 # The router's log lines worth keeping: where the replicas went, their KV caches, and what went wrong. (The
 # replicas' own INFO lines, such as the KV budget's, stay in Ray's worker logs.)
-LOG_MARKERS = ("placement:", ": serving (", "failed to start", "ERROR")
+LOG_MARKERS = (": placement:", ": serving (", "failed to start", "ERROR")
 
 
 def start_router(replicas: int, router_args: list[str], log_path: Path) -> subprocess.Popen[str]:

@@ -11,6 +11,8 @@ from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
+from worker.messages import ReplicaStats
+
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
@@ -63,6 +65,13 @@ class RouterMetrics:
         for per_replica in (self.prefix_hit_rate, self.kv_usage, self.queue_depth, self.inflight, self.replica_up):
             per_replica.labels(name).set(0)
         self.replica_restarts.labels(name)
+
+    def publish_stats(self, stats: ReplicaStats) -> None:
+        """A replica's latest load and cache figures."""
+        engine, name = stats.engine, stats.replica
+        self.prefix_hit_rate.labels(name).set(engine.num_prefix_hit_tokens / max(1, engine.num_prompt_tokens))
+        self.kv_usage.labels(name).set(engine.num_kv_blocks_used / max(1, engine.num_kv_blocks_total))
+        self.queue_depth.labels(name).set(engine.num_waiting)
 
     def serve(self, port: int, host: str) -> int:
         """Serve /metrics on host:port (0 picks a free port); return the port."""

@@ -41,3 +41,22 @@ class ReplicaSlot:
         """Stop tracking a request (finished, aborted, paused or moved); None if it was not here."""
         self.kv.drop_pending(engine_request_id)
         return self.inflight.pop(engine_request_id, None)
+
+    def cancel_tasks(self) -> None:
+        """Stop its event pump and health checks (but the task calling, which ends by itself)."""
+        current = asyncio.current_task()
+        for task in self.tasks:
+            if task is not current:
+                task.cancel()
+
+    def drop(self, engine_request_id: str) -> InFlightRequest | None:
+        """Stop tracking a request and abort it on the replica (without waiting); None if it was not here."""
+        request = self.remove(engine_request_id)
+        if request is not None and self.handle is not None:
+            self.handle.abort([engine_request_id])
+        return request
+
+
+def serving(slots: list[ReplicaSlot]) -> list[ReplicaSlot]:
+    """The slots whose replica serves now."""
+    return [slot for slot in slots if slot.state == "serving"]

@@ -8,7 +8,7 @@ import enum
 class RequestState(enum.Enum):
     PLACING = "placing"  # being submitted to a replica (a new request starts here)
     RUNNING = "running"  # queued or running on its replica, or waiting in the retry budget to move
-    PAUSED = "paused"  # taken off its replica until its client reads what waits for it (see ReplicaPool)
+    PAUSED = "paused"  # taken off its replica until its client reads what waits for it (see router/event_pump.py)
     DONE = "done"  # finished, failed or aborted
 
 

@@ -25,6 +25,7 @@ from router.policies import make_policy
 from router.ray_placement import start_ray
 from router.replica_pool import ReplicaPool
 from router.service import NanoServeService
+from router.tasks import TaskSet
 from router.validation import request_parser
 
 log = logging.getLogger(__name__)
@@ -48,7 +49,7 @@ class Router:
         self.port: int | None = None
         self.http_port: int | None = None
         self.metrics_port: int | None = None
-        self._stall_watch: asyncio.Task[None] | None = None
+        self.tasks = TaskSet()  # the stalled-stream watch, health status updates
 
     async def start(self) -> None:
         cfg = self.config
@@ -60,7 +61,7 @@ class Router:
         info = await self.pool.start()
         model_name = model_display_name(cfg.model)
         self.core = ServingCore(self.pool, tokenizer, info, model_name)
-        self._stall_watch = asyncio.create_task(self.core.end_stalled_streams(), name="stalled-streams")
+        self.tasks.spawn(self.core.end_stalled_streams(), "stalled-streams")
         self.server = grpc.aio.server(interceptors=self._interceptors(), options=[
             ("grpc.max_receive_message_length", cfg.max_message_bytes),
         ])
@@ -97,7 +98,7 @@ class Router:
         return server.add_secure_port(address, grpc.ssl_server_credentials([(cfg.tls_key, cfg.tls_cert)]))
 
     def _on_serving_changed(self, serving: bool) -> None:
-        asyncio.ensure_future(self._set_health(serving))
+        self.tasks.spawn(self._set_health(serving), "health-status")
 
     async def _set_health(self, serving: bool) -> None:
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
@@ -115,8 +116,7 @@ class Router:
         if self.http is not None:
             front_doors.append(self.http.stop())
         await asyncio.gather(*front_doors)
-        if self._stall_watch is not None:
-            self._stall_watch.cancel()
+        await self.tasks.close()
         await self.pool.close(kill_replicas)
         self.metrics.close()
         log.info("router stopped")

@@ -47,17 +47,9 @@ class ReplicaHandle:
         self.name, self.namespace, self._actor = name, namespace, actor
 
     @classmethod
-    def start(
-        cls,
-        name: str,
-        model: str | Path | None,
-        engine_kwargs: dict[str, Any] | None = None,
-        *,
-        resources: ReplicaResources = ONE_CPU,
-        max_queued_requests: int = 256,
-        drain_timeout_s: float = DRAIN_TIMEOUT_S,
-        namespace: str = NAMESPACE,
-    ) -> ReplicaHandle:
+    def start(cls, name: str, model: str | Path | None, engine_kwargs: dict[str, Any] | None = None, *,
+              resources: ReplicaResources = ONE_CPU, max_queued_requests: int = 256,
+              drain_timeout_s: float = DRAIN_TIMEOUT_S, namespace: str = NAMESPACE) -> ReplicaHandle:
         """Create the replica actor with the Ray resources of `resources` (see worker/resources.py).
 
         Returns at once, before Ray has placed it; the engine then loads in the actor (its `health` answers

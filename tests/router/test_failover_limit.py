@@ -6,25 +6,23 @@ import asyncio
 
 import grpc
 
-from engine.sampling_params import SamplingParams
 from engine.tokenizer import Tokenizer
-from router.config import RouterConfig
-from router.inflight import Failure, InFlightRequest
-from router.metrics import RouterMetrics
-from router.policies import make_policy
-from router.replica_pool import ReplicaPool
-from router.request_state import RequestState
-from router.validation import PreparedRequest
+from router.inflight import Failure
+from tests.router.fakes import make_request, place, serving_pool
 
 
 def test_request_is_failed_after_max_failovers(qwen_tokenizer: Tokenizer) -> None:
     async def scenario() -> Failure:
-        config = RouterConfig(max_failovers_per_request=2)
-        pool = ReplicaPool(config, make_policy("prefix"), RouterMetrics())  # no replica serves
-        request = InFlightRequest(PreparedRequest("r", [1, 2, 3], SamplingParams(seed=1), []), qwen_tokenizer)
-        request.set_state(RequestState.RUNNING)
-        request.num_failovers = 2  # it moved twice already
-        pool._fail_over([request], frozenset())
+        pool = serving_pool(2, max_failovers_per_request=2)
+        request = make_request(qwen_tokenizer)
+        place(pool, request)
+        for moves in (1, 2):  # its replica lost batches with its tokens (no death): it is taken off and moved
+            pool.placement.cancel(request)
+            pool.supervisor.fail_over([request])
+            await asyncio.sleep(0)
+            assert not request.done and request.num_failovers == moves and request.attempt == moves + 1
+        pool.placement.cancel(request)
+        pool.supervisor.fail_over([request])
         assert request.done
         chunk = await request.next_chunk()
         assert isinstance(chunk, Failure)

@@ -313,7 +313,7 @@ def replicas_marked_down(router: RouterThread) -> Iterator[None]:
 
     async def mark(state: str) -> None:
         for slot in slots:
-            pool._set_state(slot, state)  # type: ignore[arg-type]
+            pool.set_state(slot, state)  # type: ignore[arg-type]
 
     router.call(mark("down"))
     try:
@@ -338,9 +338,9 @@ def test_no_replica_draining_and_overload(router: RouterThread, client: openai.O
         assert health.value.code == 503
     finally:
         core.draining = False
-    pool = router.router.pool
-    config = pool.config
-    pool.config = dataclasses.replace(config, max_inflight_per_replica=1)
+    placement = router.router.pool.placement
+    config = placement.config
+    placement.config = dataclasses.replace(config, max_inflight_per_replica=1)
     try:
         streams = [client.completions.create(model=model, prompt=PROMPT, max_tokens=400, stream=True, **GREEDY)
                    for _ in range(2)]  # one on each replica
@@ -352,5 +352,5 @@ def test_no_replica_draining_and_overload(router: RouterThread, client: openai.O
         for stream in streams:
             stream.close()
     finally:
-        pool.config = config
+        placement.config = config
     router.wait_for(lambda s: sum(r.num_kv_blocks_used for r in s.replicas) == 0, timeout=15)

@@ -1,5 +1,5 @@
 """The retry budget (one failover in progress per replica) and the stop of a request whose replicas die twice
-under it, on a pool whose replicas accept every submit (no Ray)."""
+under it (router/supervisor.py), on replicas that accept every submit and stay down once down (no Ray)."""
 
 from __future__ import annotations
 
@@ -7,52 +7,25 @@ import asyncio
 
 import grpc
 
-from engine.sampling_params import SamplingParams
 from engine.tokenizer import Tokenizer
-from router.config import RouterConfig
 from router.inflight import Failure, InFlightRequest
-from router.metrics import RouterMetrics
-from router.policies import make_policy
 from router.replica_pool import ReplicaPool
 from router.replica_slot import ReplicaSlot
-from router.request_state import RequestState
 from router.retry_budget import RetryBudget, has_failover_in_progress
-from router.validation import PreparedRequest
-from worker.messages import KVSnapshot, RequestDelta, StepEvents, SubmitError
+from tests.router.fakes import delta, fake, make_request, place, serving_pool, step
+from worker.messages import SubmitError
 
 
-def accepting_pool(num_replicas: int) -> ReplicaPool:
-    """Serving replicas that take every submit; a replica marked down stays down (no restart)."""
-    pool = ReplicaPool(RouterConfig(num_replicas=num_replicas), make_policy("least-load"), RouterMetrics())
-    for slot in pool.slots:
-        slot.state = "serving"
-        slot.kv.reset(KVSnapshot(slot.name, "e", 0, []))
-
-    async def accept(slot: ReplicaSlot, request: InFlightRequest) -> None:
-        return None
-
-    async def stay_down(slot: ReplicaSlot) -> None:
-        return None
-
-    pool._submit_to = accept  # type: ignore[method-assign]
-    pool._restart = stay_down  # type: ignore[method-assign]
-    return pool
-
-
-def request_on(slot: ReplicaSlot, tokenizer: Tokenizer, name: str) -> InFlightRequest:
-    request = InFlightRequest(PreparedRequest(name, [1, 2, 3], SamplingParams(seed=1, max_tokens=8), []), tokenizer)
-    request.set_state(RequestState.PLACING)
-    request.replica = slot.name
-    slot.add(request)
-    request.set_state(RequestState.RUNNING)
+def request_on(pool: ReplicaPool, slot: ReplicaSlot, tokenizer: Tokenizer, name: str) -> InFlightRequest:
+    request = make_request(tokenizer, name, max_tokens=8)
+    place(pool, request, slot)
     return request
 
 
 def token(pool: ReplicaPool, request: InFlightRequest) -> None:
     """The request's replica streams it one token."""
     slot = next(s for s in pool.slots if s.name == request.replica)
-    delta = RequestDelta(request.engine_request_id, [7], False, None, 3, 0, [])
-    pool._deliver(slot, StepEvents(slot.name, "e", 1, 1, [delta], [], []))
+    pool.pump.deliver(slot, step(slot, delta(request, [7])))
 
 
 def placed(pool: ReplicaPool) -> dict[str, list[str]]:
@@ -61,10 +34,10 @@ def placed(pool: ReplicaPool) -> dict[str, list[str]]:
 
 def test_failovers_run_one_per_replica_and_the_rest_wait_their_turn(qwen_tokenizer: Tokenizer) -> None:
     async def scenario() -> None:
-        pool = accepting_pool(3)
+        pool = serving_pool(3)
         dead, b, c = pool.slots
-        requests = [request_on(dead, qwen_tokenizer, f"r{i}") for i in range(5)]
-        pool._mark_down(dead, "killed")
+        requests = [request_on(pool, dead, qwen_tokenizer, f"r{i}") for i in range(5)]
+        pool.supervisor.mark_down(dead, "killed")
         await asyncio.sleep(0)
         assert placed(pool) == {b.name: ["r0"], c.name: ["r1"]} or placed(pool) == {b.name: ["r1"], c.name: ["r0"]}
         assert len(pool.budget) == 3 and pool.metrics.failovers_waiting._value.get() == 3
@@ -87,14 +60,14 @@ def test_a_request_whose_replicas_die_twice_without_a_token_is_stopped_and_its_n
     qwen_tokenizer: Tokenizer,
 ) -> None:
     async def scenario() -> None:
-        pool = accepting_pool(4)
+        pool = serving_pool(4)
         first = pool.slots[0]
-        suspect = request_on(first, qwen_tokenizer, "suspect")
-        pool._mark_down(first, "killed")
+        suspect = request_on(pool, first, qwen_tokenizer, "suspect")
+        pool.supervisor.mark_down(first, "killed")
         await asyncio.sleep(0)
         second = next(s for s in pool.slots if s.name == suspect.replica)
-        neighbours = [request_on(second, qwen_tokenizer, f"n{i}") for i in range(3)]  # running there already
-        pool._mark_down(second, "killed")
+        neighbours = [request_on(pool, second, qwen_tokenizer, f"n{i}") for i in range(3)]  # running there already
+        pool.supervisor.mark_down(second, "killed")
         await asyncio.sleep(0)
         assert suspect.done and pool.metrics.queries_of_death._value.get() == 1
         failure = await suspect.next_chunk()
@@ -108,13 +81,13 @@ def test_a_request_whose_replicas_die_twice_without_a_token_is_stopped_and_its_n
 
 def test_a_token_between_two_deaths_clears_the_suspicion(qwen_tokenizer: Tokenizer) -> None:
     async def scenario() -> None:
-        pool = accepting_pool(3)
-        request = request_on(pool.slots[0], qwen_tokenizer, "r")
-        pool._mark_down(pool.slots[0], "killed")
+        pool = serving_pool(3)
+        request = request_on(pool, pool.slots[0], qwen_tokenizer, "r")
+        pool.supervisor.mark_down(pool.slots[0], "killed")
         await asyncio.sleep(0)
         token(pool, request)  # it ran on its second replica, which then died of something else
         assert request.replica_deaths == []
-        pool._mark_down(next(s for s in pool.slots if s.name == request.replica), "killed")
+        pool.supervisor.mark_down(next(s for s in pool.slots if s.name == request.replica), "killed")
         await asyncio.sleep(0)
         assert not request.done and len(request.replica_deaths) == 1  # the second death only
         assert pool.metrics.queries_of_death._value.get() == 0
@@ -124,10 +97,10 @@ def test_a_token_between_two_deaths_clears_the_suspicion(qwen_tokenizer: Tokeniz
 
 def test_a_drained_replica_is_no_death(qwen_tokenizer: Tokenizer) -> None:
     async def scenario() -> None:
-        pool = accepting_pool(2)
-        request = request_on(pool.slots[0], qwen_tokenizer, "r")
+        pool = serving_pool(2)
+        request = request_on(pool, pool.slots[0], qwen_tokenizer, "r")
         request.replica_deaths = ["earlier"]
-        pool._mark_down(pool.slots[0], "drained", died=False)
+        pool.supervisor.mark_down(pool.slots[0], "drained", died=False)
         await asyncio.sleep(0)
         assert not request.done and request.replica == pool.slots[1].name
 
@@ -136,9 +109,9 @@ def test_a_drained_replica_is_no_death(qwen_tokenizer: Tokenizer) -> None:
 
 def test_with_no_replica_serving_waiting_failovers_fail_at_once(qwen_tokenizer: Tokenizer) -> None:
     async def scenario() -> None:
-        pool = accepting_pool(1)
-        request = request_on(pool.slots[0], qwen_tokenizer, "r")
-        pool._mark_down(pool.slots[0], "killed")
+        pool = serving_pool(1)
+        request = request_on(pool, pool.slots[0], qwen_tokenizer, "r")
+        pool.supervisor.mark_down(pool.slots[0], "killed")
         failure = await request.next_chunk()
         assert isinstance(failure, Failure) and failure.code == grpc.StatusCode.UNAVAILABLE
         assert "no healthy replica" in failure.message
@@ -149,8 +122,7 @@ def test_with_no_replica_serving_waiting_failovers_fail_at_once(qwen_tokenizer: 
 def test_the_budget_skips_requests_that_ended_and_keeps_order(qwen_tokenizer: Tokenizer) -> None:
     budget = RetryBudget()
     free = ReplicaSlot("free", state="serving")
-    requests = [InFlightRequest(PreparedRequest(f"r{i}", [1], SamplingParams(seed=1), []), qwen_tokenizer)
-                for i in range(3)]
+    requests = [make_request(qwen_tokenizer, f"r{i}") for i in range(3)]
     requests[0].fail(grpc.StatusCode.CANCELLED, "ended")
     for request in requests:
         budget.wait(request, frozenset())
@@ -164,19 +136,14 @@ def test_the_budget_skips_requests_that_ended_and_keeps_order(qwen_tokenizer: To
 
 def test_a_moved_request_every_replica_refuses_fails_instead_of_waiting(qwen_tokenizer: Tokenizer) -> None:
     async def scenario() -> None:
-        pool = accepting_pool(3)
-        refusals: list[str] = []
-
-        async def refuse(slot: ReplicaSlot, request: InFlightRequest) -> SubmitError:
-            refusals.append(slot.name)
-            return SubmitError("resource_exhausted", "queue full")
-
-        pool._submit_to = refuse  # type: ignore[method-assign]
-        request = request_on(pool.slots[0], qwen_tokenizer, "r")
-        pool._mark_down(pool.slots[0], "killed")
+        pool = serving_pool(3)
+        for slot in pool.slots[1:]:
+            fake(slot).refusal = SubmitError("resource_exhausted", "queue full")
+        request = request_on(pool, pool.slots[0], qwen_tokenizer, "r")
+        pool.supervisor.mark_down(pool.slots[0], "killed")
         failure = await asyncio.wait_for(request.next_chunk(), 5)
         assert isinstance(failure, Failure) and failure.code == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert "every replica's queue is full (after its replica failed)" in failure.message
-        assert sorted(refusals) == [pool.slots[1].name, pool.slots[2].name] and len(pool.budget) == 0
+        assert [len(fake(slot).submitted) for slot in pool.slots[1:]] == [1, 1] and len(pool.budget) == 0
 
     asyncio.run(scenario())

@@ -73,7 +73,7 @@ def test_the_placement_log_line_counts_the_blocks_the_placement_found(
 ) -> None:
     """Before: the count was taken after the request's own prompt blocks were added to the replica's view, so a
     cold (or just restarted) replica showed every block of the prompt as cached there."""
-    caplog.set_level(logging.INFO, logger="router.replica_pool")
+    caplog.set_level(logging.INFO, logger="router.placement")
     cold = prompt(77, 40)  # 2 full blocks
     with router.client() as client:
         collect(client, cold, **greedy(2))
@@ -216,9 +216,8 @@ def test_unavailable_when_no_replica_serves(start_router: Callable[..., RouterTh
 
 async def _mark_all_down(router: RouterThread) -> None:
     pool = router.router.pool
-    pool._closing = True  # keep the replicas from restarting during this check
-    for slot in pool.slots:
-        pool._set_state(slot, "down")
+    for slot in pool.slots:  # the replicas keep running; nothing restarts them
+        pool.set_state(slot, "down")
 
 
 def test_full_router_is_resource_exhausted_at_once(start_router: Callable[..., RouterThread]) -> None:
