@@ -19,7 +19,7 @@ from kernels.rms_norm import rms_norm
 from kernels.rotary_kv_store import rotary_kv_store
 from kernels.silu_and_mul import silu_and_mul
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="bitwise equality of compiled kernels needs a GPU")
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="bitwise equality of compiled kernels: a GPU")
 ROWS = (1, 2, 3, 4, 8, 16, 24, 64, 256, 512, 2048, 8192)  # graph sizes 1-512 (steps of 8 from 16), prefill steps
 HIDDEN, INTERMEDIATE, HEADS, KV_HEADS, HEAD_DIM = 1024, 3072, 16, 8, 128
 
