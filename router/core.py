@@ -67,8 +67,8 @@ class ServingCore:
         """The request's chunks, up to the last one (finish_reason set); RequestFailed if it fails on the way.
 
         The caller sends each chunk before it asks for the next. A request paused because its client fell
-        behind (see ReplicaPool) is resumed here once the client has taken everything. If sending one chunk
-        takes over the stalled-stream timeout, `end_stalled_streams` stops the request, calls
+        behind (see router/event_pump.py) is resumed here once the client has taken everything. If sending
+        one chunk takes over the stalled-stream timeout, `end_stalled_streams` stops the request, calls
         `on_stalled(message)` (how the front door ends its call, if it needs more than a cancelled task)
         and cancels the caller's task.
         """
@@ -91,6 +91,10 @@ class ServingCore:
                     return
         finally:
             self._streams.discard(stream)
+
+    def streaming(self) -> list[InFlightRequest]:
+        """The requests whose chunks are being sent now (those `end_stalled_streams` watches)."""
+        return [stream.inflight for stream in self._streams]
 
     async def end_stalled_streams(self) -> None:
         """Forever: end the streams whose client has taken no output for `stalled_stream_timeout_s`.

@@ -89,7 +89,7 @@ def test_abort_storm_leaves_nothing_behind(start_router: Callable[..., RouterThr
     assert statuses.count(grpc.StatusCode.CANCELLED) > STORM_SIZE // 4
     # The router saw the killed processes' calls end (a reset connection) as cancelled, too.
     assert router.router.metrics.requests.labels("CANCELLED")._value.get() >= NUM_KILLED_CLIENTS
-    assert not router.router.core._streams
+    assert not router.router.core.streaming()
     assert all(slot.state == "serving" for slot in router.router.pool.slots)
     assert_kv_conserved(router)
     after = mixed_requests(30, seed=10, max_tokens=20)

@@ -72,7 +72,7 @@ def test_slow_and_stalled_clients_are_bounded_and_the_rest_unaffected(
     wait_for(lambda: count("paused") >= 1, 30, "the stalled client's request paused")
     pool = router.router.pool
     assert not any(key.startswith("stalled-client#") for slot in pool.slots for key in slot.inflight)
-    [held] = [s.inflight for s in router.router.core._streams if s.inflight.request_id == "stalled-client"]
+    [held] = [r for r in router.router.core.streaming() if r.request_id == "stalled-client"]
     assert held.num_pending_tokens <= 2 * MAX_BUFFER_TOKENS  # the bound, plus at most the delta that crossed it
     assert_kv_conserved(router, timeout_s=5)  # nothing left on the replicas, while the client still holds on
 
@@ -97,7 +97,7 @@ def test_slow_and_stalled_clients_are_bounded_and_the_rest_unaffected(
     except grpc.RpcError as e:
         assert e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "stalled_stream_timeout_s" in (e.details() or "")
     assert stalled_tokens == stalled_expected[: len(stalled_tokens)] and 0 < len(stalled_tokens) < 400
-    assert not router.router.core._streams
+    assert not router.router.core.streaming()
     assert_kv_conserved(router)
     stalled_channel.close()
     slow_channel.close()
