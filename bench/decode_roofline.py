@@ -24,16 +24,22 @@ def kv_bytes_per_token(engine: LLMEngine) -> int:
     return 2 * m.num_hidden_layers * m.num_key_value_heads * m.head_dim * engine.config.dtype.itemsize
 
 
-def measure(engine: LLMEngine, batch_size: int, context: int, steps: int) -> tuple[float, float | None]:
-    """(seconds per engine step, seconds per graph replay) with `batch_size` sequences decoding."""
+def start_decoding(engine: LLMEngine, batch_size: int, context: int, max_tokens: int) -> list[int]:
+    """Add `batch_size` requests of `context - 1` random prompt tokens and step until all of them decode."""
     g = torch.Generator().manual_seed(batch_size)
-    params = SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=steps + 32)
+    params = SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=max_tokens)
     ids = [engine.add_request(torch.randint(0, 10000, (context - 1,), generator=g).tolist(), params)
            for _ in range(batch_size)]
     while any(engine._requests[i].num_output_tokens == 0 for i in ids):  # prefill everything first
         engine.step()
     for _ in range(3):
         engine.step()
+    return ids
+
+
+def measure(engine: LLMEngine, batch_size: int, context: int, steps: int) -> tuple[float, float | None]:
+    """(seconds per engine step, seconds per graph replay) with `batch_size` sequences decoding."""
+    ids = start_decoding(engine, batch_size, context, steps + 32)
     torch.cuda.synchronize()
     start = time.perf_counter()
     for _ in range(steps):

@@ -21,6 +21,8 @@ fi
 timeout -k 10 60 python3 bench/fused_ops.py 2>&1 | tail -7 | tee "$out/fused.txt"
 timeout -k 10 180 python3 bench/offline_throughput.py "$@" 2>&1 | grep -v Warning | tail -4 | tee "$out/offline.txt"
 timeout -k 10 120 python3 bench/decode_roofline.py 2>&1 | tail -5 | tee "$out/decode.txt"
+timeout -k 10 90 python3 bench/decode_profile.py 2>&1 | grep -v Warn | tee "$out/decode_profile.txt"
+timeout -k 10 90 python3 bench/skinny_matmul.py --quick 2>&1 | tail -17 | tee "$out/skinny_matmul.txt"
 timeout -k 10 60 python3 bench/prefill.py 2>&1 | tail -3 | tee "$out/prefill.txt"
 timeout -k 10 90 python3 bench/step_profile.py 2>&1 | tail -9 | tee "$out/step_profile.txt"
 timeout -k 10 90 python3 bench/step_profile.py --batch-size 64 2>&1 | tail -9 | tee -a "$out/step_profile.txt"

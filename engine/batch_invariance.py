@@ -13,6 +13,9 @@ So the mode changes three things; the other two are fixed for every mode (engine
 kernels/rotary_kv_store.py, which now takes the same number of heads per program in every step):
 - cuBLAS gets no workspace (`CUBLAS_WORKSPACE_CONFIG=:0:0`), which rules out split-K: each output row is then
   the same sum in the same order whatever M is (the probe: bitwise equal from 1 to 8,192 rows, every shape).
+  Steps of at most 16 rows (decode at small batches) take the skinny Triton matmul without split-K, which
+  gives a row the same bits as cuBLAS there (checked at start-up: `skinny_matmul_matches_cublas`); off the
+  mode it splits K for narrow weights, faster still.
 - Attention (`kernels/paged_attention.py`) runs one tile shape on both paths (16 query rows, 64 keys) and no KV
   split, so a query's keys are reduced in the same order in decode, in a prefill chunk of any size, and after
   a prefix-cache hit. flash-attn, whose decode and prefill differ, is not used in the mode.
@@ -29,6 +32,9 @@ import logging
 import os
 
 import torch
+import torch.nn.functional as F
+
+from kernels.skinny_matmul import MAX_ROWS, skinny_config, skinny_matmul
 
 log = logging.getLogger(__name__)
 
@@ -48,3 +54,23 @@ def disable_cublas_split_k() -> None:
                     "keeps its split-K workspace. Start the process with CUBLAS_WORKSPACE_CONFIG=%s to be sure",
                     NO_SPLIT_K)
     os.environ["CUBLAS_WORKSPACE_CONFIG"] = NO_SPLIT_K
+
+
+def skinny_matmul_matches_cublas(shapes: set[tuple[int, int]], dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether the skinny matmul, unsplit, gives a row the bits cuBLAS without split-K gives it, for every weight
+    shape here: then decode steps of a few rows may take the faster kernel and keep the mode exact.
+
+    On an H200 in bf16 it does for every Qwen3-0.6B projection at 16 and at 256 rows (bench/RESULTS.md): both add
+    a row's products in K order through the same tensor-core steps. NVIDIA does not promise that, so the engine
+    checks it here, at start-up, on random numbers, and keeps cuBLAS for every row count where it differs.
+    """
+    g = torch.Generator(device=device).manual_seed(0)
+    for n, k in sorted(shapes):
+        weight = torch.randn(n, k, generator=g, device=device).to(dtype) / k**0.5
+        x = torch.randn(256, k, generator=g, device=device).to(dtype)
+        want = F.linear(x, weight)[:MAX_ROWS]
+        if not torch.equal(skinny_matmul(x[:MAX_ROWS], weight, skinny_config(n, k, split=False)), want):
+            log.warning("batch_invariant: the skinny matmul sums a [%d, %d] weight's rows unlike cuBLAS on this "
+                        "GPU; decode steps keep cuBLAS (slower at small batches)", n, k)
+            return False
+    return True

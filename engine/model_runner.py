@@ -12,12 +12,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from engine.batch_invariance import skinny_matmul_matches_cublas
 from engine.config import EngineConfig
 from engine.cuda_graphs import DecodeGraphs
 from engine.heartbeat import Heartbeat
 from engine.kv_cache import allocate_kv_cache, bytes_per_block, log_kv_cache, num_cpu_blocks, num_gpu_blocks
 from engine.layers.attention import AttentionMetadata
-from engine.layers.linear import RowParallelLinear
+from engine.layers.linear import LinearBase
 from engine.loader import load_weights
 from engine.models.qwen import QwenForCausalLM
 from engine.pending_samples import PendingSamples
@@ -29,6 +30,8 @@ from engine.step_plan import StepPlan
 from engine.tp.channel import Method
 from engine.transfer import to_device
 from kernels.paged_attention import decode_kv_splits
+from kernels.skinny_matmul import skinny_config
+from kernels.triton_compat import HAS_TRITON
 
 if TYPE_CHECKING:
     from engine.tp.group import RankGroup
@@ -52,9 +55,7 @@ class ModelRunner:
         tp_size = config.tensor_parallel_size
         with _default_dtype(config.dtype), torch.device(self.device):
             self.model = QwenForCausalLM(config.model_config, config.max_model_len, rank, tp_size)
-        for layer in self.model.modules():
-            if isinstance(layer, RowParallelLinear):  # its sum over the ranks (engine/layers/tp_reduce.py)
-                layer.batch_invariant = config.batch_invariant
+        self._choose_matmuls([m for m in self.model.modules() if isinstance(m, LinearBase)])
         load_weights(self.model, config.model)
         if heartbeat is not None:
             self.model.model.on_layer_done = heartbeat.beat
@@ -151,6 +152,18 @@ class ModelRunner:
         if logits is None:
             return PendingSamples.none()
         return self._sample(logits, seqs)
+
+    def _choose_matmuls(self, linears: list[LinearBase]) -> None:
+        """Each linear layer's matmul for a few rows on a GPU (the skinny Triton kernel, or cuBLAS) and its sum
+        over the ranks, in the engine's mode."""
+        invariant = self.config.batch_invariant
+        skinny = self.device.type == "cuda" and HAS_TRITON
+        if skinny and invariant:
+            shapes = {tuple(layer.weight.shape) for layer in linears}
+            skinny = skinny_matmul_matches_cublas(shapes, self.config.dtype, self.device)  # type: ignore[arg-type]
+        for layer in linears:
+            layer.batch_invariant = invariant
+            layer.skinny = skinny_config(*layer.weight.shape, split=not invariant) if skinny else None
 
     def _num_kv_splits(self, batch_size: int) -> int:
         if self.config.batch_invariant:  # a split count that follows the batch would change the sums' order

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from engine import LLMEngine, SamplingParams
+from engine.layers.linear import LinearBase
 
 NUM_REQUESTS, NEW_TOKENS, MAX_PROMPT = 64, 128, 2000
 RESUME_AT = (1, 17, 64)
@@ -60,6 +61,8 @@ def all_runs(model: Path, batch_invariant: bool) -> dict[str, Any]:
     runs: dict[str, Any] = {}
     with LLMEngine(model, **base) as engine:
         batch = requests(engine.config.model_config.vocab_size)
+        runs["skinny_matmul"] = any(m.skinny is not None for m in engine.model_runner.model.modules()
+                                    if isinstance(m, LinearBase))  # decode's few-row steps: kernels/skinny_matmul.py
         runs["alone"] = [run(engine, [request])[0] for request in batch]  # random prompts: no prefix hits
         runs["one batch of 64, prompts cached"] = run(engine, batch)
         runs["batches of 5, prompts cached"] = [r for i in range(0, NUM_REQUESTS, 5)

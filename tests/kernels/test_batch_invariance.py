@@ -73,10 +73,15 @@ LINEAR_PROBE = textwrap.dedent("""
     from tests.kernels.test_batch_invariance import HIDDEN, INTERMEDIATE, HEADS, KV_HEADS, HEAD_DIM, ROWS, mixed
     shapes = {"qkv": (HIDDEN, (HEADS + 2 * KV_HEADS) * HEAD_DIM), "o_proj": (HEADS * HEAD_DIM, HIDDEN),
               "gate_up": (HIDDEN, 2 * INTERMEDIATE), "down": (INTERMEDIATE, HIDDEN), "lm_head": (HIDDEN, 151936)}
+    from kernels.skinny_matmul import MAX_ROWS, skinny_config, skinny_matmul
     for name, (k, n) in shapes.items():
         x, w = mixed(max(ROWS), k), mixed(n, k, seed=1) * 0.05
         alone = F.linear(x[:1], w)
         print(name, [m for m in ROWS if not torch.equal(F.linear(x[:m], w)[:1], alone)])
+        if name != "lm_head":  # the skinny matmul's rows against cuBLAS's at 256 rows, unsplit and split
+            cublas = F.linear(x[:256], w)[:MAX_ROWS]
+            print(name, "skinny", *(torch.equal(skinny_matmul(x[:MAX_ROWS], w, skinny_config(n, k, split)), cublas)
+                                    for split in (False, True)))
 """)
 
 
@@ -97,5 +102,12 @@ def test_linear_layers_without_split_k() -> None:
     from engine.batch_invariance import NO_SPLIT_K
 
     print("default workspace, row counts differing:\n" + differing_row_counts(None))
-    assert differing_row_counts(NO_SPLIT_K) == "".join(f"{name} []\n" for name in
-                                                        ("qkv", "o_proj", "gate_up", "down", "lm_head"))
+    lines = differing_row_counts(NO_SPLIT_K).splitlines()
+    print("no split-K:", *lines, sep="\n")
+    assert [line for line in lines if "skinny" not in line] == [f"{name} []" for name in
+                                                               ("qkv", "o_proj", "gate_up", "down", "lm_head")]
+    # The mode runs decode steps of <= 16 rows through the skinny matmul, unsplit, where its rows are cuBLAS's
+    # bits (engine/batch_invariance.py checks it at start-up too); split K (its control) sums in another order.
+    skinny = {line.split()[0]: line.split()[2:] for line in lines if "skinny" in line}
+    assert all(unsplit == "True" for unsplit, _ in skinny.values()), skinny
+    assert skinny["o_proj"][1] == "False" and skinny["down"][1] == "False", skinny
