@@ -81,5 +81,12 @@ class RouterConfig:
             raise ValueError("tls_cert and tls_key go together: give both or neither")
 
     @property
+    def replica_orphan_timeout_s(self) -> float:
+        """How long a replica with requests may hear nothing from this router before it aborts them as orphans.
+        Longer than any silence of a live router, which checks each replica every health_interval_s and gives a
+        check health_timeout_s: one answered slowly, the interval, then one that reaches the replica slowly."""
+        return 2 * self.health_timeout_s + self.health_interval_s
+
+    @property
     def replica_names(self) -> list[str]:
         return [f"{self.replica_prefix}-{i}" for i in range(self.num_replicas)]

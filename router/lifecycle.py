@@ -109,7 +109,7 @@ class Lifecycle:
         handle = ReplicaHandle.start(
             slot.name, cfg.model, dict(self._engine_kwargs), resources=self.resources,
             max_queued_requests=cfg.max_queued_per_replica, drain_timeout_s=cfg.drain_timeout_s,
-            namespace=cfg.namespace,
+            orphan_timeout_s=cfg.replica_orphan_timeout_s, namespace=cfg.namespace,
         )
         try:
             await self._attach(slot, handle)

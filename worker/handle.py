@@ -18,7 +18,7 @@ from ray.actor import ActorHandle
 from ray.exceptions import RayError, RayTaskError
 
 from worker.messages import EngineInfo, KVSnapshot, ReplicaHealth, ReplicaStats, RequestSpec, StepEvents, SubmitError
-from worker.replica import CONCURRENCY_GROUPS, DRAIN_TIMEOUT_S, Replica
+from worker.replica import CONCURRENCY_GROUPS, DRAIN_TIMEOUT_S, ORPHAN_TIMEOUT_S, Replica
 from worker.resources import ReplicaResources
 
 T = TypeVar("T")
@@ -49,7 +49,8 @@ class ReplicaHandle:
     @classmethod
     def start(cls, name: str, model: str | Path | None, engine_kwargs: dict[str, Any] | None = None, *,
               resources: ReplicaResources = ONE_CPU, max_queued_requests: int = 256,
-              drain_timeout_s: float = DRAIN_TIMEOUT_S, namespace: str = NAMESPACE) -> ReplicaHandle:
+              drain_timeout_s: float = DRAIN_TIMEOUT_S, orphan_timeout_s: float = ORPHAN_TIMEOUT_S,
+              namespace: str = NAMESPACE) -> ReplicaHandle:
         """Create the replica actor with the Ray resources of `resources` (see worker/resources.py).
 
         Returns at once, before Ray has placed it; the engine then loads in the actor (its `health` answers
@@ -64,7 +65,8 @@ class ReplicaHandle:
                                         max_concurrency=MAX_CONCURRENCY)
         # Ray's stubs type ActorClass.remote() as `ActorHandle | type`; it returns a handle.
         actor = cast(ActorHandle, options.remote(name, None if model is None else str(model), engine_kwargs,
-                                                 max_queued_requests, drain_timeout_s=drain_timeout_s))
+                                                 max_queued_requests, orphan_timeout_s=orphan_timeout_s,
+                                                 drain_timeout_s=drain_timeout_s))
         return cls(name, actor, namespace)
 
     @classmethod

@@ -30,8 +30,8 @@ EVENTS_IN_FLIGHT = 2
 # can hold up the other: `health` always answers, and `events` has room for the live stream plus one
 # being replaced. Ray takes these at `ray.remote`; the methods name their group below.
 CONCURRENCY_GROUPS = {"health": 1, "events": 2}
-# A replica with requests but no word from its router (health checks come every second) for this long
-# aborts them: their router is gone, and nobody will read their tokens.
+# A replica with requests but no word from its router (a health check or a submit) for this long aborts them:
+# their router is gone, and nobody will read their tokens. A router passes its own bound (see RouterConfig).
 ORPHAN_TIMEOUT_S = 5.0
 # On SIGTERM (or a `drain` call), how long a replica lets its requests finish before it exits anyway.
 DRAIN_TIMEOUT_S = 30.0
@@ -81,6 +81,9 @@ class Replica:
 
     def submit(self, specs: list[RequestSpec]) -> list[SubmitError | None]:
         """Queue each request; per spec, None if queued or why not. A bad spec fails alone."""
+        # Word from the router, and before the work it brings: a replica that just started to serve has not
+        # had its first health check yet, and the silence since its engine began loading is no orphaning.
+        self._last_contact = time.monotonic()
         try:
             return self._loop.call(lambda engine: [self._admit(engine, spec) for spec in specs])
         except EngineUnavailableError as e:

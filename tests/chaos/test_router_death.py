@@ -16,6 +16,7 @@ import pytest
 import ray
 
 from router.client import Client
+from router.config import RouterConfig
 from tests.chaos.load import Load, assert_no_lost_request, mixed_requests, wait_for
 from worker import ReplicaHandle
 
@@ -71,7 +72,8 @@ def test_router_killed_then_replaced(ray_cluster: None, model_dir: Path,
         stats = [asyncio.run(r.stats(timeout_s=10)).engine for r in replicas]  # type: ignore[union-attr]
         return all(s.num_running == s.num_waiting == s.num_kv_blocks_used == 0 for s in stats)
 
-    wait_for(quiet, 15, "replicas aborting the dead router's requests")
+    orphan_timeout_s = RouterConfig().replica_orphan_timeout_s  # the router process runs with the defaults
+    wait_for(quiet, orphan_timeout_s + 10, "replicas aborting the dead router's requests")
     second, address = start_router_process(model_dir)
     processes.append(second)
     assert [asyncio.run(r.health(timeout_s=30)).epoch for r in replicas] == epochs  # type: ignore[union-attr]

@@ -151,9 +151,6 @@ def test_four_replicas_on_two_cpus_all_serve() -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=False, reason="known bug, open (found 2026-12-02, also at df8c816): some of the six "
-                   "other streams end with FINISH_REASON_ABORT after 6-31 of 60 tokens in about half the runs; "
-                   "the deadly request is stopped as it should be")
 def test_a_query_of_death_is_stopped_after_two_replicas_while_the_others_stream_on(ray_cluster: None) -> None:
     """Before: the request moved on after each replica it crashed, up to max_failovers_per_request, and took four
     down. The router here joins the tests' Ray (--ray-address), so the test can arm its replicas' fault hook."""

@@ -194,6 +194,30 @@ def test_a_full_queue_refuses_with_its_own_code(replica: ReplicaHandle) -> None:
     stream.until_finished([s.request_id for s in specs[:MAX_QUEUED]])
 
 
+def test_a_submit_is_word_from_the_router(ray_cluster: None) -> None:
+    """A router starts its health checks once a replica serves, so its first requests may come before any: they
+    are no orphans. Before, a replica whose engine took longer to load than the orphan timeout aborted them
+    (the query-of-death CLI test's innocent streams, moved to a replica just restarted, ended with "abort")."""
+    orphan_timeout_s = 3.0
+    replica = ReplicaHandle.start(f"silent-{uuid.uuid4().hex[:8]}", None, ENGINE_KWARGS,  # the embedded model:
+                                  orphan_timeout_s=orphan_timeout_s)  # slow enough that 240 tokens take seconds
+    try:
+        run(replica.describe(TIMEOUT_S))
+        time.sleep(orphan_timeout_s + 0.5)  # idle and unchecked for longer than the timeout: nothing to abort
+        stream = Stream(replica)
+        assert submit(replica, [spec("first", prompt(7, 10), 240)]) == [None]
+        next_check = time.monotonic() + 1.5  # as a router's first check comes a health interval after it serves
+        finished: list[RequestDelta] = []
+        while not finished:
+            finished = [d for d in stream.next().outputs if d.finished]
+            if time.monotonic() > next_check:
+                run(replica.health(TIMEOUT_S))
+                next_check = time.monotonic() + 0.5
+        assert [d.finish_reason for d in finished] == ["length"]
+    finally:
+        run(replica.kill())
+
+
 def test_a_detached_named_replica_is_found_again_stopped_and_killed(ray_cluster: None, model_dir: Path) -> None:
     name = f"detached-{uuid.uuid4().hex[:8]}"
     started = ReplicaHandle.start(name, model_dir, ENGINE_KWARGS)
