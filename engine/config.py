@@ -26,6 +26,21 @@ DEFAULT_MAX_NUM_BATCHED_TOKENS = {"cuda": 8192, "cpu": 2048}
 
 
 @dataclass(frozen=True, slots=True)
+class YarnScaling:
+    """YaRN RoPE scaling (`"rope_type": "yarn"` in config.json), which Qwen2.5 and Qwen3 turn on to serve
+    contexts longer than they were trained on; the field names and defaults are Hugging Face's."""
+
+    factor: float
+    original_max_position_embeddings: int
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    attention_factor: float | None = None  # cos/sin scale; None: derived from factor (and mscale, mscale_all_dim)
+    mscale: float | None = None
+    mscale_all_dim: float | None = None
+    truncate: bool = True
+
+
+@dataclass(frozen=True, slots=True)
 class ModelConfig:
     """The architecture facts the engine needs (Qwen2, Qwen2.5 or Qwen3), read once from config.json."""
 
@@ -40,6 +55,7 @@ class ModelConfig:
     head_dim: int
     rms_norm_eps: float
     rope_theta: float
+    rope_scaling: YarnScaling | None  # None: plain RoPE
     max_position_embeddings: int
     tie_word_embeddings: bool
     qk_norm: bool  # per-head RMSNorm of q and k before rotary (Qwen3)
@@ -70,6 +86,7 @@ class ModelConfig:
             head_dim=cfg.get("head_dim") or cfg["hidden_size"] // num_heads,
             rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
             rope_theta=_rope_theta(cfg),
+            rope_scaling=_yarn_scaling(cfg),
             max_position_embeddings=cfg.get("max_position_embeddings", 32768),
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             qk_norm=arch.qk_norm,
@@ -79,6 +96,15 @@ class ModelConfig:
             checkpoint_dtype=str(cfg.get("dtype") or cfg.get("torch_dtype") or "float32"),
             eos_token_ids=tuple(eos if isinstance(eos, list) else [] if eos is None else [eos]),
         )
+
+    @property
+    def context_length(self) -> int:
+        """The longest sequence the model serves: max_position_embeddings, or with YaRN, the original context
+        times the factor if that is longer (as vLLM reads it; Qwen's configs keep 40,960 with a 4x YaRN)."""
+        if self.rope_scaling is None:
+            return self.max_position_embeddings
+        scaled = int(self.rope_scaling.original_max_position_embeddings * self.rope_scaling.factor)
+        return max(self.max_position_embeddings, scaled)
 
 
 def _sliding_window(cfg: dict) -> int | None:
@@ -102,13 +128,34 @@ def _sliding_window(cfg: dict) -> int | None:
     return int(window)
 
 
-def _rope_theta(cfg: dict) -> float:
-    """rope_theta from either the classic field or transformers 5's `rope_parameters`."""
+def _rope_parameters(cfg: dict) -> tuple[str, dict]:
+    """(rope type, its parameters) from transformers 5's `rope_parameters` or the classic `rope_scaling`."""
     params = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
-    rope_type = params.get("rope_type", params.get("type", "default"))
-    if rope_type != "default":
-        raise ValueError(f"model: rope scaling type {rope_type!r} is not supported (only default RoPE)")
+    return params.get("rope_type", params.get("type", "default")), params
+
+
+def _rope_theta(cfg: dict) -> float:
+    _, params = _rope_parameters(cfg)
     return float(params.get("rope_theta", cfg.get("rope_theta", 10000.0)))
+
+
+def _yarn_scaling(cfg: dict) -> YarnScaling | None:
+    """YaRN's settings, read as Hugging Face reads them; other scaling types are refused by name."""
+    rope_type, params = _rope_parameters(cfg)
+    if rope_type == "default":
+        return None
+    if rope_type != "yarn":
+        raise ValueError(f"model: rope scaling type {rope_type!r} is not supported (default RoPE and 'yarn' are)")
+    original = params.get("original_max_position_embeddings") or cfg.get("original_max_position_embeddings") \
+        or cfg.get("max_position_embeddings", 32768)
+    factor = params.get("factor") or cfg.get("max_position_embeddings", 32768) / original
+    for name, value in (("factor", factor), ("original_max_position_embeddings", original)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+            raise ValueError(f"model: config.json rope_scaling.{name} must be a positive number, got {value!r}")
+    optional = {name: float(params[name]) for name in ("beta_fast", "beta_slow", "attention_factor", "mscale",
+                                                        "mscale_all_dim") if params.get(name)}
+    return YarnScaling(factor=float(factor), original_max_position_embeddings=int(original),
+                       truncate=bool(params.get("truncate", True)), **optional)
 
 
 @dataclass(frozen=True, slots=True)
@@ -222,7 +269,7 @@ def _check_tensor_parallel_size(tp_size: int, model_config: ModelConfig, device:
 def _resolve_max_model_len(max_model_len: int | None, model_config: ModelConfig) -> int:
     """The context length: the model's by default. A sliding-window model is served with full attention,
     which computes exactly the same as long as no sequence outgrows the window, so the window caps it."""
-    limit = model_config.max_position_embeddings
+    limit = model_config.context_length
     window = model_config.sliding_window
     if max_model_len is None:
         if window is not None and window < limit:
@@ -232,7 +279,8 @@ def _resolve_max_model_len(max_model_len: int | None, model_config: ModelConfig)
         return limit
     _positive_int("max_model_len", max_model_len)
     if max_model_len > limit:
-        raise ValueError(f"max_model_len={max_model_len} exceeds the model's max_position_embeddings={limit}")
+        raise ValueError(f"max_model_len={max_model_len} exceeds the model's context length of {limit} tokens "
+                         "(max_position_embeddings, or with YaRN rope scaling its original length x factor)")
     if window is not None and max_model_len > window:
         raise ValueError(
             f"max_model_len={max_model_len} exceeds the model's sliding_window={window}: the engine has no "

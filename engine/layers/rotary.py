@@ -3,9 +3,12 @@ and the store of the step's keys and values into the paged KV cache."""
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
+from engine.config import YarnScaling
 from engine.layers.layernorm import RMSNorm
 from kernels.rotary_kv_store import rotary_kv_store, rotary_kv_store_ref
 from kernels.triton_compat import use_triton
@@ -15,16 +18,17 @@ class RotaryEmbedding(nn.Module):
     """Holds the cos/sin tables; `forward` rotates q and k straight from the QKV output, normalised first
     when the model has q/k norms."""
 
-    def __init__(self, head_dim: int, max_position: int, base: float) -> None:
+    def __init__(self, head_dim: int, max_position: int, base: float, yarn: YarnScaling | None = None) -> None:
         super().__init__()
-        # Same arithmetic as Hugging Face's default RoPE, so fp32 results match bit for bit.
-        inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+        # Same arithmetic as Hugging Face's RoPE, so fp32 results match bit for bit.
+        pos_freqs = base ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim)
+        inv_freq, scale = (1.0 / pos_freqs, 1.0) if yarn is None else yarn_inv_freq(pos_freqs, head_dim, base, yarn)
         freqs = torch.outer(torch.arange(max_position, dtype=torch.float32), inv_freq)
         emb = torch.cat((freqs, freqs), dim=-1)  # [max_position, head_dim]
         self.cos: torch.Tensor
         self.sin: torch.Tensor
-        self.register_buffer("cos", emb.cos(), persistent=False)
-        self.register_buffer("sin", emb.sin(), persistent=False)
+        self.register_buffer("cos", emb.cos() * scale, persistent=False)
+        self.register_buffer("sin", emb.sin() * scale, persistent=False)
 
     def forward(
         self, positions: torch.Tensor, qkv: torch.Tensor, q_norm: RMSNorm | None, k_norm: RMSNorm | None,
@@ -40,3 +44,38 @@ class RotaryEmbedding(nn.Module):
             return fn(qkv, positions, None, None, self.cos, self.sin, 0.0, num_heads, num_kv_heads, *cache)
         return fn(qkv, positions, q_norm.weight, k_norm.weight, self.cos, self.sin, q_norm.eps, num_heads,
                   num_kv_heads, *cache)
+
+
+def yarn_inv_freq(pos_freqs: torch.Tensor, head_dim: int, base: float, yarn: YarnScaling) -> tuple[torch.Tensor, float]:
+    """YaRN (arXiv 2309.00071): the rotary frequencies, and the scale of cos and sin, as Hugging Face computes them.
+
+    Dimensions that turn many times within the original context keep their frequency (extrapolation); those that
+    turn less than once are divided by the factor (interpolation); a linear ramp blends the dimensions between,
+    which the beta_fast and beta_slow rotation counts bound. cos and sin grow by 0.1 ln(factor) + 1 (the
+    attention factor), sharpening attention over the longer context.
+    """
+
+    def dimension(rotations: float) -> float:  # the dimension that turns `rotations` times in the original context
+        turns = yarn.original_max_position_embeddings / (rotations * 2 * math.pi)
+        return head_dim * math.log(turns) / (2 * math.log(base))
+
+    low, high = dimension(yarn.beta_fast), dimension(yarn.beta_slow)
+    if yarn.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, head_dim - 1)
+    if low == high:
+        high += 0.001  # no division by zero
+    ramp = ((torch.arange(head_dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    extrapolated = 1 - ramp  # 1: keep the frequency, 0: divide it by the factor
+    inv_freq = 1.0 / (yarn.factor * pos_freqs) * (1 - extrapolated) + 1.0 / pos_freqs * extrapolated
+
+    def mscale(scale: float, m: float = 1.0) -> float:
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    attention_factor = yarn.attention_factor
+    if attention_factor is None:
+        if yarn.mscale and yarn.mscale_all_dim:
+            attention_factor = mscale(yarn.factor, yarn.mscale) / mscale(yarn.factor, yarn.mscale_all_dim)
+        else:
+            attention_factor = mscale(yarn.factor)
+    return inv_freq, float(attention_factor)

@@ -87,3 +87,46 @@ def test_sliding_window_caps_the_context_and_matches_hugging_face_within_it(
     assert [r["token_ids"] for r in engine.generate(prompts, GREEDY, use_tqdm=False)] == hf_greedy(model_dir, prompts)
     with pytest.raises(ValueError, match="max_model_len=65 exceeds the model's sliding_window=64"):
         EngineConfig.create(model_dir, device="cpu", max_model_len=65)
+
+
+YARN = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 256}
+
+
+def test_yarn_rope_matches_hugging_face_beyond_the_original_context(
+    tiny_checkpoint: Callable[..., Path], tmp_path: Path
+) -> None:
+    model_dir = tiny_checkpoint("tied-gqa2-hd16", max_position_embeddings=1024, rope_parameters=YARN)
+    engine = LLMEngine(model_dir, device="cpu", dtype="float32", max_model_len=1024)
+    prompts = random_prompts(6, [5, 300, 700])  # the last two run past the 256 positions it was "trained" on
+    expected = hf_greedy(model_dir, prompts)
+    assert [r["token_ids"] for r in engine.generate(prompts, GREEDY, use_tqdm=False)] == expected
+    # The control: the same weights read with plain RoPE answer otherwise, so the match above is YaRN's.
+    plain = with_config(model_dir, tmp_path / "plain", rope_parameters={"rope_type": "default", "rope_theta": 1e4})
+    engine = LLMEngine(plain, device="cpu", dtype="float32", max_model_len=1024)
+    assert [r["token_ids"] for r in engine.generate(prompts, GREEDY, use_tqdm=False)] != expected
+
+
+def test_yarn_read_from_either_config_format_sets_the_context_length(
+    tiny_checkpoint: Callable[..., Path], tmp_path: Path
+) -> None:
+    # Qwen's own instructions: keep max_position_embeddings and add a classic rope_scaling block.
+    classic = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 256}
+    model_dir = with_config(tiny_checkpoint(), tmp_path / "classic", rope_parameters=None, rope_scaling=classic,
+                            rope_theta=500000.0, max_position_embeddings=300)
+    config = ModelConfig.from_dir(model_dir)
+    assert (config.rope_theta, config.rope_scaling.factor, config.context_length) == (500000.0, 4.0, 1024)
+    assert EngineConfig.create(model_dir, device="cpu").max_model_len == 1024
+    with pytest.raises(ValueError, match="max_model_len=1025 exceeds the model's context length of 1024"):
+        EngineConfig.create(model_dir, device="cpu", max_model_len=1025)
+
+
+@pytest.mark.parametrize("rope, message", [
+    ({"rope_type": "longrope", "rope_theta": 1e4}, "rope scaling type 'longrope' is not supported"),
+    ({**YARN, "factor": -2.0}, "rope_scaling.factor must be a positive number, got -2.0"),
+])
+def test_rope_settings_it_cannot_serve_are_refused_by_name(
+    rope: dict, message: str, tiny_checkpoint: Callable[..., Path], tmp_path: Path
+) -> None:
+    model_dir = with_config(tiny_checkpoint(), tmp_path / "m", rope_parameters=rope)
+    with pytest.raises(ValueError, match=message):
+        ModelConfig.from_dir(model_dir)
