@@ -8,9 +8,23 @@ from dataclasses import dataclass, fields
 GREEDY_BELOW_TEMPERATURE = 1e-5
 
 
+class InvalidRequest(ValueError):
+    """A request field is missing or out of range: `field` names it, `message` says what is wrong with it. A
+    ValueError (its text "field: message"), so the Python API raises what it always has; a server answers it
+    as INVALID_ARGUMENT and carries the field on as a field."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field, self.message = field, message
+
+    def within(self, parent: str) -> InvalidRequest:
+        """The same problem, named as a field of `parent` (the router's `params.temperature`)."""
+        return InvalidRequest(f"{parent}.{self.field}", self.message)
+
+
 @dataclass(frozen=True, slots=True)
 class SamplingParams:
-    """How one request samples and when it stops. Every field is checked in `__post_init__`.
+    """How one request samples and when it stops. Every field is checked in `__post_init__` (InvalidRequest).
 
     temperature 0 (below 1e-5) is greedy. Penalties apply first, to the raw logits, as in vLLM:
     `repetition_penalty` (> 0, 1 = off) divides the positive logits of tokens seen in the prompt or
@@ -52,47 +66,47 @@ class SamplingParams:
     def _validate(self) -> None:
         _check_number("temperature", self.temperature)
         if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0 (0 is greedy), got {self.temperature}")
+            raise InvalidRequest("temperature", f"must be >= 0 (0 is greedy), got {self.temperature}")
         _check_number("top_p", self.top_p)
         if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+            raise InvalidRequest("top_p", f"must be in (0, 1], got {self.top_p}")
         _check_int("top_k", self.top_k)
         if self.top_k == 0 or self.top_k < -1:
-            raise ValueError(f"top_k must be -1 (off) or >= 1, got {self.top_k}")
+            raise InvalidRequest("top_k", f"must be -1 (off) or >= 1, got {self.top_k}")
         _check_number("min_p", self.min_p)
         if not 0.0 <= self.min_p <= 1.0:
-            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
+            raise InvalidRequest("min_p", f"must be in [0, 1], got {self.min_p}")
         _check_int("max_tokens", self.max_tokens)
         if self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
+            raise InvalidRequest("max_tokens", f"must be >= 1, got {self.max_tokens}")
         _check_int("min_tokens", self.min_tokens)
         if not 0 <= self.min_tokens <= self.max_tokens:
-            raise ValueError(f"min_tokens must be in [0, max_tokens={self.max_tokens}], got {self.min_tokens}")
+            raise InvalidRequest("min_tokens", f"must be in [0, max_tokens={self.max_tokens}], got {self.min_tokens}")
         for s in self.stop:
             if not isinstance(s, str) or not s:
-                raise ValueError(f"stop must hold non-empty strings, got {s!r}")
+                raise InvalidRequest("stop", f"must hold non-empty strings, got {s!r}")
         for t in self.stop_token_ids:
             _check_int("stop_token_ids", t)
             if t < 0:
-                raise ValueError(f"stop_token_ids must be >= 0, got {t}")
+                raise InvalidRequest("stop_token_ids", f"must be >= 0, got {t}")
         if not isinstance(self.ignore_eos, bool):
-            raise ValueError(f"ignore_eos must be a bool, got {self.ignore_eos!r}")
+            raise InvalidRequest("ignore_eos", f"must be a bool, got {self.ignore_eos!r}")
         if self.seed is not None:
             _check_int("seed", self.seed)
             if not 0 <= self.seed < 2**63:
-                raise ValueError(f"seed must be in [0, 2**63), got {self.seed}")
+                raise InvalidRequest("seed", f"must be in [0, 2**63), got {self.seed}")
         if self.logprobs is not None:
             _check_int("logprobs", self.logprobs)
             if not 0 <= self.logprobs <= 20:
-                raise ValueError(f"logprobs must be in [0, 20], got {self.logprobs}")
+                raise InvalidRequest("logprobs", f"must be in [0, 20], got {self.logprobs}")
         for name in ("presence_penalty", "frequency_penalty"):
             value = getattr(self, name)
             _check_number(name, value)
             if not -2.0 <= value <= 2.0:
-                raise ValueError(f"{name} must be in [-2, 2], got {value}")
+                raise InvalidRequest(name, f"must be in [-2, 2], got {value}")
         _check_number("repetition_penalty", self.repetition_penalty)
         if self.repetition_penalty <= 0.0:
-            raise ValueError(f"repetition_penalty must be > 0 (1 is off), got {self.repetition_penalty}")
+            raise InvalidRequest("repetition_penalty", f"must be > 0 (1 is off), got {self.repetition_penalty}")
 
     @property
     def has_penalties(self) -> bool:
@@ -120,18 +134,19 @@ class SamplingParams:
 FIELD_NAMES = tuple(f.name for f in fields(SamplingParams))  # once, not per request
 
 
-def max_tokens_error(max_tokens: int, num_prompt_tokens: int, max_model_len: int) -> str:
+def max_tokens_error(max_tokens: int, num_prompt_tokens: int, max_model_len: int) -> InvalidRequest:
     """Why max_tokens does not fit: the one wording of the engine and the router (which
     imports this module, not torch)."""
-    return (f"max_tokens: {max_tokens} exceeds the {max_model_len - num_prompt_tokens} tokens left after the "
-            f"{num_prompt_tokens}-token prompt (max_model_len={max_model_len} is prompt + output)")
+    room = max_model_len - num_prompt_tokens
+    return InvalidRequest("max_tokens", f"{max_tokens} exceeds the {room} tokens left after the {num_prompt_tokens}-"
+                          f"token prompt (max_model_len={max_model_len} is prompt + output)")
 
 
 def _check_number(name: str, value: object) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number, got {value!r}")
+        raise InvalidRequest(name, f"must be a finite number, got {value!r}")
 
 
 def _check_int(name: str, value: object) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{name} must be an integer, got {value!r}")
+        raise InvalidRequest(name, f"must be an integer, got {value!r}")

@@ -25,11 +25,12 @@ log = logging.getLogger(__name__)
 
 class RequestFailed(Exception):
     """A request refused, or ended before its last chunk: the status (gRPC's codes are the router's vocabulary;
-    the HTTP front door maps them to HTTP statuses) and why."""
+    the HTTP front door maps them to HTTP statuses) and why; `field` names the request field it is about, if one
+    is (the text is then "field: message")."""
 
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
-        super().__init__(message)
-        self.code, self.message = code, message
+    def __init__(self, code: grpc.StatusCode, message: str, field: str | None = None) -> None:
+        super().__init__(f"{field}: {message}" if field else message)
+        self.code, self.message, self.field = code, message, field
 
 
 class ServingCore:
@@ -49,7 +50,7 @@ class ServingCore:
         try:
             prepared = self.validator.prepare(request, max_tokens_to_context_end)
         except InvalidRequest as e:
-            raise self.refuse(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
+            raise self.refuse(grpc.StatusCode.INVALID_ARGUMENT, e.message, e.field) from None
         inflight = InFlightRequest(prepared, self.tokenizer)
         try:
             await self.pool.submit(inflight)
@@ -132,11 +133,12 @@ class ServingCore:
             self.count(grpc.StatusCode.CANCELLED)
             log.info("request %s cancelled after %d tokens", inflight.request_id, len(inflight.output_token_ids))
 
-    def refuse(self, code: grpc.StatusCode, message: str) -> RequestFailed:
+    def refuse(self, code: grpc.StatusCode, message: str, field: str | None = None) -> RequestFailed:
         """Count and log a refusal; the error to raise."""
+        failed = RequestFailed(code, message, field)
         self.count(code)
-        log.info("refused a request: %s: %s", code.name, message)
-        return RequestFailed(code, message)
+        log.info("refused a request: %s: %s", code.name, failed)
+        return failed
 
     def count(self, code: grpc.StatusCode) -> None:
         self.pool.metrics.requests.labels(code.name).inc()

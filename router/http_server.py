@@ -100,13 +100,13 @@ class HttpFrontDoor:
             self.core.count(grpc.StatusCode.INVALID_ARGUMENT)
             raise
         if api.model is not None and api.model not in self.model_names:
-            raise self.core.refuse(grpc.StatusCode.NOT_FOUND, f"model: {json.dumps(api.model)} is not served here; "
-                                   f"this router serves {json.dumps(self.core.model_name)} (GET /v1/models)")
+            raise self.core.refuse(grpc.StatusCode.NOT_FOUND, f"{json.dumps(api.model)} is not served here; "
+                                   f"this router serves {json.dumps(self.core.model_name)} (GET /v1/models)", "model")
         try:
             inflight = await self.core.start(api.generate, api.max_tokens_to_context_end)
         except RequestFailed as e:
-            if e.code == grpc.StatusCode.INVALID_ARGUMENT:  # already counted: only renamed to the body's fields
-                raise invalid_body(endpoint, e.message) from None
+            if e.field is not None:  # already counted: only renamed to the body's field
+                raise invalid_body(endpoint, e.field, e.message) from None
             raise
         answer = Answer(api, self.core.model_name, self.core.tokenizer)
         try:
@@ -131,7 +131,7 @@ class HttpFrontDoor:
                 if chunk.finish_reason and answer.api.include_usage:
                     await _send(response, answer.usage_event(chunk.usage))
         except RequestFailed as e:  # the status line went out with the first event: the error is an event too
-            await _send(response, _error_body(e.code, e.message))
+            await _send(response, _error_body(e.code, str(e), e.field))
         await response.write(b"data: [DONE]\n\n")
         await response.write_eof()
         return response
@@ -147,7 +147,7 @@ class HttpFrontDoor:
         except InvalidBody as e:
             return _error_response(grpc.StatusCode.INVALID_ARGUMENT, str(e), e.param)
         except RequestFailed as e:
-            return _error_response(e.code, e.message, "model" if e.code == grpc.StatusCode.NOT_FOUND else None)
+            return _error_response(e.code, str(e), e.field)
         except web.HTTPException as e:  # aiohttp's own: unknown path, wrong method, body too large
             if e.status < 400:
                 raise

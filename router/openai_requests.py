@@ -1,7 +1,7 @@
 """OpenAI request bodies (/v1/completions, /v1/chat/completions) read into the router's GenerateRequest.
 
 This module checks what JSON leaves open: types, OpenAI's spellings, and fields this server does not
-implement. Value ranges are checked once, by the validator both front doors share; its messages name
+implement. Value ranges are checked once, by the validator both front doors share; its errors name
 GenerateRequest's fields, which `invalid_body` renames to the body's.
 """
 
@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import uuid
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -38,7 +37,6 @@ _MESSAGE_FIELDS = frozenset({"role", "content", "name"})
 # The shared validator's field names -> the body's, first match wins.
 _RENAMES = (("params.", ""), ("token_ids.ids", "prompt"), ("token_ids", "prompt"), ("text", "prompt"),
             ("chat.messages", "messages"))
-_PARAM = re.compile(r"[A-Za-z_]\w*(?:\[\d+\])?(?:\.\w+(?:\[\d+\])?)*")
 
 
 class InvalidBody(ValueError):
@@ -83,18 +81,15 @@ def read_request(endpoint: Endpoint, body: object) -> ApiRequest:
                       max_tokens_to_context_end=endpoint == "chat" and not request.params.HasField("max_tokens"))
 
 
-def invalid_body(endpoint: Endpoint, message: str) -> InvalidBody:
-    """The validator's message about a GenerateRequest field, about the body's field instead."""
+def invalid_body(endpoint: Endpoint, field: str, message: str) -> InvalidBody:
+    """The validator's error about a GenerateRequest field, about the body's field instead."""
     for old, new in _RENAMES:
-        if message.startswith(old):
-            message = new + message[len(old):]
+        if field.startswith(old):
+            field = new + field[len(old):]
             break
-    if endpoint == "chat" and message.startswith("prompt"):
-        message = "messages" + message[len("prompt"):]
-    match = _PARAM.match(message)
-    if match is None:
-        return InvalidBody(None, message)
-    return InvalidBody(match.group(), message[match.end():].lstrip(": "))
+    if endpoint == "chat" and field.startswith("prompt"):
+        field = "messages" + field[len("prompt"):]
+    return InvalidBody(field, message)
 
 
 def _check_fields(endpoint: Endpoint, body: dict[str, Any]) -> None:

@@ -89,11 +89,12 @@ class NanoServeService(nanoserve_pb2_grpc.NanoServeServicer):
 
     async def _refuse_undecodable(self, request: object, context: grpc.aio.ServicerContext) -> None:
         if isinstance(request, UndecodableRequest):
-            await _abort(context, self.core.refuse(grpc.StatusCode.INVALID_ARGUMENT, str(request.error())))
+            invalid = request.error()
+            await _abort(context, self.core.refuse(grpc.StatusCode.INVALID_ARGUMENT, invalid.message, invalid.field))
 
 
 async def _abort(context: grpc.aio.ServicerContext, error: RequestFailed) -> NoReturn:
-    await context.abort(error.code, error.message)
+    await context.abort(error.code, str(error))
     raise AssertionError("context.abort raises")
 
 

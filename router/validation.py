@@ -16,17 +16,13 @@ from typing import TypeVar
 from google.protobuf.message import DecodeError, Message
 
 from engine.block_hash import hash_blocks
-from engine.sampling_params import SamplingParams, max_tokens_error
+from engine.sampling_params import InvalidRequest, SamplingParams, max_tokens_error
 from engine.tokenizer import Tokenizer
 from proto import nanoserve_pb2 as pb
 from worker.messages import EngineInfo
 
 MAX_REQUEST_ID_LEN = 256
 M = TypeVar("M", bound=Message)
-
-
-class InvalidRequest(ValueError):
-    """A request field is missing or out of range; the message names it."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,7 +33,7 @@ class UndecodableRequest:
     reason: str
 
     def error(self) -> InvalidRequest:
-        return InvalidRequest(f"request: not a valid {self.message_name} message ({self.reason})")
+        return InvalidRequest("request", f"not a valid {self.message_name} message ({self.reason})")
 
 
 def request_parser(message_type: type[M]) -> Callable[[bytes], M | UndecodableRequest]:
@@ -75,45 +71,46 @@ class RequestValidator:
             raise request.error()
         request_id = request.request_id or uuid.uuid4().hex
         if len(request_id) > MAX_REQUEST_ID_LEN or not request_id.isprintable():
-            raise InvalidRequest(f"request_id: at most {MAX_REQUEST_ID_LEN} printable characters")
+            raise InvalidRequest("request_id", f"at most {MAX_REQUEST_ID_LEN} printable characters")
         params = self._params(request.params)
         token_ids = self._prompt(request)
         max_model_len = self.info.max_model_len
         room = max_model_len - len(token_ids)
         if room < 1:
             raise InvalidRequest(
-                f"prompt: {len(token_ids)} tokens leave no room to generate within max_model_len={max_model_len}")
+                "prompt", f"{len(token_ids)} tokens leave no room to generate within max_model_len={max_model_len}")
         if max_tokens_to_context_end and not request.params.HasField("max_tokens"):
             try:
                 params = dataclasses.replace(params, max_tokens=room)
-            except ValueError as e:  # min_tokens beyond what fits
-                raise InvalidRequest(f"params.{e}") from None
+            except InvalidRequest as e:  # min_tokens beyond what fits
+                raise e.within("params") from None
         if params.max_tokens > room:
-            raise InvalidRequest(f"params.{max_tokens_error(params.max_tokens, len(token_ids), max_model_len)}")
+            raise max_tokens_error(params.max_tokens, len(token_ids), max_model_len).within("params")
         return PreparedRequest(request_id, token_ids, params, hash_blocks(token_ids, self.info.block_size))
 
     def _prompt(self, request: pb.GenerateRequest) -> list[int]:
         kind = request.WhichOneof("prompt")
         if kind == "text":
             if not request.text:
-                raise InvalidRequest("text: must not be empty")
+                raise InvalidRequest("text", "must not be empty")
             return self.tokenizer.encode(request.text)
         if kind == "chat":
             messages = [{"role": m.role, "content": m.content} for m in request.chat.messages]
             try:  # the template may refuse messages too (Qwen's: "No user query found in messages.")
                 return self.tokenizer.encode(self.tokenizer.apply_chat_template(messages))
-            except ValueError as e:
-                raise InvalidRequest(f"chat.{e}") from None
+            except ValueError as e:  # engine/tokenizer.py's plain ValueError: "messages[0].role: unknown role ..."
+                field, _, message = str(e).partition(": ")
+                raise InvalidRequest(f"chat.{field}", message) from None
         if kind == "token_ids":
             ids = list(request.token_ids.ids)
             if not ids:
-                raise InvalidRequest("token_ids: must not be empty")
+                raise InvalidRequest("token_ids", "must not be empty")
             vocab_size = self.info.vocab_size
             for i, t in enumerate(ids):
                 if not 0 <= t < vocab_size:
-                    raise InvalidRequest(f"token_ids.ids[{i}]: {t} is outside the vocabulary [0, {vocab_size})")
+                    raise InvalidRequest(f"token_ids.ids[{i}]", f"{t} is outside the vocabulary [0, {vocab_size})")
             return ids
-        raise InvalidRequest("prompt: set one of text, chat or token_ids")
+        raise InvalidRequest("prompt", "set one of text, chat or token_ids")
 
     def _params(self, message: pb.SamplingParams) -> SamplingParams:
         # Every field is optional or repeated: the fields set are those the client gave (a repeated one non-empty).
@@ -125,11 +122,11 @@ class RequestValidator:
         given.setdefault("seed", random.getrandbits(63))
         try:
             params = SamplingParams.from_kwargs(**given)
-        except ValueError as e:
-            raise InvalidRequest(f"params.{e}") from None
+        except InvalidRequest as e:
+            raise e.within("params") from None
         for i, t in enumerate(params.stop_token_ids):  # the engine bans them by index until min_tokens
             if t >= self.info.vocab_size:
                 raise InvalidRequest(
-                    f"params.stop_token_ids[{i}]: {t} is outside the vocabulary [0, {self.info.vocab_size})")
+                    f"params.stop_token_ids[{i}]", f"{t} is outside the vocabulary [0, {self.info.vocab_size})")
         return params
 

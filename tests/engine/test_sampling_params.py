@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 
-from engine.sampling_params import FIELD_NAMES, SamplingParams
+from engine.sampling_params import FIELD_NAMES, InvalidRequest, SamplingParams
 
 
 def test_as_kwargs_rebuilds_every_field() -> None:
@@ -23,3 +23,12 @@ def test_as_kwargs_rebuilds_every_field() -> None:
 def test_from_kwargs_names_the_unknown_parameter() -> None:
     with pytest.raises(ValueError, match=r"unknown sampling parameter\(s\): max_token; known: .*max_tokens"):
         SamplingParams.from_kwargs(max_token=3)
+
+
+def test_a_bad_value_is_an_invalid_request_naming_the_field() -> None:
+    """A ValueError, as the Python API always raised, that also carries the field as an attribute."""
+    with pytest.raises(ValueError, match=r"^top_p: must be in \(0, 1\], got 1.5$") as error:
+        SamplingParams(top_p=1.5)
+    assert isinstance(error.value, InvalidRequest)
+    assert (error.value.field, error.value.message) == ("top_p", "must be in (0, 1], got 1.5")
+    assert error.value.within("params").field == "params.top_p"

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from router.openai_requests import Endpoint, InvalidBody, read_request
+from router.openai_requests import Endpoint, InvalidBody, invalid_body, read_request
 
 PROMPT = {"prompt": [1, 2, 3]}
 MESSAGES = {"messages": [{"role": "user", "content": "Hi"}]}
@@ -49,6 +49,17 @@ def test_a_bad_value_is_named_and_shown_as_json(endpoint: Endpoint, text: str, p
     with pytest.raises(InvalidBody) as error:
         read_request(endpoint, body_of(endpoint, text))
     assert (error.value.param, str(error.value)) == (param, f"{param}: {message}")
+
+
+@pytest.mark.parametrize(("endpoint", "field", "param"), [
+    ("completions", "params.temperature", "temperature"), ("completions", "token_ids.ids[2]", "prompt[2]"),
+    ("completions", "text", "prompt"), ("chat", "prompt", "messages"),
+    ("chat", "chat.messages[0].role", "messages[0].role"),
+])
+def test_the_validators_field_is_renamed_to_the_bodys(endpoint: Endpoint, field: str, param: str) -> None:
+    """Only the field is renamed; the message, whatever it holds, is not read."""
+    error = invalid_body(endpoint, field, "must be >= 0: params.x")
+    assert (error.param, str(error)) == (param, f"{param}: must be >= 0: params.x")
 
 
 def test_allowed_no_op_values_and_null_pass() -> None:

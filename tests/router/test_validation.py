@@ -65,5 +65,22 @@ def test_to_the_context_end_fills_an_unset_max_tokens_only(qwen_tokenizer_dir: P
     check = validator(qwen_tokenizer_dir, None)
     assert check.prepare(token_request(1000), max_tokens_to_context_end=True).params.max_tokens == 24
     assert check.prepare(token_request(1000, max_tokens=5), max_tokens_to_context_end=True).params.max_tokens == 5
-    with pytest.raises(InvalidRequest, match="params.min_tokens must be in"):
+    with pytest.raises(InvalidRequest, match="params.min_tokens: must be in"):
         check.prepare(token_request(1000, min_tokens=30), max_tokens_to_context_end=True)
+
+
+@pytest.mark.parametrize(("request_", "field", "message"), [
+    (token_request(3, top_k=0), "params.top_k", "must be -1 (off) or >= 1, got 0"),
+    (token_request(1000, max_tokens=25), "params.max_tokens", "25 exceeds the 24 tokens left after the 1000-token "
+     "prompt (max_model_len=1024 is prompt + output)"),
+    (pb.GenerateRequest(token_ids=pb.TokenIds(ids=[1, 151936])), "token_ids.ids[1]",
+     "151936 is outside the vocabulary [0, 151936)"),
+    (chat_request("wizard"), "chat.messages[0].role", "unknown role 'wizard'"),
+], ids=["params", "max_tokens", "token_ids", "chat"])
+def test_the_field_travels_as_a_field(qwen_tokenizer_dir: Path, request_: pb.GenerateRequest, field: str,
+                                      message: str) -> None:
+    """The HTTP front door names the body's field from `field`, without reading the message (issue 21)."""
+    with pytest.raises(InvalidRequest) as invalid:
+        validator(qwen_tokenizer_dir, "x").prepare(request_)
+    assert (invalid.value.field, invalid.value.message) == (field, message)
+    assert isinstance(invalid.value, ValueError) and str(invalid.value) == f"{field}: {message}"
