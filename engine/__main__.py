@@ -14,6 +14,7 @@ import logging
 import sys
 
 from engine.architectures import SUPPORTED_ARCHITECTURES
+from engine.generation_config import GENERATION_CONFIG_MODES
 from engine.llm_engine import LLMEngine
 from engine.sampling_params import SamplingParams
 
@@ -41,12 +42,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-tokens", type=int, default=32, help="tokens to generate per prompt (default %(default)s)")
     g.add_argument("--temperature", type=float, default=0.0,
                    help="0 = greedy; higher = more random (default %(default)s)")
-    g.add_argument("--top-p", type=float, default=SAMPLING_DEFAULTS.top_p,
-                   help="nucleus sampling mass in (0, 1]; 1 = off (default %(default)s)")
-    g.add_argument("--top-k", type=int, default=SAMPLING_DEFAULTS.top_k,
-                   help="sample among the k most likely tokens; -1 = off (default %(default)s)")
-    g.add_argument("--min-p", type=float, default=SAMPLING_DEFAULTS.min_p,
-                   help="drop tokens below min_p x the top probability; 0 = off (default %(default)s)")
+    def model_default(value: object) -> str:
+        return f"default: the checkpoint's generation_config.json, else {value}"
+
+    g.add_argument("--top-p", type=float,
+                   help=f"nucleus sampling mass in (0, 1]; 1 = off ({model_default(SAMPLING_DEFAULTS.top_p)})")
+    g.add_argument("--top-k", type=int,
+                   help=f"sample among the k most likely tokens; -1 = off ({model_default(SAMPLING_DEFAULTS.top_k)})")
+    g.add_argument("--min-p", type=float, help="drop tokens below min_p x the top probability; 0 = off "
+                   f"({model_default(SAMPLING_DEFAULTS.min_p)})")
     g.add_argument("--seed", type=int, help="random seed for sampling (reproducible output)")
     g.add_argument("--stop", action="append", help="stop string (repeatable); text is cut before it")
     g.add_argument("--ignore-eos", action="store_true", help="keep generating past the end-of-sequence token")
@@ -67,6 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--batch-invariant", action=argparse.BooleanOptionalAction,
                    default=ENGINE_DEFAULTS["batch_invariant"],
                    help="GPU: each token's logits bitwise independent of the batch around it (default: off)")
+    e.add_argument("--generation-config", choices=GENERATION_CONFIG_MODES,
+                   default=ENGINE_DEFAULTS["generation_config"],
+                   help="auto: the checkpoint's generation_config.json fills the sampling fields a request leaves "
+                   "unset; vllm: ignore it (default %(default)s)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.add_argument("--log-level", default="WARNING", help="logging level (default %(default)s)")
     return p
@@ -76,16 +84,15 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        params = SamplingParams(
-            temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
-            max_tokens=args.max_tokens, stop=args.stop, ignore_eos=args.ignore_eos, seed=args.seed,
-        )
         engine = LLMEngine(
             args.model, device=args.device, dtype=args.dtype, max_model_len=args.max_model_len,
             max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
             gpu_memory_utilization=args.gpu_memory_utilization, enforce_eager=args.enforce_eager,
-            batch_invariant=args.batch_invariant,
+            batch_invariant=args.batch_invariant, generation_config=args.generation_config,
         )
+        given = dict(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
+                     max_tokens=args.max_tokens, stop=args.stop, ignore_eos=args.ignore_eos, seed=args.seed)
+        params = engine.default_sampling_params(**{k: v for k, v in given.items() if v is not None})
         prompts = [_chat(engine, p) if args.chat else p for p in args.prompts]
         results = engine.generate(prompts, params, use_tqdm=not args.no_progress)
         assert isinstance(results, list)

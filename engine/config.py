@@ -11,6 +11,7 @@ import torch
 
 from engine.architectures import find_architecture
 from engine.default_model import default_model_dir
+from engine.generation_config import GENERATION_CONFIG_MODES, sampling_defaults
 from engine.hub import resolve_model_dir
 
 log = logging.getLogger(__name__)
@@ -175,6 +176,7 @@ class EngineConfig:
     batch_invariant: bool
     dtype: torch.dtype
     device: torch.device
+    sampling_defaults: dict[str, float | int]  # from generation_config.json (engine/generation_config.py)
 
     @classmethod
     def create(
@@ -192,6 +194,7 @@ class EngineConfig:
         batch_invariant: bool = False,
         dtype: str = "auto",
         device: str = "auto",
+        generation_config: str = "auto",
     ) -> EngineConfig:
         """Validate the user's arguments (ValueError naming the field) and resolve the defaults.
 
@@ -214,6 +217,9 @@ class EngineConfig:
         for name, flag in (("enforce_eager", enforce_eager), ("batch_invariant", batch_invariant)):
             if not isinstance(flag, bool):
                 raise ValueError(f"{name} must be a bool, got {flag!r}")
+        if generation_config not in GENERATION_CONFIG_MODES:
+            raise ValueError(f"generation_config must be one of {', '.join(GENERATION_CONFIG_MODES)}, "
+                             f"got {generation_config!r}")
         model_dir = _resolve_model(model)  # after the checks above: it may download the model
         model_config = ModelConfig.from_dir(model_dir)
         resolved_device = _resolve_device(device)
@@ -232,6 +238,7 @@ class EngineConfig:
             batch_invariant=batch_invariant,
             dtype=_resolve_dtype(dtype, model_config.checkpoint_dtype, resolved_device),
             device=resolved_device,
+            sampling_defaults=sampling_defaults(model_dir, generation_config),
         )
 
 

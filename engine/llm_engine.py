@@ -62,6 +62,7 @@ class LLMEngine:
         batch_invariant: bool = False,
         dtype: str = "auto",
         device: str = "auto",
+        generation_config: str = "auto",
     ) -> None:
         """Load `model` and size the KV cache; a bad argument raises ValueError naming it.
 
@@ -88,6 +89,9 @@ class LLMEngine:
             invariant already.
         dtype: "auto" (the checkpoint's; float32 on CPU), "float32", "bfloat16" or "float16".
         device: "auto" (CUDA when available), "cpu", "cuda" or "cuda:N".
+        generation_config: "auto": the checkpoint's generation_config.json sets the sampling defaults
+            (temperature, top_p, top_k, min_p, repetition_penalty) of requests that leave them unset, as in vLLM;
+            "vllm": SamplingParams' own defaults. `default_sampling_params()` shows them.
         """
         if batch_invariant:  # before anything runs on the GPU (and before the rank processes start)
             disable_cublas_split_k()
@@ -95,7 +99,7 @@ class LLMEngine:
             model, tensor_parallel_size=tensor_parallel_size, max_num_batched_tokens=max_num_batched_tokens,
             max_num_seqs=max_num_seqs, max_model_len=max_model_len, gpu_memory_utilization=gpu_memory_utilization,
             block_size=block_size, num_kv_blocks=num_kv_blocks, enforce_eager=enforce_eager,
-            batch_invariant=batch_invariant, dtype=dtype, device=device,
+            batch_invariant=batch_invariant, dtype=dtype, device=device, generation_config=generation_config,
         )
         tokenizer = Tokenizer.from_dir(config.model)
         eos_token_ids = _eos_token_ids(config, tokenizer)
@@ -181,7 +185,7 @@ class LLMEngine:
         self, prompt: Prompt, params: SamplingParams | None, request_id: str | None, resumed_tokens: int = 0
     ) -> Sequence:
         """A validated, not yet queued request."""
-        params = params or SamplingParams()
+        params = params or self.default_sampling_params()
         if not isinstance(params, SamplingParams):
             raise ValueError(f"sampling_params must be a SamplingParams, got {type(params).__name__}")
         request_id = uuid.uuid4().hex if request_id is None else request_id
@@ -338,14 +342,18 @@ class LLMEngine:
         results = [final_output(seq, self.tokenizer) for seq in seqs]
         return results[0] if single else results
 
-    @staticmethod
+    def default_sampling_params(self, **params: Any) -> SamplingParams:
+        """`params` over the sampling defaults in force (the checkpoint's generation_config.json, unless the
+        engine was built with generation_config="vllm"); what a request given no SamplingParams runs with."""
+        return SamplingParams.from_kwargs(**{**self.config.sampling_defaults, **params})
+
     def _sampling_params_per_prompt(
-        sampling_params: SamplingParams | list[SamplingParams] | None, params: dict[str, Any], n: int
+        self, sampling_params: SamplingParams | list[SamplingParams] | None, params: dict[str, Any], n: int
     ) -> list[SamplingParams]:
         if sampling_params is not None and params:
             raise ValueError(f"pass sampling_params or keyword parameters, not both (got {', '.join(params)})")
         if sampling_params is None:
-            return [SamplingParams.from_kwargs(**params)] * n
+            return [self.default_sampling_params(**params)] * n
         if isinstance(sampling_params, SamplingParams):
             return [sampling_params] * n
         if len(sampling_params) != n:
