@@ -71,6 +71,7 @@ class Supervisor:
         if slot.state == "down" or self.tasks.closed:
             return
         log.warning("%s: down (%s); failing over %d requests", slot.name, reason, len(slot.inflight))
+        restarting = slot.state == "starting"  # its restart loop (or first start) tries again by itself
         self.set_state(slot, "down")
         slot.cancel_tasks()
         requests = list(slot.inflight.values())
@@ -80,7 +81,8 @@ class Supervisor:
                 request.replica_deaths.append(slot.name)
         self.metrics.inflight.labels(slot.name).set(0)
         self.fail_over(requests, exclude=frozenset({slot.name}))
-        self.tasks.spawn(self.restart(slot), f"{slot.name}-restart")
+        if not restarting:
+            self.tasks.spawn(self.restart(slot), f"{slot.name}-restart")
 
     def fail_over(self, requests: list[InFlightRequest], exclude: frozenset[str] = frozenset()) -> None:
         """Move the requests elsewhere (never to a replica in `exclude`), as the retry budget lets them; stop those
