@@ -47,26 +47,27 @@ class Placement:
         return slot, num_cached_blocks
 
     async def submit_placed(self, request: InFlightRequest, slot: ReplicaSlot, num_cached_blocks: int) -> bool:
-        """Submit the request to the replica it was placed on. True once it is queued there (or it ended or was
-        paused meanwhile); False when the replica refused it or went down first, for the caller to place it
-        again (such a death is no evidence against the request: the replica may have died before the call
-        reached it). PoolError when the replica finds it invalid."""
+        """Submit the request to the replica it was placed on. True once it is queued there (or it ended, was
+        paused, or was paused and placed again, meanwhile); False when the replica refused it or went down first,
+        for the caller to place it again (such a death is no evidence against the request: the replica may have
+        died before the call reached it). PoolError when the replica finds it invalid."""
+        engine_request_id = request.engine_request_id  # this attempt's: a resume meanwhile starts another
         try:
             error = await self._submit_to(slot, request)
-            if request.state in (RequestState.DONE, RequestState.PAUSED):  # it ended, or was paused, meanwhile
-                return True
-            if error is None and slot.inflight.get(request.engine_request_id) is request:
-                log.info("request %s -> %s (attempt %d, %d prompt tokens, %d of its blocks cached there)",
-                         request.request_id, slot.name, request.attempt, len(request.prepared.prompt_token_ids),
-                         num_cached_blocks)
-                return True
-            slot.remove(request.engine_request_id)  # refused, or queued on a replica that went down meanwhile
-            if error is not None and error.code == "invalid_argument":
-                raise PoolError(grpc.StatusCode.INVALID_ARGUMENT, error.message)
-            return False
         finally:
-            if request.state is RequestState.PLACING:
+            if request.engine_request_id == engine_request_id and request.state is RequestState.PLACING:
                 request.set_state(RequestState.RUNNING)
+        if request.engine_request_id != engine_request_id or request.state in (RequestState.DONE, RequestState.PAUSED):
+            return True  # it ended, or was paused (and maybe placed again), meanwhile
+        if error is None and slot.inflight.get(engine_request_id) is request:
+            log.info("request %s -> %s (attempt %d, %d prompt tokens, %d of its blocks cached there)",
+                     request.request_id, slot.name, request.attempt, len(request.prepared.prompt_token_ids),
+                     num_cached_blocks)
+            return True
+        slot.remove(engine_request_id)  # refused, or queued on a replica that went down meanwhile
+        if error is not None and error.code == "invalid_argument":
+            raise PoolError(grpc.StatusCode.INVALID_ARGUMENT, error.message)
+        return False
 
     def cancel(self, request: InFlightRequest) -> None:
         """Take the request off the replica it is placed on, if any, and abort it there."""

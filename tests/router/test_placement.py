@@ -136,3 +136,34 @@ def test_no_serving_replica_is_unavailable_and_a_full_one_resource_exhausted(qwe
     pool.set_state(slot, "down")
     none = asyncio.run(scenario(pool, slot))
     assert none.code == grpc.StatusCode.UNAVAILABLE and none.message == "no healthy replica"
+
+
+def test_a_request_paused_and_resumed_before_its_first_submit_returns_is_in_flight_once(
+    qwen_tokenizer: Tokenizer,
+) -> None:
+    """Its tokens can come before its submit returns, fast enough to pause it, and its client can catch up and
+    resume it (a new attempt, placed elsewhere) before then too. Before, the first submit, returning, took the
+    new attempt for its own, found it missing and placed the request once more: two attempts ran."""
+
+    async def scenario() -> None:
+        pool = serving_pool(2, max_stream_buffer_tokens=2)
+        for slot in pool.slots:
+            fake(slot).hold = asyncio.Event()
+        request = make_request(qwen_tokenizer)
+        first_submit = asyncio.create_task(pool.submit(request))
+        await asyncio.sleep(0)
+        [first] = [slot for slot in pool.slots if slot.inflight]
+        pool.pump.deliver(first, step(first, delta(request, [5, 6, 7])))  # past the buffer: paused
+        assert request.state is RequestState.PAUSED and not first.inflight
+        assert (await request.next_chunk()).token_ids == [5, 6, 7]  # the client caught up
+        place(pool, make_request(qwen_tokenizer, "filler"), first)  # so that the resume goes to the other one
+        resume = asyncio.create_task(pool.resume(request))
+        await asyncio.sleep(0)
+        for slot in pool.slots:
+            fake(slot).hold.set()  # type: ignore[union-attr]
+        await asyncio.gather(first_submit, resume)
+        assert sorted(spec.request_id for slot in pool.slots for spec in fake(slot).submitted) == ["r#1", "r#2"]
+        assert [rid for slot in pool.slots for rid in slot.inflight if rid.startswith("r#")] == ["r#2"]
+        assert request.state is RequestState.RUNNING
+
+    asyncio.run(scenario())
