@@ -10,6 +10,7 @@ import signal
 import sys
 from pathlib import Path
 
+from engine.generation_config import GENERATION_CONFIG_MODES
 from router.config import RouterConfig
 from router.policies import POLICY_NAMES
 from router.replica_pool import StartupError
@@ -76,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="batch-invariant numerics: each token's logits bitwise independent of the batch around it, "
                    "so a stream moved to another replica continues exactly (default: on for replicas on GPUs; CPU "
                    "replicas are invariant anyway); --no-batch-invariant trades that for speed (bench/RESULTS.md)")
+    p.add_argument("--generation-config", choices=GENERATION_CONFIG_MODES, default="auto",
+                   help="auto: the checkpoint's generation_config.json fills the sampling fields a request leaves "
+                   "unset (temperature, top_p, top_k, min_p, repetition_penalty), as in vLLM; vllm: ignore it")
     p.add_argument("--max-queued-per-replica", type=int, default=DEFAULTS.max_queued_per_replica,
                    help="requests waiting in one replica before it refuses more (RESOURCE_EXHAUSTED)")
     p.add_argument("--drain-timeout", type=float, default=DEFAULTS.drain_timeout_s,
@@ -113,7 +117,7 @@ def parse_args(argv: list[str] | None = None) -> RouterConfig:
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     engine_kwargs = {
         "device": args.device, "dtype": args.dtype, "max_num_seqs": args.max_num_seqs,
-        "tensor_parallel_size": args.tensor_parallel_size,
+        "tensor_parallel_size": args.tensor_parallel_size, "generation_config": args.generation_config,
     }
     if args.gpu_memory_utilization is not None:
         engine_kwargs["gpu_memory_utilization"] = args.gpu_memory_utilization

@@ -82,7 +82,8 @@ class HttpFrontDoor:
     async def models(self, request: web.Request) -> web.Response:
         info = self.core.info
         model = {"id": self.core.model_name, "object": "model", "created": self.created, "owned_by": "nanoserve",
-                 "max_model_len": info.max_model_len, "random_weights": info.random_weights}
+                 "max_model_len": info.max_model_len, "random_weights": info.random_weights,
+                 "sampling_defaults": info.sampling_defaults}
         return web.json_response({"object": "list", "data": [model]})
 
     async def completions(self, request: web.Request) -> web.StreamResponse:

@@ -62,6 +62,7 @@ class NanoServeService(nanoserve_pb2_grpc.NanoServeServicer):
             max_model_len=info.max_model_len, vocab_size=info.vocab_size, block_size=info.block_size,
             tensor_parallel_size=info.tensor_parallel_size, dtype=info.dtype, eos_token_ids=info.eos_token_ids,
             has_chat_template=self.core.tokenizer.has_chat_template,
+            sampling_defaults=pb.SamplingParams(**info.sampling_defaults),
         )
 
     async def GetClusterStatus(  # noqa: N802

@@ -114,7 +114,7 @@ class RequestValidator:
 
     def _params(self, message: pb.SamplingParams) -> SamplingParams:
         # Every field is optional or repeated: the fields set are those the client gave (a repeated one non-empty).
-        given = {field.name: value for field, value in message.ListFields()}
+        given = {**self.info.sampling_defaults, **{field.name: value for field, value in message.ListFields()}}
         if "stop" in given:
             given["stop"] = tuple(given["stop"])
         if "stop_token_ids" in given:

@@ -111,6 +111,7 @@ class EngineInfo:
     dtype: str
     eos_token_ids: list[int]
     num_kv_blocks: int
+    sampling_defaults: dict[str, float | int]  # for a request's unset fields (engine/generation_config.py)
 
 
 @dataclass(frozen=True, slots=True)

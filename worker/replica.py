@@ -226,4 +226,5 @@ def _describe(engine: LLMEngine, random_weights: bool) -> EngineInfo:
         dtype=str(config.dtype).removeprefix("torch."),
         eos_token_ids=sorted(engine.eos_token_ids),
         num_kv_blocks=engine.block_manager.num_blocks,
+        sampling_defaults=dict(config.sampling_defaults),
     )

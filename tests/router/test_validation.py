@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,7 @@ from worker.messages import EngineInfo
 
 INFO = EngineInfo(
     model_dir="/nowhere", random_weights=True, max_model_len=1024, vocab_size=151936, block_size=16,
-    tensor_parallel_size=1, dtype="float32", eos_token_ids=[151645], num_kv_blocks=64,
+    tensor_parallel_size=1, dtype="float32", eos_token_ids=[151645], num_kv_blocks=64, sampling_defaults={},
 )
 
 
@@ -84,3 +85,12 @@ def test_the_field_travels_as_a_field(qwen_tokenizer_dir: Path, request_: pb.Gen
         validator(qwen_tokenizer_dir, "x").prepare(request_)
     assert (invalid.value.field, invalid.value.message) == (field, message)
     assert isinstance(invalid.value, ValueError) and str(invalid.value) == f"{field}: {message}"
+
+
+def test_unset_sampling_fields_take_the_replicas_defaults(qwen_tokenizer_dir: Path) -> None:
+    hf = HFTokenizer.from_file(str(qwen_tokenizer_dir / "tokenizer.json"))
+    info = dataclasses.replace(INFO, sampling_defaults={"temperature": 0.6, "top_k": 20})
+    check = RequestValidator(Tokenizer(hf, frozenset({151645})), info)
+    params = check.prepare(token_request(3, top_p=0.5)).params
+    assert (params.temperature, params.top_k, params.top_p) == (0.6, 20, 0.5)
+    assert check.prepare(token_request(3, top_k=-1)).params.top_k == -1  # a field the request sets wins
