@@ -13,8 +13,10 @@ from router.config import RouterConfig
 from router.errors import StartupError
 from router.event_pump import EventPump
 from router.kv_view import KVView
+from router.metrics import RouterMetrics
 from router.ray_placement import cluster_resources, wait_until_placed
 from router.replica_slot import ReplicaSlot, SlotState, serving
+from router.replica_stats import watch_stats
 from router.supervisor import Supervisor
 from router.tasks import TaskSet
 from worker.handle import ReplicaGone, ReplicaHandle
@@ -27,10 +29,10 @@ log = logging.getLogger(__name__)
 class Lifecycle:
     """Starts and replaces the replicas of `slots`; `set_state(slot, state)` records a replica's new state."""
 
-    def __init__(self, slots: list[ReplicaSlot], config: RouterConfig, tasks: TaskSet, pump: EventPump,
-                 supervisor: Supervisor, set_state: Callable[[ReplicaSlot, SlotState], None]) -> None:
-        self.slots, self.config, self.tasks, self.pump, self.supervisor = slots, config, tasks, pump, supervisor
-        self.set_state = set_state
+    def __init__(self, slots: list[ReplicaSlot], config: RouterConfig, metrics: RouterMetrics, tasks: TaskSet,
+                 pump: EventPump, supervisor: Supervisor, set_state: Callable[[ReplicaSlot, SlotState], None]) -> None:
+        self.slots, self.config, self.metrics, self.tasks = slots, config, metrics, tasks
+        self.pump, self.supervisor, self.set_state = pump, supervisor, set_state
         self.info: EngineInfo | None = None
         self.resources: ReplicaResources | None = None  # what each replica asks Ray for, planned at start
         self._engine_kwargs: dict[str, Any] = {}  # the config's, with what the plan adds
@@ -71,12 +73,11 @@ class Lifecycle:
             await self._attach_or_start(slot)
         except (ReplicaGone, RuntimeError, ValueError) as e:
             self._start_errors.append(f"{slot.name}: {e}")
-            self._late.add(slot.name)
             assert self._started is not None
             if len(self._start_errors) == len(self.slots) and not self._started.done():
                 self._started.set_exception(StartupError("no replica could start; " + "; ".join(self._start_errors)))
                 return
-            self.check_started()
+            self._mark_late(slot)
             log.warning("%s: failed to start (%s); retrying", slot.name, e)
             await self.supervisor.restart(slot)
 
@@ -86,6 +87,11 @@ class Lifecycle:
             return
         if all(slot.state == "serving" or slot.name in self._late for slot in self.slots):
             self._started.set_result(None)
+
+    def _mark_late(self, slot: ReplicaSlot) -> None:
+        """start() goes on without this replica (Ray has not placed it, or it failed): it joins when it can."""
+        self._late.add(slot.name)
+        self.check_started()
 
     async def _attach_or_start(self, slot: ReplicaSlot) -> None:
         leftover = ReplicaHandle.find(slot.name, self.config.namespace)
@@ -119,14 +125,9 @@ class Lifecycle:
 
     async def _attach(self, slot: ReplicaSlot, handle: ReplicaHandle) -> None:
         """Wait for Ray to place it and for its engine, subscribe to its events (the pump takes the first
-        snapshot), start health checks."""
+        snapshot), start health checks and stats."""
         assert self.resources is not None
-
-        def late() -> None:
-            self._late.add(slot.name)
-            self.check_started()
-
-        await wait_until_placed(handle, self.resources, on_report=late)
+        await wait_until_placed(handle, self.resources, on_report=lambda: self._mark_late(slot))
         info = await handle.describe()
         self.info = self.info or info
         slot.handle, slot.kv, slot.next_seq = handle, KVView(), None
@@ -134,6 +135,7 @@ class Lifecycle:
         slot.tasks = [
             self.tasks.spawn(self.pump.run(slot, handle, subscribed), f"{slot.name}-events"),
             self.tasks.spawn(self.supervisor.watch_health(slot, handle), f"{slot.name}-health"),
+            self.tasks.spawn(watch_stats(slot, handle, self.metrics, self.config), f"{slot.name}-stats"),
         ]
         await subscribed
         self.set_state(slot, "serving")

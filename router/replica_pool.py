@@ -52,7 +52,7 @@ class ReplicaPool:
                                      replace=lambda slot: self.lifecycle.replace(slot))
         self.pump = EventPump(config, metrics, on_down=self.supervisor.mark_down, on_lost=self.supervisor.fail_over,
                               on_progress=self.supervisor.admit_failovers)
-        self.lifecycle = Lifecycle(self.slots, config, self.tasks, self.pump, self.supervisor, self.set_state)
+        self.lifecycle = Lifecycle(self.slots, config, metrics, self.tasks, self.pump, self.supervisor, self.set_state)
 
     @property
     def policy(self) -> RoutingPolicy:

@@ -51,12 +51,6 @@ class RetryBudget:
             else:
                 self._waiting.append((request, exclude))
 
-    def take_all(self) -> list[InFlightRequest]:
-        """Every waiting request (when no replica serves, none can move), the budget emptied."""
-        requests = [request for request, _ in self._waiting if not request.done]
-        self._waiting.clear()
-        return requests
-
 
 def has_failover_in_progress(slot: ReplicaSlot) -> bool:
     """Whether a request moved here after a replica death still waits for its first token here."""

@@ -43,7 +43,6 @@ class Supervisor:
 
     async def watch_health(self, slot: ReplicaSlot, handle: ReplicaHandle) -> None:
         """A replica that does not answer, failed, or whose step thread stopped beating is down."""
-        stats: asyncio.Task[None] | None = None
         while slot.handle is handle and slot.state != "down":
             await asyncio.sleep(self.config.health_interval_s)
             health = await check_health(handle, self.config)
@@ -54,16 +53,6 @@ class Supervisor:
                 log.info("%s: draining: new requests go elsewhere; its %d in flight finish there", slot.name,
                          len(slot.inflight))
                 self.set_state(slot, "draining")
-            if stats is None or stats.done():  # stats wait for a step: never let them hold up health checks
-                stats = self.tasks.spawn(self._refresh_stats(slot, handle), f"{slot.name}-stats")
-
-    async def _refresh_stats(self, slot: ReplicaSlot, handle: ReplicaHandle) -> None:
-        try:
-            slot.stats = await handle.stats()
-        except ReplicaGone as gone:
-            log.info("%s: no stats (%s); its health check tells whether it is down", slot.name, gone.reason)
-            return
-        self.metrics.publish_stats(slot.stats)
 
     def mark_down(self, slot: ReplicaSlot, reason: str, died: bool = True) -> None:
         """Take the replica out of service, move its requests (through the retry budget) and restart it.
@@ -92,14 +81,15 @@ class Supervisor:
             if request.state in (RequestState.DONE, RequestState.PLACING):  # a submit in progress places it again
                 continue
             if len(request.replica_deaths) >= MAX_REPLICA_DEATHS:
-                self._stop_suspect(request)
+                self.metrics.queries_of_death.inc()
+                self._stop(request, grpc.StatusCode.ABORTED, f"replicas {' and '.join(request.replica_deaths)} died "
+                           "while running this request, with no token in between: it may be what kills them, so it "
+                           "was stopped instead of moved again")
                 continue
             request.num_failovers += 1
             if request.num_failovers > limit:
-                log.warning("request %s: its replica failed %d times; not moving it again", request.request_id,
-                            request.num_failovers)
-                request.fail(grpc.StatusCode.UNAVAILABLE, f"the replicas serving this request failed "
-                             f"{request.num_failovers} times (max_failovers_per_request={limit})")
+                self._stop(request, grpc.StatusCode.UNAVAILABLE, f"the replicas serving this request failed "
+                           f"{request.num_failovers} times (max_failovers_per_request={limit})")
                 continue
             self.metrics.failovers.inc()
             self.budget.wait(request, exclude)
@@ -107,24 +97,17 @@ class Supervisor:
         if self.budget:
             log.info("retry budget: %d failovers wait for a replica with none in progress", len(self.budget))
 
-    def _stop_suspect(self, request: InFlightRequest) -> None:
-        deaths = " and ".join(request.replica_deaths)
-        log.warning("request %s stopped: replicas %s died while running it, with no token in between (%d tokens "
-                    "sent); it may be what kills them, so it is not moved again", request.request_id, deaths,
+    def _stop(self, request: InFlightRequest, code: grpc.StatusCode, message: str) -> None:
+        """End a request that is not moved again; one warning says why."""
+        log.warning("request %s stopped: %s (%d tokens sent)", request.request_id, message,
                     len(request.output_token_ids))
-        self.metrics.queries_of_death.inc()
-        request.fail(grpc.StatusCode.ABORTED, f"replicas {deaths} died while running this request, with no token "
-                     "in between: it may be what kills them, so it was stopped instead of moved again")
+        request.fail(code, message)
 
     def admit_failovers(self) -> None:
         """Start the failovers the retry budget lets start now; with no replica serving, they fail."""
         if not self.budget:
             return
-        live = serving(self.slots)
-        if not live:
-            for request in self.budget.take_all():
-                request.fail(grpc.StatusCode.UNAVAILABLE, "no healthy replica (after its replica failed)")
-        for request, exclude, busy in self.budget.admit(live):
+        for request, exclude, busy in self.budget.admit(serving(self.slots)):
             try:
                 slot, num_cached_blocks = self.placement.place(request, set(exclude | busy))
             except PoolError as e:
