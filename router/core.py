@@ -14,23 +14,14 @@ import grpc
 
 from engine.tokenizer import Tokenizer
 from proto import nanoserve_pb2 as pb
-from router.inflight import Failure, InFlightRequest
+from router.errors import RequestFailed
+from router.inflight import InFlightRequest
 from router.replica_pool import PoolError, ReplicaPool
 from router.request_state import RequestState
 from router.validation import InvalidRequest, RequestValidator, UndecodableRequest
 from worker.messages import EngineInfo
 
 log = logging.getLogger(__name__)
-
-
-class RequestFailed(Exception):
-    """A request refused, or ended before its last chunk: the status (gRPC's codes are the router's vocabulary;
-    the HTTP front door maps them to HTTP statuses) and why; `field` names the request field it is about, if one
-    is (the text is then "field: message")."""
-
-    def __init__(self, code: grpc.StatusCode, message: str, field: str | None = None) -> None:
-        super().__init__(f"{field}: {message}" if field else message)
-        self.code, self.message, self.field = code, message, field
 
 
 class ServingCore:
@@ -82,9 +73,9 @@ class ServingCore:
                 if inflight.state is RequestState.PAUSED:  # the client has read everything: generate again
                     await self.pool.resume(inflight)
                 chunk = await inflight.next_chunk()
-                if isinstance(chunk, Failure):
+                if isinstance(chunk, RequestFailed):
                     self.count(chunk.code)
-                    raise RequestFailed(chunk.code, chunk.message)
+                    raise chunk
                 inflight.writing_since = time.monotonic()
                 yield chunk  # resumes once the caller sent it: the client's flow-control window had room
                 inflight.writing_since = None

@@ -22,7 +22,8 @@ from aiohttp import web
 
 from router.auth import ApiKeys
 from router.config import RouterConfig
-from router.core import RequestFailed, ServingCore
+from router.core import ServingCore
+from router.errors import RequestFailed
 from router.inflight import InFlightRequest
 from router.openai_requests import Endpoint, InvalidBody, invalid_body, read_request
 from router.openai_responses import Answer

@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import time
-from dataclasses import dataclass
 
 import grpc
 
 from engine.tokenizer import Tokenizer
 from proto import nanoserve_pb2 as pb
+from router.errors import RequestFailed
 from router.request_state import NEXT_STATES, RequestState
 from router.text_stream import TextStream
 from router.validation import PreparedRequest
@@ -20,20 +20,13 @@ from worker.messages import RequestDelta, RequestSpec
 FINISH_REASONS = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH, "abort": pb.FINISH_REASON_ABORT}
 
 
-@dataclass(frozen=True, slots=True)
-class Failure:
-    """The stream ends with this gRPC status instead of a last chunk."""
-
-    code: grpc.StatusCode
-    message: str
-
-
 class InFlightRequest:
+    """One request across its attempts: what it asked for, what its client was sent, what waits for it."""
+
     def __init__(self, prepared: PreparedRequest, tokenizer: Tokenizer) -> None:
         self.prepared = prepared
         self.output_token_ids: list[int] = []
         self.num_cached_tokens: int | None = None  # from the first replica that admitted it
-        self.replica: str | None = None
         self._state = RequestState.PLACING
         self.attempt = 0  # placements so far: each attempt has its own engine request id
         self.num_failovers = 0
@@ -47,7 +40,7 @@ class InFlightRequest:
         # fewer, larger chunks, and the router holds one message per request, whatever the lag.
         self._pending: pb.GenerateResponse | None = None
         self.num_pending_tokens = 0
-        self._failure: Failure | None = None  # sent after the pending output
+        self._failure: RequestFailed | None = None  # the stream's end instead of a last chunk, after the pending output
         self._reader: asyncio.Future[None] | None = None  # set while `next_chunk` waits
 
     @property
@@ -98,8 +91,7 @@ class InFlightRequest:
         if delta.new_token_ids:
             if self.first_token_at is None:
                 self.first_token_at = time.monotonic()
-            if self.replica_deaths:  # its replica survived it: no longer a suspect
-                self.replica_deaths = []
+            self.replica_deaths = []  # its replica survived it: no longer a suspect
         self.output_token_ids += delta.new_token_ids
         text = self._text.add(delta.new_token_ids)
         finish_reason = "stop" if self._text.hit_stop else delta.finish_reason if delta.finished else None
@@ -113,8 +105,7 @@ class InFlightRequest:
             chunk = self._pending = pb.GenerateResponse(request_id=self.request_id)
         chunk.text += text
         chunk.token_ids.extend(delta.new_token_ids)
-        if delta.logprobs:
-            chunk.logprobs.extend(_logprobs(delta))
+        chunk.logprobs.extend(_logprobs(delta))
         self.num_pending_tokens += len(delta.new_token_ids)
         if finish_reason is not None:
             chunk.finish_reason = FINISH_REASONS[finish_reason]
@@ -134,11 +125,11 @@ class InFlightRequest:
         """End the stream with this status, after the output already waiting for the client."""
         if not self.done:
             self.set_state(RequestState.DONE)
-            self._failure = Failure(code, message)
+            self._failure = RequestFailed(code, message)
             self._wake_reader()
 
-    async def next_chunk(self) -> pb.GenerateResponse | Failure:
-        """All the output that waits for the client, as one message; then, at the end, a Failure if any."""
+    async def next_chunk(self) -> pb.GenerateResponse | RequestFailed:
+        """All the output that waits for the client, as one message; then, at the end, how it failed if it did."""
         while self._pending is None and self._failure is None:
             self._reader = asyncio.get_running_loop().create_future()
             await self._reader

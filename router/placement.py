@@ -41,7 +41,6 @@ class Placement:
         slot, num_cached_blocks = self._choose(request, tried)
         tried.add(slot.name)
         request.set_state(RequestState.PLACING)  # a failover meanwhile leaves it to `submit_placed`
-        request.replica = slot.name
         slot.add(request)  # before the call: its events may come first
         self.metrics.inflight.labels(slot.name).set(len(slot.inflight))
         return slot, num_cached_blocks

@@ -11,7 +11,8 @@ import grpc
 
 from proto import nanoserve_pb2 as pb
 from proto import nanoserve_pb2_grpc
-from router.core import RequestFailed, ServingCore
+from router.core import ServingCore
+from router.errors import RequestFailed
 from router.validation import UndecodableRequest
 
 _STATES = {"starting": pb.REPLICA_STATE_STARTING, "serving": pb.REPLICA_STATE_SERVING,

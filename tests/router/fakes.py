@@ -89,6 +89,11 @@ def place(pool: ReplicaPool, request: InFlightRequest, slot: ReplicaSlot | None 
     return chosen
 
 
+def replica_of(pool: ReplicaPool, request: InFlightRequest) -> ReplicaSlot | None:
+    """The replica the request's current attempt is placed on (None while it waits to move, or is paused)."""
+    return next((slot for slot in pool.slots if request.engine_request_id in slot.inflight), None)
+
+
 def step(slot: ReplicaSlot, *deltas: RequestDelta, seq: int = 1) -> StepEvents:
     return StepEvents(slot.name, "e", seq, 1, list(deltas), [], [])
 

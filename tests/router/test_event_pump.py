@@ -8,7 +8,7 @@ import grpc
 import pytest
 
 from engine.tokenizer import Tokenizer
-from router.inflight import Failure
+from router.errors import RequestFailed
 from router.kv_view import KVView
 from router.replica_pool import ReplicaPool
 from router.replica_slot import ReplicaSlot
@@ -58,7 +58,7 @@ def test_a_request_whose_client_falls_behind_is_paused_then_resumed(qwen_tokeniz
         await request.next_chunk()
         await pool.resume(request)
         failure = await request.next_chunk()
-        assert isinstance(failure, Failure) and failure.code == grpc.StatusCode.UNAVAILABLE
+        assert isinstance(failure, RequestFailed) and failure.code == grpc.StatusCode.UNAVAILABLE
 
     asyncio.run(scenario())
 

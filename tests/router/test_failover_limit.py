@@ -7,12 +7,12 @@ import asyncio
 import grpc
 
 from engine.tokenizer import Tokenizer
-from router.inflight import Failure
+from router.errors import RequestFailed
 from tests.router.fakes import make_request, place, serving_pool
 
 
 def test_request_is_failed_after_max_failovers(qwen_tokenizer: Tokenizer) -> None:
-    async def scenario() -> Failure:
+    async def scenario() -> RequestFailed:
         pool = serving_pool(2, max_failovers_per_request=2)
         request = make_request(qwen_tokenizer)
         place(pool, request)
@@ -25,7 +25,7 @@ def test_request_is_failed_after_max_failovers(qwen_tokenizer: Tokenizer) -> Non
         pool.supervisor.fail_over([request])
         assert request.done
         chunk = await request.next_chunk()
-        assert isinstance(chunk, Failure)
+        assert isinstance(chunk, RequestFailed)
         return chunk
 
     failure = asyncio.run(scenario())

@@ -10,7 +10,7 @@ import pytest
 
 from engine.tokenizer import Tokenizer
 from proto import nanoserve_pb2 as pb
-from router.inflight import Failure
+from router.errors import RequestFailed
 from router.request_state import RequestState
 from tests.router.fakes import delta, make_request
 
@@ -36,7 +36,7 @@ def test_output_waiting_for_the_client_is_one_message(qwen_tokenizer: Tokenizer)
 
 
 def test_a_failure_comes_after_the_output_already_waiting(qwen_tokenizer: Tokenizer) -> None:
-    async def scenario() -> list[pb.GenerateResponse | Failure]:
+    async def scenario() -> list[pb.GenerateResponse | RequestFailed]:
         request = make_request(qwen_tokenizer)
         reader = asyncio.ensure_future(request.next_chunk())  # waits: nothing yet
         await asyncio.sleep(0)
@@ -46,7 +46,7 @@ def test_a_failure_comes_after_the_output_already_waiting(qwen_tokenizer: Tokeni
 
     output, failure = asyncio.run(scenario())
     assert isinstance(output, pb.GenerateResponse) and list(output.token_ids) == [5, 6]
-    assert failure == Failure(grpc.StatusCode.UNAVAILABLE, "gone")
+    assert isinstance(failure, RequestFailed) and (failure.code, str(failure)) == (grpc.StatusCode.UNAVAILABLE, "gone")
 
 
 def test_a_request_moves_between_its_states_only_as_allowed(qwen_tokenizer: Tokenizer) -> None:

@@ -14,7 +14,7 @@ from router.inflight import InFlightRequest
 from router.replica_pool import ReplicaPool
 from router.replica_slot import ReplicaSlot
 from router.request_state import RequestState
-from tests.router.fakes import delta, fake, make_request, place, serving_pool, step
+from tests.router.fakes import delta, fake, make_request, place, replica_of, serving_pool, step
 from worker.messages import SubmitError
 
 BLOCK_SIZE = 16
@@ -89,11 +89,13 @@ def test_a_replica_dying_while_a_request_is_submitted_to_it_moves_the_request_on
         fake(first_slot).hold.set()  # type: ignore[union-attr]
         await placing
         await asyncio.sleep(0)
+        second_slot = replica_of(pool, request)
+        assert second_slot is not None and second_slot is not first_slot
         calls = [(s.name, spec.request_id) for s in pool.slots for spec in fake(s).submitted]
-        assert sorted(calls) == sorted([(first_slot.name, "r#1"), (request.replica, "r#2")])
-        assert request.replica != first_slot.name and request.state is RequestState.RUNNING
+        assert sorted(calls) == sorted([(first_slot.name, "r#1"), (second_slot.name, "r#2")])
+        assert request.state is RequestState.RUNNING
         live = [(s.name, key) for s in pool.slots for key in s.inflight]
-        assert live == [(request.replica, request.engine_request_id)]  # one attempt, on one live replica
+        assert live == [(second_slot.name, request.engine_request_id)]  # one attempt, on one live replica
         assert first_slot.num_restarts == 1
 
     asyncio.run(scenario())
@@ -108,7 +110,7 @@ def test_a_refusing_replica_passes_the_request_on_and_the_last_refusal_is_the_an
         fake(pool.slots[0]).refusal = full
         request = make_request(qwen_tokenizer)
         await pool.submit(request)
-        assert (request.replica, request.engine_request_id) == (pool.slots[1].name, "r#2")
+        assert (replica_of(pool, request), request.engine_request_id) == (pool.slots[1], "r#2")
         assert not pool.slots[0].inflight and [s.request_id for s in fake(pool.slots[0]).submitted] == ["r#1"]
         fake(pool.slots[1]).refusal = full
         with pytest.raises(PoolError) as refused:

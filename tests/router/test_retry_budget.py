@@ -8,11 +8,12 @@ import asyncio
 import grpc
 
 from engine.tokenizer import Tokenizer
-from router.inflight import Failure, InFlightRequest
+from router.errors import RequestFailed
+from router.inflight import InFlightRequest
 from router.replica_pool import ReplicaPool
 from router.replica_slot import ReplicaSlot
 from router.retry_budget import RetryBudget, has_failover_in_progress
-from tests.router.fakes import delta, fake, make_request, place, serving_pool, step
+from tests.router.fakes import delta, fake, make_request, place, replica_of, serving_pool, step
 from worker.messages import SubmitError
 
 
@@ -24,7 +25,8 @@ def request_on(pool: ReplicaPool, slot: ReplicaSlot, tokenizer: Tokenizer, name:
 
 def token(pool: ReplicaPool, request: InFlightRequest) -> None:
     """The request's replica streams it one token."""
-    slot = next(s for s in pool.slots if s.name == request.replica)
+    slot = replica_of(pool, request)
+    assert slot is not None
     pool.pump.deliver(slot, step(slot, delta(request, [7])))
 
 
@@ -44,10 +46,10 @@ def test_failovers_run_one_per_replica_and_the_rest_wait_their_turn(qwen_tokeniz
         assert all(has_failover_in_progress(slot) for slot in (b, c))
         token(pool, requests[0])  # r0 survived its new replica: that replica takes the next one
         await asyncio.sleep(0)
-        assert len(pool.budget) == 2 and len(placed(pool)[requests[0].replica]) == 2
+        assert len(pool.budget) == 2 and len(placed(pool)[replica_of(pool, requests[0]).name]) == 2
         for _ in range(5):  # each first token lets the next one in, until none waits
             for request in requests:
-                if request.replica_deaths and request.replica != dead.name:
+                if request.replica_deaths and replica_of(pool, request) is not None:  # moved, not waiting
                     token(pool, request)
             await asyncio.sleep(0)
         assert len(pool.budget) == 0 and pool.metrics.failovers_waiting._value.get() == 0
@@ -65,13 +67,14 @@ def test_a_request_whose_replicas_die_twice_without_a_token_is_stopped_and_its_n
         suspect = request_on(pool, first, qwen_tokenizer, "suspect")
         pool.supervisor.mark_down(first, "killed")
         await asyncio.sleep(0)
-        second = next(s for s in pool.slots if s.name == suspect.replica)
+        second = replica_of(pool, suspect)
+        assert second is not None
         neighbours = [request_on(pool, second, qwen_tokenizer, f"n{i}") for i in range(3)]  # running there already
         pool.supervisor.mark_down(second, "killed")
         await asyncio.sleep(0)
         assert suspect.done and pool.metrics.queries_of_death._value.get() == 1
         failure = await suspect.next_chunk()
-        assert isinstance(failure, Failure) and failure.code == grpc.StatusCode.ABORTED
+        assert isinstance(failure, RequestFailed) and failure.code == grpc.StatusCode.ABORTED
         assert f"replicas {first.name} and {second.name} died" in failure.message
         assert not any(n.done for n in neighbours)  # one death each: they move (two now, one waits)
         assert sorted(len(ids) for ids in placed(pool).values()) == [1, 1] and len(pool.budget) == 1
@@ -87,7 +90,7 @@ def test_a_token_between_two_deaths_clears_the_suspicion(qwen_tokenizer: Tokeniz
         await asyncio.sleep(0)
         token(pool, request)  # it ran on its second replica, which then died of something else
         assert request.replica_deaths == []
-        pool.supervisor.mark_down(next(s for s in pool.slots if s.name == request.replica), "killed")
+        pool.supervisor.mark_down(replica_of(pool, request), "killed")  # type: ignore[arg-type]
         await asyncio.sleep(0)
         assert not request.done and len(request.replica_deaths) == 1  # the second death only
         assert pool.metrics.queries_of_death._value.get() == 0
@@ -102,7 +105,7 @@ def test_a_drained_replica_is_no_death(qwen_tokenizer: Tokenizer) -> None:
         request.replica_deaths = ["earlier"]
         pool.supervisor.mark_down(pool.slots[0], "drained", died=False)
         await asyncio.sleep(0)
-        assert not request.done and request.replica == pool.slots[1].name
+        assert not request.done and replica_of(pool, request) is pool.slots[1]
 
     asyncio.run(scenario())
 
@@ -113,7 +116,7 @@ def test_with_no_replica_serving_waiting_failovers_fail_at_once(qwen_tokenizer: 
         request = request_on(pool, pool.slots[0], qwen_tokenizer, "r")
         pool.supervisor.mark_down(pool.slots[0], "killed")
         failure = await request.next_chunk()
-        assert isinstance(failure, Failure) and failure.code == grpc.StatusCode.UNAVAILABLE
+        assert isinstance(failure, RequestFailed) and failure.code == grpc.StatusCode.UNAVAILABLE
         assert "no healthy replica" in failure.message
 
     asyncio.run(scenario())
@@ -142,7 +145,7 @@ def test_a_moved_request_every_replica_refuses_fails_instead_of_waiting(qwen_tok
         request = request_on(pool, pool.slots[0], qwen_tokenizer, "r")
         pool.supervisor.mark_down(pool.slots[0], "killed")
         failure = await asyncio.wait_for(request.next_chunk(), 5)
-        assert isinstance(failure, Failure) and failure.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert isinstance(failure, RequestFailed) and failure.code == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert "every replica's queue is full (after its replica failed)" in failure.message
         assert [len(fake(slot).submitted) for slot in pool.slots[1:]] == [1, 1] and len(pool.budget) == 0
 
