@@ -23,9 +23,7 @@ def validate_prompt(
     if not token_ids:
         raise ValueError("prompt: must not be empty")
     vocab_size = config.model_config.vocab_size
-    for i, t in enumerate(params.stop_token_ids):
-        if t >= vocab_size:
-            raise ValueError(f"stop_token_ids[{i}]: {t} is outside the vocabulary [0, {vocab_size})")
+    params.check_token_ids(vocab_size)
     for i, t in enumerate(token_ids):
         if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab_size:
             raise ValueError(f"prompt: token id {t!r} at index {i} is outside the vocabulary [0, {vocab_size})")

@@ -6,6 +6,8 @@ Per row, computed in float32:
    token ids (counts) and, for repetition_penalty, its prompt ids, scattered into [P, V] tensors of
    the penalised rows only. A row's newest output token may not be known on the host when the batch is
    built (the step before is still sampling it); the model runner adds it on the device (`with_output_tokens`).
+0b. Logit bias and allow-lists (rows whose params set either): each row's biases are added to its logits, in
+   float32, and a row with allowed_token_ids has every other token's logit set to -inf.
 1. Suppression: each (row, token) pair in `suppress_rows`/`suppress_token_ids` gets logit -inf
    (min_tokens bans EOS and the stop ids this way).
 2. Greedy rows (temperature 0) take the argmax of the suppressed logits; no mask applies to them.
@@ -69,6 +71,7 @@ class SamplingBatch:
     sampled_rows: tuple[int, ...]  # rows with temperature > 0
     rng_keys: tuple[int, ...]  # rng_key(seed, position) of each sampled row, same order
     penalties: Penalties | None  # None when no row uses a penalty
+    biases: Biases | None  # None when no row sets logit_bias or allowed_token_ids
 
     @classmethod
     def build(
@@ -112,6 +115,7 @@ class SamplingBatch:
             sampled_rows=tuple(sampled),
             rng_keys=tuple(rng_keys([seeds[i] for i in sampled], [positions[i] for i in sampled]).tolist()),
             penalties=Penalties.build(params, histories, device) if any(p.has_penalties for p in params) else None,
+            biases=Biases.build(params, device) if any(p.has_bias_or_allow_list for p in params) else None,
         )
 
     def with_output_tokens(self, rows: list[int], token_ids: torch.Tensor) -> SamplingBatch:
@@ -181,12 +185,42 @@ class SamplerOutput:
     top_logprobs: torch.Tensor | None  # [B, N] float32
 
 
+@dataclass(frozen=True, slots=True)
+class Biases:
+    """The rows of a step with a logit bias or an allow-list, and their (row, token) pairs, on the device."""
+
+    rows: torch.Tensor  # [R] int64: rows of the batch with either
+    bias_rows: torch.Tensor  # [N] int64 in [0, R), with bias_token_ids and bias_values: one bias each
+    bias_token_ids: torch.Tensor  # [N] int64
+    bias_values: torch.Tensor  # [N] float32
+    allow_rows: torch.Tensor  # [A] int64 in [0, R), with allow_token_ids: the tokens a restricted row may take
+    allow_token_ids: torch.Tensor  # [A] int64
+    restricted: torch.Tensor  # [R] bool: the row has an allow-list
+    any_allow_list: bool
+
+    @classmethod
+    def build(cls, params: list[SamplingParams], device: torch.device) -> Biases:
+        rows = [i for i, p in enumerate(params) if p.has_bias_or_allow_list]
+        bias = [(j, t, b) for j, i in enumerate(rows) for t, b in params[i].logit_bias]
+        allow = [(j, t) for j, i in enumerate(rows) for t in params[i].allowed_token_ids or ()]
+        return cls(
+            rows=to_device(rows, device, torch.int64),
+            bias_rows=to_device([j for j, _, _ in bias], device, torch.int64),
+            bias_token_ids=to_device([t for _, t, _ in bias], device, torch.int64),
+            bias_values=to_device([b for _, _, b in bias], device, torch.float32),
+            allow_rows=to_device([j for j, _ in allow], device, torch.int64),
+            allow_token_ids=to_device([t for _, t in allow], device, torch.int64),
+            restricted=to_device([params[i].allowed_token_ids is not None for i in rows], device, torch.bool),
+            any_allow_list=bool(allow),
+        )
+
+
 class Sampler(torch.nn.Module):
     """Samples one token per row: suppression, greedy or temperature/top-k/top-p/min-p, then logprobs."""
 
     def forward(self, logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
         """Pick a token per row of `logits` [B, V] (any float dtype; the math is float32)."""
-        suppressed = _suppress(_penalize(logits, batch), batch)  # [B, V], in the logits' dtype
+        suppressed = _suppress(_bias(_penalize(logits, batch), batch), batch)  # [B, V], in the logits' dtype
         token_ids = _choose(suppressed, batch)  # [B]
         if batch.num_logprobs < 0:
             return SamplerOutput(token_ids, None, None, None)
@@ -334,6 +368,20 @@ def _penalize(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
         x = torch.where(seen, torch.where(x > 0, x / rep, x * rep), x)
     x = x - pen.frequency[:, None] * counts - pen.presence[:, None] * present
     return logits.index_put((pen.rows,), x.to(logits.dtype))
+
+
+def _bias(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    """Logits [B, V] with the rows' logit biases added and their allow-lists applied (a new tensor when any)."""
+    b = batch.biases
+    if b is None:
+        return logits
+    x = logits[b.rows].float()  # [R, V]
+    x = x.index_put((b.bias_rows, b.bias_token_ids), b.bias_values, accumulate=True)
+    if b.any_allow_list:
+        true = torch.ones((), dtype=torch.bool, device=x.device)  # made on the device: no host copy
+        allowed = torch.zeros_like(x, dtype=torch.bool).index_put((b.allow_rows, b.allow_token_ids), true)
+        x = x.masked_fill(b.restricted[:, None] & ~allowed, float("-inf"))
+    return logits.index_put((b.rows,), x.to(logits.dtype))
 
 
 def _suppress(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
 
 GREEDY_BELOW_TEMPERATURE = 1e-5
@@ -30,7 +31,9 @@ class SamplingParams:
     `repetition_penalty` (> 0, 1 = off) divides the positive logits of tokens seen in the prompt or
     output and multiplies the negative ones; `frequency_penalty` (in [-2, 2]) is subtracted once per
     occurrence of a token in the output, `presence_penalty` (in [-2, 2]) once if it occurs there at
-    all. Masks apply in the order top-k, top-p, min-p, on the temperature-scaled distribution.
+    all. Then `logit_bias` ({token id: bias in [-100, 100]}, OpenAI's) is added to the logits, and
+    `allowed_token_ids` (vLLM's; None: every token) leaves only those tokens possible. Masks apply in the order
+    top-k, top-p, min-p, on the temperature-scaled distribution.
     `seed` keys the random stream by (seed, token position), so re-running a request from any
     position reproduces the same tokens.
     `logprobs=N` returns the chosen token's log-probability and the top N of the model's
@@ -51,6 +54,8 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias) pairs by id; a mapping is accepted too
+    allowed_token_ids: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         # Normalise list/str inputs so the dataclass stays hashable and immutable.
@@ -61,6 +66,9 @@ class SamplingParams:
         else:
             object.__setattr__(self, "stop", tuple(self.stop))
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids or ()))
+        object.__setattr__(self, "logit_bias", _bias_pairs(self.logit_bias))
+        if self.allowed_token_ids is not None:
+            object.__setattr__(self, "allowed_token_ids", tuple(self.allowed_token_ids))
         self._validate()
 
     def _validate(self) -> None:
@@ -107,6 +115,35 @@ class SamplingParams:
         _check_number("repetition_penalty", self.repetition_penalty)
         if self.repetition_penalty <= 0.0:
             raise InvalidRequest("repetition_penalty", f"must be > 0 (1 is off), got {self.repetition_penalty}")
+        if len({t for t, _ in self.logit_bias}) < len(self.logit_bias):
+            raise InvalidRequest("logit_bias", "names a token id twice")
+        for t, bias in self.logit_bias:
+            _check_int("logit_bias", t)
+            if t < 0:
+                raise InvalidRequest("logit_bias", f"token ids must be >= 0, got {t}")
+            _check_number(f"logit_bias[{t}]", bias)
+            if not -100.0 <= bias <= 100.0:
+                raise InvalidRequest(f"logit_bias[{t}]", f"must be in [-100, 100], got {bias}")
+        if self.allowed_token_ids is not None:
+            if not self.allowed_token_ids:
+                raise InvalidRequest("allowed_token_ids", "must not be empty (leave it unset to allow every token)")
+            for t in self.allowed_token_ids:
+                _check_int("allowed_token_ids", t)
+                if t < 0:
+                    raise InvalidRequest("allowed_token_ids", f"must be >= 0, got {t}")
+
+    def check_token_ids(self, vocab_size: int) -> None:
+        """Every token id the params name (stop_token_ids, logit_bias, allowed_token_ids) is in the vocabulary."""
+        named = [(f"stop_token_ids[{i}]", t) for i, t in enumerate(self.stop_token_ids)]
+        named += [(f"logit_bias[{t}]", t) for t, _ in self.logit_bias]
+        named += [(f"allowed_token_ids[{i}]", t) for i, t in enumerate(self.allowed_token_ids or ())]
+        for name, t in named:
+            if t >= vocab_size:
+                raise InvalidRequest(name, f"{t} is outside the vocabulary [0, {vocab_size})")
+
+    @property
+    def has_bias_or_allow_list(self) -> bool:
+        return bool(self.logit_bias) or self.allowed_token_ids is not None
 
     @property
     def has_penalties(self) -> bool:
@@ -150,3 +187,14 @@ def _check_number(name: str, value: object) -> None:
 def _check_int(name: str, value: object) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
         raise InvalidRequest(name, f"must be an integer, got {value!r}")
+
+
+def _bias_pairs(bias: object) -> tuple[tuple[int, float], ...]:
+    """logit_bias as (token id, bias) pairs sorted by id, from a mapping or pairs (a Ray call sends lists)."""
+    if not bias:
+        return ()
+    try:
+        pairs = bias.items() if isinstance(bias, Mapping) else bias  # type: ignore[attr-defined]
+        return tuple(sorted((t, b) for t, b in pairs))  # type: ignore[misc]
+    except (TypeError, ValueError):
+        raise InvalidRequest("logit_bias", f"must map token ids to biases, got {bias!r}") from None

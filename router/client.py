@@ -75,6 +75,9 @@ def _set_field(params: pb.SamplingParams, name: str, value: Any) -> None:
     interpreted as an integer"). A bool is refused for a number and a number for a bool, which protobuf would
     convert (temperature=True is a mistake, not 1.0)."""
     field = pb.SamplingParams.DESCRIPTOR.fields_by_name[name]
+    if field.message_type is not None and field.message_type.GetOptions().map_entry:  # logit_bias
+        _set_map(params, name, value)
+        return
     expected = _EXPECTED[field.cpp_type][field.is_repeated]
     problem = f"{name}: expected {expected}, got {value!r} ({type(value).__name__})"
     if not field.is_repeated and isinstance(value, bool) != (field.cpp_type == FieldDescriptor.CPPTYPE_BOOL):
@@ -87,6 +90,20 @@ def _set_field(params: pb.SamplingParams, name: str, value: Any) -> None:
     except TypeError:
         raise TypeError(problem) from None
     except ValueError as e:  # an int outside int64 ("Value out of range: ..."), or bytes that are not UTF-8
+        raise ValueError(f"{name}: {e}") from None
+
+
+def _set_map(params: pb.SamplingParams, name: str, value: Any) -> None:
+    """A map field from a mapping of int keys to numbers (a bool is neither)."""
+    problem = f"{name}: expected a dict of int -> number, got {value!r}"
+    if not isinstance(value, Mapping) or any(
+        isinstance(k, bool) or not isinstance(k, int) or isinstance(v, bool) or not isinstance(v, (int, float))
+        for k, v in value.items()
+    ):
+        raise TypeError(problem)
+    try:
+        getattr(params, name).update(value)
+    except ValueError as e:  # a key outside int64
         raise ValueError(f"{name}: {e}") from None
 
 

@@ -21,14 +21,15 @@ _INT64 = range(-(2**63), 2**63)
 _NUMBER_FIELDS = ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty")
 _INT_FIELDS = ("top_k", "seed", "min_tokens")
 _COMMON_FIELDS = frozenset({"model", "max_tokens", *_NUMBER_FIELDS, *_INT_FIELDS, "stop", "stop_token_ids",
-                            "ignore_eos", "n", "stream", "stream_options", "logprobs"})
+                            "ignore_eos", "n", "stream", "stream_options", "logprobs", "logit_bias",
+                            "allowed_token_ids"})
 _FIELDS: dict[Endpoint, frozenset[str]] = {
     "completions": _COMMON_FIELDS | {"prompt"},
     "chat": _COMMON_FIELDS | {"messages", "max_completion_tokens", "top_logprobs"},
 }
 # Fields that change the answer but are not implemented here: accepted only at a value that changes nothing.
 _NO_OP_VALUES: dict[str, tuple[object, ...]] = {
-    "logit_bias": ({},), "best_of": (1,), "echo": (False,),
+    "best_of": (1,), "echo": (False,),
     "suffix": ("",), "tools": ([],), "functions": ([],), "tool_choice": ("none", "auto"),
     "parallel_tool_calls": (True, False), "response_format": ({"type": "text"},),
 }
@@ -166,8 +167,29 @@ def _sampling(endpoint: Endpoint, given: dict[str, Any], params: pb.SamplingPara
         params.stop.extend([stop] if isinstance(stop, str) else _strs(given, "stop"))
     if "stop_token_ids" in given:
         params.stop_token_ids.extend(_token_ids("stop_token_ids", given["stop_token_ids"]))
+    if "logit_bias" in given:
+        params.logit_bias.update(_logit_bias(given["logit_bias"]))
+    if "allowed_token_ids" in given:
+        if given["allowed_token_ids"] == []:
+            raise InvalidBody("allowed_token_ids", "must not be empty (leave it out to allow every token)")
+        params.allowed_token_ids.extend(_token_ids("allowed_token_ids", given["allowed_token_ids"]))
     _max_tokens(endpoint, given, params)
     return _logprobs(endpoint, given, params)
+
+
+def _logit_bias(value: object) -> dict[int, float]:
+    """OpenAI's logit_bias: an object whose keys are token ids as strings and whose values are numbers."""
+    if not isinstance(value, dict):
+        raise InvalidBody("logit_bias", f"must be an object of token id -> bias, got {_json(value)}")
+    bias = {}
+    for key, number in value.items():
+        if not key.isdecimal() or int(key) not in _INT64:
+            raise InvalidBody("logit_bias", f"keys must be token ids (decimal integers), got {_json(key)}")
+        number = value[key]
+        if isinstance(number, bool) or not isinstance(number, (int, float)) or not math.isfinite(number):
+            raise InvalidBody(f"logit_bias[{key}]", f"must be a finite number, got {_json(number)}")
+        bias[int(key)] = float(number)
+    return bias
 
 
 def _max_tokens(endpoint: Endpoint, given: dict[str, Any], params: pb.SamplingParams) -> None:

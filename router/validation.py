@@ -119,14 +119,18 @@ class RequestValidator:
             given["stop"] = tuple(given["stop"])
         if "stop_token_ids" in given:
             given["stop_token_ids"] = tuple(given["stop_token_ids"])
+        if "logit_bias" in given:
+            given["logit_bias"] = dict(given["logit_bias"])
+        if "allowed_token_ids" in given:
+            given["allowed_token_ids"] = tuple(given["allowed_token_ids"])
         given.setdefault("seed", random.getrandbits(63))
         try:
             params = SamplingParams.from_kwargs(**given)
         except InvalidRequest as e:
             raise e.within("params") from None
-        for i, t in enumerate(params.stop_token_ids):  # the engine bans them by index until min_tokens
-            if t >= self.info.vocab_size:
-                raise InvalidRequest(
-                    f"params.stop_token_ids[{i}]", f"{t} is outside the vocabulary [0, {self.info.vocab_size})")
+        try:  # the engine indexes its logits by them
+            params.check_token_ids(self.info.vocab_size)
+        except InvalidRequest as e:
+            raise e.within("params") from None
         return params
 

@@ -102,6 +102,26 @@ def test_suppressed_token_is_never_chosen_greedy_or_sampled() -> None:
     assert len(drawn) == 15
 
 
+def test_logit_bias_moves_the_choice_and_not_the_logprobs() -> None:
+    row = make_logits(16)
+    row[3] = 10.0  # the favourite by far
+    second = int(row.topk(2).indices[1])
+    greedy = [SamplingParams(temperature=0.0, logit_bias=b, logprobs=1) for b in ({5: 100.0}, {3: -100.0}, {})]
+    out = run_sampler(row.expand(3, -1).clone(), greedy)
+    assert out.token_ids.tolist() == [5, second, 3]
+    assert torch.equal(out.top_token_ids[:, 0], torch.tensor([3, 3, 3]))  # of the raw distribution
+    assert 3 not in draw_set(row, SamplingParams(temperature=1.0, logit_bias={3: -100.0}))
+    assert draw_set(row, SamplingParams(temperature=1.0, logit_bias={9: 100.0})) == {9}
+
+
+def test_allowed_token_ids_leave_only_those_tokens() -> None:
+    row = make_logits(16)
+    allowed = [1, 4, 9]
+    assert draw_set(row, SamplingParams(temperature=1.0, allowed_token_ids=allowed)) == set(allowed)
+    [token] = run_sampler(row[None], [SamplingParams(temperature=0.0, allowed_token_ids=allowed)]).token_ids.tolist()
+    assert token == max(allowed, key=lambda t: float(row[t]))
+
+
 @pytest.mark.parametrize("top_k", [1, 3, 7])
 def test_top_k_draws_exactly_the_k_largest(top_k: int) -> None:
     row = make_logits(32)
@@ -197,14 +217,17 @@ def test_a_row_does_not_depend_on_the_rest_of_the_batch(sampler_device: torch.de
         SamplingParams(temperature=1.2, top_p=0.8),
         SamplingParams(temperature=1.0, min_p=0.2, logprobs=2),
         SamplingParams(temperature=0.6, top_k=9, top_p=0.9, min_p=0.05),
+        SamplingParams(temperature=1.0, logit_bias={3: 2.5, 7: -1.0}),
+        SamplingParams(temperature=0.0, allowed_token_ids=[4, 8, 15]),
     ]
-    logits = torch.stack([make_logits(40, seed=i) for i in range(6)]).to(sampler_device)  # [6, 40]
-    seeds, positions = [11, 22, 33, 44, 55, 66], [3, 9, 0, 14, 2, 30]
-    banned = [[1], [], [2, 5], [], [0], []]
+    logits = torch.stack([make_logits(40, seed=i) for i in range(8)]).to(sampler_device)  # [8, 40]
+    seeds, positions = [11, 22, 33, 44, 55, 66, 77, 88], [3, 9, 0, 14, 2, 30, 5, 6]
+    banned = [[1], [], [2, 5], [], [0], [], [], [8]]
     full = run_sampler(logits, params, seeds, positions, banned).token_ids
     assert all(int(token) not in ban for token, ban in zip(full, banned))
     assert int(full[0]) == int(logits[0].cpu().index_fill(0, torch.tensor(banned[0]), float("-inf")).argmax())
-    for rows in ([5, 3, 1, 0, 4, 2], [2], [4, 0], [1, 2, 3]):
+    assert int(full[7]) in (4, 15)
+    for rows in ([5, 3, 1, 7, 0, 4, 6, 2], [2], [4, 0], [1, 2, 3], [6], [7, 6]):
         subset = run_sampler(
             logits[rows],
             [params[r] for r in rows],

@@ -26,9 +26,10 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 SAMPLE_VALUES: dict[str, Any] = {
     "temperature": 0.0, "top_p": 0.9, "top_k": 0, "min_p": 0.0, "max_tokens": 5, "min_tokens": 0,
     "stop": ["\n\n"], "stop_token_ids": [7, 8], "ignore_eos": False, "seed": 0, "logprobs": 0,
-    "presence_penalty": 0.0, "frequency_penalty": 0.0, "repetition_penalty": 1.0,
+    "presence_penalty": 0.0, "frequency_penalty": 0.0, "repetition_penalty": 1.0, "logit_bias": {5: -2.5},
+    "allowed_token_ids": [5, 6],
 }
-REPEATED_FIELDS = ("stop", "stop_token_ids")
+REPEATED_FIELDS = ("stop", "stop_token_ids", "logit_bias", "allowed_token_ids")  # presence: non-empty
 # A mistyped value for every kind of sampling field, and the error that must name the field.
 BAD_KWARGS: list[tuple[str, Any, type[Exception], str]] = [
     ("max_tokens", 1.5, TypeError, "max_tokens: expected an int, got 1.5 (float)"),
@@ -43,6 +44,9 @@ BAD_KWARGS: list[tuple[str, Any, type[Exception], str]] = [
     ("stop", 5, TypeError, "stop: expected a list of strs, got 5 (int)"),
     ("stop_token_ids", [1.5], TypeError, "stop_token_ids: expected a list of ints, got [1.5] (list)"),
     ("stop_token_ids", 7, TypeError, "stop_token_ids: expected a list of ints, got 7 (int)"),
+    ("logit_bias", {"5": 1.0}, TypeError, "logit_bias: expected a dict of int -> number, got {'5': 1.0}"),
+    ("logit_bias", {5: True}, TypeError, "logit_bias: expected a dict of int -> number, got {5: True}"),
+    ("logit_bias", [(5, 1.0)], TypeError, "logit_bias: expected a dict of int -> number, got [(5, 1.0)]"),
 ]
 
 

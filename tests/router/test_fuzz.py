@@ -105,6 +105,8 @@ VALID: dict[str, st.SearchStrategy] = {
     "presence_penalty": maybe(st.floats(-2, 2)),
     "frequency_penalty": maybe(st.floats(-2, 2)),
     "repetition_penalty": maybe(st.floats(0.5, 2)),
+    "logit_bias": st.dictionaries(st.integers(0, VOCAB - 1), st.floats(-100, 100), max_size=3),
+    "allowed_token_ids": st.lists(st.integers(0, VOCAB - 1), max_size=3),
 }
 EDGES: dict[str, st.SearchStrategy] = {
     "request_id": st.sampled_from(["x" * 256, "x" * 257, "a\nb", "\x00", "\u00e9" * 256, "\u200b"]) | st.text(),
@@ -122,6 +124,8 @@ EDGES: dict[str, st.SearchStrategy] = {
     "stop": st.lists(st.text(max_size=4) | st.builds(lambda n: "s" * n, st.integers(100, 5_000)), max_size=5),
     "stop_token_ids": st.lists(wild_ids, max_size=5),
     "ignore_eos": st.booleans(),
+    "logit_bias": st.dictionaries(wild_ids, wild_floats, max_size=4),
+    "allowed_token_ids": st.lists(wild_ids, max_size=4),
 }
 PARAM_FIELDS = tuple(f.name for f in pb.SamplingParams.DESCRIPTOR.fields)
 

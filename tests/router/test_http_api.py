@@ -87,6 +87,22 @@ def test_completion_equals_the_grpc_answer(router: RouterThread, client: openai.
     assert usage.total_tokens == 18
 
 
+def test_logit_bias_forces_a_token_and_an_allow_list_bounds_the_draw(
+    router: RouterThread, client: openai.OpenAI, model: str
+) -> None:
+    forced = client.completions.create(model=model, prompt=PROMPT, max_tokens=4, temperature=1.0, seed=1,
+                                       logit_bias={"21806": 100})
+    expected = grpc_complete(router, PROMPT, max_tokens=4, temperature=1.0, seed=1, logit_bias={21806: 100.0})
+    assert list(expected.token_ids) == [21806] * 4 and forced.choices[0].text == expected.text
+    allowed = [151, 9707, 21806]
+    answer = grpc_complete(router, PROMPT, max_tokens=8, temperature=1.5, seed=2, ignore_eos=True,
+                           allowed_token_ids=allowed)
+    assert set(answer.token_ids) <= set(allowed)
+    via_http = client.completions.create(model=model, prompt=PROMPT, max_tokens=8, temperature=1.5, seed=2,
+                                         extra_body={"ignore_eos": True, "allowed_token_ids": allowed})
+    assert via_http.choices[0].text == answer.text
+
+
 def test_streamed_completion_is_the_whole_one_in_pieces(client: openai.OpenAI, model: str) -> None:
     whole = client.completions.create(model=model, prompt=PROMPT, max_tokens=16, **GREEDY)
     events = list(client.completions.create(model=model, prompt=PROMPT, max_tokens=16, stream=True,

@@ -27,7 +27,10 @@ BAD_VALUES: list[tuple[Endpoint, str, str, str]] = [
     ("completions", '{"model": 5}', "model", "must be a string, got 5"),
     ("chat", '{"messages": [{"role": null, "content": "Hi"}]}', "messages[0].role", "must be a string, got null"),
     ("completions", '{"stop_token_ids": [1, true]}', "stop_token_ids[1]", "must be a token id (an integer), got true"),
-    ("completions", '{"logit_bias": {"1": 5}}', "logit_bias", 'not supported by this server (only {}), got {"1": 5}'),
+    ("completions", '{"logit_bias": [1, 5]}', "logit_bias", "must be an object of token id -> bias, got [1, 5]"),
+    ("completions", '{"logit_bias": {"a": 5}}', "logit_bias", 'keys must be token ids (decimal integers), got "a"'),
+    ("chat", '{"logit_bias": {"7": "x"}}', "logit_bias[7]", 'must be a finite number, got "x"'),
+    ("chat", '{"allowed_token_ids": []}', "allowed_token_ids", "must not be empty (leave it out to allow every token)"),
     ("completions", '{"echo": true}', "echo", "not supported by this server (only false), got true"),
     ("chat", '{"tool_choice": "required"}', "tool_choice",
      'not supported by this server (only "none" or "auto"), got "required"'),
@@ -63,8 +66,14 @@ def test_the_validators_field_is_renamed_to_the_bodys(endpoint: Endpoint, field:
 
 
 def test_allowed_no_op_values_and_null_pass() -> None:
-    body = {**MESSAGES, "tool_choice": "auto", "parallel_tool_calls": False, "logit_bias": {}, "temperature": None}
+    body = {**MESSAGES, "tool_choice": "auto", "parallel_tool_calls": False, "temperature": None}
     request = read_request("chat", body)
     assert not request.generate.params.HasField("temperature")  # null means unset
     # chat runs to the end of the context, which the validator computes from the tokenized prompt
     assert not request.generate.params.HasField("max_tokens") and request.max_tokens_to_context_end
+
+
+def test_logit_bias_and_allowed_token_ids_reach_the_request() -> None:
+    body = {**PROMPT, "logit_bias": {"50256": -100, "7": 2.5}, "allowed_token_ids": [7, 9]}
+    params = read_request("completions", body).generate.params
+    assert dict(params.logit_bias) == {50256: -100.0, 7: 2.5} and list(params.allowed_token_ids) == [7, 9]
