@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any, NoReturn
@@ -162,15 +162,18 @@ class Tokenizer:
         """Text of `token_ids`; incomplete UTF-8 at the end comes out as U+FFFD."""
         return self._hf.decode(list(token_ids), skip_special_tokens=skip_special_tokens)
 
-    def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
-        """Render chat `messages` into the prompt text, ending with the assistant header if asked."""
+    def apply_chat_template(
+        self, messages: list[dict[str, str]], add_generation_prompt: bool = True,
+        template_kwargs: Mapping[str, object] | None = None,
+    ) -> str:
+        """Render chat `messages` into the prompt text, ending with the assistant header if asked.
+        `template_kwargs`: more variables for the template (Qwen3's `enable_thinking`), vLLM's chat_template_kwargs."""
         if self._chat_template is None:
             raise ValueError("messages: the model has no chat template (its checkpoint ships none); send text instead")
         validate_messages(messages)
-        return self._chat_template.render(
-            messages=messages,
-            add_generation_prompt=add_generation_prompt,
-            bos_token=self._bos_token or "",
-            eos_token=self._eos_token or "",
-            tools=None,
-        )
+        variables = dict(messages=messages, add_generation_prompt=add_generation_prompt,
+                         bos_token=self._bos_token or "", eos_token=self._eos_token or "", tools=None)
+        template_kwargs = template_kwargs or {}
+        for name in template_kwargs.keys() & variables.keys():
+            raise ValueError(f"template_kwargs.{name}: set by the server, not by a request")
+        return self._chat_template.render(**variables, **template_kwargs)

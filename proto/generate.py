@@ -7,6 +7,7 @@ The one way to regenerate, so the checked-in modules always come from the same c
 
 from __future__ import annotations
 
+from importlib.resources import files
 from pathlib import Path
 
 from grpc_tools import protoc
@@ -18,7 +19,9 @@ PROTO_FILE = Path("proto") / "nanoserve.proto"
 def run_protoc(out_flags: list[str], proto_file: Path = REPO_ROOT / PROTO_FILE) -> None:
     """Run protoc on `proto_file` (under the repo root, or a copy's root) with the given output flags."""
     include_root = proto_file.resolve().parent.parent
-    status = protoc.main(["grpc_tools.protoc", f"-I{include_root}", *out_flags, str(proto_file.resolve())])
+    well_known_types = files("grpc_tools") / "_proto"  # google/protobuf/struct.proto and the like
+    status = protoc.main(["grpc_tools.protoc", f"-I{include_root}", f"-I{well_known_types}", *out_flags,
+                          str(proto_file.resolve())])
     if status != 0:
         raise RuntimeError(f"protoc failed on {proto_file} with exit status {status}")
 

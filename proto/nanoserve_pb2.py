@@ -22,9 +22,10 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15proto/nanoserve.proto\x12\x0cnanoserve.v1\"\xc6\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12*\n\x04\x63hat\x18\x03 \x01(\x0b\x32\x1a.nanoserve.v1.ChatMessagesH\x00\x12+\n\ttoken_ids\x18\x04 \x01(\x0b\x32\x16.nanoserve.v1.TokenIdsH\x00\x12,\n\x06params\x18\x05 \x01(\x0b\x32\x1c.nanoserve.v1.SamplingParamsB\x08\n\x06prompt\";\n\x0c\x43hatMessages\x12+\n\x08messages\x18\x01 \x03(\x0b\x32\x19.nanoserve.v1.ChatMessage\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x03\"\xa2\x05\n\x0eSamplingParams\x12\x18\n\x0btemperature\x18\x01 \x01(\x01H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x03 \x01(\x03H\x02\x88\x01\x01\x12\x12\n\x05min_p\x18\x04 \x01(\x01H\x03\x88\x01\x01\x12\x17\n\nmax_tokens\x18\x05 \x01(\x03H\x04\x88\x01\x01\x12\x17\n\nmin_tokens\x18\x06 \x01(\x03H\x05\x88\x01\x01\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x08 \x03(\x03\x12\x17\n\nignore_eos\x18\t \x01(\x08H\x06\x88\x01\x01\x12\x11\n\x04seed\x18\n \x01(\x03H\x07\x88\x01\x01\x12\x15\n\x08logprobs\x18\x0b \x01(\x03H\x08\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x0c \x01(\x01H\t\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\r \x01(\x01H\n\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x0e \x01(\x01H\x0b\x88\x01\x01\x12?\n\nlogit_bias\x18\x0f \x03(\x0b\x32+.nanoserve.v1.SamplingParams.LogitBiasEntry\x12\x19\n\x11\x61llowed_token_ids\x18\x10 \x03(\x03\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\x03\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x08\n\x06_min_pB\r\n\x0b_max_tokensB\r\n\x0b_min_tokensB\r\n\x0b_ignore_eosB\x07\n\x05_seedB\x0b\n\t_logprobsB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x15\n\x13_repetition_penalty\"\x15\n\x13GetModelInfoRequest\"\x19\n\x17GetClusterStatusRequest\"\xdd\x01\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x03\x12,\n\x08logprobs\x18\x03 \x03(\x0b\x32\x1a.nanoserve.v1.TokenLogprob\x12\x31\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x1a.nanoserve.v1.FinishReason\x12\"\n\x05usage\x18\x05 \x01(\x0b\x32\x13.nanoserve.v1.Usage\x12\x0f\n\x07replica\x18\x06 \x01(\t\x12\x12\n\nrequest_id\x18\x07 \x01(\t\"\xdd\x01\n\x10\x43ompleteResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x03\x12,\n\x08logprobs\x18\x03 \x03(\x0b\x32\x1a.nanoserve.v1.TokenLogprob\x12\x31\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x1a.nanoserve.v1.FinishReason\x12\"\n\x05usage\x18\x05 \x01(\x0b\x32\x13.nanoserve.v1.Usage\x12\x0f\n\x07replica\x18\x06 \x01(\t\x12\x12\n\nrequest_id\x18\x07 \x01(\t\"a\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x03\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12.\n\x0ctop_logprobs\x18\x03 \x03(\x0b\x32\x18.nanoserve.v1.TopLogprob\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x03\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"W\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x03 \x01(\r\"\xa1\x02\n\tModelInfo\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x11\n\tmodel_dir\x18\x02 \x01(\t\x12\x16\n\x0erandom_weights\x18\x03 \x01(\x08\x12\x15\n\rmax_model_len\x18\x04 \x01(\r\x12\x12\n\nvocab_size\x18\x05 \x01(\r\x12\x12\n\nblock_size\x18\x06 \x01(\r\x12\x1c\n\x14tensor_parallel_size\x18\x07 \x01(\r\x12\r\n\x05\x64type\x18\x08 \x01(\t\x12\x15\n\reos_token_ids\x18\t \x03(\x03\x12\x19\n\x11has_chat_template\x18\n \x01(\x08\x12\x37\n\x11sampling_defaults\x18\x0b \x01(\x0b\x32\x1c.nanoserve.v1.SamplingParams\"V\n\rClusterStatus\x12-\n\x08replicas\x18\x01 \x03(\x0b\x32\x1b.nanoserve.v1.ReplicaStatus\x12\x16\n\x0erouting_policy\x18\x02 \x01(\t\"\xff\x01\n\rReplicaStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12)\n\x05state\x18\x02 \x01(\x0e\x32\x1a.nanoserve.v1.ReplicaState\x12\x13\n\x0bnum_running\x18\x03 \x01(\r\x12\x13\n\x0bnum_waiting\x18\x04 \x01(\r\x12\x1a\n\x12num_kv_blocks_used\x18\x05 \x01(\r\x12\x1b\n\x13num_kv_blocks_total\x18\x06 \x01(\r\x12\x1d\n\x15prefix_cache_hit_rate\x18\x07 \x01(\x01\x12\x1d\n\x15num_inflight_requests\x18\x08 \x01(\r\x12\x14\n\x0cnum_restarts\x18\t \x01(\r*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03*\x98\x01\n\x0cReplicaState\x12\x1d\n\x19REPLICA_STATE_UNSPECIFIED\x10\x00\x12\x1a\n\x16REPLICA_STATE_STARTING\x10\x01\x12\x19\n\x15REPLICA_STATE_SERVING\x10\x02\x12\x16\n\x12REPLICA_STATE_DOWN\x10\x03\x12\x1a\n\x16REPLICA_STATE_DRAINING\x10\x04\x32\xc7\x02\n\tNanoServe\x12K\n\x08Generate\x12\x1d.nanoserve.v1.GenerateRequest\x1a\x1e.nanoserve.v1.GenerateResponse0\x01\x12I\n\x08\x43omplete\x12\x1d.nanoserve.v1.GenerateRequest\x1a\x1e.nanoserve.v1.CompleteResponse\x12J\n\x0cGetModelInfo\x12!.nanoserve.v1.GetModelInfoRequest\x1a\x17.nanoserve.v1.ModelInfo\x12V\n\x10GetClusterStatus\x12%.nanoserve.v1.GetClusterStatusRequest\x1a\x1b.nanoserve.v1.ClusterStatusb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15proto/nanoserve.proto\x12\x0cnanoserve.v1\x1a\x1cgoogle/protobuf/struct.proto\"\xc6\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12*\n\x04\x63hat\x18\x03 \x01(\x0b\x32\x1a.nanoserve.v1.ChatMessagesH\x00\x12+\n\ttoken_ids\x18\x04 \x01(\x0b\x32\x16.nanoserve.v1.TokenIdsH\x00\x12,\n\x06params\x18\x05 \x01(\x0b\x32\x1c.nanoserve.v1.SamplingParamsB\x08\n\x06prompt\"m\n\x0c\x43hatMessages\x12+\n\x08messages\x18\x01 \x03(\x0b\x32\x19.nanoserve.v1.ChatMessage\x12\x30\n\x0ftemplate_kwargs\x18\x02 \x01(\x0b\x32\x17.google.protobuf.Struct\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x03\"\xa2\x05\n\x0eSamplingParams\x12\x18\n\x0btemperature\x18\x01 \x01(\x01H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x03 \x01(\x03H\x02\x88\x01\x01\x12\x12\n\x05min_p\x18\x04 \x01(\x01H\x03\x88\x01\x01\x12\x17\n\nmax_tokens\x18\x05 \x01(\x03H\x04\x88\x01\x01\x12\x17\n\nmin_tokens\x18\x06 \x01(\x03H\x05\x88\x01\x01\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x08 \x03(\x03\x12\x17\n\nignore_eos\x18\t \x01(\x08H\x06\x88\x01\x01\x12\x11\n\x04seed\x18\n \x01(\x03H\x07\x88\x01\x01\x12\x15\n\x08logprobs\x18\x0b \x01(\x03H\x08\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x0c \x01(\x01H\t\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\r \x01(\x01H\n\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x0e \x01(\x01H\x0b\x88\x01\x01\x12?\n\nlogit_bias\x18\x0f \x03(\x0b\x32+.nanoserve.v1.SamplingParams.LogitBiasEntry\x12\x19\n\x11\x61llowed_token_ids\x18\x10 \x03(\x03\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\x03\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x08\n\x06_min_pB\r\n\x0b_max_tokensB\r\n\x0b_min_tokensB\r\n\x0b_ignore_eosB\x07\n\x05_seedB\x0b\n\t_logprobsB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x15\n\x13_repetition_penalty\"\x15\n\x13GetModelInfoRequest\"\x19\n\x17GetClusterStatusRequest\"\xf5\x01\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x03\x12,\n\x08logprobs\x18\x03 \x03(\x0b\x32\x1a.nanoserve.v1.TokenLogprob\x12\x31\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x1a.nanoserve.v1.FinishReason\x12\"\n\x05usage\x18\x05 \x01(\x0b\x32\x13.nanoserve.v1.Usage\x12\x0f\n\x07replica\x18\x06 \x01(\t\x12\x12\n\nrequest_id\x18\x07 \x01(\t\x12\x16\n\x0ereasoning_text\x18\x08 \x01(\t\"\xf5\x01\n\x10\x43ompleteResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x03\x12,\n\x08logprobs\x18\x03 \x03(\x0b\x32\x1a.nanoserve.v1.TokenLogprob\x12\x31\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x1a.nanoserve.v1.FinishReason\x12\"\n\x05usage\x18\x05 \x01(\x0b\x32\x13.nanoserve.v1.Usage\x12\x0f\n\x07replica\x18\x06 \x01(\t\x12\x12\n\nrequest_id\x18\x07 \x01(\t\x12\x16\n\x0ereasoning_text\x18\x08 \x01(\t\"a\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x03\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12.\n\x0ctop_logprobs\x18\x03 \x03(\x0b\x32\x18.nanoserve.v1.TopLogprob\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x03\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"W\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x03 \x01(\r\"\xa1\x02\n\tModelInfo\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x11\n\tmodel_dir\x18\x02 \x01(\t\x12\x16\n\x0erandom_weights\x18\x03 \x01(\x08\x12\x15\n\rmax_model_len\x18\x04 \x01(\r\x12\x12\n\nvocab_size\x18\x05 \x01(\r\x12\x12\n\nblock_size\x18\x06 \x01(\r\x12\x1c\n\x14tensor_parallel_size\x18\x07 \x01(\r\x12\r\n\x05\x64type\x18\x08 \x01(\t\x12\x15\n\reos_token_ids\x18\t \x03(\x03\x12\x19\n\x11has_chat_template\x18\n \x01(\x08\x12\x37\n\x11sampling_defaults\x18\x0b \x01(\x0b\x32\x1c.nanoserve.v1.SamplingParams\"V\n\rClusterStatus\x12-\n\x08replicas\x18\x01 \x03(\x0b\x32\x1b.nanoserve.v1.ReplicaStatus\x12\x16\n\x0erouting_policy\x18\x02 \x01(\t\"\xff\x01\n\rReplicaStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12)\n\x05state\x18\x02 \x01(\x0e\x32\x1a.nanoserve.v1.ReplicaState\x12\x13\n\x0bnum_running\x18\x03 \x01(\r\x12\x13\n\x0bnum_waiting\x18\x04 \x01(\r\x12\x1a\n\x12num_kv_blocks_used\x18\x05 \x01(\r\x12\x1b\n\x13num_kv_blocks_total\x18\x06 \x01(\r\x12\x1d\n\x15prefix_cache_hit_rate\x18\x07 \x01(\x01\x12\x1d\n\x15num_inflight_requests\x18\x08 \x01(\r\x12\x14\n\x0cnum_restarts\x18\t \x01(\r*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03*\x98\x01\n\x0cReplicaState\x12\x1d\n\x19REPLICA_STATE_UNSPECIFIED\x10\x00\x12\x1a\n\x16REPLICA_STATE_STARTING\x10\x01\x12\x19\n\x15REPLICA_STATE_SERVING\x10\x02\x12\x16\n\x12REPLICA_STATE_DOWN\x10\x03\x12\x1a\n\x16REPLICA_STATE_DRAINING\x10\x04\x32\xc7\x02\n\tNanoServe\x12K\n\x08Generate\x12\x1d.nanoserve.v1.GenerateRequest\x1a\x1e.nanoserve.v1.GenerateResponse0\x01\x12I\n\x08\x43omplete\x12\x1d.nanoserve.v1.GenerateRequest\x1a\x1e.nanoserve.v1.CompleteResponse\x12J\n\x0cGetModelInfo\x12!.nanoserve.v1.GetModelInfoRequest\x1a\x17.nanoserve.v1.ModelInfo\x12V\n\x10GetClusterStatus\x12%.nanoserve.v1.GetClusterStatusRequest\x1a\x1b.nanoserve.v1.ClusterStatusb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,42 +34,42 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._loaded_options = None
   _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_options = b'8\001'
-  _globals['_FINISHREASON']._serialized_start=2422
-  _globals['_FINISHREASON']._serialized_end=2542
-  _globals['_REPLICASTATE']._serialized_start=2545
-  _globals['_REPLICASTATE']._serialized_end=2697
-  _globals['_GENERATEREQUEST']._serialized_start=40
-  _globals['_GENERATEREQUEST']._serialized_end=238
-  _globals['_CHATMESSAGES']._serialized_start=240
-  _globals['_CHATMESSAGES']._serialized_end=299
-  _globals['_CHATMESSAGE']._serialized_start=301
-  _globals['_CHATMESSAGE']._serialized_end=345
-  _globals['_TOKENIDS']._serialized_start=347
-  _globals['_TOKENIDS']._serialized_end=370
-  _globals['_SAMPLINGPARAMS']._serialized_start=373
-  _globals['_SAMPLINGPARAMS']._serialized_end=1047
-  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_start=820
-  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_end=868
-  _globals['_GETMODELINFOREQUEST']._serialized_start=1049
-  _globals['_GETMODELINFOREQUEST']._serialized_end=1070
-  _globals['_GETCLUSTERSTATUSREQUEST']._serialized_start=1072
-  _globals['_GETCLUSTERSTATUSREQUEST']._serialized_end=1097
-  _globals['_GENERATERESPONSE']._serialized_start=1100
-  _globals['_GENERATERESPONSE']._serialized_end=1321
-  _globals['_COMPLETERESPONSE']._serialized_start=1324
-  _globals['_COMPLETERESPONSE']._serialized_end=1545
-  _globals['_TOKENLOGPROB']._serialized_start=1547
-  _globals['_TOKENLOGPROB']._serialized_end=1644
-  _globals['_TOPLOGPROB']._serialized_start=1646
-  _globals['_TOPLOGPROB']._serialized_end=1693
-  _globals['_USAGE']._serialized_start=1695
-  _globals['_USAGE']._serialized_end=1782
-  _globals['_MODELINFO']._serialized_start=1785
-  _globals['_MODELINFO']._serialized_end=2074
-  _globals['_CLUSTERSTATUS']._serialized_start=2076
-  _globals['_CLUSTERSTATUS']._serialized_end=2162
-  _globals['_REPLICASTATUS']._serialized_start=2165
-  _globals['_REPLICASTATUS']._serialized_end=2420
-  _globals['_NANOSERVE']._serialized_start=2700
-  _globals['_NANOSERVE']._serialized_end=3027
+  _globals['_FINISHREASON']._serialized_start=2550
+  _globals['_FINISHREASON']._serialized_end=2670
+  _globals['_REPLICASTATE']._serialized_start=2673
+  _globals['_REPLICASTATE']._serialized_end=2825
+  _globals['_GENERATEREQUEST']._serialized_start=70
+  _globals['_GENERATEREQUEST']._serialized_end=268
+  _globals['_CHATMESSAGES']._serialized_start=270
+  _globals['_CHATMESSAGES']._serialized_end=379
+  _globals['_CHATMESSAGE']._serialized_start=381
+  _globals['_CHATMESSAGE']._serialized_end=425
+  _globals['_TOKENIDS']._serialized_start=427
+  _globals['_TOKENIDS']._serialized_end=450
+  _globals['_SAMPLINGPARAMS']._serialized_start=453
+  _globals['_SAMPLINGPARAMS']._serialized_end=1127
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_start=900
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_end=948
+  _globals['_GETMODELINFOREQUEST']._serialized_start=1129
+  _globals['_GETMODELINFOREQUEST']._serialized_end=1150
+  _globals['_GETCLUSTERSTATUSREQUEST']._serialized_start=1152
+  _globals['_GETCLUSTERSTATUSREQUEST']._serialized_end=1177
+  _globals['_GENERATERESPONSE']._serialized_start=1180
+  _globals['_GENERATERESPONSE']._serialized_end=1425
+  _globals['_COMPLETERESPONSE']._serialized_start=1428
+  _globals['_COMPLETERESPONSE']._serialized_end=1673
+  _globals['_TOKENLOGPROB']._serialized_start=1675
+  _globals['_TOKENLOGPROB']._serialized_end=1772
+  _globals['_TOPLOGPROB']._serialized_start=1774
+  _globals['_TOPLOGPROB']._serialized_end=1821
+  _globals['_USAGE']._serialized_start=1823
+  _globals['_USAGE']._serialized_end=1910
+  _globals['_MODELINFO']._serialized_start=1913
+  _globals['_MODELINFO']._serialized_end=2202
+  _globals['_CLUSTERSTATUS']._serialized_start=2204
+  _globals['_CLUSTERSTATUS']._serialized_end=2290
+  _globals['_REPLICASTATUS']._serialized_start=2293
+  _globals['_REPLICASTATUS']._serialized_end=2548
+  _globals['_NANOSERVE']._serialized_start=2828
+  _globals['_NANOSERVE']._serialized_end=3155
 # @@protoc_insertion_point(module_scope)

@@ -13,6 +13,7 @@ from pathlib import Path
 from engine.generation_config import GENERATION_CONFIG_MODES
 from router.config import RouterConfig
 from router.policies import POLICY_NAMES
+from router.reasoning import REASONING_PARSERS
 from router.replica_pool import StartupError
 from router.server import Router
 
@@ -80,6 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--generation-config", choices=GENERATION_CONFIG_MODES, default="auto",
                    help="auto: the checkpoint's generation_config.json fills the sampling fields a request leaves "
                    "unset (temperature, top_p, top_k, min_p, repetition_penalty), as in vLLM; vllm: ignore it")
+    p.add_argument("--reasoning-parser", choices=REASONING_PARSERS,
+                   help="chat answers' reasoning apart from their reply (vLLM's flag): qwen3 returns the <think> span "
+                   "as reasoning_content (HTTP) / reasoning_text (gRPC); off without it")
     p.add_argument("--max-queued-per-replica", type=int, default=DEFAULTS.max_queued_per_replica,
                    help="requests waiting in one replica before it refuses more (RESOURCE_EXHAUSTED)")
     p.add_argument("--drain-timeout", type=float, default=DEFAULTS.drain_timeout_s,
@@ -134,6 +138,7 @@ def parse_args(argv: list[str] | None = None) -> RouterConfig:
             metrics_port=None if args.metrics_port < 0 else args.metrics_port,
             max_queued_per_replica=args.max_queued_per_replica, drain_timeout_s=args.drain_timeout,
             stall_timeout_s=args.stall_timeout, batch_invariant=args.batch_invariant,
+            reasoning_parser=args.reasoning_parser,
             max_stream_buffer_tokens=args.max_stream_buffer_tokens,
             stalled_stream_timeout_s=args.stalled_stream_timeout,
             replica_prefix=args.replica_prefix, api_keys=read_api_keys(args.api_key_file) if args.api_key_file else (),

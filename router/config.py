@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from router.policies import POLICY_NAMES
+from router.reasoning import REASONING_PARSERS
 from worker.replica import DRAIN_TIMEOUT_S
 
 NAMESPACE = "nanoserve"
@@ -20,6 +21,8 @@ class RouterConfig:
     # Batch-invariant numerics (LLMEngine's batch_invariant), so a request moved to another replica continues
     # exactly; None: on for replicas on GPUs (CPU replicas are invariant anyway).
     batch_invariant: bool | None = None
+    # Chat answers' reasoning apart from their text (router/reasoning.py: "qwen3"); None: text as generated.
+    reasoning_parser: str | None = None
     policy: str = "prefix"
     # The prefix policy weighs cache affinity only among replicas whose load is at most
     # ratio x (the least load) + slack tokens; past that bound, load wins.
@@ -59,6 +62,9 @@ class RouterConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.reasoning_parser not in (None, *REASONING_PARSERS):
+            raise ValueError(f"reasoning_parser must be one of {', '.join(REASONING_PARSERS)}, got "
+                             f"{self.reasoning_parser!r}")
         if self.policy not in POLICY_NAMES:
             raise ValueError(f"policy must be one of {', '.join(POLICY_NAMES)}, got {self.policy!r}")
         if not self.prefix_imbalance_ratio >= 1:  # also refuses NaN

@@ -25,9 +25,12 @@ log = logging.getLogger(__name__)
 
 
 class ServingCore:
-    def __init__(self, pool: ReplicaPool, tokenizer: Tokenizer, info: EngineInfo, model_name: str) -> None:
+    def __init__(
+        self, pool: ReplicaPool, tokenizer: Tokenizer, info: EngineInfo, model_name: str,
+        reasoning_parser: str | None = None,
+    ) -> None:
         self.pool, self.tokenizer, self.info, self.model_name = pool, tokenizer, info, model_name
-        self.validator = RequestValidator(tokenizer, info)
+        self.validator = RequestValidator(tokenizer, info, reasoning_parser)
         self.draining = False  # set on shutdown: new requests get UNAVAILABLE, those in flight finish
         self._streams: set[_Stream] = set()  # requests being streamed, watched by `end_stalled_streams`
 

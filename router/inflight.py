@@ -12,6 +12,7 @@ import grpc
 from engine.tokenizer import Tokenizer
 from proto import nanoserve_pb2 as pb
 from router.errors import RequestFailed
+from router.reasoning import ReasoningSplitter
 from router.request_state import NEXT_STATES, RequestState
 from router.text_stream import TextStream
 from router.validation import PreparedRequest
@@ -36,6 +37,7 @@ class InFlightRequest:
         self.first_token_at: float | None = None
         self.writing_since: float | None = None  # time.monotonic() while the client is being sent a chunk
         self._text = TextStream(tokenizer, prepared.params.stop)
+        self._reasoning = ReasoningSplitter() if prepared.split_reasoning else None
         # Output the client has not taken yet, coalesced into one message: a reader that falls behind gets
         # fewer, larger chunks, and the router holds one message per request, whatever the lag.
         self._pending: pb.GenerateResponse | None = None
@@ -98,12 +100,14 @@ class InFlightRequest:
         if finish_reason is not None:
             text += self._text.finish()
             self.set_state(RequestState.DONE)
-        if not (text or delta.new_token_ids or self.done):
+        reasoning, text = self._reasoning.split(text, self.done) if self._reasoning else ("", text)
+        if not (text or reasoning or delta.new_token_ids or self.done):
             return False
         chunk = self._pending
         if chunk is None:
             chunk = self._pending = pb.GenerateResponse(request_id=self.request_id)
         chunk.text += text
+        chunk.reasoning_text += reasoning
         chunk.token_ids.extend(delta.new_token_ids)
         chunk.logprobs.extend(_logprobs(delta))
         self.num_pending_tokens += len(delta.new_token_ids)

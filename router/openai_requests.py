@@ -25,7 +25,7 @@ _COMMON_FIELDS = frozenset({"model", "max_tokens", *_NUMBER_FIELDS, *_INT_FIELDS
                             "allowed_token_ids"})
 _FIELDS: dict[Endpoint, frozenset[str]] = {
     "completions": _COMMON_FIELDS | {"prompt"},
-    "chat": _COMMON_FIELDS | {"messages", "max_completion_tokens", "top_logprobs"},
+    "chat": _COMMON_FIELDS | {"messages", "max_completion_tokens", "top_logprobs", "chat_template_kwargs"},
 }
 # Fields that change the answer but are not implemented here: accepted only at a value that changes nothing.
 _NO_OP_VALUES: dict[str, tuple[object, ...]] = {
@@ -37,7 +37,7 @@ _IGNORED_FIELDS = frozenset({"user", "metadata", "store", "service_tier"})  # th
 _MESSAGE_FIELDS = frozenset({"role", "content", "name"})
 # The shared validator's field names -> the body's, first match wins.
 _RENAMES = (("params.", ""), ("token_ids.ids", "prompt"), ("token_ids", "prompt"), ("text", "prompt"),
-            ("chat.messages", "messages"))
+            ("chat.messages", "messages"), ("chat.template_kwargs", "chat_template_kwargs"))
 
 
 class InvalidBody(ValueError):
@@ -71,6 +71,10 @@ def read_request(endpoint: Endpoint, body: object) -> ApiRequest:
     request = pb.GenerateRequest(request_id=uuid.uuid4().hex)
     if endpoint == "chat":
         request.chat.CopyFrom(_messages(given))
+        kwargs = given.get("chat_template_kwargs", {})
+        if not isinstance(kwargs, dict):
+            raise InvalidBody("chat_template_kwargs", f"must be an object, got {_json(kwargs)}")
+        request.chat.template_kwargs.update(kwargs)
     else:
         _prompt(given, request)
     logprobs = _sampling(endpoint, given, request.params)

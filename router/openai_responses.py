@@ -28,10 +28,10 @@ class Answer:
 
     def whole(self, chunks: Sequence[pb.GenerateResponse]) -> dict[str, Any]:
         """The answer of a request that did not stream, from all its chunks."""
-        text = "".join(c.text for c in chunks)
-        choice = self._choice(text, [lp for c in chunks for lp in c.logprobs], chunks[-1].finish_reason)
+        text, reasoning = "".join(c.text for c in chunks), "".join(c.reasoning_text for c in chunks)
+        choice = self._choice(text, [lp for c in chunks for lp in c.logprobs], chunks[-1].finish_reason, reasoning)
         if self.is_chat:
-            choice["message"] = {"role": "assistant", "content": choice.pop("delta")["content"]}
+            choice["message"] = {"role": "assistant", **choice.pop("delta")}
         return {**self._envelope("chat.completion" if self.is_chat else "text_completion"), "choices": [choice],
                 "usage": _usage(chunks[-1].usage)}
 
@@ -44,9 +44,9 @@ class Answer:
 
     def event(self, chunk: pb.GenerateResponse) -> dict[str, Any] | None:
         """The stream event of one chunk; None when it carries nothing (text held back, e.g. before a stop)."""
-        if not chunk.text and not chunk.logprobs and not chunk.finish_reason:
+        if not chunk.text and not chunk.reasoning_text and not chunk.logprobs and not chunk.finish_reason:
             return None
-        return self._event(self._choice(chunk.text, chunk.logprobs, chunk.finish_reason))
+        return self._event(self._choice(chunk.text, chunk.logprobs, chunk.finish_reason, chunk.reasoning_text))
 
     def usage_event(self, usage: pb.Usage) -> dict[str, Any]:
         """The stream's last event when stream_options.include_usage is set: no choice, the usage."""
@@ -66,11 +66,12 @@ class Answer:
         return {"id": self.id, "object": kind, "created": self.created, "model": self.model}
 
     def _choice(
-        self, text: str, logprobs: Sequence[pb.TokenLogprob], finish_reason: pb.FinishReason
+        self, text: str, logprobs: Sequence[pb.TokenLogprob], finish_reason: pb.FinishReason, reasoning: str = ""
     ) -> dict[str, Any]:
+        """`reasoning`: chat only, with the router's --reasoning-parser (vLLM's reasoning_content)."""
         choice: dict[str, Any] = {"index": 0}
         if self.is_chat:
-            choice["delta"] = {"content": text}
+            choice["delta"] = {"content": text, **({"reasoning_content": reasoning} if reasoning else {})}
             choice["logprobs"] = {"content": self._chat_logprobs(logprobs)} if self.api.logprobs else None
         else:
             choice["text"] = text

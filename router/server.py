@@ -60,7 +60,7 @@ class Router:
             self.metrics_port = self.metrics.serve(cfg.metrics_port, cfg.host)
         info = await self.pool.start()
         model_name = model_display_name(cfg.model)
-        self.core = ServingCore(self.pool, tokenizer, info, model_name)
+        self.core = ServingCore(self.pool, tokenizer, info, model_name, cfg.reasoning_parser)
         self.tasks.spawn(self.core.end_stalled_streams(), "stalled-streams")
         self.server = grpc.aio.server(interceptors=self._interceptors(), options=[
             ("grpc.max_receive_message_length", cfg.max_message_bytes),

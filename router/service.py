@@ -45,6 +45,7 @@ class NanoServeService(nanoserve_pb2_grpc.NanoServeServicer):
         response = pb.CompleteResponse()
         async for chunk in self.Generate(request, context):
             response.text += chunk.text
+            response.reasoning_text += chunk.reasoning_text
             response.token_ids.extend(chunk.token_ids)
             response.logprobs.extend(chunk.logprobs)
             if chunk.finish_reason:

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
+from google.protobuf import json_format
 from google.protobuf.message import DecodeError, Message
 
 from engine.block_hash import hash_blocks
@@ -56,11 +57,13 @@ class PreparedRequest:
     prompt_token_ids: list[int]
     params: SamplingParams  # always with a seed: a failed-over request resumes the same random stream
     prompt_hashes: list[int]  # block-hash chain of the prompt's full blocks, as the replicas' prefix caches hash it
+    split_reasoning: bool = False  # a chat answer whose reasoning goes apart from its text (router/reasoning.py)
 
 
 class RequestValidator:
-    def __init__(self, tokenizer: Tokenizer, info: EngineInfo) -> None:
-        self.tokenizer, self.info = tokenizer, info
+    def __init__(self, tokenizer: Tokenizer, info: EngineInfo, reasoning_parser: str | None = None) -> None:
+        """`reasoning_parser`: one of router/reasoning.py's REASONING_PARSERS, for chat prompts; None: none."""
+        self.tokenizer, self.info, self.reasoning_parser = tokenizer, info, reasoning_parser
 
     def prepare(
         self, request: pb.GenerateRequest | UndecodableRequest, max_tokens_to_context_end: bool = False
@@ -86,7 +89,9 @@ class RequestValidator:
                 raise e.within("params") from None
         if params.max_tokens > room:
             raise max_tokens_error(params.max_tokens, len(token_ids), max_model_len).within("params")
-        return PreparedRequest(request_id, token_ids, params, hash_blocks(token_ids, self.info.block_size))
+        split_reasoning = self.reasoning_parser is not None and request.WhichOneof("prompt") == "chat"
+        return PreparedRequest(request_id, token_ids, params, hash_blocks(token_ids, self.info.block_size),
+                               split_reasoning)
 
     def _prompt(self, request: pb.GenerateRequest) -> list[int]:
         kind = request.WhichOneof("prompt")
@@ -96,8 +101,9 @@ class RequestValidator:
             return self.tokenizer.encode(request.text)
         if kind == "chat":
             messages = [{"role": m.role, "content": m.content} for m in request.chat.messages]
+            kwargs = json_format.MessageToDict(request.chat.template_kwargs)
             try:  # the template may refuse messages too (Qwen's: "No user query found in messages.")
-                return self.tokenizer.encode(self.tokenizer.apply_chat_template(messages))
+                return self.tokenizer.encode(self.tokenizer.apply_chat_template(messages, template_kwargs=kwargs))
             except ValueError as e:  # engine/tokenizer.py's plain ValueError: "messages[0].role: unknown role ..."
                 field, _, message = str(e).partition(": ")
                 raise InvalidRequest(f"chat.{field}", message) from None

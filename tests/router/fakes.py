@@ -75,9 +75,9 @@ def serving_pool(num_replicas: int, policy: str = "least-load", **config: object
 
 
 def make_request(tokenizer: Tokenizer, name: str = "r", prompt: list[int] | None = None, max_tokens: int = 100,
-                 block_hashes: list[int] | None = None) -> InFlightRequest:
+                 block_hashes: list[int] | None = None, split_reasoning: bool = False) -> InFlightRequest:
     prepared = PreparedRequest(name, prompt or [1, 2, 3], SamplingParams(seed=1, max_tokens=max_tokens),
-                               block_hashes or [])
+                               block_hashes or [], split_reasoning)
     return InFlightRequest(prepared, tokenizer)
 
 

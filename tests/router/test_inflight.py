@@ -65,3 +65,26 @@ def test_a_request_moves_between_its_states_only_as_allowed(qwen_tokenizer: Toke
     paused.set_state(RequestState.PAUSED)
     with pytest.raises(AssertionError, match="paused -> running"):
         paused.set_state(RequestState.RUNNING)  # a paused request runs again only through a new placement
+
+
+def test_a_chat_answers_reasoning_goes_apart_from_its_text(qwen_tokenizer: Tokenizer) -> None:
+    """With the router's reasoning parser, Qwen3's <think> span (special tokens of their own) is sent as
+    reasoning_text, however the tokens arrive; the control: the same tokens without it are all text."""
+    tokens = qwen_tokenizer.encode("<think>\nTwo and two.\n</think>\n\nFour.")
+    assert 151667 in tokens and 151668 in tokens  # <think>, </think>
+
+    async def answer(split: bool) -> pb.GenerateResponse:
+        request = make_request(qwen_tokenizer, split_reasoning=split)
+        whole = pb.GenerateResponse()
+        for i in range(0, len(tokens), 2):
+            request.on_delta(delta(request, tokens[i : i + 2], finished=i + 2 >= len(tokens)), "a")
+            chunk = await request.next_chunk()
+            assert isinstance(chunk, pb.GenerateResponse)
+            whole.text += chunk.text
+            whole.reasoning_text += chunk.reasoning_text
+        return whole
+
+    split = asyncio.run(answer(True))
+    assert (split.reasoning_text, split.text) == ("\nTwo and two.\n", "\n\nFour.")
+    plain = asyncio.run(answer(False))
+    assert (plain.reasoning_text, plain.text) == ("", "<think>\nTwo and two.\n</think>\n\nFour.")

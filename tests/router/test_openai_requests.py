@@ -77,3 +77,11 @@ def test_logit_bias_and_allowed_token_ids_reach_the_request() -> None:
     body = {**PROMPT, "logit_bias": {"50256": -100, "7": 2.5}, "allowed_token_ids": [7, 9]}
     params = read_request("completions", body).generate.params
     assert dict(params.logit_bias) == {50256: -100.0, 7: 2.5} and list(params.allowed_token_ids) == [7, 9]
+
+
+def test_chat_template_kwargs_reach_the_chat_request() -> None:
+    request = read_request("chat", {**MESSAGES, "chat_template_kwargs": {"enable_thinking": False}})
+    assert dict(request.generate.chat.template_kwargs) == {"enable_thinking": False}
+    with pytest.raises(InvalidBody, match="^chat_template_kwargs: must be an object, got true$"):
+        read_request("chat", {**MESSAGES, "chat_template_kwargs": True})
+    assert invalid_body("chat", "chat.template_kwargs.messages", "x").param == "chat_template_kwargs.messages"

@@ -94,3 +94,22 @@ def test_unset_sampling_fields_take_the_replicas_defaults(qwen_tokenizer_dir: Pa
     params = check.prepare(token_request(3, top_p=0.5)).params
     assert (params.temperature, params.top_k, params.top_p) == (0.6, 20, 0.5)
     assert check.prepare(token_request(3, top_k=-1)).params.top_k == -1  # a field the request sets wins
+
+
+THINKING_TEMPLATE = ("{% for m in messages %}{{ m['content'] }}{% endfor %}"
+                     "{% if enable_thinking is defined and not enable_thinking %}<think></think>{% endif %}")
+
+
+def test_template_kwargs_reach_the_chat_template_and_reasoning_splits_chat_only(qwen_tokenizer_dir: Path) -> None:
+    hf = HFTokenizer.from_file(str(qwen_tokenizer_dir / "tokenizer.json"))
+    check = RequestValidator(Tokenizer(hf, frozenset({151645}), chat_template=THINKING_TEMPLATE), INFO, "qwen3")
+    request = chat_request("user")
+    thinking = check.prepare(request)
+    request.chat.template_kwargs.update({"enable_thinking": False})
+    not_thinking = check.prepare(request)
+    assert not_thinking.prompt_token_ids == thinking.prompt_token_ids + [151667, 151668]  # <think></think>
+    assert thinking.split_reasoning and not check.prepare(token_request(3)).split_reasoning
+    request.chat.template_kwargs.update({"messages": []})
+    with pytest.raises(InvalidRequest, match="^chat.template_kwargs.messages: set by the server, not by a request$"):
+        check.prepare(request)
+    assert not RequestValidator(check.tokenizer, INFO).prepare(chat_request("user")).split_reasoning
