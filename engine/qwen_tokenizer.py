@@ -33,14 +33,37 @@ ADDED_TOKENS: tuple[str, ...] = (
 NUM_SPECIAL_TOKENS = 14
 FIRST_ADDED_TOKEN_ID = 151643
 MODEL_MAX_LENGTH = 131072
+# The chat template, in the shape of Qwen3's (written for nanoserve, so the embedded model can try all of it):
+# ChatML turns; `tools` described in the system turn, a call as <tool_call> JSON, tool results as
+# <tool_response> blocks in one user turn; earlier answers without their <think> span; enable_thinking=false
+# closes an empty span before the answer starts.
 CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+    "{%- set system = messages[0]['content'] if messages[0]['role'] == 'system' else '' %}"
+    "{%- if tools %}"
+    "{{- '<|im_start|>system\\n' + (system + '\\n\\n' if system else '') + '# Tools\\n\\nFunctions you may call, as "
+    "JSON signatures:\\n<tools>' }}"
+    "{%- for tool in tools %}{{- '\\n' + tool | tojson }}{%- endfor %}"
+    "{{- '\\n</tools>\\n\\nTo call one, answer with its name and arguments as a JSON object between tags:\\n"
+    "<tool_call>\\n{\"name\": <function name>, \"arguments\": <arguments object>}\\n</tool_call><|im_end|>\\n' }}"
+    "{%- elif system %}{{- '<|im_start|>system\\n' + system + '<|im_end|>\\n' }}"
+    "{%- endif %}"
+    "{%- for message in messages %}"
+    "{%- if message['role'] == 'tool' %}"
+    "{%- if loop.first or messages[loop.index0 - 1]['role'] != 'tool' %}{{- '<|im_start|>user' }}{%- endif %}"
+    "{{- '\\n<tool_response>\\n' + message['content'] + '\\n</tool_response>' }}"
+    "{%- if loop.last or messages[loop.index0 + 1]['role'] != 'tool' %}{{- '<|im_end|>\\n' }}{%- endif %}"
+    "{%- elif message['role'] == 'assistant' %}"
+    "{{- '<|im_start|>assistant\\n' + message['content'].split('</think>')[-1].lstrip('\\n') + '<|im_end|>\\n' }}"
+    "{%- elif not (loop.first and message['role'] == 'system') %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}"
+    "{%- if enable_thinking is defined and not enable_thinking %}{{- '<think>\\n\\n</think>\\n\\n' }}{%- endif %}"
+    "{%- endif %}"
 )
 # Bump when the files written below change, so stale caches are rebuilt under a new name.
-CACHE_FOLDER = "qwen-tokenizer-v1"
+CACHE_FOLDER = "qwen-tokenizer-v2"
 
 
 def load_qwen_ranks() -> dict[bytes, int]:

@@ -76,14 +76,20 @@ def test_unknown_eos_token(tmp_path: Path, qwen_tokenizer_dir: Path) -> None:
 
 
 def test_chat_template(qwen_tokenizer: Tokenizer) -> None:
+    """The embedded template, Qwen3's shape: tool results in a user turn, an earlier answer's <think> span dropped,
+    enable_thinking=false closing an empty span up front."""
     expected = (
         "<|im_start|>system\nYou are terse.<|im_end|>\n"
         "<|im_start|>user\n2+2?<|im_end|>\n"
         "<|im_start|>assistant\n4<|im_end|>\n"
-        '<|im_start|>tool\n{"ok": true}<|im_end|>\n'
+        '<|im_start|>user\n<tool_response>\n{"ok": true}\n</tool_response><|im_end|>\n'
     )
     assert qwen_tokenizer.apply_chat_template(CONVERSATION, add_generation_prompt=False) == expected
     assert qwen_tokenizer.apply_chat_template(CONVERSATION) == expected + "<|im_start|>assistant\n"
+    thought = [*CONVERSATION[:2], {"role": "assistant", "content": "<think>\nadd\n</think>\n\n4"}, CONVERSATION[3]]
+    assert qwen_tokenizer.apply_chat_template(thought, add_generation_prompt=False) == expected
+    off = qwen_tokenizer.apply_chat_template(CONVERSATION, template_kwargs={"enable_thinking": False})
+    assert off == expected + "<|im_start|>assistant\n<think>\n\n</think>\n\n"
 
 
 def test_chat_template_list_form_takes_default(tmp_path: Path, qwen_tokenizer_dir: Path) -> None:

@@ -30,7 +30,7 @@ GREEDY: dict[str, Any] = dict(temperature=0.0, extra_body={"ignore_eos": True})
 
 @pytest.fixture(scope="module")
 def router(start_module_router: Callable[..., RouterThread]) -> RouterThread:
-    return start_module_router(num_replicas=2, model=str(default_model_dir()), http_port=0)
+    return start_module_router(num_replicas=2, model=str(default_model_dir()), http_port=0, reasoning_parser="qwen3")
 
 
 @pytest.fixture(scope="module")
@@ -101,6 +101,30 @@ def test_logit_bias_forces_a_token_and_an_allow_list_bounds_the_draw(
     via_http = client.completions.create(model=model, prompt=PROMPT, max_tokens=8, temperature=1.5, seed=2,
                                          extra_body={"ignore_eos": True, "allowed_token_ids": allowed})
     assert via_http.choices[0].text == answer.text
+
+
+def test_chat_template_kwargs_and_the_reasoning_split(router: RouterThread, client: openai.OpenAI, model: str) -> None:
+    """enable_thinking=false reaches the embedded Qwen3-style template (its prompt closes an empty <think> span:
+    4 more tokens); an answer that opens a <think> span (forced here with logit_bias) comes back as
+    reasoning_content, whole and streamed alike, and the same request over gRPC as reasoning_text."""
+    def prompt_tokens(**template_kwargs: Any) -> int:
+        answer = client.chat.completions.create(model=model, messages=MESSAGES, max_tokens=1, temperature=0.0,
+                                                extra_body={"chat_template_kwargs": template_kwargs})
+        assert answer.usage is not None
+        return answer.usage.prompt_tokens
+
+    assert prompt_tokens(enable_thinking=False) == prompt_tokens() + 4  # <think>, "\n\n", </think>, "\n\n"
+    think = {"151667": 100}  # <think>: the answer opens a span and stays in it
+    answer = client.chat.completions.create(model=model, messages=MESSAGES, max_tokens=3, logit_bias=think, **GREEDY)
+    message = answer.choices[0].message.model_dump()
+    assert (message["content"], message["reasoning_content"]) == ("", "<think><think>")
+    chunks = client.chat.completions.create(model=model, messages=MESSAGES, max_tokens=3, logit_bias=think,
+                                            stream=True, **GREEDY)
+    deltas = [chunk.choices[0].delta.model_dump() for chunk in chunks if chunk.choices]
+    assert "".join(d.get("reasoning_content") or "" for d in deltas) == "<think><think>"
+    assert "".join(d.get("content") or "" for d in deltas) == ""
+    grpc_answer = grpc_complete(router, list(MESSAGES), max_tokens=3, logit_bias={151667: 100.0}, temperature=0.0)
+    assert (grpc_answer.reasoning_text, grpc_answer.text) == ("<think><think>", "")
 
 
 def test_streamed_completion_is_the_whole_one_in_pieces(client: openai.OpenAI, model: str) -> None:
