@@ -14,6 +14,8 @@ from jinja2.ext import loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as HFTokenizer
 
+from engine.sampling_params import InvalidRequest
+
 log = logging.getLogger(__name__)
 
 CHAT_ROLES = frozenset({"system", "user", "assistant", "tool"})
@@ -62,7 +64,7 @@ def _chat_template_source(model_dir: Path, config: dict[str, Any]) -> str | None
 
 
 def _raise_exception(message: str) -> NoReturn:
-    raise ValueError(f"messages: {message}")
+    raise InvalidRequest("messages", message)
 
 
 def _tojson(
@@ -85,20 +87,20 @@ def _compile_chat_template(source: str) -> Template:
 
 
 def validate_messages(messages: list[dict[str, str]]) -> None:
-    """Check chat messages; raise ValueError naming the bad field, e.g. `messages[2].role`."""
+    """Check chat messages; raise InvalidRequest (a ValueError) naming the bad field, e.g. `messages[2].role`."""
     # ValueError, not TypeError, for wrong types too: this is request input (INVALID_ARGUMENT).
     if not isinstance(messages, list) or not messages:
-        raise ValueError("messages: must be a non-empty list")
+        raise InvalidRequest("messages", "must be a non-empty list")
     for i, message in enumerate(messages):
         if not isinstance(message, dict):
-            raise ValueError(f"messages[{i}]: must be a dict, got {type(message).__name__}")
+            raise InvalidRequest(f"messages[{i}]", f"must be a dict, got {type(message).__name__}")
         role = message.get("role")
         if not isinstance(role, str):
-            raise ValueError(f"messages[{i}].role: must be a string")
+            raise InvalidRequest(f"messages[{i}].role", "must be a string")
         if role not in CHAT_ROLES:
-            raise ValueError(f"messages[{i}].role: unknown role {role!r}")
+            raise InvalidRequest(f"messages[{i}].role", f"unknown role {role!r}")
         if not isinstance(message.get("content"), str):
-            raise ValueError(f"messages[{i}].content: must be a string")
+            raise InvalidRequest(f"messages[{i}].content", "must be a string")
 
 
 class Tokenizer:
@@ -169,11 +171,12 @@ class Tokenizer:
         """Render chat `messages` into the prompt text, ending with the assistant header if asked.
         `template_kwargs`: more variables for the template (Qwen3's `enable_thinking`), vLLM's chat_template_kwargs."""
         if self._chat_template is None:
-            raise ValueError("messages: the model has no chat template (its checkpoint ships none); send text instead")
+            raise InvalidRequest("messages", "the model has no chat template (its checkpoint ships none); send text "
+                                 "instead")
         validate_messages(messages)
         variables = dict(messages=messages, add_generation_prompt=add_generation_prompt,
                          bos_token=self._bos_token or "", eos_token=self._eos_token or "", tools=None)
         template_kwargs = template_kwargs or {}
         for name in template_kwargs.keys() & variables.keys():
-            raise ValueError(f"template_kwargs.{name}: set by the server, not by a request")
+            raise InvalidRequest(f"template_kwargs.{name}", "set by the server, not by a request")
         return self._chat_template.render(**variables, **template_kwargs)

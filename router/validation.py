@@ -104,9 +104,8 @@ class RequestValidator:
             kwargs = json_format.MessageToDict(request.chat.template_kwargs)
             try:  # the template may refuse messages too (Qwen's: "No user query found in messages.")
                 return self.tokenizer.encode(self.tokenizer.apply_chat_template(messages, template_kwargs=kwargs))
-            except ValueError as e:  # engine/tokenizer.py's plain ValueError: "messages[0].role: unknown role ..."
-                field, _, message = str(e).partition(": ")
-                raise InvalidRequest(f"chat.{field}", message) from None
+            except InvalidRequest as e:  # "messages[0].role: unknown role ..."
+                raise e.within("chat") from None
         if kind == "token_ids":
             ids = list(request.token_ids.ids)
             if not ids:
