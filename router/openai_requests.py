@@ -186,13 +186,10 @@ def _logit_bias(value: object) -> dict[int, float]:
     if not isinstance(value, dict):
         raise InvalidBody("logit_bias", f"must be an object of token id -> bias, got {_json(value)}")
     bias = {}
-    for key, number in value.items():
+    for key in value:
         if not key.isdecimal() or int(key) not in _INT64:
             raise InvalidBody("logit_bias", f"keys must be token ids (decimal integers), got {_json(key)}")
-        number = value[key]
-        if isinstance(number, bool) or not isinstance(number, (int, float)) or not math.isfinite(number):
-            raise InvalidBody(f"logit_bias[{key}]", f"must be a finite number, got {_json(number)}")
-        bias[int(key)] = float(number)
+        bias[int(key)] = _number(value, key, f"logit_bias[{key}]")
     return bias
 
 
@@ -237,11 +234,12 @@ def _include_usage(given: dict[str, Any], stream: bool) -> bool:
     return _bool(options, "include_usage", "stream_options.include_usage") if "include_usage" in options else False
 
 
-def _number(given: dict[str, Any], name: str) -> float:
+def _number(given: dict[str, Any], name: str, param: str | None = None) -> float:
+    """given[name] as a float; `param` names it in the error (default: `name`)."""
     value = given[name]
     # Python's json module reads NaN and Infinity, which JSON itself has no spelling for.
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise InvalidBody(name, f"must be a finite number, got {_json(value)}")
+        raise InvalidBody(param or name, f"must be a finite number, got {_json(value)}")
     return float(value)
 
 

@@ -9,6 +9,8 @@ the client is sent, so a failed-over stream splits exactly as an undisturbed one
 
 from __future__ import annotations
 
+from router.text_stream import held_back
+
 REASONING_PARSERS = ("qwen3",)
 THINK_START, THINK_END = "<think>", "</think>"
 
@@ -37,14 +39,7 @@ class ReasoningSplitter:
         if end >= 0:
             self._state = "content"
             return text[:end], text[end + len(THINK_END):]
-        held = 0 if final else _tag_prefix_at_end(text, THINK_END)
+        held = 0 if final else held_back(text, (THINK_END,))
         self._held = text[len(text) - held:] if held else ""
         return text[: len(text) - held], ""
 
-
-def _tag_prefix_at_end(text: str, tag: str) -> int:
-    """Length of the longest end of `text` that is a proper prefix of `tag`."""
-    for n in range(min(len(text), len(tag) - 1), 0, -1):
-        if tag.startswith(text[-n:]):
-            return n
-    return 0

@@ -47,7 +47,7 @@ class TextStream:
                 self.hit_stop = True
                 end = min(hits)
             elif not final:
-                end -= _held_back(tail, self._stop)
+                end -= held_back(tail, self._stop)
         chunk = tail[self._num_sent_in_tail : end]
         if self.hit_stop:  # nothing after the stop string is ever sent
             self._tail, self._num_sent_in_tail = "", 0
@@ -57,7 +57,7 @@ class TextStream:
         return chunk
 
 
-def _held_back(text: str, stop: tuple[str, ...]) -> int:
+def held_back(text: str, stop: tuple[str, ...]) -> int:
     """Length of the longest tail of `text` that is a proper prefix of some stop string."""
     for n in range(min(len(text), max(map(len, stop)) - 1), 0, -1):
         tail = text[-n:]

@@ -120,14 +120,8 @@ class RequestValidator:
     def _params(self, message: pb.SamplingParams) -> SamplingParams:
         # Every field is optional or repeated: the fields set are those the client gave (a repeated one non-empty).
         given = {**self.info.sampling_defaults, **{field.name: value for field, value in message.ListFields()}}
-        if "stop" in given:
-            given["stop"] = tuple(given["stop"])
-        if "stop_token_ids" in given:
-            given["stop_token_ids"] = tuple(given["stop_token_ids"])
-        if "logit_bias" in given:
-            given["logit_bias"] = dict(given["logit_bias"])
-        if "allowed_token_ids" in given:
-            given["allowed_token_ids"] = tuple(given["allowed_token_ids"])
+        for name in given.keys() & {"stop", "stop_token_ids", "allowed_token_ids", "logit_bias"}:
+            given[name] = dict(given[name]) if name == "logit_bias" else tuple(given[name])  # protobuf's containers
         given.setdefault("seed", random.getrandbits(63))
         try:
             params = SamplingParams.from_kwargs(**given)
