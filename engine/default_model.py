@@ -33,7 +33,7 @@ QWEN3_0_6B = dict(
     vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
     num_attention_heads=16, num_key_value_heads=8, head_dim=128, tie_word_embeddings=True,
 )
-DEFAULT_MODEL_NAME = "tiny-random-qwen3-v3"
+DEFAULT_MODEL_NAME = "tiny-random-qwen3-v4"
 
 
 def default_model_dir() -> Path:

@@ -35,8 +35,8 @@ FIRST_ADDED_TOKEN_ID = 151643
 MODEL_MAX_LENGTH = 131072
 # The chat template, in the shape of Qwen3's (written for nanoserve, so the embedded model can try all of it):
 # ChatML turns; `tools` described in the system turn, a call as <tool_call> JSON, tool results as
-# <tool_response> blocks in one user turn; earlier answers without their <think> span; enable_thinking=false
-# closes an empty span before the answer starts.
+# <tool_response> blocks in one user turn; an earlier answer's calls as <tool_call> JSON (their arguments
+# objects, not text), without its <think> span; enable_thinking=false closes an empty span before the answer starts.
 CHAT_TEMPLATE = (
     "{%- set system = messages[0]['content'] if messages[0]['role'] == 'system' else '' %}"
     "{%- if tools %}"
@@ -53,7 +53,14 @@ CHAT_TEMPLATE = (
     "{{- '\\n<tool_response>\\n' + message['content'] + '\\n</tool_response>' }}"
     "{%- if loop.last or messages[loop.index0 + 1]['role'] != 'tool' %}{{- '<|im_end|>\\n' }}{%- endif %}"
     "{%- elif message['role'] == 'assistant' %}"
-    "{{- '<|im_start|>assistant\\n' + message['content'].split('</think>')[-1].lstrip('\\n') + '<|im_end|>\\n' }}"
+    "{%- set content = message['content'].split('</think>')[-1].lstrip('\\n') %}"
+    "{{- '<|im_start|>assistant\\n' + content }}"
+    "{%- for call in message['tool_calls'] or [] %}"
+    "{{- ('\\n' if content or not loop.first else '') + '<tool_call>\\n' }}"
+    "{{- {'name': call['function']['name'], 'arguments': call['function']['arguments']} | tojson }}"
+    "{{- '\\n</tool_call>' }}"
+    "{%- endfor %}"
+    "{{- '<|im_end|>\\n' }}"
     "{%- elif not (loop.first and message['role'] == 'system') %}"
     "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
     "{%- endif %}"
@@ -63,7 +70,7 @@ CHAT_TEMPLATE = (
     "{%- endif %}"
 )
 # Bump when the files written below change, so stale caches are rebuilt under a new name.
-CACHE_FOLDER = "qwen-tokenizer-v2"
+CACHE_FOLDER = "qwen-tokenizer-v3"
 
 
 def load_qwen_ranks() -> dict[bytes, int]:

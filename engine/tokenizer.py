@@ -86,7 +86,7 @@ def _compile_chat_template(source: str) -> Template:
     return env.from_string(source)
 
 
-def validate_messages(messages: list[dict[str, str]]) -> None:
+def validate_messages(messages: list[dict[str, Any]]) -> None:
     """Check chat messages; raise InvalidRequest (a ValueError) naming the bad field, e.g. `messages[2].role`."""
     # ValueError, not TypeError, for wrong types too: this is request input (INVALID_ARGUMENT).
     if not isinstance(messages, list) or not messages:
@@ -165,17 +165,20 @@ class Tokenizer:
         return self._hf.decode(list(token_ids), skip_special_tokens=skip_special_tokens)
 
     def apply_chat_template(
-        self, messages: list[dict[str, str]], add_generation_prompt: bool = True,
-        template_kwargs: Mapping[str, object] | None = None,
+        self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
+        template_kwargs: Mapping[str, object] | None = None, tools: list[dict[str, Any]] | None = None,
     ) -> str:
         """Render chat `messages` into the prompt text, ending with the assistant header if asked.
-        `template_kwargs`: more variables for the template (Qwen3's `enable_thinking`), vLLM's chat_template_kwargs."""
+        `template_kwargs`: more variables for the template (Qwen3's `enable_thinking`), vLLM's chat_template_kwargs.
+        `tools`: the functions the model may call, as transformers passes them ({"type": "function", "function":
+        {"name", "description", "parameters"}}); an assistant message's `tool_calls` and a tool message's
+        `tool_call_id` reach the template as given."""
         if self._chat_template is None:
             raise InvalidRequest("messages", "the model has no chat template (its checkpoint ships none); send text "
                                  "instead")
         validate_messages(messages)
         variables = dict(messages=messages, add_generation_prompt=add_generation_prompt,
-                         bos_token=self._bos_token or "", eos_token=self._eos_token or "", tools=None)
+                         bos_token=self._bos_token or "", eos_token=self._eos_token or "", tools=tools or None)
         template_kwargs = template_kwargs or {}
         for name in template_kwargs.keys() & variables.keys():
             raise InvalidRequest(f"template_kwargs.{name}", "set by the server, not by a request")

@@ -15,6 +15,7 @@ from router.errors import RequestFailed
 from router.reasoning import ReasoningSplitter
 from router.request_state import NEXT_STATES, RequestState
 from router.text_stream import TextStream
+from router.tool_calls import ToolCallParser
 from router.validation import PreparedRequest
 from worker.messages import RequestDelta, RequestSpec
 
@@ -38,6 +39,7 @@ class InFlightRequest:
         self.writing_since: float | None = None  # time.monotonic() while the client is being sent a chunk
         self._text = TextStream(tokenizer, prepared.params.stop)
         self._reasoning = ReasoningSplitter() if prepared.split_reasoning else None
+        self._tool_calls = ToolCallParser() if prepared.parse_tool_calls else None  # parses the reply, not reasoning
         # Output the client has not taken yet, coalesced into one message: a reader that falls behind gets
         # fewer, larger chunks, and the router holds one message per request, whatever the lag.
         self._pending: pb.GenerateResponse | None = None
@@ -101,13 +103,15 @@ class InFlightRequest:
             text += self._text.finish()
             self.set_state(RequestState.DONE)
         reasoning, text = self._reasoning.split(text, self.done) if self._reasoning else ("", text)
-        if not (text or reasoning or delta.new_token_ids or self.done):
+        text, tool_calls = self._tool_calls.parse(text, self.done) if self._tool_calls else (text, [])
+        if not (text or reasoning or tool_calls or delta.new_token_ids or self.done):
             return False
         chunk = self._pending
         if chunk is None:
             chunk = self._pending = pb.GenerateResponse(request_id=self.request_id)
         chunk.text += text
         chunk.reasoning_text += reasoning
+        chunk.tool_calls.extend(tool_calls)
         chunk.token_ids.extend(delta.new_token_ids)
         chunk.logprobs.extend(_logprobs(delta))
         self.num_pending_tokens += len(delta.new_token_ids)

@@ -25,19 +25,22 @@ _COMMON_FIELDS = frozenset({"model", "max_tokens", *_NUMBER_FIELDS, *_INT_FIELDS
                             "allowed_token_ids"})
 _FIELDS: dict[Endpoint, frozenset[str]] = {
     "completions": _COMMON_FIELDS | {"prompt"},
-    "chat": _COMMON_FIELDS | {"messages", "max_completion_tokens", "top_logprobs", "chat_template_kwargs"},
+    "chat": _COMMON_FIELDS | {"messages", "max_completion_tokens", "top_logprobs", "chat_template_kwargs", "tools",
+                              "tool_choice"},
 }
-# Fields that change the answer but are not implemented here: accepted only at a value that changes nothing.
+# Fields that change the answer but are not implemented here (tools: by completions): accepted only at a value
+# that changes nothing.
 _NO_OP_VALUES: dict[str, tuple[object, ...]] = {
     "best_of": (1,), "echo": (False,),
     "suffix": ("",), "tools": ([],), "functions": ([],), "tool_choice": ("none", "auto"),
     "parallel_tool_calls": (True, False), "response_format": ({"type": "text"},),
 }
 _IGNORED_FIELDS = frozenset({"user", "metadata", "store", "service_tier"})  # they do not change the answer
-_MESSAGE_FIELDS = frozenset({"role", "content", "name"})
+_MESSAGE_FIELDS = frozenset({"role", "content", "name", "tool_calls", "tool_call_id"})
 # The shared validator's field names -> the body's, first match wins.
 _RENAMES = (("params.", ""), ("token_ids.ids", "prompt"), ("token_ids", "prompt"), ("text", "prompt"),
-            ("chat.messages", "messages"), ("chat.template_kwargs", "chat_template_kwargs"))
+            ("chat.messages", "messages"), ("chat.template_kwargs", "chat_template_kwargs"), ("chat.tools", "tools"),
+            ("chat.tool_choice", "tool_choice"))
 
 
 class InvalidBody(ValueError):
@@ -75,6 +78,7 @@ def read_request(endpoint: Endpoint, body: object) -> ApiRequest:
         if not isinstance(kwargs, dict):
             raise InvalidBody("chat_template_kwargs", f"must be an object, got {_json(kwargs)}")
         request.chat.template_kwargs.update(kwargs)
+        _tools(given, request.chat)
     else:
         _prompt(given, request)
     logprobs = _sampling(endpoint, given, request.params)
@@ -90,11 +94,20 @@ def invalid_body(endpoint: Endpoint, field: str, message: str) -> InvalidBody:
     """The validator's error about a GenerateRequest field, about the body's field instead."""
     for old, new in _RENAMES:
         if field.startswith(old):
-            field = new + field[len(old):]
+            field = _in_function(new + field[len(old):])
             break
     if endpoint == "chat" and field.startswith("prompt"):
         field = "messages" + field[len("prompt"):]
     return InvalidBody(field, message)
+
+
+def _in_function(field: str) -> str:
+    """A Tool's or ToolCall's field as the body nests it: `tools[0].name` -> `tools[0].function.name`."""
+    parts = field.split(".")
+    for i in range(len(parts) - 1, 0, -1):
+        if parts[i - 1].startswith(("tools[", "tool_calls[")):
+            parts.insert(i, "function")
+    return ".".join(parts)
 
 
 def _check_fields(endpoint: Endpoint, body: dict[str, Any]) -> None:
@@ -133,18 +146,65 @@ def _messages(given: dict[str, Any]) -> pb.ChatMessages:
         if not isinstance(message, dict):
             raise InvalidBody(f"messages[{i}]", "must be an object with role and content")
         for name in message.keys() - _MESSAGE_FIELDS:
-            raise InvalidBody(f"messages[{i}].{name}", "not supported by this server (messages take role and "
-                              "content; tool calls are not supported)")
+            raise InvalidBody(f"messages[{i}].{name}", "not supported by this server (messages take role, content, "
+                              "name, tool_calls and tool_call_id)")
         role = _str(message, "role", f"messages[{i}].role")
-        chat.messages.add(role="system" if role == "developer" else role, content=_content(message, i))
+        added = chat.messages.add(role="system" if role == "developer" else role, content=_content(message, i))
+        if message.get("tool_call_id") is not None:
+            added.tool_call_id = _str(message, "tool_call_id", f"messages[{i}].tool_call_id")
+        for j, call in enumerate(_list(message, "tool_calls", f"messages[{i}].tool_calls")):
+            added.tool_calls.append(_tool_call(call, f"messages[{i}].tool_calls[{j}]"))
     return chat
 
 
+def _tools(given: dict[str, Any], chat: pb.ChatMessages) -> None:
+    """OpenAI's function tools and tool_choice (a mode, or {"type": "function", "function": {"name": ...}})."""
+    for i, tool in enumerate(_list(given, "tools")):
+        field = f"tools[{i}]"
+        if not isinstance(tool, dict) or tool.get("type") != "function" or not isinstance(tool.get("function"), dict):
+            raise InvalidBody(field, 'must be {"type": "function", "function": {"name": ...}}')
+        function = tool["function"]
+        for name in function.keys() - {"name", "description", "parameters", "strict"}:
+            raise InvalidBody(f"{field}.function.{name}", "unknown field (functions take name, description, "
+                              "parameters and strict)")
+        if function.get("strict"):
+            raise InvalidBody(f"{field}.function.strict", "true needs structured output, which tool calls do not use "
+                              "yet")
+        added = chat.tools.add(name=_str(function, "name", f"{field}.function.name"))
+        if function.get("description") is not None:
+            added.description = _str(function, "description", f"{field}.function.description")
+        if function.get("parameters") is not None:
+            if not isinstance(function["parameters"], dict):
+                raise InvalidBody(f"{field}.function.parameters", "must be a JSON Schema object")
+            added.parameters.update(function["parameters"])
+    choice = given.get("tool_choice")
+    if isinstance(choice, str):
+        chat.tool_choice.mode = choice
+    elif isinstance(choice, dict) and choice.get("type") == "function" and isinstance(choice.get("function"), dict):
+        chat.tool_choice.function_name = _str(choice["function"], "name", "tool_choice.function.name")
+    elif choice is not None:
+        raise InvalidBody("tool_choice", f'must be "auto", "none", "required" or {{"type": "function", "function": '
+                          f'{{"name": ...}}}}, got {_json(choice)}')
+
+
+def _tool_call(call: object, field: str) -> pb.ToolCall:
+    """One of an assistant message's tool_calls: {"id", "type": "function", "function": {"name", "arguments"}}."""
+    if not isinstance(call, dict) or call.get("type", "function") != "function" or not isinstance(
+            call.get("function"), dict):
+        raise InvalidBody(field, 'must be {"id": ..., "type": "function", "function": {"name": ..., "arguments": ...}}')
+    function = call["function"]
+    return pb.ToolCall(id=_str(call, "id", f"{field}.id") if "id" in call else "",
+                       name=_str(function, "name", f"{field}.function.name"),
+                       arguments=_str(function, "arguments", f"{field}.function.arguments"))
+
+
 def _content(message: dict[str, Any], i: int) -> str:
-    """A message's text: a string, or a list of text parts (joined by newlines)."""
+    """A message's text: a string, or a list of text parts (joined by newlines); none for an assistant's calls."""
     content = message.get("content")
     if isinstance(content, str):
         return content
+    if content is None and message.get("tool_calls"):
+        return ""
     if not isinstance(content, list):
         raise InvalidBody(f"messages[{i}].content", "must be a string or a list of text parts")
     texts = []
@@ -268,6 +328,16 @@ def _strs(given: dict[str, Any], name: str) -> list[str]:
     value = given[name]
     if not isinstance(value, list) or not all(isinstance(s, str) for s in value):
         raise InvalidBody(name, "must be a string or a list of strings")
+    return value
+
+
+def _list(given: dict[str, Any], name: str, param: str | None = None) -> list[Any]:
+    """given[name] as a list; [] when unset or null."""
+    value = given.get(name)
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise InvalidBody(param or name, f"must be a list, got {_json(value)}")
     return value
 
 

@@ -25,13 +25,20 @@ class Answer:
         self.id = ("chatcmpl-" if self.is_chat else "cmpl-") + api.generate.request_id
         self.created = int(time.time())
         self._text_offset = 0  # completions' logprobs.text_offset: characters of the answer before a token
+        self._num_tool_calls = 0  # sent so far: a streamed call's index
 
     def whole(self, chunks: Sequence[pb.GenerateResponse]) -> dict[str, Any]:
         """The answer of a request that did not stream, from all its chunks."""
         text, reasoning = "".join(c.text for c in chunks), "".join(c.reasoning_text for c in chunks)
-        choice = self._choice(text, [lp for c in chunks for lp in c.logprobs], chunks[-1].finish_reason, reasoning)
+        calls = [call for c in chunks for call in c.tool_calls]
+        choice = self._choice(text, [lp for c in chunks for lp in c.logprobs], chunks[-1].finish_reason, reasoning,
+                              calls)
         if self.is_chat:
             choice["message"] = {"role": "assistant", **choice.pop("delta")}
+            if calls:  # as OpenAI answers a call: the message's text, if it has none, is null
+                choice["message"]["content"] = text or None
+                for call in choice["message"]["tool_calls"]:
+                    del call["index"]  # only a streamed call (a delta) says where it goes
         return {**self._envelope("chat.completion" if self.is_chat else "text_completion"), "choices": [choice],
                 "usage": _usage(chunks[-1].usage)}
 
@@ -44,9 +51,10 @@ class Answer:
 
     def event(self, chunk: pb.GenerateResponse) -> dict[str, Any] | None:
         """The stream event of one chunk; None when it carries nothing (text held back, e.g. before a stop)."""
-        if not chunk.text and not chunk.reasoning_text and not chunk.logprobs and not chunk.finish_reason:
+        if not (chunk.text or chunk.reasoning_text or chunk.tool_calls or chunk.logprobs or chunk.finish_reason):
             return None
-        return self._event(self._choice(chunk.text, chunk.logprobs, chunk.finish_reason, chunk.reasoning_text))
+        return self._event(self._choice(chunk.text, chunk.logprobs, chunk.finish_reason, chunk.reasoning_text,
+                                        chunk.tool_calls))
 
     def usage_event(self, usage: pb.Usage) -> dict[str, Any]:
         """The stream's last event when stream_options.include_usage is set: no choice, the usage."""
@@ -66,18 +74,29 @@ class Answer:
         return {"id": self.id, "object": kind, "created": self.created, "model": self.model}
 
     def _choice(
-        self, text: str, logprobs: Sequence[pb.TokenLogprob], finish_reason: pb.FinishReason, reasoning: str = ""
+        self, text: str, logprobs: Sequence[pb.TokenLogprob], finish_reason: pb.FinishReason, reasoning: str = "",
+        tool_calls: Sequence[pb.ToolCall] = (),
     ) -> dict[str, Any]:
-        """`reasoning`: chat only, with the router's --reasoning-parser (vLLM's reasoning_content)."""
+        """`reasoning`: chat only, with the router's --reasoning-parser (vLLM's reasoning_content). `tool_calls`:
+        chat only, the calls parsed from the answer (each whole, with its index in the answer)."""
         choice: dict[str, Any] = {"index": 0}
         if self.is_chat:
             choice["delta"] = {"content": text, **({"reasoning_content": reasoning} if reasoning else {})}
+            if tool_calls:
+                choice["delta"]["tool_calls"] = [self._tool_call(call) for call in tool_calls]
             choice["logprobs"] = {"content": self._chat_logprobs(logprobs)} if self.api.logprobs else None
         else:
             choice["text"] = text
             choice["logprobs"] = self._completion_logprobs(logprobs) if self.api.logprobs else None
         choice["finish_reason"] = FINISH_REASONS.get(finish_reason)
+        if finish_reason == pb.FINISH_REASON_STOP and self._num_tool_calls:
+            choice["finish_reason"] = "tool_calls"  # the model stopped after calling
         return choice
+
+    def _tool_call(self, call: pb.ToolCall) -> dict[str, Any]:
+        self._num_tool_calls += 1
+        return {"index": self._num_tool_calls - 1, "id": call.id, "type": "function",
+                "function": {"name": call.name, "arguments": call.arguments}}
 
     def _token(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id], skip_special_tokens=False)

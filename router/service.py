@@ -46,6 +46,7 @@ class NanoServeService(nanoserve_pb2_grpc.NanoServeServicer):
         async for chunk in self.Generate(request, context):
             response.text += chunk.text
             response.reasoning_text += chunk.reasoning_text
+            response.tool_calls.extend(chunk.tool_calls)
             response.token_ids.extend(chunk.token_ids)
             response.logprobs.extend(chunk.logprobs)
             if chunk.finish_reason:

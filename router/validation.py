@@ -13,13 +13,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
-from google.protobuf import json_format
 from google.protobuf.message import DecodeError, Message
 
 from engine.block_hash import hash_blocks
 from engine.sampling_params import InvalidRequest, SamplingParams, max_tokens_error
 from engine.tokenizer import Tokenizer
 from proto import nanoserve_pb2 as pb
+from router.chat_prompt import ChatPrompt, read_chat
 from worker.messages import EngineInfo
 
 MAX_REQUEST_ID_LEN = 256
@@ -58,6 +58,7 @@ class PreparedRequest:
     params: SamplingParams  # always with a seed: a failed-over request resumes the same random stream
     prompt_hashes: list[int]  # block-hash chain of the prompt's full blocks, as the replicas' prefix caches hash it
     split_reasoning: bool = False  # a chat answer whose reasoning goes apart from its text (router/reasoning.py)
+    parse_tool_calls: bool = False  # a chat answer whose tool calls go apart from its text (router/tool_calls.py)
 
 
 class RequestValidator:
@@ -76,7 +77,7 @@ class RequestValidator:
         if len(request_id) > MAX_REQUEST_ID_LEN or not request_id.isprintable():
             raise InvalidRequest("request_id", f"at most {MAX_REQUEST_ID_LEN} printable characters")
         params = self._params(request.params)
-        token_ids = self._prompt(request)
+        token_ids, chat = self._prompt(request)
         max_model_len = self.info.max_model_len
         room = max_model_len - len(token_ids)
         if room < 1:
@@ -89,23 +90,25 @@ class RequestValidator:
                 raise e.within("params") from None
         if params.max_tokens > room:
             raise max_tokens_error(params.max_tokens, len(token_ids), max_model_len).within("params")
-        split_reasoning = self.reasoning_parser is not None and request.WhichOneof("prompt") == "chat"
         return PreparedRequest(request_id, token_ids, params, hash_blocks(token_ids, self.info.block_size),
-                               split_reasoning)
+                               split_reasoning=self.reasoning_parser is not None and chat is not None,
+                               parse_tool_calls=chat is not None and chat.parse_tool_calls)
 
-    def _prompt(self, request: pb.GenerateRequest) -> list[int]:
+    def _prompt(self, request: pb.GenerateRequest) -> tuple[list[int], ChatPrompt | None]:
+        """The prompt's token ids, and for a chat prompt what was read of it."""
         kind = request.WhichOneof("prompt")
         if kind == "text":
             if not request.text:
                 raise InvalidRequest("text", "must not be empty")
-            return self.tokenizer.encode(request.text)
+            return self.tokenizer.encode(request.text), None
         if kind == "chat":
-            messages = [{"role": m.role, "content": m.content} for m in request.chat.messages]
-            kwargs = json_format.MessageToDict(request.chat.template_kwargs)
             try:  # the template may refuse messages too (Qwen's: "No user query found in messages.")
-                return self.tokenizer.encode(self.tokenizer.apply_chat_template(messages, template_kwargs=kwargs))
+                chat = read_chat(request.chat)
+                text = self.tokenizer.apply_chat_template(chat.messages, template_kwargs=chat.template_kwargs,
+                                                          tools=chat.tools)
             except InvalidRequest as e:  # "messages[0].role: unknown role ..."
                 raise e.within("chat") from None
+            return self.tokenizer.encode(text), chat
         if kind == "token_ids":
             ids = list(request.token_ids.ids)
             if not ids:
@@ -114,7 +117,7 @@ class RequestValidator:
             for i, t in enumerate(ids):
                 if not 0 <= t < vocab_size:
                     raise InvalidRequest(f"token_ids.ids[{i}]", f"{t} is outside the vocabulary [0, {vocab_size})")
-            return ids
+            return ids, None
         raise InvalidRequest("prompt", "set one of text, chat or token_ids")
 
     def _params(self, message: pb.SamplingParams) -> SamplingParams:

@@ -92,6 +92,39 @@ def test_chat_template(qwen_tokenizer: Tokenizer) -> None:
     assert off == expected + "<|im_start|>assistant\n<think>\n\n</think>\n\n"
 
 
+TOOLS = [{"type": "function", "function": {
+    "name": "get_weather", "description": "Weather in a city.",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]
+TOOL_EXCHANGE = [
+    {"role": "user", "content": "Weather in Paris?"},
+    {"role": "assistant", "content": "", "tool_calls": [
+        {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]},
+    {"role": "tool", "tool_call_id": "call_1", "content": "sunny"},
+]
+
+
+def test_chat_template_with_tools(qwen_tokenizer: Tokenizer, qwen_tokenizer_dir: Path) -> None:
+    """The embedded template, Qwen3's shape: tools described in the system turn, an earlier answer's calls as
+    <tool_call> JSON, their results in a user turn; transformers renders it alike from the same arguments."""
+    from transformers import AutoTokenizer
+
+    ours = qwen_tokenizer.apply_chat_template(TOOL_EXCHANGE, tools=TOOLS)
+    assert ours == (
+        "<|im_start|>system\n# Tools\n\nFunctions you may call, as JSON signatures:\n<tools>\n"
+        + json.dumps(TOOLS[0]) + "\n</tools>\n\nTo call one, answer with its name and arguments as a JSON object "
+        'between tags:\n<tool_call>\n{"name": <function name>, "arguments": <arguments object>}\n</tool_call>'
+        "<|im_end|>\n<|im_start|>user\nWeather in Paris?<|im_end|>\n"
+        '<|im_start|>assistant\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+        "<|im_end|>\n<|im_start|>user\n<tool_response>\nsunny\n</tool_response><|im_end|>\n<|im_start|>assistant\n"
+    )
+    hf_tokenizer = AutoTokenizer.from_pretrained(qwen_tokenizer_dir)
+    assert ours == hf_tokenizer.apply_chat_template(TOOL_EXCHANGE, tools=TOOLS, tokenize=False,
+                                                    add_generation_prompt=True)
+    two_calls = [{**TOOL_EXCHANGE[1], "content": "Looking.", "tool_calls": TOOL_EXCHANGE[1]["tool_calls"] * 2}]
+    rendered = qwen_tokenizer.apply_chat_template(two_calls, add_generation_prompt=False)
+    assert 'Looking.\n<tool_call>\n{"name"' in rendered and "</tool_call>\n<tool_call>" in rendered
+
+
 def test_chat_template_list_form_takes_default(tmp_path: Path, qwen_tokenizer_dir: Path) -> None:
     templates = [
         {"name": "tool_use", "template": "TOOLS"},

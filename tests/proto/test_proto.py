@@ -66,7 +66,7 @@ def test_generated_module_matches_proto(tmp_path: Path) -> None:
 
 def test_in_sync_check_catches_an_edited_proto(tmp_path: Path) -> None:
     source = (REPO_ROOT / PROTO_FILE).read_text()
-    with_new_field = source.replace("  string content = 2;\n", "  string content = 2;\n  string name = 3;\n", 1)
+    with_new_field = source.replace("  string content = 2;\n", "  string content = 2;\n  string name = 99;\n", 1)
     assert with_new_field != source
     edited = tmp_path / PROTO_FILE
     edited.parent.mkdir()

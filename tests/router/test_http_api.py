@@ -19,7 +19,9 @@ import pytest
 from openai.types.chat import ChatCompletionMessageParam
 
 from engine.default_model import default_model_dir
+from engine.tokenizer import Tokenizer
 from proto import nanoserve_pb2 as pb
+from proto import nanoserve_pb2_grpc as pb_grpc
 from tests.serving import RouterThread
 
 PROMPT = [9707, 11, 1246, 525, 498, 30]  # "Hello, how are you?"
@@ -125,6 +127,51 @@ def test_chat_template_kwargs_and_the_reasoning_split(router: RouterThread, clie
     assert "".join(d.get("content") or "" for d in deltas) == ""
     grpc_answer = grpc_complete(router, list(MESSAGES), max_tokens=3, logit_bias={151667: 100.0}, temperature=0.0)
     assert (grpc_answer.reasoning_text, grpc_answer.text) == ("<think><think>", "")
+
+
+WEATHER_TOOL: dict[str, Any] = {"type": "function", "function": {
+    "name": "get_weather", "description": "Weather in a city.",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}, "days": {"maximum": 7}}}}}
+TOOL_EXCHANGE: list[Any] = [
+    {"role": "user", "content": "Weather in Paris?"},
+    {"role": "assistant", "content": None, "tool_calls": [{"id": "call_1", "type": "function", "function": {
+        "name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+    {"role": "tool", "tool_call_id": "call_1", "content": "sunny"},
+]
+
+
+def test_tools_and_a_tool_exchange_render_through_the_template(
+    router: RouterThread, client: openai.OpenAI, model: str, qwen_tokenizer: Tokenizer
+) -> None:
+    """A multi-turn exchange with a call and its result, and the tools, reach the checkpoint's template as
+    transformers passes them (the prompt is the locally rendered one, token for token), through both front doors;
+    tool_choice "none" still describes the tools (vLLM's default)."""
+    as_template = [TOOL_EXCHANGE[0], {**TOOL_EXCHANGE[1], "content": "", "tool_calls": [{
+        "id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]},
+        TOOL_EXCHANGE[2]]
+    expected = len(qwen_tokenizer.encode(qwen_tokenizer.apply_chat_template(as_template, tools=[WEATHER_TOOL])))
+    without_tools = len(qwen_tokenizer.encode(qwen_tokenizer.apply_chat_template(as_template)))
+    assert expected > without_tools + 20
+
+    def prompt_tokens(**body: Any) -> int:
+        answer = client.chat.completions.create(model=model, messages=TOOL_EXCHANGE, max_tokens=2, **GREEDY, **body)
+        assert answer.usage is not None and answer.choices[0].finish_reason == "length"
+        return answer.usage.prompt_tokens
+
+    assert prompt_tokens(tools=[WEATHER_TOOL]) == expected
+    assert prompt_tokens(tools=[WEATHER_TOOL], tool_choice="none") == expected
+    assert prompt_tokens() == without_tools
+    tool = pb.Tool(name="get_weather", description="Weather in a city.")
+    tool.parameters.update(WEATHER_TOOL["function"]["parameters"])
+    chat = pb.ChatMessages(tools=[tool], messages=[
+        pb.ChatMessage(role="user", content="Weather in Paris?"),
+        pb.ChatMessage(role="assistant", tool_calls=[pb.ToolCall(id="call_1", name="get_weather",
+                                                                 arguments='{"city": "Paris"}')]),
+        pb.ChatMessage(role="tool", content="sunny", tool_call_id="call_1")])
+    with grpc.insecure_channel(router.address) as channel:
+        answer = pb_grpc.NanoServeStub(channel).Complete(pb.GenerateRequest(chat=chat, params=pb.SamplingParams(
+            max_tokens=2, temperature=0.0)), timeout=60)
+    assert answer.usage.prompt_tokens == expected
 
 
 def test_streamed_completion_is_the_whole_one_in_pieces(client: openai.OpenAI, model: str) -> None:
@@ -306,11 +353,25 @@ BAD_BODIES: list[tuple[str, dict[str, Any], str]] = [
     ("chat", {"messages": [{"role": "user", "content": 5}]}, "messages[0].content"),
     ("chat", {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
      "messages[0].content[0]"),
-    ("chat", {"messages": [{"role": "user", "content": "hi", "tool_calls": []}]}, "messages[0].tool_calls"),
+    ("chat", {"messages": [{"role": "user", "content": "hi", "tool_calls": [
+        {"id": "c", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}]}, "messages[0].tool_calls"),
+    ("chat", {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "tool_calls": [
+        {"id": "c", "type": "function", "function": {"name": "f", "arguments": "{x"}}]}]},
+     "messages[1].tool_calls[0].function.arguments"),
+    ("chat", {"messages": MESSAGES, "tools": "get_weather"}, "tools"),
+    ("chat", {"messages": MESSAGES, "tools": [{"type": "function", "function": {"name": "get weather"}}]},
+     "tools[0].function.name"),
+    ("chat", {"messages": MESSAGES, "tool_choice": "sometimes", "tools": [{"type": "function", "function": {
+        "name": "f"}}]}, "tool_choice"),
+    ("chat", {"messages": MESSAGES, "tool_choice": "required", "tools": [{"type": "function", "function": {
+        "name": "f"}}]}, "tool_choice"),
+    ("chat", {"messages": MESSAGES, "tool_choice": {"type": "function", "function": {"name": "f"}}, "tools": [
+        {"type": "function", "function": {"name": "f"}}]}, "tool_choice"),
+    ("chat", {"messages": MESSAGES, "tool_choice": "auto"}, "tool_choice"),
     ("chat", {"messages": MESSAGES, "top_logprobs": 2}, "top_logprobs"),
     ("chat", {"messages": MESSAGES, "logprobs": True, "top_logprobs": 21}, "top_logprobs"),
     ("chat", {"messages": MESSAGES, "max_completion_tokens": 0}, "max_tokens"),
-    ("chat", {"messages": MESSAGES, "tools": [{"type": "function"}]}, "tools"),
+    ("chat", {"messages": MESSAGES, "tools": [{"type": "function"}]}, "tools[0]"),
     ("chat", {"prompt": PROMPT}, "prompt"),
 ]
 

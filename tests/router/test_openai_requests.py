@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+from proto import nanoserve_pb2 as pb
 from router.openai_requests import Endpoint, InvalidBody, invalid_body, read_request
 
 PROMPT = {"prompt": [1, 2, 3]}
@@ -32,8 +33,29 @@ BAD_VALUES: list[tuple[Endpoint, str, str, str]] = [
     ("chat", '{"logit_bias": {"7": "x"}}', "logit_bias[7]", 'must be a finite number, got "x"'),
     ("chat", '{"allowed_token_ids": []}', "allowed_token_ids", "must not be empty (leave it out to allow every token)"),
     ("completions", '{"echo": true}', "echo", "not supported by this server (only false), got true"),
-    ("chat", '{"tool_choice": "required"}', "tool_choice",
+    ("completions", '{"tool_choice": "required"}', "tool_choice",
      'not supported by this server (only "none" or "auto"), got "required"'),
+    ("chat", '{"tools": {"name": "f"}}', "tools", 'must be a list, got {"name": "f"}'),
+    ("chat", '{"tools": [{"type": "function", "name": "f"}]}', "tools[0]",
+     'must be {"type": "function", "function": {"name": ...}}'),
+    ("chat", '{"tools": [{"type": "function", "function": {"name": 7}}]}', "tools[0].function.name",
+     "must be a string, got 7"),
+    ("chat", '{"tools": [{"type": "function", "function": {"name": "f", "parameters": []}}]}',
+     "tools[0].function.parameters", "must be a JSON Schema object"),
+    ("chat", '{"tools": [{"type": "function", "function": {"name": "f", "strict": true}}]}', "tools[0].function.strict",
+     "true needs structured output, which tool calls do not use yet"),
+    ("chat", '{"tools": [{"type": "function", "function": {"name": "f", "args": {}}}]}', "tools[0].function.args",
+     "unknown field (functions take name, description, parameters and strict)"),
+    ("chat", '{"tool_choice": 5}', "tool_choice",
+     'must be "auto", "none", "required" or {"type": "function", "function": {"name": ...}}, got 5'),
+    ("chat", '{"tool_choice": {"type": "function", "function": {}}}', "tool_choice.function.name",
+     "must be a string, got null"),
+    ("chat", '{"messages": [{"role": "assistant", "tool_calls": [{"type": "function", "function": {"name": "f", '
+     '"arguments": {}}}]}]}', "messages[0].tool_calls[0].function.arguments", "must be a string, got {}"),
+    ("chat", '{"messages": [{"role": "assistant", "tool_calls": [{"name": "f"}]}]}', "messages[0].tool_calls[0]",
+     'must be {"id": ..., "type": "function", "function": {"name": ..., "arguments": ...}}'),
+    ("chat", '{"messages": [{"role": "tool", "content": "x", "tool_call_id": 3}]}', "messages[0].tool_call_id",
+     "must be a string, got 3"),
     ("chat", '{"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}', "messages[0].content[0]",
      'only text parts are supported, got type "image_url"'),
     ("chat", '{"messages": [{"role": "user", "content": ["Hi"]}]}', "messages[0].content[0]",
@@ -57,7 +79,10 @@ def test_a_bad_value_is_named_and_shown_as_json(endpoint: Endpoint, text: str, p
 @pytest.mark.parametrize(("endpoint", "field", "param"), [
     ("completions", "params.temperature", "temperature"), ("completions", "token_ids.ids[2]", "prompt[2]"),
     ("completions", "text", "prompt"), ("chat", "prompt", "messages"),
-    ("chat", "chat.messages[0].role", "messages[0].role"),
+    ("chat", "chat.messages[0].role", "messages[0].role"), ("chat", "chat.tools[1].name", "tools[1].function.name"),
+    ("chat", "chat.tool_choice", "tool_choice"),
+    ("chat", "chat.messages[1].tool_calls[0].arguments", "messages[1].tool_calls[0].function.arguments"),
+    ("chat", "chat.messages[1].tool_calls", "messages[1].tool_calls"),
 ])
 def test_the_validators_field_is_renamed_to_the_bodys(endpoint: Endpoint, field: str, param: str) -> None:
     """Only the field is renamed; the message, whatever it holds, is not read."""
@@ -85,3 +110,22 @@ def test_chat_template_kwargs_reach_the_chat_request() -> None:
     with pytest.raises(InvalidBody, match="^chat_template_kwargs: must be an object, got true$"):
         read_request("chat", {**MESSAGES, "chat_template_kwargs": True})
     assert invalid_body("chat", "chat.template_kwargs.messages", "x").param == "chat_template_kwargs.messages"
+
+
+def test_tools_tool_choice_and_tool_messages_reach_the_chat_request() -> None:
+    call = {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": '{"x": 1}'}}
+    body = {"messages": [{"role": "user", "content": "Hi"},
+                         {"role": "assistant", "content": None, "tool_calls": [call]},
+                         {"role": "tool", "content": "2", "tool_call_id": "call_1"}],
+            "tools": [{"type": "function", "function": {"name": "f", "description": "Doubles x.", "parameters": {
+                "type": "object", "properties": {"x": {"type": "integer", "maximum": 10}}}}}],
+            "tool_choice": {"type": "function", "function": {"name": "f"}}}
+    chat = read_request("chat", body).generate.chat
+    [tool] = chat.tools
+    assert (tool.name, tool.description, tool.parameters["properties"]["x"]["maximum"]) == ("f", "Doubles x.", 10)
+    assert chat.tool_choice.function_name == "f"  # the validator refuses it, naming tool_choice
+    assert (chat.messages[1].content, list(chat.messages[1].tool_calls)) == (
+        "", [pb.ToolCall(id="call_1", name="f", arguments='{"x": 1}')])
+    assert chat.messages[2].tool_call_id == "call_1"
+    assert read_request("chat", {**body, "tool_choice": "none"}).generate.chat.tool_choice.mode == "none"
+    assert not read_request("chat", MESSAGES).generate.chat.HasField("tool_choice")
