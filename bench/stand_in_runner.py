@@ -9,8 +9,10 @@ from __future__ import annotations
 import time
 from collections import deque
 
+from engine.model_runner import LaunchedStep
 from engine.pending_samples import PendingSamples
 from engine.scheduler import ScheduledBatch
+from engine.token_mask import TokenMask
 
 
 class FixedTokenRunner:
@@ -21,13 +23,16 @@ class FixedTokenRunner:
         self._step_s = step_s
         self._ready_at: deque[float] = deque()  # of the launched steps, oldest first
 
-    def launch(self, batch: ScheduledBatch) -> PendingSamples:
+    def launch(self, batch: ScheduledBatch) -> LaunchedStep:
         sampling = [seq for seq, n in zip(batch.seqs, batch.num_new_tokens)
                     if seq.num_computed_tokens + n == seq.num_tokens]
         if self._step_s:
             start = max(time.monotonic(), self._ready_at[-1] if self._ready_at else 0.0)
             self._ready_at.append(start + self._step_s)
-        return PendingSamples(sampling, None, None, None)
+        return LaunchedStep(sampling, None, None)
+
+    def sample(self, step: LaunchedStep, token_mask: TokenMask | None = None) -> PendingSamples:
+        return PendingSamples(step.seqs, None, None, None)
 
     def wait(self, pending: PendingSamples) -> list[tuple[int, None]]:
         if self._step_s:

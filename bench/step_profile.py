@@ -55,7 +55,7 @@ def main() -> None:
     if runner.graphs is not None:
         runner.graphs.replay = timed("graph replay (launch)", runner.graphs.replay)
     runner.model.compute_logits = timed("logits (launch)", runner.model.compute_logits)
-    runner._sample = timed("sampler (launch)", runner._sample)
+    runner.sample = timed("sampler (launch)", runner.sample)
     runner.wait = timed("wait for the GPU", runner.wait)
     engine.scheduler.schedule = timed("schedule", engine.scheduler.schedule)
     engine._process = timed("postprocess", engine._process)

@@ -19,8 +19,9 @@ from engine.batch_invariance import disable_cublas_split_k
 from engine.block_manager import BlockManager, KVEvents
 from engine.config import EngineConfig
 from engine.detokenizer import IncrementalDetokenizer
+from engine.grammar import Grammars
 from engine.heartbeat import Heartbeat
-from engine.model_runner import ModelRunner
+from engine.model_runner import LaunchedStep, ModelRunner
 from engine.outputs import EngineStats, RequestOutput, final_output
 from engine.pending_samples import PendingSamples
 from engine.prompt import Prompt, validate_prompt
@@ -39,7 +40,8 @@ log = logging.getLogger(__name__)
 class InFlightStep:
     """A launched step whose tokens the host has not read yet."""
 
-    pending: PendingSamples
+    forward: LaunchedStep
+    pending: PendingSamples | None  # None until sampled: a step with grammar rows samples after the step before
     counted: list[bool]  # per sampling row: its token is in its sequence's num_pending (not a last one by length)
     chunks: list[Sequence]  # the batch's prefill chunks that sample nothing (committed on their own)
 
@@ -141,6 +143,7 @@ class LLMEngine:
         self.model_runner = model_runner
         self.scheduler = scheduler
         self.block_manager = scheduler.block_manager
+        self.grammars = Grammars(config.model, tokenizer, config.model_config.vocab_size, eos_token_ids, config.device)
         self._requests: dict[str, Sequence] = {}
         self._aborted: list[Sequence] = []
         self._in_flight: InFlightStep | None = None
@@ -196,6 +199,7 @@ class LLMEngine:
             0 <= resumed_tokens < len(token_ids)
         ):
             raise ValueError(f"resumed_tokens must be an int in [0, {len(token_ids)}), got {resumed_tokens!r}")
+        matcher = self.grammars.matcher(params.structured_output, token_ids[len(token_ids) - resumed_tokens :])
         return Sequence(
             request_id=request_id,
             arrival=next(self._arrivals),
@@ -205,6 +209,7 @@ class LLMEngine:
             seed=params.seed if params.seed is not None else random.getrandbits(63),
             detokenizer=IncrementalDetokenizer(self.tokenizer) if params.stop else None,
             resumed_tokens=resumed_tokens,
+            matcher=matcher,
         )
 
     def _enqueue(self, seq: Sequence) -> str:
@@ -242,6 +247,9 @@ class LLMEngine:
         launched = self._launch(batch) if batch else None
         if self._in_flight is not None:
             outputs += self._process(self._in_flight)
+        if launched is not None and launched.pending is None:  # grammar rows: their masks follow the tokens just read
+            mask = self.grammars.token_mask(launched.forward.seqs)
+            launched.pending = self.model_runner.sample(launched.forward, mask)
         self._in_flight = launched
         self.heartbeat.step_ended()
         return outputs
@@ -252,17 +260,19 @@ class LLMEngine:
         sequence whose coming token is its last by length does not: nothing is left to compute for it."""
         num_decode = batch.num_new_tokens.count(1)
         self.last_step_tokens = (batch.num_tokens - num_decode, num_decode)
-        pending = self.model_runner.launch(batch)
+        forward = self.model_runner.launch(batch)
+        # A grammar row's mask needs the token the step before is sampling for it: such a step samples later.
+        pending = None if any(seq.matcher is not None for seq in forward.seqs) else self.model_runner.sample(forward)
         chunks: list[Sequence] = []
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
             seq.num_computed_tokens += n
             if seq.num_computed_tokens < seq.num_tokens:
                 chunks.append(seq)
-        counted = [not finishes_by_length(seq, seq.num_tokens + 1) for seq in pending.seqs]
-        for seq, counts in zip(pending.seqs, counted):
+        counted = [not finishes_by_length(seq, seq.num_tokens + 1) for seq in forward.seqs]
+        for seq, counts in zip(forward.seqs, counted):
             if counts:
                 seq.num_pending += 1
-        return InFlightStep(pending, counted, chunks)
+        return InFlightStep(forward, pending, counted, chunks)
 
     def _process(self, step: InFlightStep) -> list[RequestOutput]:
         """Append a finished step's tokens, publish newly full blocks, apply stops; one output per sampling
@@ -270,11 +280,14 @@ class LLMEngine:
         outputs: list[RequestOutput] = []
         commit = self.block_manager.commit
         eos_token_ids = self.eos_token_ids
-        samples = zip(step.pending.seqs, step.counted, self.model_runner.wait(step.pending))
+        assert step.pending is not None, "every step is sampled before the next one launches"
+        samples = zip(step.forward.seqs, step.counted, self.model_runner.wait(step.pending))
         for seq, counted, (token_id, logprobs) in samples:
             if seq.is_finished:
                 continue  # aborted, or it stopped the step before and its row here was wasted
             seq.token_ids.append(token_id)
+            if seq.matcher is not None:
+                self.grammars.accept(seq, token_id)
             if counted:
                 seq.num_pending -= 1
             commit(seq)  # now that every token it has computed is known

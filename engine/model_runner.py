@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import logging
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -27,6 +29,7 @@ from engine.sampling_params import SamplingParams
 from engine.scheduler import ScheduledBatch
 from engine.sequence import Sequence, TokenLogprobs
 from engine.step_plan import StepPlan
+from engine.token_mask import TokenMask
 from engine.tp.channel import Method
 from engine.transfer import to_device
 from kernels.paged_attention import decode_kv_splits
@@ -37,6 +40,15 @@ if TYPE_CHECKING:
     from engine.tp.group import RankGroup
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class LaunchedStep:
+    """A step whose forward is queued: its sampling sequences, their logits and sampling inputs (None: none samples)."""
+
+    seqs: list[Sequence]
+    logits: torch.Tensor | None  # [S, V] on the device
+    sampling: SamplingBatch | None
 
 
 class ModelRunner:
@@ -86,25 +98,46 @@ class ModelRunner:
             torch.cuda.empty_cache()
 
     @torch.inference_mode()
-    def launch(self, batch: ScheduledBatch) -> PendingSamples:
-        """Queue the batch's forward and sampling on every rank; return its tokens on their way to the host.
+    def launch(self, batch: ScheduledBatch) -> LaunchedStep:
+        """Queue the batch's forward on every rank and its sampling inputs; `sample` then queues the sampling.
 
         Nothing here waits for the device, so the host can plan the next step while this one runs.
         """
         plan, sampling_seqs = StepPlan.build(batch, self.config.block_size, self._last_sampled_rows)
-        if self.ranks is None:
-            return self._forward_and_sample(plan, sampling_seqs)
-        try:
-            self.ranks.send(Method.RUN, [plan.max_query_len], plan.arrays())
-            return self._forward_and_sample(plan, sampling_seqs)
-        except RuntimeError as e:  # a rank's death becomes a RankDiedError naming it
-            self.ranks.fail(e)
-            raise
+        with self._rank_failures():
+            if self.ranks is not None:
+                self.ranks.send(Method.RUN, [plan.max_query_len], plan.arrays())
+            logits = self.execute(plan)
+        if logits is None:
+            return LaunchedStep(sampling_seqs, None, None)
+        return LaunchedStep(sampling_seqs, logits, self._sampling_batch(sampling_seqs))
+
+    @torch.inference_mode()
+    def sample(self, step: LaunchedStep, token_mask: TokenMask | None = None) -> PendingSamples:
+        """Queue the sampling of a launched step, under `token_mask` (structured output's rows); the tokens stay on
+        the device for the next step and start their way to the host. Call it before the next `launch`."""
+        if step.logits is None:
+            return PendingSamples.none()
+        assert step.sampling is not None
+        batch = step.sampling if token_mask is None else dataclasses.replace(step.sampling, token_mask=token_mask)
+        with self._rank_failures():
+            out = self.sampler(step.logits, batch)
+            self._last_sampled = out.token_ids
+            self._last_sampled_rows = {seq: row for row, seq in enumerate(step.seqs)}
+            if self.ranks is not None:
+                dist.broadcast(out.token_ids, src=0)
+        return PendingSamples.start(step.seqs, out)
 
     def wait(self, pending: PendingSamples) -> list[tuple[int, TokenLogprobs | None]]:
         """A launched step's (token id, logprobs) per sampling sequence, once the device has them."""
-        try:
+        with self._rank_failures():
             return pending.results()
+
+    @contextlib.contextmanager
+    def _rank_failures(self) -> Iterator[None]:
+        """A rank's death, seen as a RuntimeError of a collective, becomes a RankDiedError naming it."""
+        try:
+            yield
         except RuntimeError as e:
             if self.ranks is not None:
                 self.ranks.fail(e)
@@ -147,12 +180,6 @@ class ModelRunner:
         assert self._last_sampled is not None, "a pending token, but no step has sampled yet"
         return self._last_sampled[to_device(torch.as_tensor(rows, dtype=torch.int64), self.device)]
 
-    def _forward_and_sample(self, plan: StepPlan, seqs: list[Sequence]) -> PendingSamples:
-        logits = self.execute(plan)
-        if logits is None:
-            return PendingSamples.none()
-        return self._sample(logits, seqs)
-
     def _choose_matmuls(self, linears: list[LinearBase]) -> None:
         """Each linear layer's matmul for a few rows on a GPU (the skinny Triton kernel, or cuBLAS) and its sum
         over the ranks, in the engine's mode."""
@@ -169,8 +196,8 @@ class ModelRunner:
         # In the batch-invariant mode too: its splits take whole chunks of keys, folded in order whatever the count.
         return decode_kv_splits(batch_size, self.config.model_config.num_key_value_heads, self.num_sms)
 
-    def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> PendingSamples:
-        """Sample on the device; the tokens stay there for the next step and start their way to the host."""
+    def _sampling_batch(self, seqs: list[Sequence]) -> SamplingBatch:
+        """The sampling inputs of `seqs`, on their way to the device (built when their step launches)."""
         batch = SamplingBatch.build(
             params=[seq.params for seq in seqs],
             seeds=[seq.seed for seq in seqs],
@@ -184,12 +211,7 @@ class ModelRunner:
             if rows:
                 previous = self._previous_tokens([self._last_sampled_rows[seqs[i]] for i in rows])
                 batch = batch.with_output_tokens(rows, previous)
-        out = self.sampler(logits, batch)
-        self._last_sampled = out.token_ids
-        self._last_sampled_rows = {seq: row for row, seq in enumerate(seqs)}
-        if self.ranks is not None:
-            dist.broadcast(out.token_ids, src=0)
-        return PendingSamples.start(seqs, out)
+        return batch
 
     def _suppressed_tokens(self, seq: Sequence) -> list[int]:
         """Tokens that may not be sampled yet: EOS and stop ids until min_tokens is reached."""

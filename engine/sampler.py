@@ -7,7 +7,8 @@ Per row, computed in float32:
    the penalised rows only. A row's newest output token may not be known on the host when the batch is
    built (the step before is still sampling it); the model runner adds it on the device (`with_output_tokens`).
 0b. Logit bias and allow-lists (rows whose params set either): each row's biases are added to its logits, in
-   float32, and a row with allowed_token_ids has every other token's logit set to -inf.
+   float32, and a row with allowed_token_ids has every other token's logit set to -inf; so has a row under a
+   grammar (structured output) every token its `token_mask` bit does not allow.
 1. Suppression: each (row, token) pair in `suppress_rows`/`suppress_token_ids` gets logit -inf
    (min_tokens bans EOS and the stop ids this way).
 2. Greedy rows (temperature 0) take the argmax of the suppressed logits; no mask applies to them.
@@ -42,6 +43,7 @@ import numpy as np
 import torch
 
 from engine.sampling_params import SamplingParams
+from engine.token_mask import TokenMask
 from engine.transfer import to_device
 from kernels.exponential_noise import exponential_noise as kernel_exponential_noise
 from kernels.exponential_noise import exponential_noise_ref, exponential_race
@@ -72,6 +74,7 @@ class SamplingBatch:
     rng_keys: tuple[int, ...]  # rng_key(seed, position) of each sampled row, same order
     penalties: Penalties | None  # None when no row uses a penalty
     biases: Biases | None  # None when no row sets logit_bias or allowed_token_ids
+    token_mask: TokenMask | None = None  # grammar rows' allowed tokens, set once the host has filled them
 
     @classmethod
     def build(
@@ -220,7 +223,9 @@ class Sampler(torch.nn.Module):
 
     def forward(self, logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
         """Pick a token per row of `logits` [B, V] (any float dtype; the math is float32)."""
-        suppressed = _suppress(_bias(_penalize(logits, batch), batch), batch)  # [B, V], in the logits' dtype
+        biased = _bias(_penalize(logits, batch), batch)
+        masked = biased if batch.token_mask is None else batch.token_mask.apply(biased)
+        suppressed = _suppress(masked, batch)  # [B, V], in the logits' dtype
         token_ids = _choose(suppressed, batch)  # [B]
         if batch.num_logprobs < 0:
             return SamplerOutput(token_ids, None, None, None)

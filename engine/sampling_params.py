@@ -6,21 +6,10 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 
+from engine.invalid_request import InvalidRequest
+from engine.structured_output import StructuredOutput
+
 GREEDY_BELOW_TEMPERATURE = 1e-5
-
-
-class InvalidRequest(ValueError):
-    """A request field is missing or out of range: `field` names it, `message` says what is wrong with it. A
-    ValueError (its text "field: message"), so the Python API raises what it always has; a server answers it
-    as INVALID_ARGUMENT and carries the field on as a field."""
-
-    def __init__(self, field: str, message: str) -> None:
-        super().__init__(f"{field}: {message}")
-        self.field, self.message = field, message
-
-    def within(self, parent: str) -> InvalidRequest:
-        """The same problem, named as a field of `parent` (the router's `params.temperature`)."""
-        return InvalidRequest(f"{parent}.{self.field}", self.message)
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,6 +27,10 @@ class SamplingParams:
     position reproduces the same tokens.
     `logprobs=N` returns the chosen token's log-probability and the top N of the model's
     (unscaled) distribution.
+    `structured_output` (a StructuredOutput, or a mapping of its fields such as {"json_schema": {...}}) leaves
+    possible only the tokens that keep the output a prefix of its language, and EOS (or a stop id) once the
+    output is complete, applied with allowed_token_ids. The grammar decides where the output ends, so it does
+    not combine with min_tokens.
     """
 
     temperature: float = 1.0
@@ -56,6 +49,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias) pairs by id; a mapping is accepted too
     allowed_token_ids: tuple[int, ...] | None = None
+    structured_output: StructuredOutput | None = None
 
     def __post_init__(self) -> None:
         # Normalise list/str inputs so the dataclass stays hashable and immutable.
@@ -69,6 +63,8 @@ class SamplingParams:
         object.__setattr__(self, "logit_bias", _bias_pairs(self.logit_bias))
         if self.allowed_token_ids is not None:
             object.__setattr__(self, "allowed_token_ids", tuple(self.allowed_token_ids))
+        if self.structured_output is not None:
+            object.__setattr__(self, "structured_output", StructuredOutput.from_value(self.structured_output))
         self._validate()
 
     def _validate(self) -> None:
@@ -131,6 +127,9 @@ class SamplingParams:
                 _check_int("allowed_token_ids", t)
                 if t < 0:
                     raise InvalidRequest("allowed_token_ids", f"must be >= 0, got {t}")
+        if self.structured_output is not None and self.min_tokens:
+            raise InvalidRequest("min_tokens", "must be 0 with structured_output: the grammar decides where the "
+                                 "output ends")
 
     def check_token_ids(self, vocab_size: int) -> None:
         """Every token id the params name (stop_token_ids, logit_bias, allowed_token_ids) is in the vocabulary."""
@@ -164,8 +163,12 @@ class SamplingParams:
         return cls(**kwargs)  # type: ignore[arg-type]
 
     def as_kwargs(self) -> dict[str, object]:
-        """Every field by name: what `from_kwargs` rebuilds this from (on the far side of a Ray call)."""
-        return {name: getattr(self, name) for name in FIELD_NAMES}
+        """Every field by name, as plain data: what `from_kwargs` rebuilds this from (on the far side of a Ray
+        call)."""
+        kwargs = {name: getattr(self, name) for name in FIELD_NAMES}
+        if self.structured_output is not None:
+            kwargs["structured_output"] = self.structured_output.as_dict()
+        return kwargs
 
 
 FIELD_NAMES = tuple(f.name for f in fields(SamplingParams))  # once, not per request

@@ -9,6 +9,8 @@ from typing import TYPE_CHECKING, Literal
 from engine.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
+    from llguidance import LLMatcher
+
     from engine.detokenizer import IncrementalDetokenizer
 
 FinishReason = Literal["stop", "length", "abort"]
@@ -56,6 +58,7 @@ class Sequence:
     stop_text_len: int | None = None  # output text length before a matched stop string
     resumed_tokens: int = 0  # the prompt's last tokens that an earlier attempt generated (a failover)
     num_pending: int = 0  # output tokens sampled by launched steps, not yet read back: they follow token_ids
+    matcher: LLMatcher | None = None  # structured output: the grammar's state after the known output tokens
 
     @property
     def num_tokens(self) -> int:

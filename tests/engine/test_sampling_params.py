@@ -16,8 +16,12 @@ def test_as_kwargs_rebuilds_every_field() -> None:
         frequency_penalty=-0.5, repetition_penalty=1.2, logit_bias={9: -1.5, 2: 3.0}, allowed_token_ids=[2, 5],
     )
     assert set(params.as_kwargs()) == {f.name for f in dataclasses.fields(SamplingParams)} == set(FIELD_NAMES)
-    assert all(params.as_kwargs()[f.name] != f.default for f in dataclasses.fields(SamplingParams))  # none left default
-    assert SamplingParams.from_kwargs(**params.as_kwargs()) == params
+    # None left default but structured_output, which takes no min_tokens: it goes in a copy without them.
+    assert [f.name for f in dataclasses.fields(SamplingParams) if params.as_kwargs()[f.name] == f.default] == [
+        "structured_output"]
+    structured = dataclasses.replace(params, min_tokens=0, structured_output={"choice": ["a", "b"]})
+    for p in (params, structured):
+        assert SamplingParams.from_kwargs(**p.as_kwargs()) == p
 
 
 def test_from_kwargs_names_the_unknown_parameter() -> None:
