@@ -16,11 +16,9 @@ kernels/rotary_kv_store.py, which now takes the same number of heads per program
   Steps of at most 16 rows (decode at small batches) take the skinny Triton matmul without split-K, which
   gives a row the same bits as cuBLAS there (checked at start-up: `skinny_matmul_matches_cublas`); off the
   mode it splits K for narrow weights, faster still.
-- Attention (`kernels/paged_attention.py`) runs one tile shape on both paths (16 query rows, 64 keys) and reduces
-  a query's keys in fixed chunks (keys 0-127, 128-255, ...) folded in chunk order, so they are reduced in the
-  same order in decode, in a prefill chunk of any size, and after a prefix-cache hit; a decode of a few
-  sequences still splits its keys over many programs, at chunk boundaries, and a second kernel folds the chunks
-  in the same order. flash-attn, whose decode and prefill differ, is not used in the mode.
+- Attention (`kernels/paged_attention.py`) runs one tile shape on both paths (16 query rows, 64 keys) and no KV
+  split, so a query's keys are reduced in the same order in decode, in a prefill chunk of any size, and after
+  a prefix-cache hit. flash-attn, whose decode and prefill differ, is not used in the mode.
 - With 3 or more tensor-parallel ranks, a row-parallel layer sums the ranks' partials in rank order
   (engine/layers/tp_reduce.py): NCCL and gloo add a row's ranks in an order that follows the message's size.
 The aim: a request alone, in any batch, chunked under any token budget, cached or not, preempted and

@@ -193,7 +193,8 @@ class ModelRunner:
             layer.skinny = skinny_config(*layer.weight.shape, split=not invariant) if skinny else None
 
     def _num_kv_splits(self, batch_size: int) -> int:
-        # In the batch-invariant mode too: its splits take whole chunks of keys, folded in order whatever the count.
+        if self.config.batch_invariant:  # a split count that follows the batch would change the sums' order
+            return 1
         return decode_kv_splits(batch_size, self.config.model_config.num_key_value_heads, self.num_sms)
 
     def _sampling_batch(self, seqs: list[Sequence]) -> SamplingBatch:

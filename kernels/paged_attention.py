@@ -15,10 +15,6 @@ from kernels.triton_compat import tl, triton
 # Query rows (tokens x GQA heads) and keys of one tile in the batch-invariant mode, decode and prefill alike: the
 # same matrix-multiply shapes on both paths, hence the same order of every sum a query's output is made of.
 BATCH_INVARIANT_TILE = (16, 64)
-# Keys of one chunk in the batch-invariant mode: every path attends to each chunk of a query's keys (keys 0-127,
-# 128-255, ...) on its own, then folds the chunks' results in chunk order, so a decode may split its keys at chunk
-# boundaries over several programs and still reduce them exactly as a prefill tile does.
-BATCH_INVARIANT_KV_CHUNK = 128
 
 
 def decode_kv_splits(batch_size: int, num_kv_heads: int, num_sms: int) -> int:
@@ -51,11 +47,8 @@ def paged_attention(
     and a second kernel merges the partial results by their log-sum-exp, so a small batch of long
     contexts still fills the GPU. `max_query_len` and `num_splits` are host-side launch shapes.
 
-    `batch_invariant`: one tile shape for decode and prefill (BATCH_INVARIANT_TILE), and keys reduced in fixed
-    chunks (BATCH_INVARIANT_KV_CHUNK) folded in chunk order, so each query's keys are reduced in the same order
-    whatever the step holds (engine/batch_invariance.py). A decode's splits then take whole chunks (split s
-    takes chunks s, s + num_splits, ...) and a second kernel folds the chunks in order: the split count may
-    follow the batch.
+    `batch_invariant`: one tile shape for decode and prefill (BATCH_INVARIANT_TILE) and no KV split, so each
+    query's keys are reduced in the same order whatever the step holds (engine/batch_invariance.py).
     """
     num_tokens, num_heads, head_dim = query.shape
     num_seqs = seq_lens.shape[0]
@@ -64,12 +57,10 @@ def paged_attention(
     num_kv_heads, page = k_cache.shape[2], k_cache.shape[1]
     group = num_heads // num_kv_heads
     decode = max_query_len == 1
-    kv_chunk = 0
     if batch_invariant:
-        assert decode or num_splits == 1, "prefill tiles fold their chunks in registers"
+        assert num_splits == 1, "a KV split count that follows the batch breaks batch invariance"
         rows, block_n = BATCH_INVARIANT_TILE
         block_q = 1 if decode else max(1, rows // group)
-        kv_chunk = BATCH_INVARIANT_KV_CHUNK
     else:
         block_q = 1 if decode else max(1, 64 // group)
         # Decode reads each key once per GQA group: longer KV tiles keep more bytes in flight per program
@@ -78,30 +69,21 @@ def paged_attention(
     block_m = max(16, triton.next_power_of_2(block_q * group))
     num_q_tiles = triton.cdiv(max_query_len, block_q)
     out = torch.empty_like(query) if out is None else out
-    # Split partials: one per split, or in the mode one per chunk of the longest sequence the block table holds.
-    num_partials = triton.cdiv(block_tables.shape[1] * page, kv_chunk) if kv_chunk else num_splits
     if num_splits > 1:
-        partial_out = torch.empty(num_partials, num_tokens, num_heads, head_dim, dtype=torch.float32,
-                                  device=query.device)
-        partial_lse, partial_sum = torch.empty(2, num_partials, num_tokens, num_heads, dtype=torch.float32,
-                                               device=query.device)
+        partial_out = torch.empty(num_splits, num_tokens, num_heads, head_dim, dtype=torch.float32, device=query.device)
+        partial_lse = torch.empty(num_splits, num_tokens, num_heads, dtype=torch.float32, device=query.device)
     else:
-        partial_out = partial_lse = partial_sum = out  # unused
+        partial_out = partial_lse = out  # unused
     grid = (num_seqs * num_q_tiles, num_kv_heads, num_splits)
     _paged_attention_kernel[grid](
-        query, k_cache, v_cache, out, partial_out, partial_lse, partial_sum, query_start_loc, seq_lens, block_tables,
+        query, k_cache, v_cache, out, partial_out, partial_lse, query_start_loc, seq_lens, block_tables,
         scale * 1.4426950408889634,  # log2(e): the kernel works in base 2
         query.stride(0), query.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         block_tables.stride(0), out.stride(0), out.stride(1), num_tokens, num_q_tiles,
-        GROUP=group, BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=block_n, PAGE=page, HEAD_DIM=head_dim,
-        NUM_SPLITS=num_splits, KV_CHUNK=kv_chunk, DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
+        GROUP=group, BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=block_n, PAGE=page,
+        HEAD_DIM=head_dim, NUM_SPLITS=num_splits, DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
     )
-    if num_splits > 1 and kv_chunk:
-        _fold_chunks_kernel[(num_tokens, num_heads)](
-            partial_out, partial_lse, partial_sum, out, seq_lens, num_tokens, num_heads, out.stride(0),
-            out.stride(1), HEAD_DIM=head_dim, KV_CHUNK=kv_chunk,
-        )
-    elif num_splits > 1:
+    if num_splits > 1:
         _merge_splits_kernel[(num_tokens, num_heads)](
             partial_out, partial_lse, out, num_tokens, num_heads, out.stride(0), out.stride(1),
             HEAD_DIM=head_dim, NUM_SPLITS=num_splits,
@@ -113,11 +95,11 @@ def paged_attention(
 # argument it specializes on; these vary with each step's batch, and one compile costs ~0.7 s mid-run.
 @triton.jit(do_not_specialize=["stride_bt", "num_tokens", "num_q_tiles"])
 def _paged_attention_kernel(
-    Q, K_cache, V_cache, Out, Partial_out, Partial_lse, Partial_sum, query_start_loc, seq_lens, block_tables,
+    Q, K_cache, V_cache, Out, Partial_out, Partial_lse, query_start_loc, seq_lens, block_tables,
     scale_log2, stride_qt, stride_qh, stride_kb, stride_ks, stride_kh, stride_bt, stride_ot, stride_oh, num_tokens,
     num_q_tiles, GROUP: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, PAGE: tl.constexpr, HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr,
-    KV_CHUNK: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     seq = tl.program_id(0) // num_q_tiles
     tile = tl.program_id(0) % num_q_tiles
@@ -139,132 +121,44 @@ def _paged_attention_kernel(
     offs_d = tl.arange(0, HEAD_DIM)
     q_rows = (q_start + q_idx) * stride_qt + head * stride_qh
     q = tl.load(Q + q_rows[:, None] + offs_d[None, :], mask=row_valid[:, None], other=0.0)
-    kv_base = block_tables + seq * stride_bt
-    kv_offset = kv_head * stride_kh
-    num_heads = tl.num_programs(1) * GROUP
-    p_rows = (q_start + q_idx) * num_heads + head  # each row's partial, chunk or split 0
 
-    # Keys this tile can see: up to its last token's position.
+    # Keys this tile can see: up to its last token's position; this split takes one slice of them.
     kv_end = tl.minimum(seq_len, context_len + (tile + 1) * BLOCK_Q)
-    if KV_CHUNK == 0:  # this split takes one slice of them
-        split_len = tl.cdiv(tl.cdiv(kv_end, BLOCK_N), NUM_SPLITS) * BLOCK_N
-        kv_lo = split * split_len
-        m_i, l_i, acc = _attend(q, q_pos, K_cache, V_cache, kv_base, kv_offset, kv_lo,
-                                tl.minimum(kv_end, kv_lo + split_len), scale_log2, stride_kb, stride_ks,
-                                BLOCK_M, BLOCK_N, PAGE, HEAD_DIM, DOT_PRECISION)
-        out = acc / tl.maximum(l_i, 1e-30)[:, None]
-        if NUM_SPLITS > 1:
-            p_rows += split * num_tokens * num_heads
-            tl.store(Partial_out + p_rows[:, None] * HEAD_DIM + offs_d[None, :], out, mask=row_valid[:, None])
-            lse = tl.where(l_i > 0, m_i + tl.log2(tl.maximum(l_i, 1e-30)), float("-inf"))
-            tl.store(Partial_lse + p_rows, lse, mask=row_valid)
-    elif NUM_SPLITS == 1:  # chunks in order (batch-invariant mode), each folded in as its last tile is done
-        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-        l_i = tl.zeros([BLOCK_M], tl.float32)
-        acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-        m_c, l_c, acc_c = m_i, l_i, acc
-        # One loop over the tiles, not one per chunk: the compiler pipelines its loads across chunk boundaries.
-        for start in range(0, kv_end, BLOCK_N):
-            m_c, l_c, acc_c = _attend_tile(q, q_pos, K_cache, V_cache, kv_base, kv_offset, start, kv_end,
-                                           m_c, l_c, acc_c, scale_log2, stride_kb, stride_ks, BLOCK_N, PAGE,
-                                           HEAD_DIM, DOT_PRECISION)
-            if ((start + BLOCK_N) % KV_CHUNK == 0) | (start + BLOCK_N >= kv_end):
-                m_i, l_i, acc = _fold(m_i, l_i, acc, m_c, l_c, acc_c)
-                m_c = tl.full([BLOCK_M], float("-inf"), tl.float32)
-                l_c = tl.zeros([BLOCK_M], tl.float32)
-                acc_c = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-        out = acc / tl.maximum(l_i, 1e-30)[:, None]
-    else:  # the mode's decode splits: this one takes chunks split, split + NUM_SPLITS, ... for the merge to fold
-        for chunk in range(split, tl.cdiv(kv_end, KV_CHUNK), NUM_SPLITS):
-            kv_lo = chunk * KV_CHUNK
-            m_c, l_c, acc_c = _attend(q, q_pos, K_cache, V_cache, kv_base, kv_offset, kv_lo,
-                                      tl.minimum(kv_end, kv_lo + KV_CHUNK), scale_log2, stride_kb, stride_ks,
-                                      BLOCK_M, BLOCK_N, PAGE, HEAD_DIM, DOT_PRECISION)
-            c_rows = p_rows + chunk * num_tokens * num_heads
-            tl.store(Partial_out + c_rows[:, None] * HEAD_DIM + offs_d[None, :], acc_c, mask=row_valid[:, None])
-            tl.store(Partial_lse + c_rows, m_c, mask=row_valid)
-            tl.store(Partial_sum + c_rows, l_c, mask=row_valid)
-    if NUM_SPLITS == 1:
-        o_rows = (q_start + q_idx) * stride_ot + head * stride_oh
-        tl.store(Out + o_rows[:, None] + offs_d[None, :], out.to(Out.dtype.element_ty), mask=row_valid[:, None])
+    split_len = tl.cdiv(tl.cdiv(kv_end, BLOCK_N), NUM_SPLITS) * BLOCK_N
+    kv_lo = split * split_len
+    kv_hi = tl.minimum(kv_end, kv_lo + split_len)
 
-
-@triton.jit
-def _attend(
-    q, q_pos, K_cache, V_cache, kv_base, kv_offset, kv_lo, kv_hi, scale_log2, stride_kb, stride_ks,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PAGE: tl.constexpr, HEAD_DIM: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-):
-    """Online softmax of the tile's rows over keys [kv_lo, kv_hi), each row up to its own position: the running
-    max (base 2), the sum of exponentials and the unnormalised output."""
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     for start in range(kv_lo, kv_hi, BLOCK_N):
-        m_i, l_i, acc = _attend_tile(q, q_pos, K_cache, V_cache, kv_base, kv_offset, start, kv_hi, m_i, l_i, acc,
-                                     scale_log2, stride_kb, stride_ks, BLOCK_N, PAGE, HEAD_DIM, DOT_PRECISION)
-    return m_i, l_i, acc
+        offs_n = start + tl.arange(0, BLOCK_N)
+        n_valid = offs_n < kv_hi
+        block_ids = tl.load(block_tables + seq * stride_bt + offs_n // PAGE, mask=n_valid, other=0)
+        kv_rows = block_ids * stride_kb + (offs_n % PAGE) * stride_ks + kv_head * stride_kh
+        k = tl.load(K_cache + kv_rows[:, None] + offs_d[None, :], mask=n_valid[:, None], other=0.0)
+        v = tl.load(V_cache + kv_rows[:, None] + offs_d[None, :], mask=n_valid[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
+        visible = n_valid[None, :] & (offs_n[None, :] <= q_pos[:, None])
+        s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that see nothing yet stay at zero
+        p = tl.exp2(s - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
 
-
-@triton.jit
-def _attend_tile(
-    q, q_pos, K_cache, V_cache, kv_base, kv_offset, start, kv_hi, m_i, l_i, acc, scale_log2, stride_kb, stride_ks,
-    BLOCK_N: tl.constexpr, PAGE: tl.constexpr, HEAD_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr,
-):
-    """One online-softmax step: the BLOCK_N keys from `start` (those before kv_hi) into (m_i, l_i, acc)."""
-    offs_d = tl.arange(0, HEAD_DIM)
-    offs_n = start + tl.arange(0, BLOCK_N)
-    n_valid = offs_n < kv_hi
-    block_ids = tl.load(kv_base + offs_n // PAGE, mask=n_valid, other=0)
-    kv_rows = block_ids * stride_kb + (offs_n % PAGE) * stride_ks + kv_offset
-    k = tl.load(K_cache + kv_rows[:, None] + offs_d[None, :], mask=n_valid[:, None], other=0.0)
-    v = tl.load(V_cache + kv_rows[:, None] + offs_d[None, :], mask=n_valid[:, None], other=0.0)
-    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
-    visible = n_valid[None, :] & (offs_n[None, :] <= q_pos[:, None])
-    s = tl.where(visible, s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that see nothing yet stay at zero
-    p = tl.exp2(s - m_safe[:, None])
-    alpha = tl.exp2(m_i - m_safe)
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-    return m_new, l_i, acc
-
-
-@triton.jit
-def _fold(m_i, l_i, acc, m_c, l_c, acc_c):
-    """Fold one chunk's (max, sum, unnormalised output) into the running ones. The attention kernel (in registers)
-    and the chunk merge (from memory) both fold through here, with explicit fma, so they compute the same bits."""
-    m_new = tl.maximum(m_i, m_c)
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    alpha = tl.exp2(m_i - m_safe)
-    beta = tl.exp2(m_c - m_safe)
-    l_i = tl.fma(l_i, alpha, l_c * beta)
-    acc = tl.fma(acc, alpha[:, None], acc_c * beta[:, None])
-    return m_new, l_i, acc
-
-
-@triton.jit(do_not_specialize=["num_tokens"])
-def _fold_chunks_kernel(
-    Partial_out, Partial_lse, Partial_sum, Out, seq_lens, num_tokens, num_heads, stride_ot, stride_oh,
-    HEAD_DIM: tl.constexpr, KV_CHUNK: tl.constexpr,
-):
-    """The batch-invariant mode's split merge: fold a decode token's chunk partials in chunk order (token t is
-    sequence t). The loads run a few chunks ahead of the fold (num_stages), so long contexts do not wait on
-    each chunk's load in turn."""
-    t = tl.program_id(0)
-    h = tl.program_id(1)
-    offs_d = tl.arange(0, HEAD_DIM)
-    one = tl.arange(0, 1)
-    m_i = tl.full([1], float("-inf"), tl.float32)
-    l_i = tl.zeros([1], tl.float32)
-    acc = tl.zeros([1, HEAD_DIM], tl.float32)
-    for chunk in tl.range(0, tl.cdiv(tl.load(seq_lens + t), KV_CHUNK), num_stages=4):
-        row = (chunk * num_tokens + t) * num_heads + h + one
-        acc_c = tl.load(Partial_out + row[:, None] * HEAD_DIM + offs_d[None, :])
-        m_i, l_i, acc = _fold(m_i, l_i, acc, tl.load(Partial_lse + row), tl.load(Partial_sum + row), acc_c)
     out = acc / tl.maximum(l_i, 1e-30)[:, None]
-    tl.store(Out + t * stride_ot + h * stride_oh + one[:, None] + offs_d[None, :], out.to(Out.dtype.element_ty))
+    if NUM_SPLITS == 1:
+        o_rows = (q_start + q_idx) * stride_ot + head * stride_oh
+        tl.store(Out + o_rows[:, None] + offs_d[None, :], out.to(Out.dtype.element_ty), mask=row_valid[:, None])
+    else:
+        num_heads = tl.num_programs(1) * GROUP
+        p_rows = (split * num_tokens + q_start + q_idx) * num_heads + head
+        tl.store(Partial_out + p_rows[:, None] * HEAD_DIM + offs_d[None, :], out, mask=row_valid[:, None])
+        lse = tl.where(l_i > 0, m_i + tl.log2(tl.maximum(l_i, 1e-30)), float("-inf"))
+        tl.store(Partial_lse + p_rows, lse, mask=row_valid)
 
 
 @triton.jit(do_not_specialize=["num_tokens"])

@@ -42,26 +42,18 @@ def _variants() -> list[tuple[object, dict[str, str], dict[str, object]]]:
     variants = []
     for dtype in ("bf16", "fp32"):
         attention_signature = {
-            **pointers(dtype, "Q", "K_cache", "V_cache", "Out"),
-            **pointers("fp32", "Partial_out", "Partial_lse", "Partial_sum"),
+            **pointers(dtype, "Q", "K_cache", "V_cache", "Out"), **pointers("fp32", "Partial_out", "Partial_lse"),
             **pointers("i32", "query_start_loc", "seq_lens", "block_tables"), "scale_log2": "fp32",
             **dict.fromkeys(["stride_qt", "stride_qh", "stride_kb", "stride_ks", "stride_kh", "stride_bt",
                              "stride_ot", "stride_oh", "num_tokens", "num_q_tiles"], "i32"),
         }
         precision = "ieee" if dtype == "fp32" else "tf32"
-        # decode, split decode, prefill; then the batch-invariant mode's decode, split decode and prefill
-        chunk = paged_attention.BATCH_INVARIANT_KV_CHUNK
-        for block_q, block_m, block_n, splits, kv_chunk in (
-            (1, 16, 128, 1, 0), (1, 16, 128, 8, 0), (32, 64, 64, 1, 0), (1, 16, 64, 1, chunk), (1, 16, 64, 8, chunk),
-            (8, 16, 64, 1, chunk),
-        ):
+        # decode, prefill; then the batch-invariant mode's decode and prefill (kernels/paged_attention.py)
+        for block_q, block_m, block_n, splits in ((1, 16, 128, 1), (1, 16, 128, 8), (32, 64, 64, 1), (1, 16, 64, 1),
+                                                  (8, 16, 64, 1)):
             variants.append((paged_attention._paged_attention_kernel, attention_signature, dict(
                 GROUP=2, BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=block_n, PAGE=16, HEAD_DIM=128, NUM_SPLITS=splits,
-                KV_CHUNK=kv_chunk, DOT_PRECISION=precision)))
-        variants.append((paged_attention._fold_chunks_kernel, {
-            **pointers("fp32", "Partial_out", "Partial_lse", "Partial_sum"), "Out": f"*{dtype}", "seq_lens": "*i32",
-            **dict.fromkeys(["num_tokens", "num_heads", "stride_ot", "stride_oh"], "i32"),
-        }, dict(HEAD_DIM=128, KV_CHUNK=chunk)))
+                DOT_PRECISION=precision)))
         variants.append((paged_attention._merge_splits_kernel, {
             **pointers("fp32", "Partial_out", "Partial_lse"), "Out": f"*{dtype}",
             **dict.fromkeys(["num_tokens", "num_heads", "stride_ot", "stride_oh"], "i32"),
