@@ -19,6 +19,7 @@ import llguidance
 import numpy as np
 import torch
 
+from engine.grammar_text import grammar_text
 from engine.invalid_request import InvalidRequest
 from engine.sequence import Sequence
 from engine.structured_output import StructuredOutput
@@ -27,11 +28,6 @@ from engine.tokenizer import Tokenizer
 from engine.transfer import to_device
 
 log = logging.getLogger(__name__)
-
-# JSON's whitespace between tokens: runs of at most 20 characters (deep enough for pretty-printing), as xgrammar's
-# max_whitespace_cnt; unbounded runs let a weak model pad forever. A schema's own "x-guidance" options win.
-JSON_OPTIONS: llguidance.JsonCompileOptions = {"whitespace_pattern": r"[\x20\x0A\x0D\x09]{0,20}"}
-
 
 class Grammars:
     """One engine's grammar compiler and mask filler (llguidance's tokenizer tables, built on first use)."""
@@ -52,7 +48,7 @@ class Grammars:
         earlier output); InvalidRequest naming the field when the grammar does not compile or the output breaks it."""
         if spec is None:
             return None
-        matcher = llguidance.LLMatcher(self._tokenizer_tables(), _grammar(spec), log_level=0)
+        matcher = llguidance.LLMatcher(self._tokenizer_tables(), grammar_text(spec), log_level=0)
         if matcher.is_error():
             raise InvalidRequest(f"structured_output.{spec.kind}", matcher.get_error())
         if not matcher.consume_tokens(output_token_ids):
@@ -93,23 +89,6 @@ class Grammars:
                                                        eos_token=self._eos_token_ids)
             self._executor = llguidance.LLExecutor()
         return self._lltokenizer
-
-
-def _grammar(spec: StructuredOutput) -> str:
-    """llguidance's grammar text of `spec`."""
-    if spec.json_object:
-        return llguidance.LLMatcher.grammar_from_json_schema('{"type": "object"}', JSON_OPTIONS)
-    if spec.json_schema is not None:
-        return llguidance.LLMatcher.grammar_from_json_schema(spec.json_schema, JSON_OPTIONS)
-    if spec.regex is not None:
-        return llguidance.LLMatcher.grammar_from_regex(spec.regex)
-    if spec.choice is not None:
-        return llguidance.grammar_from("choice", list(spec.choice))  # type: ignore[arg-type]
-    assert spec.grammar is not None
-    try:
-        return llguidance.grammar_from("grammar", spec.grammar)  # Lark, or GBNF turned into Lark
-    except ValueError as e:
-        raise InvalidRequest("structured_output.grammar", str(e)) from None
 
 
 def _allow(words: np.ndarray, token_ids: tuple[int, ...]) -> None:
