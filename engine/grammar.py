@@ -38,7 +38,9 @@ class Grammars:
         width): EOS ids outside it are never allowed."""
         self._tokenizer_file = model_dir / "tokenizer.json"
         self._num_tokens = max(vocab_size, tokenizer.vocab_size)
-        self._eos_token_ids = sorted(t for t in eos_token_ids if t < vocab_size)
+        # Every EOS id, also one past the model's vocabulary (a small test model under Qwen's tokenizer): its bit is
+        # cut off with the mask's (engine/token_mask.py), and llguidance needs at least one EOS.
+        self._eos_token_ids = sorted(eos_token_ids)
         self._device = device
         self._lltokenizer: llguidance.LLTokenizer | None = None
         self._executor: llguidance.LLExecutor | None = None
