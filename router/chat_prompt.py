@@ -1,5 +1,6 @@
 """A ChatMessages, checked, as the chat template's inputs: messages (with earlier tool calls and their results),
-tools, template variables, and whether the answer's tool calls are parsed (router/tool_calls.py).
+tools, template variables, whether the answer's tool calls are parsed (router/tool_calls.py), and the grammar
+that holds those calls to the tools where tool_choice or a strict tool asks for it (router/tool_grammar.py).
 
 Tools and calls reach the template as transformers passes them, which Qwen's templates expect: each tool as
 {"type": "function", "function": {...}}, a call's arguments as an object (vLLM turns OpenAI's JSON text into
@@ -15,12 +16,14 @@ from typing import Any
 
 from google.protobuf import json_format, struct_pb2
 
+from engine.grammar_text import check_grammar
 from engine.sampling_params import InvalidRequest
+from engine.structured_output import StructuredOutput
 from proto import nanoserve_pb2 as pb
+from router.tool_grammar import CallTags, named_call, required_calls, strict_calls
 
 TOOL_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")  # OpenAI's rule for function names
-TOOL_CHOICE_MODES = ("auto", "none")
-NEEDS_STRUCTURED_OUTPUT = "needs structured output (grammar-constrained decoding), which tool calls do not use yet"
+TOOL_CHOICE_MODES = ("auto", "none", "required")
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,33 +31,71 @@ class ChatPrompt:
     messages: list[dict[str, Any]]
     tools: list[dict[str, Any]]
     template_kwargs: dict[str, Any]
-    parse_tool_calls: bool  # tools given and tool_choice "auto": the answer's calls go apart from its text
+    parse_tool_calls: bool  # tools given and tool_choice not "none": the answer's calls go apart from its text
+    tool_grammar: StructuredOutput | None  # what the answer's calls must match, when tool_choice or strict asks
 
 
-def read_chat(chat: pb.ChatMessages) -> ChatPrompt:
-    """The template's inputs from `chat`; InvalidRequest naming the field if they are not ones it can take."""
+def read_chat(chat: pb.ChatMessages, tags: CallTags) -> ChatPrompt:
+    """The template's inputs from `chat`; InvalidRequest naming the field if they are not ones it can take.
+    `tags`: how the served vocabulary spells the call tags, for the tool grammar."""
     tools = [_tool(tool, i) for i, tool in enumerate(chat.tools)]
     names = [tool["function"]["name"] for tool in tools]
     for i, name in enumerate(names):
         if name in names[:i]:
             raise InvalidRequest(f"tools[{i}].name", f"{name!r} is named by an earlier tool too")
+    mode = _tool_choice(chat, names)
     return ChatPrompt([_message(m, i) for i, m in enumerate(chat.messages)], tools,
-                      json_format.MessageToDict(chat.template_kwargs), _parse_tool_calls(chat, names))
+                      json_format.MessageToDict(chat.template_kwargs), mode != "none",
+                      _tool_grammar(chat, tools, mode, tags))
 
 
-def _parse_tool_calls(chat: pb.ChatMessages, names: list[str]) -> bool:
-    """Whether to parse the answer's calls, from tool_choice (unset: "auto" with tools, "none" without)."""
+def _tool_choice(chat: pb.ChatMessages, names: list[str]) -> str:
+    """tool_choice's mode ("function" for a named one; unset: "auto" with tools, "none" without)."""
     kind = chat.tool_choice.WhichOneof("choice")
     if kind == "function_name":
-        raise InvalidRequest("tool_choice", f"a named function {NEEDS_STRUCTURED_OUTPUT}; use \"auto\"")
+        name = chat.tool_choice.function_name
+        if name not in names:
+            known = ", ".join(names) or "none"
+            raise InvalidRequest("tool_choice.function_name", f"{name!r} is not one of the tools (tools: {known})")
+        return "function"
     mode = chat.tool_choice.mode if kind == "mode" else "auto" if names else "none"
-    if mode == "required":
-        raise InvalidRequest("tool_choice", f'"required" {NEEDS_STRUCTURED_OUTPUT}; use "auto"')
     if mode not in TOOL_CHOICE_MODES:
-        raise InvalidRequest("tool_choice", f"unknown mode {mode!r}; this server takes {', '.join(TOOL_CHOICE_MODES)}")
-    if mode == "auto" and not names:
-        raise InvalidRequest("tool_choice", '"auto" needs tools')
-    return mode == "auto"
+        raise InvalidRequest("tool_choice", f"unknown mode {mode!r}; this server takes {', '.join(TOOL_CHOICE_MODES)} "
+                             "or a function's name")
+    if mode != "none" and not names:
+        raise InvalidRequest("tool_choice", f"{mode!r} needs tools")
+    return mode
+
+
+def _tool_grammar(chat: pb.ChatMessages, tools: list[dict[str, Any]], mode: str,
+                  tags: CallTags) -> StructuredOutput | None:
+    """The grammar of the answer's calls: "required" and a named function hold every call to its tool's
+    parameters; under "auto", tools marked strict hold theirs; otherwise none."""
+    if mode == "required":
+        _check_parameters(tools, {tool.name for tool in chat.tools})
+        return required_calls(tools, tags)
+    if mode == "function":
+        name = chat.tool_choice.function_name
+        _check_parameters(tools, {name})
+        return named_call(next(t for t in tools if t["function"]["name"] == name), tags)
+    strict = {tool.name for tool in chat.tools if tool.strict}
+    if mode == "auto" and strict:
+        _check_parameters(tools, strict)
+        first = next(i for i, tool in enumerate(chat.tools) if tool.strict)
+        return strict_calls(tools, strict, tags, f"tools[{first}].strict")
+    return None
+
+
+def _check_parameters(tools: list[dict[str, Any]], held: set[str]) -> None:
+    """The parameters of the tools whose calls the grammar holds to them are JSON Schemas llguidance enforces."""
+    for i, tool in enumerate(tools):
+        function = tool["function"]
+        if function["name"] in held and "parameters" in function:
+            try:
+                check_grammar(StructuredOutput(json_schema=function["parameters"]))
+            except InvalidRequest as e:
+                raise InvalidRequest(f"tools[{i}].parameters", f"not a JSON Schema this server can enforce: "
+                                     f"{e.message}") from None
 
 
 def _tool(tool: pb.Tool, i: int) -> dict[str, Any]:

@@ -7,6 +7,7 @@ It needs only grpcio and proto/ (never torch), so it runs on any machine that ta
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import sys
 from collections.abc import AsyncIterable, Iterator, Mapping, Sequence
@@ -78,6 +79,9 @@ def _set_field(params: pb.SamplingParams, name: str, value: Any) -> None:
     if field.message_type is not None and field.message_type.GetOptions().map_entry:  # logit_bias
         _set_map(params, name, value)
         return
+    if field.message_type is not None:
+        params.structured_output.CopyFrom(structured_output(value))
+        return
     expected = _EXPECTED[field.cpp_type][field.is_repeated]
     problem = f"{name}: expected {expected}, got {value!r} ({type(value).__name__})"
     if not field.is_repeated and isinstance(value, bool) != (field.cpp_type == FieldDescriptor.CPPTYPE_BOOL):
@@ -105,6 +109,28 @@ def _set_map(params: pb.SamplingParams, name: str, value: Any) -> None:
         getattr(params, name).update(value)
     except ValueError as e:  # a key outside int64
         raise ValueError(f"{name}: {e}") from None
+
+
+def structured_output(value: Any) -> pb.StructuredOutput:
+    """The structured_output kwarg as its message: one given, or a dict of one of its fields, as
+    {"json_schema": {...}} (a dict or its JSON text), {"json_object": True}, {"regex": "..."},
+    {"choice": ["yes", "no"]} or {"grammar": "..."}."""
+    if isinstance(value, pb.StructuredOutput):
+        return value
+    kinds = [f.name for f in pb.StructuredOutput.DESCRIPTOR.fields]
+    if not isinstance(value, Mapping) or len(value) != 1 or next(iter(value)) not in kinds:
+        raise TypeError(f"structured_output: expected a dict of one of {', '.join(kinds)}, got {value!r}")
+    [(kind, spec)] = value.items()
+    if kind == "json_schema" and isinstance(spec, Mapping):
+        spec = json.dumps(spec)
+    if kind == "choice":
+        if isinstance(spec, str) or not isinstance(spec, Sequence):
+            raise TypeError(f"structured_output.choice: expected a list of strs, got {spec!r}")
+        spec = pb.Choices(choices=spec)
+    try:
+        return pb.StructuredOutput(**{kind: spec})
+    except TypeError:
+        raise TypeError(f"structured_output.{kind}: wrong type, got {spec!r}") from None
 
 
 def auth_metadata(api_key: str | None) -> Metadata | None:

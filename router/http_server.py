@@ -108,7 +108,7 @@ class HttpFrontDoor:
             inflight = await self.core.start(api.generate, api.max_tokens_to_context_end)
         except RequestFailed as e:
             if e.field is not None:  # already counted: only renamed to the body's field
-                raise invalid_body(endpoint, e.field, e.message) from None
+                raise invalid_body(endpoint, e.field, e.message, api.structured_output_param) from None
             raise
         answer = Answer(api, self.core.model_name, self.core.tokenizer)
         try:

@@ -7,13 +7,15 @@ GenerateRequest's fields, which `invalid_body` renames to the body's.
 
 from __future__ import annotations
 
-import json
 import math
 import uuid
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from proto import nanoserve_pb2 as pb
+from router.invalid_body import InvalidBody, as_json
+from router.openai_structured_output import FIELDS as STRUCTURED_OUTPUT_FIELDS
+from router.openai_structured_output import body_param, read_structured_output
 
 Endpoint = Literal["completions", "chat"]
 
@@ -22,7 +24,7 @@ _NUMBER_FIELDS = ("temperature", "top_p", "min_p", "presence_penalty", "frequenc
 _INT_FIELDS = ("top_k", "seed", "min_tokens")
 _COMMON_FIELDS = frozenset({"model", "max_tokens", *_NUMBER_FIELDS, *_INT_FIELDS, "stop", "stop_token_ids",
                             "ignore_eos", "n", "stream", "stream_options", "logprobs", "logit_bias",
-                            "allowed_token_ids"})
+                            "allowed_token_ids", *STRUCTURED_OUTPUT_FIELDS})
 _FIELDS: dict[Endpoint, frozenset[str]] = {
     "completions": _COMMON_FIELDS | {"prompt"},
     "chat": _COMMON_FIELDS | {"messages", "max_completion_tokens", "top_logprobs", "chat_template_kwargs", "tools",
@@ -33,23 +35,14 @@ _FIELDS: dict[Endpoint, frozenset[str]] = {
 _NO_OP_VALUES: dict[str, tuple[object, ...]] = {
     "best_of": (1,), "echo": (False,),
     "suffix": ("",), "tools": ([],), "functions": ([],), "tool_choice": ("none", "auto"),
-    "parallel_tool_calls": (True, False), "response_format": ({"type": "text"},),
+    "parallel_tool_calls": (True, False),
 }
 _IGNORED_FIELDS = frozenset({"user", "metadata", "store", "service_tier"})  # they do not change the answer
 _MESSAGE_FIELDS = frozenset({"role", "content", "name", "tool_calls", "tool_call_id"})
 # The shared validator's field names -> the body's, first match wins.
 _RENAMES = (("params.", ""), ("token_ids.ids", "prompt"), ("token_ids", "prompt"), ("text", "prompt"),
             ("chat.messages", "messages"), ("chat.template_kwargs", "chat_template_kwargs"), ("chat.tools", "tools"),
-            ("chat.tool_choice", "tool_choice"))
-
-
-class InvalidBody(ValueError):
-    """A body field is missing, mistyped, out of range or unsupported; `param` names it (OpenAI's error JSON
-    carries it), and the message starts with it."""
-
-    def __init__(self, param: str | None, message: str) -> None:
-        super().__init__(f"{param}: {message}" if param else message)
-        self.param = param
+            ("chat.tool_choice.function_name", "tool_choice.function.name"), ("chat.tool_choice", "tool_choice"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +56,7 @@ class ApiRequest:
     include_usage: bool  # streaming: end with a chunk that carries usage
     logprobs: bool  # answer with log-probabilities
     max_tokens_to_context_end: bool  # no max_tokens given to chat: all the context leaves after the prompt
+    structured_output_param: str | None = None  # the body field its structured output came from, for errors
 
 
 def read_request(endpoint: Endpoint, body: object) -> ApiRequest:
@@ -76,22 +70,29 @@ def read_request(endpoint: Endpoint, body: object) -> ApiRequest:
         request.chat.CopyFrom(_messages(given))
         kwargs = given.get("chat_template_kwargs", {})
         if not isinstance(kwargs, dict):
-            raise InvalidBody("chat_template_kwargs", f"must be an object, got {_json(kwargs)}")
+            raise InvalidBody("chat_template_kwargs", f"must be an object, got {as_json(kwargs)}")
         request.chat.template_kwargs.update(kwargs)
         _tools(given, request.chat)
     else:
         _prompt(given, request)
     logprobs = _sampling(endpoint, given, request.params)
+    spec_param = read_structured_output(given, request.params.structured_output)
     if "n" in given and _int(given, "n") != 1:
         raise InvalidBody("n", f"only 1 is supported (one choice per request), got {given['n']}")
     stream = _bool(given, "stream") if "stream" in given else False
     return ApiRequest(endpoint, _str(given, "model") if "model" in given else None, request, stream,
                       _include_usage(given, stream), logprobs,
-                      max_tokens_to_context_end=endpoint == "chat" and not request.params.HasField("max_tokens"))
+                      max_tokens_to_context_end=endpoint == "chat" and not request.params.HasField("max_tokens"),
+                      structured_output_param=spec_param)
 
 
-def invalid_body(endpoint: Endpoint, field: str, message: str) -> InvalidBody:
-    """The validator's error about a GenerateRequest field, about the body's field instead."""
+def invalid_body(endpoint: Endpoint, field: str, message: str,
+                 structured_output_param: str | None = None) -> InvalidBody:
+    """The validator's error about a GenerateRequest field, about the body's field instead (`structured_output_param`:
+    ApiRequest's, the body field of its structured output)."""
+    spec_field = body_param(field, structured_output_param)
+    if spec_field is not None:
+        return InvalidBody(spec_field, message)
     for old, new in _RENAMES:
         if field.startswith(old):
             field = _in_function(new + field[len(old):])
@@ -117,8 +118,8 @@ def _check_fields(endpoint: Endpoint, body: dict[str, Any]) -> None:
         if name not in _NO_OP_VALUES:
             raise InvalidBody(name, f"unknown field; this server takes {', '.join(sorted(_FIELDS[endpoint]))}")
         if not any(value == ok and isinstance(value, bool) == isinstance(ok, bool) for ok in _NO_OP_VALUES[name]):
-            allowed = " or ".join(_json(ok) for ok in _NO_OP_VALUES[name])
-            raise InvalidBody(name, f"not supported by this server (only {allowed}), got {_json(value)}")
+            allowed = " or ".join(as_json(ok) for ok in _NO_OP_VALUES[name])
+            raise InvalidBody(name, f"not supported by this server (only {allowed}), got {as_json(value)}")
 
 
 def _prompt(given: dict[str, Any], request: pb.GenerateRequest) -> None:
@@ -167,10 +168,9 @@ def _tools(given: dict[str, Any], chat: pb.ChatMessages) -> None:
         for name in function.keys() - {"name", "description", "parameters", "strict"}:
             raise InvalidBody(f"{field}.function.{name}", "unknown field (functions take name, description, "
                               "parameters and strict)")
-        if function.get("strict"):
-            raise InvalidBody(f"{field}.function.strict", "true needs structured output, which tool calls do not use "
-                              "yet")
         added = chat.tools.add(name=_str(function, "name", f"{field}.function.name"))
+        if function.get("strict") is not None:
+            added.strict = _bool(function, "strict", f"{field}.function.strict")
         if function.get("description") is not None:
             added.description = _str(function, "description", f"{field}.function.description")
         if function.get("parameters") is not None:
@@ -184,7 +184,7 @@ def _tools(given: dict[str, Any], chat: pb.ChatMessages) -> None:
         chat.tool_choice.function_name = _str(choice["function"], "name", "tool_choice.function.name")
     elif choice is not None:
         raise InvalidBody("tool_choice", f'must be "auto", "none", "required" or {{"type": "function", "function": '
-                          f'{{"name": ...}}}}, got {_json(choice)}')
+                          f'{{"name": ...}}}}, got {as_json(choice)}')
 
 
 def _tool_call(call: object, field: str) -> pb.ToolCall:
@@ -211,7 +211,7 @@ def _content(message: dict[str, Any], i: int) -> str:
     for j, part in enumerate(content):
         kind = part.get("type") if isinstance(part, dict) else None
         if kind != "text" or not isinstance(part.get("text"), str):
-            raise InvalidBody(f"messages[{i}].content[{j}]", f"only text parts are supported, got type {_json(kind)}")
+            raise InvalidBody(f"messages[{i}].content[{j}]", f"only text parts are supported, got type {as_json(kind)}")
         texts.append(part["text"])
     return "\n".join(texts)
 
@@ -244,11 +244,11 @@ def _sampling(endpoint: Endpoint, given: dict[str, Any], params: pb.SamplingPara
 def _logit_bias(value: object) -> dict[int, float]:
     """OpenAI's logit_bias: an object whose keys are token ids as strings and whose values are numbers."""
     if not isinstance(value, dict):
-        raise InvalidBody("logit_bias", f"must be an object of token id -> bias, got {_json(value)}")
+        raise InvalidBody("logit_bias", f"must be an object of token id -> bias, got {as_json(value)}")
     bias = {}
     for key in value:
         if not key.isdecimal() or int(key) not in _INT64:
-            raise InvalidBody("logit_bias", f"keys must be token ids (decimal integers), got {_json(key)}")
+            raise InvalidBody("logit_bias", f"keys must be token ids (decimal integers), got {as_json(key)}")
         bias[int(key)] = _number(value, key, f"logit_bias[{key}]")
     return bias
 
@@ -299,28 +299,28 @@ def _number(given: dict[str, Any], name: str, param: str | None = None) -> float
     value = given[name]
     # Python's json module reads NaN and Infinity, which JSON itself has no spelling for.
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise InvalidBody(param or name, f"must be a finite number, got {_json(value)}")
+        raise InvalidBody(param or name, f"must be a finite number, got {as_json(value)}")
     return float(value)
 
 
 def _int(given: dict[str, Any], name: str) -> int:
     value = given[name]
     if isinstance(value, bool) or not isinstance(value, int) or value not in _INT64:
-        raise InvalidBody(name, f"must be a 64-bit integer, got {_json(value)}")
+        raise InvalidBody(name, f"must be a 64-bit integer, got {as_json(value)}")
     return value
 
 
 def _bool(given: dict[str, Any], name: str, param: str | None = None) -> bool:
     value = given[name]
     if not isinstance(value, bool):
-        raise InvalidBody(param or name, f"must be true or false, got {_json(value)}")
+        raise InvalidBody(param or name, f"must be true or false, got {as_json(value)}")
     return value
 
 
 def _str(given: dict[str, Any], name: str, param: str | None = None) -> str:
     value = given.get(name)
     if not isinstance(value, str):
-        raise InvalidBody(param or name, f"must be a string, got {_json(value)}")
+        raise InvalidBody(param or name, f"must be a string, got {as_json(value)}")
     return value
 
 
@@ -337,7 +337,7 @@ def _list(given: dict[str, Any], name: str, param: str | None = None) -> list[An
     if value is None:
         return []
     if not isinstance(value, list):
-        raise InvalidBody(param or name, f"must be a list, got {_json(value)}")
+        raise InvalidBody(param or name, f"must be a list, got {as_json(value)}")
     return value
 
 
@@ -346,10 +346,5 @@ def _token_ids(name: str, value: object) -> list[int]:
         raise InvalidBody(name, "must be a list of token ids")
     for i, t in enumerate(value):
         if isinstance(t, bool) or not isinstance(t, int) or t not in _INT64:
-            raise InvalidBody(f"{name}[{i}]", f"must be a token id (an integer), got {_json(t)}")
+            raise InvalidBody(f"{name}[{i}]", f"must be a token id (an integer), got {as_json(t)}")
     return value
-
-
-def _json(value: object) -> str:
-    """A body value as its sender wrote it: JSON (true, null, "text", {"a": 1}), not Python (True, None, 'text')."""
-    return json.dumps(value, ensure_ascii=False)

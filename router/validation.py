@@ -16,10 +16,13 @@ from typing import TypeVar
 from google.protobuf.message import DecodeError, Message
 
 from engine.block_hash import hash_blocks
+from engine.grammar_text import check_grammar
 from engine.sampling_params import InvalidRequest, SamplingParams, max_tokens_error
+from engine.structured_output import StructuredOutput
 from engine.tokenizer import Tokenizer
 from proto import nanoserve_pb2 as pb
 from router.chat_prompt import ChatPrompt, read_chat
+from router.tool_grammar import CallTags
 from worker.messages import EngineInfo
 
 MAX_REQUEST_ID_LEN = 256
@@ -65,6 +68,7 @@ class RequestValidator:
     def __init__(self, tokenizer: Tokenizer, info: EngineInfo, reasoning_parser: str | None = None) -> None:
         """`reasoning_parser`: one of router/reasoning.py's REASONING_PARSERS, for chat prompts; None: none."""
         self.tokenizer, self.info, self.reasoning_parser = tokenizer, info, reasoning_parser
+        self.call_tags = CallTags.of(tokenizer)
 
     def prepare(
         self, request: pb.GenerateRequest | UndecodableRequest, max_tokens_to_context_end: bool = False
@@ -78,6 +82,8 @@ class RequestValidator:
             raise InvalidRequest("request_id", f"at most {MAX_REQUEST_ID_LEN} printable characters")
         params = self._params(request.params)
         token_ids, chat = self._prompt(request)
+        if chat is not None and chat.tool_grammar is not None:
+            params = _with_tool_grammar(params, chat.tool_grammar)
         max_model_len = self.info.max_model_len
         room = max_model_len - len(token_ids)
         if room < 1:
@@ -103,7 +109,7 @@ class RequestValidator:
             return self.tokenizer.encode(request.text), None
         if kind == "chat":
             try:  # the template may refuse messages too (Qwen's: "No user query found in messages.")
-                chat = read_chat(request.chat)
+                chat = read_chat(request.chat, self.call_tags)
                 text = self.tokenizer.apply_chat_template(chat.messages, template_kwargs=chat.template_kwargs,
                                                           tools=chat.tools)
             except InvalidRequest as e:  # "messages[0].role: unknown role ..."
@@ -125,14 +131,36 @@ class RequestValidator:
         given = {**self.info.sampling_defaults, **{field.name: value for field, value in message.ListFields()}}
         for name in given.keys() & {"stop", "stop_token_ids", "allowed_token_ids", "logit_bias"}:
             given[name] = dict(given[name]) if name == "logit_bias" else tuple(given[name])  # protobuf's containers
+        if "structured_output" in given:
+            given["structured_output"] = _structured_output(given["structured_output"])
         given.setdefault("seed", random.getrandbits(63))
         try:
             params = SamplingParams.from_kwargs(**given)
-        except InvalidRequest as e:
-            raise e.within("params") from None
-        try:  # the engine indexes its logits by them
-            params.check_token_ids(self.info.vocab_size)
+            params.check_token_ids(self.info.vocab_size)  # the engine indexes its logits by them
+            if params.structured_output is not None:  # refused here, so no replica compiles a bad grammar
+                check_grammar(params.structured_output)
         except InvalidRequest as e:
             raise e.within("params") from None
         return params
+
+
+def _structured_output(message: pb.StructuredOutput) -> dict[str, object]:
+    """The set field of the oneof as StructuredOutput's mapping ({} when none is set: refused by name there)."""
+    kind = message.WhichOneof("kind")
+    if kind is None:
+        return {}
+    value = getattr(message, kind)
+    return {kind: list(value.choices) if kind == "choice" else value}
+
+
+def _with_tool_grammar(params: SamplingParams, grammar: StructuredOutput) -> SamplingParams:
+    """`params` holding the answer's tool calls to `grammar` (tool_choice "required", a named function, or strict
+    tools), which takes the place of a structured_output: the two do not combine."""
+    if params.structured_output is not None:
+        raise InvalidRequest("chat.tool_choice", '"required", a named function or strict tools hold the answer to '
+                             "tool calls, which does not combine with params.structured_output")
+    try:
+        return dataclasses.replace(params, structured_output=grammar)
+    except InvalidRequest as e:  # min_tokens
+        raise e.within("params") from None
 

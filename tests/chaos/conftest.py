@@ -52,8 +52,13 @@ def start_router(
     started: list[tuple[RouterThread, MemoryBaseline]] = []
     with router_factory(model_dir) as start:
 
-        def start_checked(*args: Any, **kwargs: Any) -> RouterThread:
+        def start_checked(*args: Any, warm: Callable[[RouterThread], None] | None = None,
+                          **kwargs: Any) -> RouterThread:
+            """`warm(router)`, when given, runs before the baseline: one-time costs of a replica (structured
+            output's token tables) are no growth."""
             router = start(*args, **kwargs)
+            if warm is not None:
+                warm(router)
             started.append((router, MemoryBaseline.take(router)))
             return router
 

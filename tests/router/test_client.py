@@ -27,7 +27,7 @@ SAMPLE_VALUES: dict[str, Any] = {
     "temperature": 0.0, "top_p": 0.9, "top_k": 0, "min_p": 0.0, "max_tokens": 5, "min_tokens": 0,
     "stop": ["\n\n"], "stop_token_ids": [7, 8], "ignore_eos": False, "seed": 0, "logprobs": 0,
     "presence_penalty": 0.0, "frequency_penalty": 0.0, "repetition_penalty": 1.0, "logit_bias": {5: -2.5},
-    "allowed_token_ids": [5, 6],
+    "allowed_token_ids": [5, 6], "structured_output": pb.StructuredOutput(json_object=True),
 }
 REPEATED_FIELDS = ("stop", "stop_token_ids", "logit_bias", "allowed_token_ids")  # presence: non-empty
 # A mistyped value for every kind of sampling field, and the error that must name the field.
@@ -47,6 +47,10 @@ BAD_KWARGS: list[tuple[str, Any, type[Exception], str]] = [
     ("logit_bias", {"5": 1.0}, TypeError, "logit_bias: expected a dict of int -> number, got {'5': 1.0}"),
     ("logit_bias", {5: True}, TypeError, "logit_bias: expected a dict of int -> number, got {5: True}"),
     ("logit_bias", [(5, 1.0)], TypeError, "logit_bias: expected a dict of int -> number, got [(5, 1.0)]"),
+    ("structured_output", {"regex": 5}, TypeError, "structured_output.regex: wrong type, got 5"),
+    ("structured_output", {"choice": "yes"}, TypeError, "structured_output.choice: expected a list of strs, got 'yes'"),
+    ("structured_output", "[a-z]+", TypeError, "structured_output: expected a dict of one of json_schema, json_object, "
+     "regex, choice, grammar, got '[a-z]+'"),
 ]
 
 
@@ -120,6 +124,16 @@ def test_a_mistyped_kwarg_is_an_error_naming_the_field(
 ) -> None:
     with pytest.raises(error, match=f"^{re.escape(message)}$"):
         build_request("hi", None, {"temperature": 0.5, name: value})
+
+
+def test_structured_output_as_a_dict_of_one_field() -> None:
+    def spec(value: Any) -> pb.StructuredOutput:
+        return build_request("hi", None, {"structured_output": value}).params.structured_output
+
+    assert spec({"json_schema": {"type": "object"}}) == pb.StructuredOutput(json_schema='{"type": "object"}')
+    assert spec({"json_schema": "{}"}).json_schema == "{}"
+    assert list(spec({"choice": ["yes", "no"]}).choice.choices) == ["yes", "no"]
+    assert spec({"regex": "[a-c]+"}).regex == "[a-c]+" and spec({"grammar": 'start: "a"'}).grammar == 'start: "a"'
 
 
 def test_prompt_kinds_fill_the_matching_oneof() -> None:

@@ -107,6 +107,9 @@ VALID: dict[str, st.SearchStrategy] = {
     "repetition_penalty": maybe(st.floats(0.5, 2)),
     "logit_bias": st.dictionaries(st.integers(0, VOCAB - 1), st.floats(-100, 100), max_size=3),
     "allowed_token_ids": st.lists(st.integers(0, VOCAB - 1), max_size=3),
+    "structured_output": maybe(st.sampled_from([
+        pb.StructuredOutput(regex="[a-c]{1,3}"), pb.StructuredOutput(choice=pb.Choices(choices=["yes", "no"])),
+        pb.StructuredOutput(json_object=True), pb.StructuredOutput(json_schema='{"enum": [1, 2]}')])),
 }
 EDGES: dict[str, st.SearchStrategy] = {
     "request_id": st.sampled_from(["x" * 256, "x" * 257, "a\nb", "\x00", "\u00e9" * 256, "\u200b"]) | st.text(),
@@ -126,6 +129,12 @@ EDGES: dict[str, st.SearchStrategy] = {
     "ignore_eos": st.booleans(),
     "logit_bias": st.dictionaries(wild_ids, wild_floats, max_size=4),
     "allowed_token_ids": st.lists(wild_ids, max_size=4),
+    "structured_output": st.sampled_from([
+        pb.StructuredOutput(), pb.StructuredOutput(regex="[a-"), pb.StructuredOutput(regex=""),
+        pb.StructuredOutput(json_schema="{"), pb.StructuredOutput(json_schema="[]"),
+        pb.StructuredOutput(json_schema='{"type": "strng"}'), pb.StructuredOutput(grammar="start: x"),
+        pb.StructuredOutput(grammar="root ::= ["), pb.StructuredOutput(choice=pb.Choices()),
+        pb.StructuredOutput(choice=pb.Choices(choices=[""])), pb.StructuredOutput(json_object=False)]),
 }
 PARAM_FIELDS = tuple(f.name for f in pb.SamplingParams.DESCRIPTOR.fields)
 

@@ -363,10 +363,8 @@ BAD_BODIES: list[tuple[str, dict[str, Any], str]] = [
      "tools[0].function.name"),
     ("chat", {"messages": MESSAGES, "tool_choice": "sometimes", "tools": [{"type": "function", "function": {
         "name": "f"}}]}, "tool_choice"),
-    ("chat", {"messages": MESSAGES, "tool_choice": "required", "tools": [{"type": "function", "function": {
-        "name": "f"}}]}, "tool_choice"),
-    ("chat", {"messages": MESSAGES, "tool_choice": {"type": "function", "function": {"name": "f"}}, "tools": [
-        {"type": "function", "function": {"name": "f"}}]}, "tool_choice"),
+    ("chat", {"messages": MESSAGES, "tool_choice": {"type": "function", "function": {"name": "g"}}, "tools": [
+        {"type": "function", "function": {"name": "f"}}]}, "tool_choice.function.name"),
     ("chat", {"messages": MESSAGES, "tool_choice": "auto"}, "tool_choice"),
     ("chat", {"messages": MESSAGES, "top_logprobs": 2}, "top_logprobs"),
     ("chat", {"messages": MESSAGES, "logprobs": True, "top_logprobs": 21}, "top_logprobs"),

@@ -42,8 +42,8 @@ BAD_VALUES: list[tuple[Endpoint, str, str, str]] = [
      "must be a string, got 7"),
     ("chat", '{"tools": [{"type": "function", "function": {"name": "f", "parameters": []}}]}',
      "tools[0].function.parameters", "must be a JSON Schema object"),
-    ("chat", '{"tools": [{"type": "function", "function": {"name": "f", "strict": true}}]}', "tools[0].function.strict",
-     "true needs structured output, which tool calls do not use yet"),
+    ("chat", '{"tools": [{"type": "function", "function": {"name": "f", "strict": 1}}]}', "tools[0].function.strict",
+     "must be true or false, got 1"),
     ("chat", '{"tools": [{"type": "function", "function": {"name": "f", "args": {}}}]}', "tools[0].function.args",
      "unknown field (functions take name, description, parameters and strict)"),
     ("chat", '{"tool_choice": 5}', "tool_choice",
@@ -60,6 +60,32 @@ BAD_VALUES: list[tuple[Endpoint, str, str, str]] = [
      'only text parts are supported, got type "image_url"'),
     ("chat", '{"messages": [{"role": "user", "content": ["Hi"]}]}', "messages[0].content[0]",
      "only text parts are supported, got type null"),
+    ("completions", '{"guided_regex": 5}', "guided_regex", "must be a string, got 5"),
+    ("completions", '{"guided_choice": "yes"}', "guided_choice", 'must be a list of strings, got "yes"'),
+    ("chat", '{"guided_json": [1]}', "guided_json", "must be a JSON Schema object (or its JSON text), got [1]"),
+    ("chat", '{"guided_grammar": {"x": 1}}', "guided_grammar", 'must be a string, got {"x": 1}'),
+    ("chat", '{"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}',
+     "response_format.json_schema.schema", "must be a JSON Schema object, got null"),
+    ("chat", '{"response_format": {"type": "json_schema", "json_schema": {"schema": {}, "strict": "yes"}}}',
+     "response_format.json_schema.strict", 'wrong type: "yes"'),
+    ("chat", '{"response_format": {"type": "json_schema", "json_schema": {"schema": {}, "x": 1}}}',
+     "response_format.json_schema.x", "unknown; it takes name, description, schema, strict"),
+    ("completions", '{"response_format": {"type": "structural_tag"}}', "response_format.type",
+     'not supported by this server (text, json_object or json_schema), got "structural_tag"'),
+    ("completions", '{"response_format": "json"}', "response_format",
+     'must be {"type": "text" | "json_object" | "json_schema", ...}, got "json"'),
+    ("completions", '{"response_format": {"type": "json_object", "schema": {}}}', "response_format.schema",
+     'unknown with type "json_object"'),
+    ("completions", '{"structured_outputs": {"structural_tag": "{}"}}', "structured_outputs.structural_tag",
+     "not supported by this server"),
+    ("completions", '{"structured_outputs": {"regexp": "a"}}', "structured_outputs.regexp",
+     "unknown; it takes one of json, regex, choice, grammar, json_object"),
+    ("completions", '{"structured_outputs": {"regex": "a", "choice": ["b"]}}', "structured_outputs",
+     "set exactly one of json, regex, choice, grammar, json_object; got regex and choice"),
+    ("completions", '{"structured_outputs": {"json_object": 1}}', "structured_outputs.json_object",
+     "must be true, got 1"),
+    ("completions", '{"guided_regex": "a", "response_format": {"type": "json_object"}}', "guided_regex",
+     "only one of response_format, structured_outputs and guided_* per request; response_format is given too"),
 ]
 
 
@@ -81,6 +107,8 @@ def test_a_bad_value_is_named_and_shown_as_json(endpoint: Endpoint, text: str, p
     ("completions", "text", "prompt"), ("chat", "prompt", "messages"),
     ("chat", "chat.messages[0].role", "messages[0].role"), ("chat", "chat.tools[1].name", "tools[1].function.name"),
     ("chat", "chat.tool_choice", "tool_choice"),
+    ("chat", "chat.tool_choice.function_name", "tool_choice.function.name"),
+    ("chat", "chat.tools[0].strict", "tools[0].function.strict"),
     ("chat", "chat.messages[1].tool_calls[0].arguments", "messages[1].tool_calls[0].function.arguments"),
     ("chat", "chat.messages[1].tool_calls", "messages[1].tool_calls"),
 ])
@@ -123,9 +151,48 @@ def test_tools_tool_choice_and_tool_messages_reach_the_chat_request() -> None:
     chat = read_request("chat", body).generate.chat
     [tool] = chat.tools
     assert (tool.name, tool.description, tool.parameters["properties"]["x"]["maximum"]) == ("f", "Doubles x.", 10)
-    assert chat.tool_choice.function_name == "f"  # the validator refuses it, naming tool_choice
+    assert chat.tool_choice.function_name == "f"
     assert (chat.messages[1].content, list(chat.messages[1].tool_calls)) == (
         "", [pb.ToolCall(id="call_1", name="f", arguments='{"x": 1}')])
     assert chat.messages[2].tool_call_id == "call_1"
     assert read_request("chat", {**body, "tool_choice": "none"}).generate.chat.tool_choice.mode == "none"
     assert not read_request("chat", MESSAGES).generate.chat.HasField("tool_choice")
+
+
+@pytest.mark.parametrize(("body", "expected", "param"), [
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "p", "schema": {"type": "object"},
+                                                                 "strict": True}}},
+     pb.StructuredOutput(json_schema='{"type": "object"}'), "response_format.json_schema.schema"),
+    ({"response_format": {"type": "json_object"}}, pb.StructuredOutput(json_object=True), "response_format"),
+    ({"response_format": {"type": "text"}}, None, None),
+    ({"guided_json": {"type": "object"}}, pb.StructuredOutput(json_schema='{"type": "object"}'), "guided_json"),
+    ({"guided_json": '{"type": "object"}'}, pb.StructuredOutput(json_schema='{"type": "object"}'), "guided_json"),
+    ({"guided_regex": "[a-c]+"}, pb.StructuredOutput(regex="[a-c]+"), "guided_regex"),
+    ({"guided_choice": ["a", "b"]}, pb.StructuredOutput(choice=pb.Choices(choices=["a", "b"])), "guided_choice"),
+    ({"guided_grammar": 'start: "a"'}, pb.StructuredOutput(grammar='start: "a"'), "guided_grammar"),
+    ({"structured_outputs": {"json": {"type": "object"}}}, pb.StructuredOutput(json_schema='{"type": "object"}'),
+     "structured_outputs.json"),
+    ({"structured_outputs": {"choice": ["a"], "regex": None}}, pb.StructuredOutput(choice=pb.Choices(choices=["a"])),
+     "structured_outputs.choice"),
+    ({"structured_outputs": {"json_object": True}}, pb.StructuredOutput(json_object=True),
+     "structured_outputs.json_object"),
+])
+def test_structured_output_fields_reach_the_request(body: dict[str, Any], expected: pb.StructuredOutput | None,
+                                                    param: str | None) -> None:
+    for endpoint, prompt in (("completions", PROMPT), ("chat", MESSAGES)):
+        request = read_request(endpoint, {**prompt, **body})  # type: ignore[arg-type]
+        params = request.generate.params
+        assert (params.structured_output if params.HasField("structured_output") else None) == expected
+        assert request.structured_output_param == param
+
+
+@pytest.mark.parametrize(("field", "spec_param", "param"), [
+    ("params.structured_output.json_schema", "response_format.json_schema.schema",
+     "response_format.json_schema.schema"),
+    ("params.structured_output.choice[1]", "guided_choice", "guided_choice[1]"),
+    ("params.structured_output.choice[1]", "structured_outputs.choice", "structured_outputs.choice[1]"),
+    ("params.structured_output", "guided_choice", "guided_choice"),
+    ("params.min_tokens", "guided_regex", "min_tokens"),
+])
+def test_the_validators_structured_output_field_is_the_bodys(field: str, spec_param: str, param: str) -> None:
+    assert invalid_body("completions", field, "x", spec_param).param == param

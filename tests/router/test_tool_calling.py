@@ -87,11 +87,11 @@ def test_grpc_carries_the_tool_calls(qwen_tokenizer: Tokenizer) -> None:
             plain = await stub.Complete(pb.GenerateRequest(chat=none), timeout=30)
             assert (plain.text, list(plain.tool_calls)) == (ANSWER, [])
             with pytest.raises(grpc.aio.AioRpcError) as error:
-                required = pb.ChatMessages(messages=chat.messages, tools=chat.tools,
-                                           tool_choice=pb.ToolChoice(mode="required"))
-                await stub.Complete(pb.GenerateRequest(chat=required), timeout=30)
+                unknown = pb.ChatMessages(messages=chat.messages, tools=chat.tools,
+                                          tool_choice=pb.ToolChoice(function_name="get_news"))
+                await stub.Complete(pb.GenerateRequest(chat=unknown), timeout=30)
             assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-            assert (error.value.details() or "").startswith('chat.tool_choice: "required" needs structured output')
+            assert (error.value.details() or "").startswith("chat.tool_choice.function_name: 'get_news' is not one")
 
     run(qwen_tokenizer, scenario)
 

@@ -113,3 +113,55 @@ def test_template_kwargs_reach_the_chat_template_and_reasoning_splits_chat_only(
     with pytest.raises(InvalidRequest, match="^chat.template_kwargs.messages: set by the server, not by a request$"):
         check.prepare(request)
     assert not RequestValidator(check.tokenizer, INFO).prepare(chat_request("user")).split_reasoning
+
+
+def so_request(**kind: object) -> pb.GenerateRequest:
+    return pb.GenerateRequest(token_ids=pb.TokenIds(ids=[1, 2]), params=pb.SamplingParams(
+        structured_output=pb.StructuredOutput(**kind)))
+
+
+@pytest.mark.parametrize(("kind", "expected"), [
+    (dict(json_schema='{"type": "object"}'), {"json_schema": '{"type": "object"}'}),
+    (dict(json_object=True), {"json_object": True}),
+    (dict(regex="[a-c]{3}"), {"regex": "[a-c]{3}"}),
+    (dict(choice=pb.Choices(choices=["yes", "no"])), {"choice": ["yes", "no"]}),
+    (dict(grammar='start: "a"'), {"grammar": 'start: "a"'}),
+])
+def test_structured_output_reaches_the_params(qwen_tokenizer_dir: Path, kind: dict, expected: dict) -> None:
+    params = validator(qwen_tokenizer_dir, None).prepare(so_request(**kind)).params
+    assert params.structured_output is not None and params.structured_output.as_dict() == expected
+
+
+@pytest.mark.parametrize(("kind", "field", "message"), [
+    ({}, "params.structured_output", "set exactly one of"),
+    (dict(json_schema="{not json"), "params.structured_output.json_schema", "is not valid JSON"),
+    (dict(json_schema='{"type": "object", "properties": {"a": {"type": "strng"}}}'),
+     "params.structured_output.json_schema", "Invalid type: strng"),
+    (dict(regex="[a-"), "params.structured_output.regex", "at 1(8): invalid regex"),
+    (dict(choice=pb.Choices()), "params.structured_output.choice", "must be a non-empty list"),
+    (dict(choice=pb.Choices(choices=["a", ""])), "params.structured_output.choice[1]", "must be a non-empty string"),
+    (dict(grammar="start: item"), "params.structured_output.grammar", "at 1(8): unknown name"),
+])
+def test_a_bad_structured_output_is_named_before_any_replica_sees_it(
+    qwen_tokenizer_dir: Path, kind: dict, field: str, message: str
+) -> None:
+    with pytest.raises(InvalidRequest) as invalid:
+        validator(qwen_tokenizer_dir, None).prepare(so_request(**kind))
+    assert invalid.value.field == field and invalid.value.message.startswith(message), invalid.value
+
+
+def test_a_tool_choice_that_holds_the_calls_becomes_the_structured_output(qwen_tokenizer_dir: Path) -> None:
+    check = validator(qwen_tokenizer_dir, "{{ messages[0]['content'] }}")
+    request = chat_request("user")
+    request.chat.tools.add(name="f")
+    request.chat.tool_choice.mode = "required"
+    prepared = check.prepare(request)
+    assert prepared.parse_tool_calls and prepared.params.structured_output is not None
+    assert prepared.params.structured_output.grammar.startswith('start: call ("\\n" call)*')
+    request.params.structured_output.regex = "x"
+    with pytest.raises(InvalidRequest, match='^chat.tool_choice: "required", a named function or strict tools'):
+        check.prepare(request)
+    request.params.ClearField("structured_output")
+    request.params.min_tokens = 2
+    with pytest.raises(InvalidRequest, match="^params.min_tokens: must be 0 with structured_output"):
+        check.prepare(request)
