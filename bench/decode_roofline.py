@@ -30,8 +30,9 @@ def start_decoding(engine: LLMEngine, batch_size: int, context: int, max_tokens:
     params = SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=max_tokens)
     ids = [engine.add_request(torch.randint(0, 10000, (context - 1,), generator=g).tolist(), params)
            for _ in range(batch_size)]
-    while any(engine._requests[i].num_output_tokens == 0 for i in ids):  # prefill everything first
-        engine.step()
+    started: set[str] = set()
+    while not started.issuperset(ids):  # prefill everything first
+        started.update(out.request_id for out in engine.step())
     for _ in range(3):
         engine.step()
     return ids

@@ -60,8 +60,7 @@ def record_plans(engine: LLMEngine, batch_size: int, context: int, steps: int) -
     for _ in range(steps):
         engine.step()
     runner.execute = execute  # type: ignore[method-assign]
-    for request_id in list(engine._requests):
-        engine.abort(request_id)
+    engine.abort_all()
     while engine.has_unfinished():
         engine.step()
     return plans

@@ -45,11 +45,18 @@ class Grammars:
         self._lltokenizer: llguidance.LLTokenizer | None = None
         self._executor: llguidance.LLExecutor | None = None
 
-    def matcher(self, spec: StructuredOutput | None, output_token_ids: list[int]) -> llguidance.LLMatcher | None:
-        """A matcher of `spec`'s grammar (None without one) that has followed `output_token_ids` (a resumed request's
-        earlier output); InvalidRequest naming the field when the grammar does not compile or the output breaks it."""
+    def matchers(
+        self, spec: StructuredOutput | None, output_token_ids: list[int], n: int
+    ) -> list[llguidance.LLMatcher | None]:
+        """`n` matchers (one per choice) of `spec`'s grammar, compiled once (None without one), that have followed
+        `output_token_ids` (a resumed request's earlier output); InvalidRequest naming the field when the grammar does
+        not compile or the output breaks it."""
         if spec is None:
-            return None
+            return [None] * n
+        matcher = self._matcher(spec, output_token_ids)
+        return [matcher] + [matcher.deep_copy() for _ in range(n - 1)]
+
+    def _matcher(self, spec: StructuredOutput, output_token_ids: list[int]) -> llguidance.LLMatcher:
         matcher = llguidance.LLMatcher(self._tokenizer_tables(), grammar_text(spec), log_level=0)
         if matcher.is_error():
             raise InvalidRequest(f"structured_output.{spec.kind}", matcher.get_error())

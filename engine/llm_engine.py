@@ -17,15 +17,17 @@ from tqdm.auto import tqdm
 
 from engine.batch_invariance import disable_cublas_split_k
 from engine.block_manager import BlockManager, KVEvents
+from engine.choices import Requests
 from engine.config import EngineConfig
 from engine.detokenizer import IncrementalDetokenizer
 from engine.grammar import Grammars
 from engine.heartbeat import Heartbeat
+from engine.invalid_request import InvalidRequest
 from engine.model_runner import LaunchedStep, ModelRunner
-from engine.outputs import EngineStats, RequestOutput, final_output
+from engine.outputs import EngineStats, RequestOutput, Result, result
 from engine.pending_samples import PendingSamples
 from engine.prompt import Prompt, validate_prompt
-from engine.sampling_params import SamplingParams
+from engine.sampling_params import SamplingParams, choice_seed
 from engine.scheduler import ScheduledBatch, Scheduler
 from engine.sequence import Sequence
 from engine.stopping import check_stop, finishes_by_length
@@ -144,7 +146,7 @@ class LLMEngine:
         self.scheduler = scheduler
         self.block_manager = scheduler.block_manager
         self.grammars = Grammars(config.model, tokenizer, config.model_config.vocab_size, eos_token_ids, config.device)
-        self._requests: dict[str, Sequence] = {}
+        self._requests = Requests(scheduler, config.block_size)
         self._aborted: list[Sequence] = []
         self._in_flight: InFlightStep | None = None
         self._closed = False
@@ -179,15 +181,17 @@ class LLMEngine:
         self, prompt: Prompt, params: SamplingParams | None = None, request_id: str | None = None,
         resumed_tokens: int = 0,
     ) -> str:
-        """Queue a request (text or token ids); raise ValueError naming the bad field. Returns its id.
+        """Queue a request (text or token ids); raise ValueError naming the bad field. Returns its id, which
+        its outputs carry with the choice's `index` (SamplingParams.n).
         `resumed_tokens`: the prompt's last tokens are the output of an earlier attempt of this request
-        (a failover), which presence and frequency penalties count as output."""
-        return self._enqueue(self._new_sequence(prompt, params, request_id, resumed_tokens))
+        (a failover), which presence and frequency penalties count as output. A request of n choices resumes
+        each unfinished one alone, with `params.for_choice(index)`."""
+        return self._enqueue(self._new_choices(prompt, params, request_id, resumed_tokens))
 
-    def _new_sequence(
+    def _new_choices(
         self, prompt: Prompt, params: SamplingParams | None, request_id: str | None, resumed_tokens: int = 0
-    ) -> Sequence:
-        """A validated, not yet queued request."""
+    ) -> list[Sequence]:
+        """A validated, not yet queued request: one sequence per choice."""
         params = params or self.default_sampling_params()
         if not isinstance(params, SamplingParams):
             raise ValueError(f"sampling_params must be a SamplingParams, got {type(params).__name__}")
@@ -199,36 +203,35 @@ class LLMEngine:
             0 <= resumed_tokens < len(token_ids)
         ):
             raise ValueError(f"resumed_tokens must be an int in [0, {len(token_ids)}), got {resumed_tokens!r}")
-        matcher = self.grammars.matcher(params.structured_output, token_ids[len(token_ids) - resumed_tokens :])
-        return Sequence(
-            request_id=request_id,
-            arrival=next(self._arrivals),
-            token_ids=token_ids,
-            num_prompt_tokens=len(token_ids),
-            params=params,
-            seed=params.seed if params.seed is not None else random.getrandbits(63),
-            detokenizer=IncrementalDetokenizer(self.tokenizer) if params.stop else None,
-            resumed_tokens=resumed_tokens,
-            matcher=matcher,
-        )
+        if resumed_tokens and params.n > 1:
+            raise InvalidRequest("resumed_tokens", "must be 0 with n > 1: each choice resumes alone (for_choice)")
+        output = token_ids[len(token_ids) - resumed_tokens :]
+        matchers = self.grammars.matchers(params.structured_output, output, params.n)
+        seed = params.seed if params.seed is not None else random.getrandbits(63)
+        return [
+            Sequence(request_id=request_id, arrival=next(self._arrivals), token_ids=list(token_ids),
+                     num_prompt_tokens=len(token_ids), params=params, seed=choice_seed(seed, index),
+                     detokenizer=IncrementalDetokenizer(self.tokenizer) if params.stop else None,
+                     resumed_tokens=resumed_tokens, matcher=matcher, index=index)
+            for index, matcher in enumerate(matchers)
+        ]
 
-    def _enqueue(self, seq: Sequence) -> str:
+    def _enqueue(self, choices: list[Sequence]) -> str:
         if self._closed:
             raise RuntimeError("this LLMEngine is closed; create a new one")
-        self._requests[seq.request_id] = seq
-        self.scheduler.add(seq)
-        return seq.request_id
+        self._requests.add(choices)
+        return choices[0].request_id
 
     def abort(self, request_id: str) -> bool:
-        """Stop a request and free its blocks now; its final output comes with the next step. False if unknown."""
-        seq = self._requests.get(request_id)
-        if seq is None or seq.is_finished:
-            return False
-        self.scheduler.finish(seq)
-        seq.finish_reason = "abort"
-        seq.num_pending = 0  # what running steps sample for it is dropped
-        self._aborted.append(seq)
-        return True
+        """Stop a request (each of its choices) and free its blocks now; the final outputs come with the next step.
+        False if unknown or finished."""
+        seqs = self._requests.abort(request_id)
+        for seq in seqs:
+            self.scheduler.finish(seq)
+            seq.finish_reason = "abort"
+            seq.num_pending = 0  # what running steps sample for it is dropped
+        self._aborted += seqs
+        return bool(seqs)
 
     def abort_all(self) -> int:
         """Abort every unfinished request (a drain, or requests whose client is gone); returns how many."""
@@ -247,6 +250,7 @@ class LLMEngine:
         launched = self._launch(batch) if batch else None
         if self._in_flight is not None:
             outputs += self._process(self._in_flight)
+        self._requests.release_held()  # the later choices of requests whose prompt is now cached
         if launched is not None and launched.pending is None:  # grammar rows: their masks follow the tokens just read
             mask = self.grammars.token_mask(launched.forward.seqs)
             launched.pending = self.model_runner.sample(launched.forward, mask)
@@ -297,19 +301,20 @@ class LLMEngine:
             if finish_reason is not None:
                 seq.num_pending = 0  # the token the step now running samples for it is dropped
                 self.scheduler.finish(seq)
-                del self._requests[seq.request_id]
+                self._requests.report_final(seq)
             # Positional: this runs per request per step, and keyword construction costs twice as much.
             outputs.append(RequestOutput(seq.request_id, [token_id], finish_reason is not None, finish_reason,
-                                         seq.num_prompt_tokens, seq.num_cached_tokens or 0, new_logprobs))
+                                         seq.num_prompt_tokens, seq.num_cached_tokens or 0, new_logprobs, seq.index))
         for seq in step.chunks:
             if not seq.is_finished:
                 commit(seq)
         return outputs
 
     def _abort_output(self, seq: Sequence) -> RequestOutput:
-        """The final output of an aborted request; the engine forgets it afterwards."""
-        del self._requests[seq.request_id]
-        return RequestOutput(seq.request_id, [], True, "abort", seq.num_prompt_tokens, seq.num_cached_tokens or 0)
+        """The final output of an aborted choice; the engine forgets its request after the last one."""
+        self._requests.report_final(seq)
+        return RequestOutput(seq.request_id, [], True, "abort", seq.num_prompt_tokens, seq.num_cached_tokens or 0,
+                             [], seq.index)
 
     def take_kv_events(self) -> KVEvents:
         """Block hashes stored and evicted since the last call (for prefix-aware routing)."""
@@ -339,8 +344,9 @@ class LLMEngine:
         *,
         use_tqdm: bool = True,
         **params: Any,
-    ) -> dict[str, Any] | list[dict[str, Any]]:
-        """Run prompts to completion. One prompt returns one dict; a list returns a list, in input order.
+    ) -> Result | list[Result]:
+        """Run prompts to completion. One prompt returns one dict (with n > 1: a list of n, by choice); a list
+        returns a list of those, in input order.
 
         Sampling parameters come either as `sampling_params` (one, or one per prompt) or as
         keyword arguments (`max_tokens=100, temperature=0`).
@@ -350,9 +356,9 @@ class LLMEngine:
         if not batch:
             raise ValueError("prompts: no prompt given")
         per_prompt = self._sampling_params_per_prompt(sampling_params, params, len(batch))
-        seqs = self._add_all(batch, per_prompt)
-        self._run_until_done(seqs, use_tqdm)
-        results = [final_output(seq, self.tokenizer) for seq in seqs]
+        requests = self._add_all(batch, per_prompt)
+        self._run_until_done([seq for choices in requests for seq in choices], use_tqdm)
+        results = [result(choices, self.tokenizer) for choices in requests]
         return results[0] if single else results
 
     def default_sampling_params(self, **params: Any) -> SamplingParams:
@@ -373,17 +379,17 @@ class LLMEngine:
             raise ValueError(f"sampling_params: {len(sampling_params)} given for {n} prompts")
         return list(sampling_params)
 
-    def _add_all(self, prompts: list[Prompt], params: list[SamplingParams]) -> list[Sequence]:
+    def _add_all(self, prompts: list[Prompt], params: list[SamplingParams]) -> list[list[Sequence]]:
         """Validate every prompt, then queue them all: a bad one rejects the batch and queues nothing."""
-        seqs: list[Sequence] = []
+        requests: list[list[Sequence]] = []
         for i, (prompt, sp) in enumerate(zip(prompts, params)):
             try:
-                seqs.append(self._new_sequence(prompt, sp, None))
+                requests.append(self._new_choices(prompt, sp, None))
             except ValueError as e:
                 raise (ValueError(f"prompts[{i}]: {e}") if len(prompts) > 1 else e) from None
-        for seq in seqs:
-            self._enqueue(seq)
-        return seqs
+        for choices in requests:
+            self._enqueue(choices)
+        return requests
 
     def _run_until_done(self, seqs: list[Sequence], use_tqdm: bool) -> None:
         """Step until `seqs` finish; the bar shows prefill and decode throughput (mixed steps count as prefill)."""

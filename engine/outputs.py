@@ -11,7 +11,8 @@ from engine.tokenizer import Tokenizer
 
 @dataclass(slots=True)
 class RequestOutput:
-    """One request's progress in one step: the tokens it gained, and whether it is done."""
+    """One request's progress in one step: the tokens its choice `index` gained, and whether that choice is done
+    (a request with n choices gives up to n outputs a step; it is done once each of them has said finished)."""
 
     request_id: str
     new_token_ids: list[int]
@@ -20,6 +21,7 @@ class RequestOutput:
     num_prompt_tokens: int
     num_cached_tokens: int
     new_logprobs: list[TokenLogprobs] = field(default_factory=list)
+    index: int = 0  # the choice (SamplingParams.n)
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,8 +39,17 @@ class EngineStats:
     num_preemptions: int
 
 
+Result = dict[str, Any] | list[dict[str, Any]]  # one prompt's generate() result: a dict, or n (SamplingParams.n)
+
+
+def result(choices: list[Sequence], tokenizer: Tokenizer) -> Result:
+    """The `generate()` result of a finished request: its choice's dict, or with n > 1 a list of them by index."""
+    outputs = [final_output(seq, tokenizer) for seq in choices]
+    return outputs if choices[0].params.n > 1 else outputs[0]
+
+
 def final_output(seq: Sequence, tokenizer: Tokenizer) -> dict[str, Any]:
-    """The `generate()` result for a finished request; text is cut before a matched stop string."""
+    """The `generate()` result of one finished choice; text is cut before a matched stop string."""
     if seq.detokenizer is not None:
         text = seq.detokenizer.text + seq.detokenizer.flush()
         text = text if seq.stop_text_len is None else text[: seq.stop_text_len]

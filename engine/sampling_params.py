@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 from engine.invalid_request import InvalidRequest
 from engine.structured_output import StructuredOutput
 
 GREEDY_BELOW_TEMPERATURE = 1e-5
+MAX_N = 128  # choices per request: OpenAI's bound (vLLM sets none)
+_CHOICE_SEED_STEP = 0x9E3779B97F4A7C15  # 2**64 / golden ratio, splitmix64's increment
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,6 +33,12 @@ class SamplingParams:
     possible only the tokens that keep the output a prefix of its language, and EOS (or a stop id) once the
     output is complete, applied with allowed_token_ids. The grammar decides where the output ends, so it does
     not combine with min_tokens.
+    `n` (in [1, 128]) asks for n completions (choices) of the prompt, which share its prefill (engine/choices.py).
+    Choice i samples with its own seed, choice_seed(seed, i) = (seed + i * 0x9E3779B97F4A7C15) mod 2**63: choice 0
+    is the same request with n = 1, `for_choice(i)` runs choice i alone to the same tokens (what a failover
+    resubmits), and the golden-ratio step keeps requests seeded 1, 2, 3 from sharing choices (seed + i would
+    not). An unseeded request draws one random seed for all its choices. Each choice stops on its own and has
+    its own grammar matcher.
     """
 
     temperature: float = 1.0
@@ -50,6 +58,7 @@ class SamplingParams:
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias) pairs by id; a mapping is accepted too
     allowed_token_ids: tuple[int, ...] | None = None
     structured_output: StructuredOutput | None = None
+    n: int = 1
 
     def __post_init__(self) -> None:
         # Normalise list/str inputs so the dataclass stays hashable and immutable.
@@ -127,6 +136,9 @@ class SamplingParams:
                 _check_int("allowed_token_ids", t)
                 if t < 0:
                     raise InvalidRequest("allowed_token_ids", f"must be >= 0, got {t}")
+        _check_int("n", self.n)
+        if not 1 <= self.n <= MAX_N:
+            raise InvalidRequest("n", f"must be in [1, {MAX_N}], got {self.n}")
         if self.structured_output is not None and self.min_tokens:
             raise InvalidRequest("min_tokens", "must be 0 with structured_output: the grammar decides where the "
                                  "output ends")
@@ -139,6 +151,15 @@ class SamplingParams:
         for name, t in named:
             if t >= vocab_size:
                 raise InvalidRequest(name, f"{t} is outside the vocabulary [0, {vocab_size})")
+
+    def for_choice(self, index: int) -> SamplingParams:
+        """The params of choice `index` run alone (n = 1, its own seed): it samples exactly as within the request,
+        so a failover resubmits an unfinished choice with these (and resumed_tokens)."""
+        if self.seed is None:
+            raise ValueError("for_choice needs the request's seed: the choice's derives from it")
+        if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < self.n:
+            raise ValueError(f"for_choice: index must be an int in [0, n={self.n}), got {index!r}")
+        return replace(self, n=1, seed=choice_seed(self.seed, index))
 
     @property
     def has_bias_or_allow_list(self) -> bool:
@@ -172,6 +193,11 @@ class SamplingParams:
 
 
 FIELD_NAMES = tuple(f.name for f in fields(SamplingParams))  # once, not per request
+
+
+def choice_seed(seed: int, index: int) -> int:
+    """The seed choice `index` of a request seeded `seed` samples with (SamplingParams says why this rule)."""
+    return (seed + index * _CHOICE_SEED_STEP) % 2**63
 
 
 def max_tokens_error(max_tokens: int, num_prompt_tokens: int, max_model_len: int) -> InvalidRequest:

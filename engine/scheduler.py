@@ -58,7 +58,14 @@ class Scheduler:
         self.num_prompt_tokens = 0
 
     def add(self, seq: Sequence) -> None:
+        seq.status = SequenceStatus.WAITING
         self.waiting.append(seq)
+
+    def add_ahead(self, seqs: list[Sequence]) -> None:
+        """Queue `seqs`, in order, ahead of every waiting request: choices of a request already running."""
+        for seq in seqs:
+            seq.status = SequenceStatus.WAITING
+        self.waiting.extendleft(reversed(seqs))
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)

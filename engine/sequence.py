@@ -17,6 +17,7 @@ FinishReason = Literal["stop", "length", "abort"]
 
 
 class SequenceStatus(enum.Enum):
+    HELD = enum.auto()  # not queued yet: a request's later choice, until its prompt is cached (engine/choices.py)
     WAITING = enum.auto()
     RUNNING = enum.auto()
     FINISHED = enum.auto()
@@ -32,9 +33,9 @@ class TokenLogprobs:
 
 @dataclass(slots=True, eq=False)
 class Sequence:
-    """One request. `token_ids` is prompt + output, known ids only; `num_pending` more tokens follow them that
-    launched steps are still sampling (steps overlap: see engine/step_plan.py). `num_tokens` counts both; the
-    first `num_computed_tokens` have K/V in the cache.
+    """One request, or one of its choices (SamplingParams.n). `token_ids` is prompt + output, known ids only;
+    `num_pending` more tokens follow them that launched steps are still sampling (steps overlap: see
+    engine/step_plan.py). `num_tokens` counts both; the first `num_computed_tokens` have K/V in the cache.
 
     A step computes tokens `num_computed_tokens : num_computed_tokens + n`; when that reaches `num_tokens` the
     step also samples the next token. A decode is simply n == 1 (its token may be pending: the device takes it
@@ -59,6 +60,7 @@ class Sequence:
     resumed_tokens: int = 0  # the prompt's last tokens that an earlier attempt generated (a failover)
     num_pending: int = 0  # output tokens sampled by launched steps, not yet read back: they follow token_ids
     matcher: LLMatcher | None = None  # structured output: the grammar's state after the known output tokens
+    index: int = 0  # which of its request's choices (SamplingParams.n) this is
 
     @property
     def num_tokens(self) -> int:

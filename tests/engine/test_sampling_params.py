@@ -13,7 +13,7 @@ def test_as_kwargs_rebuilds_every_field() -> None:
     params = SamplingParams(
         temperature=0.7, top_p=0.9, top_k=5, min_p=0.1, max_tokens=7, min_tokens=2, stop=("a", "bc"),
         stop_token_ids=(3, 4), ignore_eos=True, seed=11, logprobs=2, presence_penalty=0.5,
-        frequency_penalty=-0.5, repetition_penalty=1.2, logit_bias={9: -1.5, 2: 3.0}, allowed_token_ids=[2, 5],
+        frequency_penalty=-0.5, repetition_penalty=1.2, logit_bias={9: -1.5, 2: 3.0}, allowed_token_ids=[2, 5], n=3,
     )
     assert set(params.as_kwargs()) == {f.name for f in dataclasses.fields(SamplingParams)} == set(FIELD_NAMES)
     # None left default but structured_output, which takes no min_tokens: it goes in a copy without them.
