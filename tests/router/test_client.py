@@ -27,7 +27,7 @@ SAMPLE_VALUES: dict[str, Any] = {
     "temperature": 0.0, "top_p": 0.9, "top_k": 0, "min_p": 0.0, "max_tokens": 5, "min_tokens": 0,
     "stop": ["\n\n"], "stop_token_ids": [7, 8], "ignore_eos": False, "seed": 0, "logprobs": 0,
     "presence_penalty": 0.0, "frequency_penalty": 0.0, "repetition_penalty": 1.0, "logit_bias": {5: -2.5},
-    "allowed_token_ids": [5, 6], "structured_output": pb.StructuredOutput(json_object=True),
+    "allowed_token_ids": [5, 6], "structured_output": pb.StructuredOutput(json_object=True), "n": 1,
 }
 REPEATED_FIELDS = ("stop", "stop_token_ids", "logit_bias", "allowed_token_ids")  # presence: non-empty
 # A mistyped value for every kind of sampling field, and the error that must name the field.

@@ -110,6 +110,7 @@ VALID: dict[str, st.SearchStrategy] = {
     "structured_output": maybe(st.sampled_from([
         pb.StructuredOutput(regex="[a-c]{1,3}"), pb.StructuredOutput(choice=pb.Choices(choices=["yes", "no"])),
         pb.StructuredOutput(json_object=True), pb.StructuredOutput(json_schema='{"enum": [1, 2]}')])),
+    "n": maybe(st.just(1)),
 }
 EDGES: dict[str, st.SearchStrategy] = {
     "request_id": st.sampled_from(["x" * 256, "x" * 257, "a\nb", "\x00", "\u00e9" * 256, "\u200b"]) | st.text(),
@@ -135,6 +136,7 @@ EDGES: dict[str, st.SearchStrategy] = {
         pb.StructuredOutput(json_schema='{"type": "strng"}'), pb.StructuredOutput(grammar="start: x"),
         pb.StructuredOutput(grammar="root ::= ["), pb.StructuredOutput(choice=pb.Choices()),
         pb.StructuredOutput(choice=pb.Choices(choices=[""])), pb.StructuredOutput(json_object=False)]),
+    "n": int64s,
 }
 PARAM_FIELDS = tuple(f.name for f in pb.SamplingParams.DESCRIPTOR.fields)
 

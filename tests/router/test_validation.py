@@ -77,7 +77,8 @@ def test_to_the_context_end_fills_an_unset_max_tokens_only(qwen_tokenizer_dir: P
     (pb.GenerateRequest(token_ids=pb.TokenIds(ids=[1, 151936])), "token_ids.ids[1]",
      "151936 is outside the vocabulary [0, 151936)"),
     (chat_request("wizard"), "chat.messages[0].role", "unknown role 'wizard'"),
-], ids=["params", "max_tokens", "token_ids", "chat"])
+    (token_request(3, n=2), "params.n", "only 1 through the servers for now (LLMEngine serves more), got 2"),
+], ids=["params", "max_tokens", "token_ids", "chat", "n"])
 def test_the_field_travels_as_a_field(qwen_tokenizer_dir: Path, request_: pb.GenerateRequest, field: str,
                                       message: str) -> None:
     """The HTTP front door names the body's field from `field`, without reading the message (issue 21)."""
