@@ -6,14 +6,11 @@ import gc
 import itertools
 import logging
 import random
-import time
 import uuid
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-from tqdm.auto import tqdm
 
 from engine.batch_invariance import disable_cublas_split_k
 from engine.block_manager import BlockManager, KVEvents
@@ -26,6 +23,7 @@ from engine.invalid_request import InvalidRequest
 from engine.model_runner import LaunchedStep, ModelRunner
 from engine.outputs import EngineStats, RequestOutput, Result, result
 from engine.pending_samples import PendingSamples
+from engine.progress import step_until_finished
 from engine.prompt import Prompt, validate_prompt
 from engine.sampling_params import SamplingParams, choice_seed
 from engine.scheduler import ScheduledBatch, Scheduler
@@ -357,7 +355,7 @@ class LLMEngine:
             raise ValueError("prompts: no prompt given")
         per_prompt = self._sampling_params_per_prompt(sampling_params, params, len(batch))
         requests = self._add_all(batch, per_prompt)
-        self._run_until_done([seq for choices in requests for seq in choices], use_tqdm)
+        step_until_finished(self, [seq for choices in requests for seq in choices], use_tqdm)
         results = [result(choices, self.tokenizer) for choices in requests]
         return results[0] if single else results
 
@@ -390,22 +388,6 @@ class LLMEngine:
         for choices in requests:
             self._enqueue(choices)
         return requests
-
-    def _run_until_done(self, seqs: list[Sequence], use_tqdm: bool) -> None:
-        """Step until `seqs` finish; the bar shows prefill and decode throughput (mixed steps count as prefill)."""
-        tokens = {"prefill": 0, "decode": 0}
-        seconds = {"prefill": 1e-9, "decode": 1e-9}
-        with tqdm(total=len(seqs), desc="Generating", unit="req", dynamic_ncols=True, disable=not use_tqdm) as bar:
-            while any(not seq.is_finished for seq in seqs):
-                start = time.perf_counter()
-                finished = sum(out.finished for out in self.step())
-                num_prefill, num_decode = self.last_step_tokens
-                kind = "prefill" if num_prefill else "decode"
-                tokens[kind] += num_prefill + num_decode
-                seconds[kind] += time.perf_counter() - start
-                rates = {k: tokens[k] / seconds[k] for k in tokens}
-                bar.set_postfix_str(f"prefill {rates['prefill']:,.0f} tok/s, decode {rates['decode']:,.0f} tok/s")
-                bar.update(finished)
 
 
 def _eos_token_ids(config: EngineConfig, tokenizer: Tokenizer) -> frozenset[int]:
