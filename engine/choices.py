@@ -63,6 +63,10 @@ class Requests:
         for seq in choices[:1] if request.held else choices:
             self._scheduler.add(seq)
 
+    def held(self) -> list[Sequence]:
+        """The choices held back now: waiting, as far as the replica's load and queue limits are concerned."""
+        return [seq for request in self._holding for seq in request.held]
+
     def release_held(self) -> None:
         """Queue the held choices of each request whose choice 0 has sampled a token (so its prompt's full blocks
         are cached), ahead of the waiting requests: they belong to one already running."""

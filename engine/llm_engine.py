@@ -323,11 +323,12 @@ class LLMEngine:
         return self.block_manager.cached_hashes()
 
     def stats(self) -> EngineStats:
+        waiting = [*self.scheduler.waiting, *self._requests.held()]  # held n choices wait too
         return EngineStats(
             num_running=len(self.scheduler.running),
-            num_waiting=len(self.scheduler.waiting),
+            num_waiting=len(waiting),
             num_running_tokens=sum(seq.num_tokens for seq in self.scheduler.running),
-            num_waiting_tokens=sum(seq.num_tokens for seq in self.scheduler.waiting),
+            num_waiting_tokens=sum(seq.num_tokens for seq in waiting),
             num_kv_blocks_used=self.block_manager.num_used_blocks,
             num_kv_blocks_total=self.block_manager.num_blocks,
             num_prefix_hit_tokens=self.scheduler.num_prefix_hit_tokens,

@@ -158,6 +158,10 @@ def test_abort_stops_every_choice_held_or_running(engine: LLMEngine) -> None:
         request_id = engine.add_request(PROMPT, sampled(20, n=3))
         for _ in range(num_steps):
             engine.step()
+        stats = engine.stats()
+        if num_steps < 4:  # the held choices count as waiting (the replica's load and queue limit read it)
+            waiting = 3 - stats.num_running
+            assert (stats.num_waiting, stats.num_waiting_tokens) == (waiting, waiting * len(PROMPT))
         assert engine.abort(request_id) and not engine.abort(request_id)
         finals = [d for d in drain(engine)[request_id] if d.finished]
         assert sorted((d.index, d.finish_reason) for d in finals) == [(i, "abort") for i in range(3)]
