@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -20,6 +22,19 @@ def random_qwen3_0_6b() -> Path:
     if not (path / "config.json").is_file():
         write_random_qwen3(path, QWEN3_0_6B, dtype=torch.bfloat16)
     return path
+
+
+def timed(totals: dict[str, float], name: str, fn: Callable) -> Callable:
+    """`fn`, adding the wall time of each call to totals[name]: a host-side profile of the engine's parts."""
+
+    def wrapper(*args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            totals[name] += time.perf_counter() - start
+
+    return wrapper
 
 
 def time_cuda(fn, iters: int = 20, warmup: int = 3, before=None) -> float:

@@ -12,27 +12,16 @@ from __future__ import annotations
 import argparse
 import time
 from collections import defaultdict
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from common import random_qwen3_0_6b
+from common import random_qwen3_0_6b, timed
 
 from engine import LLMEngine, SamplingParams
 from engine.step_plan import StepPlan
 
 TOTALS: dict[str, float] = defaultdict(float)
 
-
-def timed(name: str, fn: Callable) -> Callable:
-    def wrapper(*args, **kwargs):
-        start = time.perf_counter()
-        try:
-            return fn(*args, **kwargs)
-        finally:
-            TOTALS[name] += time.perf_counter() - start
-
-    return wrapper
 
 
 def main() -> None:
@@ -51,14 +40,14 @@ def main() -> None:
     while engine.scheduler.waiting or any(s.num_output_tokens == 0 for s in engine.scheduler.running):
         engine.step()
     runner = engine.model_runner
-    StepPlan.build = timed("build step plan", StepPlan.build)  # type: ignore[method-assign]
+    StepPlan.build = timed(TOTALS, "build step plan", StepPlan.build)  # type: ignore[method-assign]
     if runner.graphs is not None:
-        runner.graphs.replay = timed("graph replay (launch)", runner.graphs.replay)
-    runner.model.compute_logits = timed("logits (launch)", runner.model.compute_logits)
-    runner.sample = timed("sampler (launch)", runner.sample)
-    runner.wait = timed("wait for the GPU", runner.wait)
-    engine.scheduler.schedule = timed("schedule", engine.scheduler.schedule)
-    engine._process = timed("postprocess", engine._process)
+        runner.graphs.replay = timed(TOTALS, "graph replay (launch)", runner.graphs.replay)
+    runner.model.compute_logits = timed(TOTALS, "logits (launch)", runner.model.compute_logits)
+    runner.sample = timed(TOTALS, "sampler (launch)", runner.sample)
+    runner.wait = timed(TOTALS, "wait for the GPU", runner.wait)
+    engine.scheduler.schedule = timed(TOTALS, "schedule", engine.scheduler.schedule)
+    engine._process = timed(TOTALS, "postprocess", engine._process)
     torch.cuda.synchronize()
     start = time.perf_counter()
     for _ in range(args.steps):

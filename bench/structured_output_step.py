@@ -16,11 +16,10 @@ from __future__ import annotations
 import argparse
 import time
 from collections import defaultdict
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from common import random_qwen3_0_6b
+from common import random_qwen3_0_6b, timed
 
 from engine import LLMEngine, SamplingParams
 from engine.default_model import default_model_dir
@@ -28,16 +27,6 @@ from engine.default_model import default_model_dir
 HOST: dict[str, float] = defaultdict(float)
 MIXES = {"free": 0.0, "half": 0.5, "constrained": 1.0}
 
-
-def timed(name: str, fn: Callable) -> Callable:
-    def wrapper(*args, **kwargs):
-        start = time.perf_counter()
-        try:
-            return fn(*args, **kwargs)
-        finally:
-            HOST[name] += time.perf_counter() - start
-
-    return wrapper
 
 
 def run(engine: LLMEngine, batch_size: int, fraction: float, args: argparse.Namespace) -> str:
@@ -80,8 +69,8 @@ def main() -> None:
     model = args.model or (random_qwen3_0_6b() if on_gpu else default_model_dir())
     engine = LLMEngine(model, max_model_len=args.context + args.steps + 64, max_num_seqs=max(args.batch_sizes),
                        max_num_batched_tokens=max(8192, args.context * 2))
-    engine.grammars.token_mask = timed("mask fill", engine.grammars.token_mask)  # type: ignore[method-assign]
-    engine.grammars.accept = timed("advance", engine.grammars.accept)  # type: ignore[method-assign]
+    engine.grammars.token_mask = timed(HOST, "mask fill", engine.grammars.token_mask)  # type: ignore[method-assign]
+    engine.grammars.accept = timed(HOST, "advance", engine.grammars.accept)  # type: ignore[method-assign]
     for batch_size in args.batch_sizes:
         for fraction in MIXES.values():
             if batch_size > 1 or fraction in (0.0, 1.0):
