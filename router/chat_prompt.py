@@ -138,12 +138,13 @@ def _call(call: pb.ToolCall, field: str) -> dict[str, Any]:
 
 
 def _json_value(struct: struct_pb2.Struct) -> Any:
-    """A Struct as the JSON it came from: protobuf keeps every number as a double, JSON Schema means 2 by 2.0."""
+    """A Struct as the JSON it came from: protobuf keeps every number as a double, JSON Schema means 2 by 2.0.
+    Keys are sorted: a Struct's map order varies from process to process, and the rendered prompt must not."""
     def whole(value: Any) -> Any:
         if isinstance(value, float) and value.is_integer():
             return int(value)
         if isinstance(value, dict):
-            return {k: whole(v) for k, v in value.items()}
+            return {k: whole(value[k]) for k in sorted(value)}
         if isinstance(value, list):
             return [whole(v) for v in value]
         return value
