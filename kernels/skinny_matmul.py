@@ -14,12 +14,9 @@ from __future__ import annotations
 import torch
 
 from kernels.triton_compat import tl, triton
+from kernels.workspace import workspace
 
 MAX_ROWS = 16  # the tile's rows (tl.dot's smallest M); more rows go to cuBLAS
-# Per device: fp32 partial sums and the column blocks' counters, shared by every launch (launches on a stream run
-# one after another, and each leaves its counters at zero). Sized by the first launches, which run before a CUDA
-# graph captures (its warm-up runs the same shapes first), so a captured graph never sees them reallocated.
-_workspaces: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
 
 def skinny_config(n: int, k: int, split: bool = True) -> tuple[int, int, int]:
@@ -56,7 +53,8 @@ def skinny_matmul(
     out = torch.empty(num_rows, n, dtype=x.dtype, device=x.device)
     num_blocks = triton.cdiv(n, block_n)
     if split_k > 1:
-        partial, counters = _workspace(x.device, split_k * MAX_ROWS * n, num_blocks)
+        partial = workspace("skinny_matmul.partial", split_k * MAX_ROWS * n, torch.float32, x.device)
+        counters = workspace("skinny_matmul.counters", num_blocks, torch.int32, x.device)
     else:
         partial, counters = out, out  # unused
     _skinny_matmul_kernel[(num_blocks, split_k)](
@@ -65,17 +63,6 @@ def skinny_matmul(
         DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", num_warps=num_warps, num_stages=num_stages,
     )
     return out
-
-
-def _workspace(device: torch.device, partial_size: int, num_counters: int) -> tuple[torch.Tensor, torch.Tensor]:
-    partial, counters = _workspaces.get(device, (None, None))
-    if partial is None or counters is None or partial.numel() < partial_size or counters.numel() < num_counters:
-        partial_size = max(partial_size, 0 if partial is None else partial.numel())
-        num_counters = max(num_counters, 0 if counters is None else counters.numel())
-        partial = torch.empty(partial_size, dtype=torch.float32, device=device)
-        counters = torch.zeros(num_counters, dtype=torch.int32, device=device)
-        _workspaces[device] = partial, counters
-    return partial, counters
 
 
 # The row count changes with the batch; compiling again for its value class (1, or not) mid-run costs ~0.5 s.
