@@ -24,10 +24,17 @@ def _silu_and_mul_kernel(X, Out, stride_x, size, BLOCK: tl.constexpr):
     row = tl.program_id(0)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < size
-    gate = tl.load(X + row * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
+    gate = tl.load(X + row * stride_x + offs, mask=mask, other=0.0)
     up = tl.load(X + row * stride_x + size + offs, mask=mask, other=0.0)
-    silu = (gate / (1.0 + tl.exp(-gate))).to(Out.dtype.element_ty).to(tl.float32)
-    tl.store(Out + row * size + offs, (silu * up.to(tl.float32)).to(Out.dtype.element_ty), mask=mask)
+    tl.store(Out + row * size + offs, silu_and_mul_tile(gate, up, Out.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def silu_and_mul_tile(gate, up, dtype: tl.constexpr):
+    """silu(gate) * up for tiles in `dtype`, rounded as torch rounds them (also the gated skinny matmul's epilogue)."""
+    gate = gate.to(tl.float32)
+    silu = (gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32)
+    return (silu * up.to(tl.float32)).to(dtype)
 
 
 def silu_and_mul_ref(x: torch.Tensor) -> torch.Tensor:

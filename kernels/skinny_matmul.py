@@ -7,12 +7,17 @@ slices of K; with SPLIT_K > 1 the programs of a column block leave fp32 partial 
 finish (an atomic counter per column block) adds them in split order and writes the output, so the result does
 not depend on which program finished first. A row's sums never see the other rows: its output is the same bits
 whatever M is.
+
+`gated`: the weight is a merged [gate | up] projection and the output silu(gate) * up (a SwiGLU MLP's first half);
+each program takes the same columns of both halves, and the product is the kernel's epilogue, with the roundings of
+kernels/silu_and_mul.py, so the result has the bits of that kernel applied to the plain matmul's output.
 """
 
 from __future__ import annotations
 
 import torch
 
+from kernels.silu_and_mul import silu_and_mul_tile
 from kernels.triton_compat import tl, triton
 from kernels.workspace import workspace
 
@@ -43,24 +48,29 @@ def skinny_matmul(
     config: tuple[int, int, int] | None = None,  # (block_n, block_k, split_k); default skinny_config(N, K)
     num_warps: int = 4,
     num_stages: int = 3,
-) -> torch.Tensor:  # [M, N]
-    """Triton version of `x @ weight.T` for at most MAX_ROWS rows."""
+    gated: bool = False,
+) -> torch.Tensor:  # [M, N], or [M, N / 2] when gated
+    """Triton version of `x @ weight.T` for at most MAX_ROWS rows (with `gated`: of silu_and_mul(x @ weight.T)).
+    A gated matmul takes `config` for its whole weight; a program then covers block_n weight rows, half of each."""
     num_rows, k = x.shape
     n = weight.shape[0]
     assert num_rows <= MAX_ROWS and weight.shape[1] == k and x.stride(-1) == 1 and weight.is_contiguous()
     block_n, block_k, split_k = config or skinny_config(n, k)
     assert split_k == 1 or k % (split_k * block_k) == 0, "each split a whole number of K tiles"
+    if gated:
+        n, block_n = n // 2, block_n // 2
     out = torch.empty(num_rows, n, dtype=x.dtype, device=x.device)
     num_blocks = triton.cdiv(n, block_n)
     if split_k > 1:
-        partial = workspace("skinny_matmul.partial", split_k * MAX_ROWS * n, torch.float32, x.device)
+        partial = workspace("skinny_matmul.partial", (2 if gated else 1) * split_k * MAX_ROWS * n, torch.float32,
+                            x.device)
         counters = workspace("skinny_matmul.counters", num_blocks, torch.int32, x.device)
     else:
         partial, counters = out, out  # unused
     _skinny_matmul_kernel[(num_blocks, split_k)](
         x, weight, out, partial, counters, num_rows, n, k, x.stride(0),
         BLOCK_M=MAX_ROWS, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k, EVEN_K=k % (split_k * block_k) == 0,
-        DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", num_warps=num_warps, num_stages=num_stages,
+        GATED=gated, DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", num_warps=num_warps, num_stages=num_stages,
     )
     return out
 
@@ -70,7 +80,7 @@ def skinny_matmul(
 def _skinny_matmul_kernel(
     X, W, Out, Partial, Counters, num_rows, n, k, stride_x,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-    EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    EVEN_K: tl.constexpr, GATED: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     block = tl.program_id(0)
     split = tl.program_id(1)
@@ -82,28 +92,48 @@ def _skinny_matmul_kernel(
     k_len = k // SPLIT_K  # the wrapper splits K only into whole tiles
     k_end = (split + 1) * k_len
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    acc_up = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)  # gated only: the up half's columns (n rows further on)
     for k0 in range(split * k_len, k_end, BLOCK_K):
         x_ptrs = X + offs_m[:, None] * stride_x + k0 + offs_k[None, :]
         w_ptrs = W + offs_n[:, None] * k + k0 + offs_k[None, :]
         if EVEN_K:  # no mask along K: the loads stay 16-byte vectors (masked ones measured ~30% slower)
-            x = tl.load(x_ptrs, mask=row_valid[:, None], other=0.0)
-            w = tl.load(w_ptrs, mask=col_valid[:, None], other=0.0)
+            x_mask, w_mask = row_valid[:, None], col_valid[:, None]
         else:
             k_valid = k0 + offs_k < k_end
-            x = tl.load(x_ptrs, mask=row_valid[:, None] & k_valid[None, :], other=0.0)
-            w = tl.load(w_ptrs, mask=col_valid[:, None] & k_valid[None, :], other=0.0)
-        acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PRECISION)
+            x_mask, w_mask = row_valid[:, None] & k_valid[None, :], col_valid[:, None] & k_valid[None, :]
+        x = tl.load(x_ptrs, mask=x_mask, other=0.0)
+        acc = tl.dot(x, tl.trans(tl.load(w_ptrs, mask=w_mask, other=0.0)), acc, input_precision=DOT_PRECISION)
+        if GATED:
+            w_up = tl.load(w_ptrs + n * k, mask=w_mask, other=0.0)
+            acc_up = tl.dot(x, tl.trans(w_up), acc_up, input_precision=DOT_PRECISION)
     out_mask = row_valid[:, None] & col_valid[None, :]
     tile = offs_m[:, None] * n + offs_n[None, :]
     if SPLIT_K == 1:
-        tl.store(Out + tile, acc.to(Out.dtype.element_ty), mask=out_mask)
+        tl.store(Out + tile, _epilogue(acc, acc_up, Out.dtype.element_ty, GATED), mask=out_mask)
     else:
+        up_partials = SPLIT_K * BLOCK_M * n  # gated: the up half's partial sums follow the gate half's
         tl.store(Partial + split * BLOCK_M * n + tile, acc, mask=col_valid[None, :])
+        if GATED:
+            tl.store(Partial + up_partials + split * BLOCK_M * n + tile, acc_up, mask=col_valid[None, :])
         done = tl.atomic_add(Counters + block, 1, sem="acq_rel")  # releases this partial, acquires the others
         if done == SPLIT_K - 1:
             total = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+            total_up = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
             for s in range(SPLIT_K):
                 total += tl.load(Partial + s * BLOCK_M * n + tile, mask=col_valid[None, :], other=0.0,
                                  cache_modifier=".cg")
-            tl.store(Out + tile, total.to(Out.dtype.element_ty), mask=out_mask)
+                if GATED:
+                    total_up += tl.load(Partial + up_partials + s * BLOCK_M * n + tile, mask=col_valid[None, :],
+                                        other=0.0, cache_modifier=".cg")
+            tl.store(Out + tile, _epilogue(total, total_up, Out.dtype.element_ty, GATED), mask=out_mask)
             tl.store(Counters + block, 0)  # ready for the next launch (a CUDA graph replays the same buffer)
+
+
+@triton.jit
+def _epilogue(acc, acc_up, dtype: tl.constexpr, GATED: tl.constexpr):
+    """The output tile: the sums rounded to the output dtype, or, gated, silu(gate) * up from those roundings."""
+    if GATED:
+        out = silu_and_mul_tile(acc.to(dtype), acc_up.to(dtype), dtype)
+    else:
+        out = acc.to(dtype)
+    return out

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.layers.tp_reduce import all_reduce
+from kernels.silu_and_mul import silu_and_mul, silu_and_mul_ref
 from kernels.skinny_matmul import MAX_ROWS, skinny_matmul
 from kernels.triton_compat import use_triton
 
@@ -89,6 +90,20 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
         size = self.output_sizes[shard_id] // self.tp_size
         offset = sum(self.output_sizes[:shard_id]) // self.tp_size
         param.data.narrow(0, offset, size).copy_(loaded.narrow(0, self.tp_rank * size, size))
+
+
+class GateUpLinear(MergedColumnParallelLinear):
+    """A SwiGLU MLP's gate and up projections in one weight, and the product that follows them:
+    x -> silu(x @ gate.T) * (x @ up.T). Where the skinny matmul runs, the product is its epilogue (one kernel)."""
+
+    def __init__(self, input_size: int, intermediate_size: int, tp_rank: int = 0, tp_size: int = 1):
+        super().__init__(input_size, [intermediate_size, intermediate_size], False, tp_rank, tp_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.skinny is not None and x.shape[0] <= MAX_ROWS and use_triton(x):
+            return skinny_matmul(x, self.weight, self.skinny, gated=True)
+        gate_up = F.linear(x, self.weight)
+        return silu_and_mul(gate_up) if use_triton(x) else silu_and_mul_ref(gate_up)
 
 
 class QKVParallelLinear(ColumnParallelLinear):

@@ -13,11 +13,10 @@ import torch
 from torch import nn
 
 from engine.config import ModelConfig
-from engine.layers.activation import SiluAndMul
 from engine.layers.attention import Attention, AttentionMetadata
 from engine.layers.embed_head import ParallelLMHead, VocabParallelEmbedding
 from engine.layers.layernorm import RMSNorm
-from engine.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+from engine.layers.linear import GateUpLinear, QKVParallelLinear, RowParallelLinear
 from engine.layers.rotary import RotaryEmbedding
 
 
@@ -55,12 +54,11 @@ class QwenMLP(nn.Module):
     def __init__(self, cfg: ModelConfig, tp_rank: int, tp_size: int) -> None:
         super().__init__()
         size = cfg.intermediate_size
-        self.gate_up_proj = MergedColumnParallelLinear(cfg.hidden_size, [size, size], False, tp_rank, tp_size)
+        self.gate_up_proj = GateUpLinear(cfg.hidden_size, size, tp_rank, tp_size)
         self.down_proj = RowParallelLinear(size, cfg.hidden_size, False, tp_rank, tp_size)
-        self.act = SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act(self.gate_up_proj(x)))
+        return self.down_proj(self.gate_up_proj(x))
 
 
 class QwenDecoderLayer(nn.Module):

@@ -66,13 +66,16 @@ def _variants() -> list[tuple[object, dict[str, str], dict[str, object]]]:
             }, dict(HAS_RESIDUAL=residual, BLOCK=1024)))
         variants.append((silu_and_mul._silu_and_mul_kernel, {**pointers(dtype, "X", "Out"), "stride_x": "i32",
                                                               "size": "i32"}, dict(BLOCK=1024)))
-        # skinny_config's choices, split (the default) and unsplit (the batch-invariant mode); a ragged K
-        for block_n, block_k, split_k, even_k in ((32, 128, 1, True), (64, 128, 1, True), (32, 256, 4, True),
-                                                  (32, 256, 2, True), (16, 128, 1, True), (32, 128, 1, False)):
+        # skinny_config's choices, split (the default) and unsplit (the batch-invariant mode); a ragged K; gated
+        for block_n, block_k, split_k, even_k, gated in (
+            (32, 128, 1, True, False), (64, 128, 1, True, False), (32, 256, 4, True, False),
+            (32, 256, 2, True, False), (16, 128, 1, True, False), (32, 128, 1, False, False),
+            (32, 128, 1, True, True), (16, 256, 2, True, True),
+        ):
             variants.append((skinny_matmul._skinny_matmul_kernel, {
                 **pointers(dtype, "X", "W", "Out"), "Partial": "*fp32", "Counters": "*i32",
                 **dict.fromkeys(["num_rows", "n", "k", "stride_x"], "i32"),
-            }, dict(BLOCK_M=16, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k, EVEN_K=even_k,
+            }, dict(BLOCK_M=16, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k, EVEN_K=even_k, GATED=gated,
                     DOT_PRECISION=precision)))
         variants.append((exponential_noise._exponential_race_kernel, {
             "Logits": f"*{dtype}", "stride_row": "i32", **pointers("i64", "keys", "rows", "BestIds"),

@@ -1,12 +1,13 @@
 """The skinny matmul (decode's linear layers at <= 16 rows) against torch: every configuration the engine picks,
-split-K's last-program sum, a row's bits independent of the row count, and the counters left ready for a
-CUDA graph's next replay."""
+split-K's last-program sum, a row's bits independent of the row count, the counters left ready for a CUDA graph's
+next replay, and the gated (SwiGLU) epilogue."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+from kernels.silu_and_mul import silu_and_mul, silu_and_mul_ref
 from kernels.skinny_matmul import MAX_ROWS, skinny_config, skinny_matmul
 from kernels.triton_compat import HAS_TRITON
 
@@ -49,6 +50,24 @@ def test_split_k_adds_every_split_and_leaves_its_counters_at_zero() -> None:
         assert torch.equal(skinny_matmul(x, weight), first)
     unsplit = skinny_matmul(x, weight, (32, 256, 1))
     torch.testing.assert_close(unsplit, first, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("split", [True, False], ids=["split", "unsplit"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gated_is_silu_and_mul_of_the_plain_matmul_bit_for_bit(dtype: torch.dtype, split: bool) -> None:
+    """The gated epilogue rounds as kernels/silu_and_mul.py does: the same bits as that kernel applied to the plain
+    matmul's output (both paths of a step, whatever its row count, in the batch-invariant mode)."""
+    n, k = (6144, 1024) if ON_GPU else (80, 1024)  # gate_up; on CPU a small one that splits K
+    weight = randn(n, k, dtype=dtype, seed=2) / k**0.5
+    x = randn(MAX_ROWS, k, dtype=dtype, seed=3) * 4  # gates well into silu's curve, both signs
+    config = skinny_config(n, k, split)
+    assert ON_GPU or (config[2] > 1) == split
+    gated = skinny_matmul(x, weight, config, gated=True)
+    assert gated.shape == (MAX_ROWS, n // 2)
+    assert torch.equal(gated, silu_and_mul(skinny_matmul(x, weight, config)))
+    torch.testing.assert_close(gated.float(), silu_and_mul_ref(x.float() @ weight.float().T),
+                               rtol=1e-4 if dtype == torch.float32 else 2e-2, atol=1e-4 if dtype == torch.float32 else 2e-2)
+    assert torch.equal(skinny_matmul(x[:3], weight, config, gated=True), gated[:3])
 
 
 def test_the_config_fills_the_gpu_with_whole_k_tiles() -> None:
