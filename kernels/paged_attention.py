@@ -11,7 +11,6 @@ from __future__ import annotations
 import torch
 
 from kernels.triton_compat import tl, triton
-from kernels.workspace import workspace
 
 # Query rows (tokens x GQA heads) and keys of one tile in the batch-invariant mode, decode and prefill alike: the
 # same matrix-multiply shapes on both paths, hence the same order of every sum a query's output is made of.
@@ -44,10 +43,9 @@ def paged_attention(
 
     One program per (sequence, query tile, KV head, KV split). A query tile packs BLOCK_Q new
     tokens times the GROUP query heads that share a KV head, so each K/V tile is read once per
-    group (GQA). With num_splits > 1 (flash-decoding) each program covers a slice of the
-    context and leaves a partial result; the last of a tile's programs to finish (an atomic counter per
-    tile) merges them by their log-sum-exp, in split order, so a small batch of long contexts still fills
-    the GPU in one launch. `max_query_len` and `num_splits` are host-side launch shapes.
+    group (GQA). With num_splits > 1 (flash-decoding) each program covers a slice of the context
+    and a second kernel merges the partial results by their log-sum-exp, so a small batch of long
+    contexts still fills the GPU. `max_query_len` and `num_splits` are host-side launch shapes.
 
     `batch_invariant`: one tile shape for decode and prefill (BATCH_INVARIANT_TILE) and no KV split, so each
     query's keys are reduced in the same order whatever the step holds (engine/batch_invariance.py).
@@ -71,21 +69,25 @@ def paged_attention(
     block_m = max(16, triton.next_power_of_2(block_q * group))
     num_q_tiles = triton.cdiv(max_query_len, block_q)
     out = torch.empty_like(query) if out is None else out
-    grid = (num_seqs * num_q_tiles, num_kv_heads, num_splits)
     if num_splits > 1:
         partial_out = torch.empty(num_splits, num_tokens, num_heads, head_dim, dtype=torch.float32, device=query.device)
         partial_lse = torch.empty(num_splits, num_tokens, num_heads, dtype=torch.float32, device=query.device)
-        counters = workspace("paged_attention.counters", grid[0] * grid[1], torch.int32, query.device)
     else:
-        partial_out = partial_lse = counters = out  # unused
+        partial_out = partial_lse = out  # unused
+    grid = (num_seqs * num_q_tiles, num_kv_heads, num_splits)
     _paged_attention_kernel[grid](
-        query, k_cache, v_cache, out, partial_out, partial_lse, counters, query_start_loc, seq_lens, block_tables,
+        query, k_cache, v_cache, out, partial_out, partial_lse, query_start_loc, seq_lens, block_tables,
         scale * 1.4426950408889634,  # log2(e): the kernel works in base 2
         query.stride(0), query.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         block_tables.stride(0), out.stride(0), out.stride(1), num_tokens, num_q_tiles,
         GROUP=group, BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=block_n, PAGE=page,
         HEAD_DIM=head_dim, NUM_SPLITS=num_splits, DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
     )
+    if num_splits > 1:
+        _merge_splits_kernel[(num_tokens, num_heads)](
+            partial_out, partial_lse, out, num_tokens, num_heads, out.stride(0), out.stride(1),
+            HEAD_DIM=head_dim, NUM_SPLITS=num_splits,
+        )
     return out
 
 
@@ -93,7 +95,7 @@ def paged_attention(
 # argument it specializes on; these vary with each step's batch, and one compile costs ~0.7 s mid-run.
 @triton.jit(do_not_specialize=["stride_bt", "num_tokens", "num_q_tiles"])
 def _paged_attention_kernel(
-    Q, K_cache, V_cache, Out, Partial_out, Partial_lse, Counters, query_start_loc, seq_lens, block_tables,
+    Q, K_cache, V_cache, Out, Partial_out, Partial_lse, query_start_loc, seq_lens, block_tables,
     scale_log2, stride_qt, stride_qh, stride_kb, stride_ks, stride_kh, stride_bt, stride_ot, stride_oh, num_tokens,
     num_q_tiles, GROUP: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, PAGE: tl.constexpr, HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr,
@@ -105,7 +107,7 @@ def _paged_attention_kernel(
     split = tl.program_id(2)
     q_start = tl.load(query_start_loc + seq)
     q_len = tl.load(query_start_loc + seq + 1) - q_start
-    if tile * BLOCK_Q >= q_len:  # every split of the tile returns here alike, leaving its counter alone
+    if tile * BLOCK_Q >= q_len:
         return
     seq_len = tl.load(seq_lens + seq)
     context_len = seq_len - q_len
@@ -148,44 +150,32 @@ def _paged_attention_kernel(
         m_i = m_new
 
     out = acc / tl.maximum(l_i, 1e-30)[:, None]
-    o_rows = (q_start + q_idx) * stride_ot + head * stride_oh
     if NUM_SPLITS == 1:
+        o_rows = (q_start + q_idx) * stride_ot + head * stride_oh
         tl.store(Out + o_rows[:, None] + offs_d[None, :], out.to(Out.dtype.element_ty), mask=row_valid[:, None])
     else:
         num_heads = tl.num_programs(1) * GROUP
-        p_rows = (q_start + q_idx) * num_heads + head  # each row's place in split 0's partials
-        split_rows = num_tokens * num_heads  # partial rows between one split and the next
-        tl.store(Partial_out + (split * split_rows + p_rows)[:, None] * HEAD_DIM + offs_d[None, :], out,
-                 mask=row_valid[:, None])
+        p_rows = (split * num_tokens + q_start + q_idx) * num_heads + head
+        tl.store(Partial_out + p_rows[:, None] * HEAD_DIM + offs_d[None, :], out, mask=row_valid[:, None])
         lse = tl.where(l_i > 0, m_i + tl.log2(tl.maximum(l_i, 1e-30)), float("-inf"))
-        tl.store(Partial_lse + split * split_rows + p_rows, lse, mask=row_valid)
-        counter = Counters + tl.program_id(0) * tl.num_programs(1) + kv_head
-        if tl.atomic_add(counter, 1, sem="acq_rel") == NUM_SPLITS - 1:  # releases this partial, acquires the rest
-            _merge_splits(Partial_out, Partial_lse, Out, p_rows, split_rows, o_rows, row_valid, offs_d,
-                          BLOCK_M, HEAD_DIM, NUM_SPLITS)
-            tl.store(counter, 0)  # ready for the next launch (a CUDA graph replays the same buffer)
+        tl.store(Partial_lse + p_rows, lse, mask=row_valid)
 
 
-@triton.jit
-def _merge_splits(Partial_out, Partial_lse, Out, p_rows, split_rows, o_rows, row_valid, offs_d,
-                  BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr):
-    """Weigh each split's partial output by its share of the softmax denominator, in split order."""
-    m = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    for s in range(NUM_SPLITS):
-        lse = tl.load(Partial_lse + s * split_rows + p_rows, mask=row_valid, other=float("-inf"), cache_modifier=".cg")
-        m = tl.maximum(m, lse)
-    m = tl.where(m == float("-inf"), 0.0, m)  # rows no split saw a key for (padding) come out zero
-    total = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    weights = tl.zeros([BLOCK_M], tl.float32)
-    for s in range(NUM_SPLITS):
-        lse = tl.load(Partial_lse + s * split_rows + p_rows, mask=row_valid, other=float("-inf"), cache_modifier=".cg")
-        weight = tl.exp2(lse - m)
-        partial = tl.load(Partial_out + (s * split_rows + p_rows)[:, None] * HEAD_DIM + offs_d[None, :],
-                          mask=row_valid[:, None], other=0.0, cache_modifier=".cg")
-        total += partial * weight[:, None]
-        weights += weight
-    out = total / tl.maximum(weights, 1e-30)[:, None]
-    tl.store(Out + o_rows[:, None] + offs_d[None, :], out.to(Out.dtype.element_ty), mask=row_valid[:, None])
+@triton.jit(do_not_specialize=["num_tokens"])
+def _merge_splits_kernel(
+    Partial_out, Partial_lse, Out, num_tokens, num_heads, stride_ot, stride_oh,
+    HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr,
+):
+    t = tl.program_id(0)
+    h = tl.program_id(1)
+    splits = tl.arange(0, NUM_SPLITS)
+    lse = tl.load(Partial_lse + (splits * num_tokens + t) * num_heads + h)  # [S], base 2
+    weights = tl.exp2(lse - tl.max(lse, 0))
+    offs_d = tl.arange(0, HEAD_DIM)
+    rows = (splits * num_tokens + t) * num_heads + h
+    partial = tl.load(Partial_out + rows[:, None] * HEAD_DIM + offs_d[None, :])  # [S, D]
+    out = tl.sum(partial * weights[:, None], 0) / tl.sum(weights, 0)
+    tl.store(Out + t * stride_ot + h * stride_oh + offs_d, out.to(Out.dtype.element_ty))
 
 
 REF_QUERY_TILE = 256  # queries per tile in the torch reference (see paged_attention_ref)

@@ -1,5 +1,5 @@
-"""Per-device buffers that kernels keep from launch to launch: split partial sums and the counters that say
-which program of a split finishes last (each launch leaves its counters at zero for the next).
+"""Per-device buffers that kernels keep from launch to launch: the skinny matmul's split-K partial sums and the
+counters that say which program of a split finishes last (each launch leaves its counters at zero for the next).
 
 A buffer is sized by the first launches that need it, which run before a CUDA graph captures (its warm-up runs
 the same shapes first, the largest first), so a captured graph never sees one reallocated.

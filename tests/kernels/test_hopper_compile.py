@@ -43,7 +43,7 @@ def _variants() -> list[tuple[object, dict[str, str], dict[str, object]]]:
     for dtype in ("bf16", "fp32"):
         attention_signature = {
             **pointers(dtype, "Q", "K_cache", "V_cache", "Out"), **pointers("fp32", "Partial_out", "Partial_lse"),
-            **pointers("i32", "Counters", "query_start_loc", "seq_lens", "block_tables"), "scale_log2": "fp32",
+            **pointers("i32", "query_start_loc", "seq_lens", "block_tables"), "scale_log2": "fp32",
             **dict.fromkeys(["stride_qt", "stride_qh", "stride_kb", "stride_ks", "stride_kh", "stride_bt",
                              "stride_ot", "stride_oh", "num_tokens", "num_q_tiles"], "i32"),
         }
@@ -55,7 +55,11 @@ def _variants() -> list[tuple[object, dict[str, str], dict[str, object]]]:
                 GROUP=2, BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=block_n, PAGE=16, HEAD_DIM=128, NUM_SPLITS=splits,
                 DOT_PRECISION=precision)))
         for heads, norm in ((1, True), (8, True), (8, False)):
-            variants.append((rotary_kv_store._rotary_kv_store_kernel, {
+            variants.append((paged_attention._merge_splits_kernel, {
+            **pointers("fp32", "Partial_out", "Partial_lse"), "Out": f"*{dtype}",
+            **dict.fromkeys(["num_tokens", "num_heads", "stride_ot", "stride_oh"], "i32"),
+        }, dict(HEAD_DIM=128, NUM_SPLITS=8)))
+        variants.append((rotary_kv_store._rotary_kv_store_kernel, {
                 **pointers(dtype, "QKV", "Wq", "Wk", "Q", "K_cache", "V_cache"), **pointers("fp32", "Cos", "Sin"),
                 **pointers("i64", "positions", "slot_mapping"), "stride_t": "i32", "eps": "fp32",
             }, dict(NUM_HEADS=16, NUM_KV_HEADS=8, HALF=64, HAS_NORM=norm, HEADS=heads)))

@@ -11,7 +11,6 @@ import torch
 
 from kernels.paged_attention import decode_kv_splits, paged_attention, paged_attention_ref
 from kernels.triton_compat import HAS_TRITON
-from kernels.workspace import workspace
 
 pytestmark = pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed")
 ON_GPU = torch.cuda.is_available()
@@ -88,23 +87,6 @@ def test_paged_attention_matches_reference(
     paged_attention(**batch, max_query_len=max(q_lens), num_splits=num_splits, out=out)
     assert not out.isnan().any()
     assert relative_error(out, ref) < TOLERANCE[dtype]
-
-
-def test_split_decode_merges_in_one_launch_again_and_again() -> None:
-    """The last of a tile's split programs merges the partials, found by a counter it then resets: launched
-    again (as a CUDA graph replays one step), the same output, with padded rows that have no query (as a
-    graph's padding has), and every counter back at zero. Without the reset the second launch merges nothing
-    (the output stays poisoned): checked by removing it."""
-    batch = make_batch([1, 1, 1], [40, 7, 100], 4, 2, 64, 16, DTYPES[0], seed=3)
-    batch["query_start_loc"] = torch.tensor([0, 1, 2, 3, 3, 3], dtype=torch.int32, device=DEVICE)  # 2 padded rows
-    batch["seq_lens"] = torch.cat([batch["seq_lens"], torch.zeros(2, dtype=torch.int32, device=DEVICE)])
-    batch["block_tables"] = torch.cat([batch["block_tables"], batch["block_tables"][:2]])
-    ref = paged_attention_ref(**batch)
-    for _ in range(2):
-        out = torch.full_like(batch["query"], float("nan"))
-        paged_attention(**batch, max_query_len=1, num_splits=4, out=out)
-        assert relative_error(out, ref) < TOLERANCE[DTYPES[0]]
-    assert not workspace("paged_attention.counters", 0, torch.int32, batch["query"].device).any()
 
 
 def test_decode_kv_splits_fill_the_gpu_with_at_most_sixteen() -> None:
