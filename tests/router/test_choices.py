@@ -1,0 +1,129 @@
+"""n > 1 through the router over real replicas: a request's n choices, whole and streamed, equal the offline
+engine's n choices, and a replica killed mid-stream leaves every choice equal to an undisturbed run."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import random
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from engine import LLMEngine, SamplingParams
+from proto import nanoserve_pb2 as pb
+from tests.serving import ENGINE_KWARGS, VOCAB, RouterThread, handle_of
+
+SAMPLED: dict[str, Any] = dict(temperature=0.9, top_p=0.95, seed=5, ignore_eos=True, n=3)
+
+
+def prompt(seed: int, n: int) -> list[int]:
+    rng = random.Random(seed)
+    return [rng.randrange(VOCAB) for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def router(start_module_router: Callable[..., RouterThread]) -> RouterThread:
+    return start_module_router(num_replicas=2)
+
+
+@pytest.fixture(scope="module")
+def offline(model_dir: Path) -> LLMEngine:
+    return LLMEngine(model_dir, **ENGINE_KWARGS)
+
+
+def offline_choices(engine: LLMEngine, token_ids: list[int], **params: Any) -> list[list[int]]:
+    results = engine.generate(token_ids, SamplingParams(**params), use_tqdm=False)
+    return [choice["token_ids"] for choice in results]  # type: ignore[index]
+
+
+def by_choice(chunks: list[pb.GenerateResponse], n: int) -> list[list[int]]:
+    return [[t for c in chunks if c.index == i for t in c.token_ids] for i in range(n)]
+
+
+def test_n_choices_whole_and_streamed_equal_the_offline_engines(router: RouterThread, offline: LLMEngine) -> None:
+    params = dict(SAMPLED, max_tokens=12)
+    expected = offline_choices(offline, prompt(1, 40), **params)
+    assert len({tuple(c) for c in expected}) == 3
+    with router.client() as client:
+        chunks = list(client.generate(prompt(1, 40), timeout=60, **params))
+        whole = client.complete(prompt(1, 40), timeout=60, **params)
+    assert by_choice(chunks, 3) == expected
+    last = chunks[-1]
+    assert last.HasField("usage") and not any(c.HasField("usage") for c in chunks[:-1])
+    assert (last.usage.prompt_tokens, last.usage.completion_tokens) == (40, 36)  # the prompt once, 3 x 12 tokens
+    assert sorted(c.index for c in chunks if c.finish_reason) == [0, 1, 2]
+    assert [list(c.token_ids) for c in whole.choices] == expected and [c.index for c in whole.choices] == [0, 1, 2]
+    assert list(whole.token_ids) == expected[0] and whole.usage.completion_tokens == 36
+    assert all(c.finish_reason == pb.FINISH_REASON_LENGTH for c in whole.choices)
+
+
+def test_n_below_one_is_invalid_argument_naming_n(router: RouterThread) -> None:
+    with router.client() as client, pytest.raises(grpc.RpcError) as info:
+        client.complete([1, 2, 3], timeout=10, n=0)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "params.n" in info.value.details()
+
+
+def killed_mid_stream(router: RouterThread, requests: list[tuple[list[int], dict[str, Any]]]) -> list[list[list[int]]]:
+    """Stream the requests (n = 3 each), kill a replica once every choice of each has begun, and return each
+    request's tokens by choice; checks that the kill caught choices mid-way on the dead replica."""
+    streams: list[list[list[int]]] = [[[], [], []] for _ in requests]
+    started = [threading.Event() for _ in requests]
+    errors: list[BaseException] = []
+
+    def stream(i: int) -> None:
+        token_ids, params = requests[i]
+        try:
+            with router.client() as client:
+                for chunk in client.generate(token_ids, timeout=120, **params):
+                    streams[i][chunk.index] += chunk.token_ids
+                    if all(len(choice) >= 3 for choice in streams[i]):
+                        started[i].set()
+        except BaseException as e:  # noqa: BLE001 (reported below)
+            errors.append(e)
+
+    threads = [threading.Thread(target=stream, args=(i,)) for i in range(len(requests))]
+    for t in threads:
+        t.start()
+    for event in started:
+        assert event.wait(60)
+    victim = router.status().replicas[0].name
+    [slot] = [s for s in router.router.pool.slots if s.name == victim]
+    moved = [r for r in list(slot.inflight.values()) if any(c.token_ids and not c.finished for c in r.choices[1:])]
+    asyncio.run(handle_of(router, victim).kill(wait=False))
+    for t in threads:
+        t.join(120)
+    assert not errors, errors
+    assert moved, "no choice was mid-way on the killed replica; make the streams longer"
+    return streams
+
+
+def sampled_requests() -> list[tuple[list[int], dict[str, Any]]]:
+    return [(prompt(100 + i, 30), dict(SAMPLED, seed=i, max_tokens=150)) for i in range(4)]
+
+
+def test_choices_moved_mid_stream_equal_an_undisturbed_run(
+    start_router: Callable[..., RouterThread], offline: LLMEngine
+) -> None:
+    """Each unfinished choice continues alone on another replica with its own seed (SamplingParams.for_choice);
+    test_a_choice_resumed_with_another_seed_diverges is the control."""
+    requests = sampled_requests()
+    expected = [offline_choices(offline, p, **params) for p, params in requests]
+    streams = killed_mid_stream(start_router(num_replicas=2, policy="round-robin"), requests)
+    assert streams == expected
+
+
+def test_a_choice_resumed_with_another_seed_diverges(
+    start_router: Callable[..., RouterThread], offline: LLMEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The control of the test above: a router that resumes choice i with the request's seed instead of choice i's
+    (choice_seed) hands back streams that differ from an undisturbed run after the failover."""
+    requests = sampled_requests()
+    expected = [offline_choices(offline, p, **params) for p, params in requests]
+    monkeypatch.setattr(SamplingParams, "for_choice", lambda self, index: dataclasses.replace(self, n=1))
+    streams = killed_mid_stream(start_router(num_replicas=2, policy="round-robin"), requests)
+    assert streams != expected
