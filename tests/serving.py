@@ -21,6 +21,7 @@ import ray
 from proto import nanoserve_pb2 as pb
 from router.client import Client
 from router.config import RouterConfig
+from router.inflight import InFlightRequest
 from router.server import Router
 from worker.handle import ReplicaHandle
 
@@ -137,6 +138,43 @@ def start_module_router(ray_cluster: None, model_dir: Path) -> Iterator[Callable
     """Routers shared by a module's tests, stopped when the module ends."""
     with router_factory(model_dir) as start:
         yield start
+
+
+def kill_mid_stream(
+    router: RouterThread, requests: list[tuple[list[int], dict[str, Any]]],
+    has_begun: Callable[[list[pb.GenerateResponse]], bool],
+) -> tuple[list[list[pb.GenerateResponse]], list[InFlightRequest]]:
+    """Stream each (prompt, params) from its own thread; once `has_begun(its chunks so far)` holds for every
+    stream, kill the router's first replica, and let the streams finish (none may fail). Each stream's chunks, and
+    the requests the killed replica was running then."""
+    streams: list[list[pb.GenerateResponse]] = [[] for _ in requests]
+    started = [threading.Event() for _ in requests]
+    errors: list[BaseException] = []
+
+    def stream(i: int) -> None:
+        token_ids, params = requests[i]
+        try:
+            with router.client() as client:
+                for chunk in client.generate(token_ids, timeout=120, **params):
+                    streams[i].append(chunk)
+                    if has_begun(streams[i]):
+                        started[i].set()
+        except BaseException as e:  # noqa: BLE001 (reported below)
+            errors.append(e)
+
+    threads = [threading.Thread(target=stream, args=(i,)) for i in range(len(requests))]
+    for t in threads:
+        t.start()
+    for event in started:
+        assert event.wait(60)
+    victim = router.status().replicas[0].name
+    [slot] = [s for s in router.router.pool.slots if s.name == victim]
+    running = list(slot.inflight.values())
+    asyncio.run(handle_of(router, victim).kill(wait=False))
+    for t in threads:
+        t.join(120)
+    assert not errors, errors
+    return streams, running
 
 
 def greedy(max_tokens: int, **params: Any) -> dict[str, Any]:

@@ -3,10 +3,8 @@ engine's n choices, and a replica killed mid-stream leaves every choice equal to
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import random
-import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -16,7 +14,7 @@ import pytest
 
 from engine import LLMEngine, SamplingParams
 from proto import nanoserve_pb2 as pb
-from tests.serving import ENGINE_KWARGS, VOCAB, RouterThread, handle_of
+from tests.serving import ENGINE_KWARGS, VOCAB, RouterThread, kill_mid_stream
 
 SAMPLED: dict[str, Any] = dict(temperature=0.9, top_p=0.95, seed=5, ignore_eos=True, n=3)
 
@@ -70,36 +68,11 @@ def test_n_below_one_is_invalid_argument_naming_n(router: RouterThread) -> None:
 
 def killed_mid_stream(router: RouterThread, requests: list[tuple[list[int], dict[str, Any]]]) -> list[list[list[int]]]:
     """Stream the requests (n = 3 each), kill a replica once every choice of each has begun, and return each
-    request's tokens by choice; checks that the kill caught choices mid-way on the dead replica."""
-    streams: list[list[list[int]]] = [[[], [], []] for _ in requests]
-    started = [threading.Event() for _ in requests]
-    errors: list[BaseException] = []
-
-    def stream(i: int) -> None:
-        token_ids, params = requests[i]
-        try:
-            with router.client() as client:
-                for chunk in client.generate(token_ids, timeout=120, **params):
-                    streams[i][chunk.index] += chunk.token_ids
-                    if all(len(choice) >= 3 for choice in streams[i]):
-                        started[i].set()
-        except BaseException as e:  # noqa: BLE001 (reported below)
-            errors.append(e)
-
-    threads = [threading.Thread(target=stream, args=(i,)) for i in range(len(requests))]
-    for t in threads:
-        t.start()
-    for event in started:
-        assert event.wait(60)
-    victim = router.status().replicas[0].name
-    [slot] = [s for s in router.router.pool.slots if s.name == victim]
-    moved = [r for r in list(slot.inflight.values()) if any(c.token_ids and not c.finished for c in r.choices[1:])]
-    asyncio.run(handle_of(router, victim).kill(wait=False))
-    for t in threads:
-        t.join(120)
-    assert not errors, errors
-    assert moved, "no choice was mid-way on the killed replica; make the streams longer"
-    return streams
+    request's tokens by choice; checks that a later choice (its own seed) was resumed alone on another replica."""
+    streams, running = kill_mid_stream(router, requests, lambda chunks: all(len(c) >= 3 for c in by_choice(chunks, 3)))
+    assert any(index for r in running for index in r.engine_choices.values()), (
+        "no choice but 0 was mid-way on the killed replica; make the streams longer")
+    return [by_choice(chunks, 3) for chunks in streams]
 
 
 def sampled_requests() -> list[tuple[list[int], dict[str, Any]]]:
