@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import random
 import threading
 import time
 import uuid
@@ -18,6 +19,7 @@ import grpc
 import pytest
 import ray
 
+from engine import LLMEngine
 from proto import nanoserve_pb2 as pb
 from router.client import Client
 from router.config import RouterConfig
@@ -100,6 +102,18 @@ def ray_cluster() -> Iterator[None]:
 @pytest.fixture(scope="package")
 def model_dir(tiny_checkpoint: Callable[..., Path]) -> Path:
     return tiny_checkpoint("tied-gqa2-hd16", vocab_size=VOCAB)
+
+
+@pytest.fixture(scope="module")
+def offline(model_dir: Path) -> LLMEngine:
+    """An engine like the replicas', in this process: what an undisturbed run generates."""
+    return LLMEngine(model_dir, **ENGINE_KWARGS)
+
+
+def prompt(seed: int, n: int) -> list[int]:
+    """n random token ids of the tiny vocabulary, the same for the same seed."""
+    rng = random.Random(seed)
+    return [rng.randrange(VOCAB) for _ in range(n)]
 
 
 @contextlib.contextmanager

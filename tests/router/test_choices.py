@@ -4,9 +4,7 @@ engine's n choices, and a replica killed mid-stream leaves every choice equal to
 from __future__ import annotations
 
 import dataclasses
-import random
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import grpc
@@ -14,24 +12,14 @@ import pytest
 
 from engine import LLMEngine, SamplingParams
 from proto import nanoserve_pb2 as pb
-from tests.serving import ENGINE_KWARGS, VOCAB, RouterThread, kill_mid_stream
+from tests.serving import RouterThread, kill_mid_stream, prompt
 
 SAMPLED: dict[str, Any] = dict(temperature=0.9, top_p=0.95, seed=5, ignore_eos=True, n=3)
-
-
-def prompt(seed: int, n: int) -> list[int]:
-    rng = random.Random(seed)
-    return [rng.randrange(VOCAB) for _ in range(n)]
 
 
 @pytest.fixture(scope="module")
 def router(start_module_router: Callable[..., RouterThread]) -> RouterThread:
     return start_module_router(num_replicas=2)
-
-
-@pytest.fixture(scope="module")
-def offline(model_dir: Path) -> LLMEngine:
-    return LLMEngine(model_dir, **ENGINE_KWARGS)
 
 
 def offline_choices(engine: LLMEngine, token_ids: list[int], **params: Any) -> list[list[int]]:

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import logging
-import random
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import grpc
@@ -16,12 +14,7 @@ from engine import LLMEngine, SamplingParams
 from proto import nanoserve_pb2 as pb
 from proto import nanoserve_pb2_grpc as pb_grpc
 from router.client import Client
-from tests.serving import ENGINE_KWARGS, VOCAB, RouterThread, greedy, kill_mid_stream, served_services
-
-
-def prompt(seed: int, n: int) -> list[int]:
-    rng = random.Random(seed)
-    return [rng.randrange(VOCAB) for _ in range(n)]
+from tests.serving import VOCAB, RouterThread, greedy, kill_mid_stream, prompt, served_services
 
 
 def collect(client: Client, token_ids: list[int], **params: Any) -> tuple[list[int], pb.GenerateResponse]:
@@ -33,11 +26,6 @@ def collect(client: Client, token_ids: list[int], **params: Any) -> tuple[list[i
 @pytest.fixture(scope="module")
 def router(start_module_router: Callable[..., RouterThread]) -> RouterThread:
     return start_module_router(num_replicas=2)
-
-
-@pytest.fixture(scope="module")
-def offline(model_dir: Path) -> LLMEngine:
-    return LLMEngine(model_dir, **ENGINE_KWARGS)
 
 
 def offline_ids(engine: LLMEngine, token_ids: list[int], **params: Any) -> list[int]:
