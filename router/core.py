@@ -59,7 +59,8 @@ class ServingCore:
     async def chunks(
         self, inflight: InFlightRequest, on_stalled: Callable[[str], None] | None = None
     ) -> AsyncIterator[pb.GenerateResponse]:
-        """The request's chunks, up to the last one (finish_reason set); RequestFailed if it fails on the way.
+        """The request's chunks, up to the last one (usage set: every choice has finished); RequestFailed if it
+        fails on the way.
 
         The caller sends each chunk before it asks for the next. A request paused because its client fell
         behind (see router/event_pump.py) is resumed here once the client has taken everything. If sending
@@ -82,7 +83,7 @@ class ServingCore:
                 inflight.writing_since = time.monotonic()
                 yield chunk  # resumes once the caller sent it: the client's flow-control window had room
                 inflight.writing_since = None
-                if chunk.finish_reason:
+                if chunk.HasField("usage"):
                     return
         finally:
             self._streams.discard(stream)
@@ -113,7 +114,7 @@ class ServingCore:
         self.pool.metrics.slow_clients.labels("ended").inc()
         self.count(grpc.StatusCode.RESOURCE_EXHAUSTED)
         log.warning("request %s: its client took no output for %g s; ending the stream after %d tokens",
-                    inflight.request_id, timeout_s, len(inflight.output_token_ids))
+                    inflight.request_id, timeout_s, inflight.num_output_tokens)
         if stream.on_stalled is not None:
             stream.on_stalled(f"the client read nothing for {timeout_s:g} s (stalled_stream_timeout_s); "
                               "the request was stopped")
@@ -125,7 +126,7 @@ class ServingCore:
         if not inflight.done:
             self.pool.abort(inflight)
             self.count(grpc.StatusCode.CANCELLED)
-            log.info("request %s cancelled after %d tokens", inflight.request_id, len(inflight.output_token_ids))
+            log.info("request %s cancelled after %d tokens", inflight.request_id, inflight.num_output_tokens)
 
     def refuse(self, code: grpc.StatusCode, message: str, field: str | None = None) -> RequestFailed:
         """Count and log a refusal; the error to raise."""

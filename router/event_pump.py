@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable
 
 from router.config import RouterConfig
-from router.inflight import InFlightRequest
+from router.inflight import InFlightRequest, attempt_key
 from router.metrics import RouterMetrics
 from router.replica_slot import ReplicaSlot
 from router.request_state import RequestState
@@ -62,26 +62,30 @@ class EventPump:
         """Apply one batch's token deltas to the requests they belong to."""
         num_tokens = 0
         for delta in batch.outputs:
-            request = slot.inflight.get(delta.request_id)
+            key = attempt_key(delta.request_id)
+            request = slot.inflight.get(key)
             if request is None:
                 continue  # aborted, paused, moved, or from before this router attached
-            if delta.request_id != request.engine_request_id:  # an attempt superseded by a later one: never stream
+            if key != request.engine_request_id:  # an attempt superseded by a later one: never stream
                 log.warning("%s: dropping %s, superseded by a later attempt", slot.name, delta.request_id)
-                slot.drop(delta.request_id)  # two attempts' tokens (they would duplicate)
+                slot.drop(key)  # two attempts' tokens (they would duplicate)
                 continue
             if delta.new_token_ids:
                 num_tokens += len(delta.new_token_ids)
-                slot.kv.drop_pending(delta.request_id)  # prefilled: its blocks are reported stored by now
+                slot.kv.drop_pending(key)  # prefilled: its blocks are reported stored by now
                 if request.first_token_at is None:
                     self.metrics.ttft.observe(time.monotonic() - request.arrived_at)
             if request.num_cached_tokens is None:  # the replica that first admitted it; once per request
                 self.metrics.prefix_hit_tokens.inc(delta.num_cached_tokens)
-            if request.on_delta(delta, slot.name):
-                if delta.finished:
-                    slot.remove(delta.request_id)
-                else:  # a stop string only the router saw (TextStream)
-                    slot.drop(delta.request_id)
-                self._record_finished(request)
+            if request.on_delta(delta, slot.name):  # its choice finished
+                if request.done:
+                    if delta.finished:
+                        slot.remove(key)
+                    else:  # a stop string only the router saw (TextStream)
+                        slot.drop(key)
+                    self._record_finished(request)
+                elif not delta.finished and delta.request_id != key and slot.handle is not None:
+                    slot.handle.abort([delta.request_id])  # that stop string, in a choice that runs alone
             elif request.num_pending_tokens > self.config.max_stream_buffer_tokens:
                 self._pause(slot, request)
         self.metrics.tokens_out.inc(num_tokens)  # once a batch: a labelled child costs a lookup each call
@@ -96,12 +100,12 @@ class EventPump:
         request.set_state(RequestState.PAUSED)
         self.metrics.slow_clients.labels("paused").inc()
         log.info("request %s paused after %d tokens: %d wait for its client (max_stream_buffer_tokens=%d)",
-                 request.request_id, len(request.output_token_ids), request.num_pending_tokens,
+                 request.request_id, request.num_output_tokens, request.num_pending_tokens,
                  self.config.max_stream_buffer_tokens)
 
     def _record_finished(self, request: InFlightRequest) -> None:
         self.metrics.requests.labels("OK").inc()
-        n = len(request.output_token_ids)
+        n = max(len(choice.token_ids) for choice in request.choices)  # a stream's: its choices' tokens come together
         if request.first_token_at is not None and n > 1:
             self.metrics.itl.observe((time.monotonic() - request.first_token_at) / (n - 1))
 

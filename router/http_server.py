@@ -122,15 +122,14 @@ class HttpFrontDoor:
     async def _stream(self, http_request: web.Request, answer: Answer, inflight: InFlightRequest) -> web.StreamResponse:
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await response.prepare(http_request)
-        opening = answer.opening()
-        if opening is not None:
+        for opening in answer.openings():
             await _send(response, opening)
         try:
             async for chunk in self.core.chunks(inflight):
                 event = answer.event(chunk)
                 if event is not None:
                     await _send(response, event)
-                if chunk.finish_reason and answer.api.include_usage:
+                if chunk.HasField("usage") and answer.api.include_usage:
                     await _send(response, answer.usage_event(chunk.usage))
         except RequestFailed as e:  # the status line went out with the first event: the error is an event too
             await _send(response, _error_body(e.code, str(e), e.field))

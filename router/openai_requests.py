@@ -21,9 +21,9 @@ Endpoint = Literal["completions", "chat"]
 
 _INT64 = range(-(2**63), 2**63)
 _NUMBER_FIELDS = ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty")
-_INT_FIELDS = ("top_k", "seed", "min_tokens")
+_INT_FIELDS = ("top_k", "seed", "min_tokens", "n")
 _COMMON_FIELDS = frozenset({"model", "max_tokens", *_NUMBER_FIELDS, *_INT_FIELDS, "stop", "stop_token_ids",
-                            "ignore_eos", "n", "stream", "stream_options", "logprobs", "logit_bias",
+                            "ignore_eos", "stream", "stream_options", "logprobs", "logit_bias",
                             "allowed_token_ids", *STRUCTURED_OUTPUT_FIELDS})
 _FIELDS: dict[Endpoint, frozenset[str]] = {
     "completions": _COMMON_FIELDS | {"prompt"},
@@ -77,8 +77,6 @@ def read_request(endpoint: Endpoint, body: object) -> ApiRequest:
         _prompt(given, request)
     logprobs = _sampling(endpoint, given, request.params)
     spec_param = read_structured_output(given, request.params.structured_output)
-    if "n" in given and _int(given, "n") != 1:
-        raise InvalidBody("n", f"only 1 is supported (one choice per request), got {given['n']}")
     stream = _bool(given, "stream") if "stream" in given else False
     return ApiRequest(endpoint, _str(given, "model") if "model" in given else None, request, stream,
                       _include_usage(given, stream), logprobs,

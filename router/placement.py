@@ -96,10 +96,15 @@ class Placement:
 
     async def _submit_to(self, slot: ReplicaSlot, request: InFlightRequest) -> SubmitError | None:
         assert slot.handle is not None
+        specs = request.specs()
         try:
-            [error] = await slot.handle.submit([request.spec()])
+            errors = await slot.handle.submit(specs)
         except ReplicaGone as gone:
             slot.remove(request.engine_request_id)  # this submit retries it; the failover must not
             self.on_gone(slot, gone.reason)
             return SubmitError("unavailable", gone.reason)
-        return error
+        refusal = next((error for error in errors if error is not None), None)
+        queued = [spec.request_id for spec, error in zip(specs, errors) if error is None]
+        if refusal is not None and queued:  # an attempt's choices run where all of them were taken, or nowhere
+            slot.handle.abort(queued)
+        return refusal

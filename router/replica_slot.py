@@ -22,7 +22,8 @@ class ReplicaSlot:
     handle: ReplicaHandle | None = None
     state: SlotState = "starting"
     kv: KVView = field(default_factory=KVView)
-    inflight: dict[str, InFlightRequest] = field(default_factory=dict)  # by engine request id
+    inflight: dict[str, InFlightRequest] = field(default_factory=dict)  # by attempt (InFlightRequest.engine_request_id)
+    engine_ids: dict[str, list[str]] = field(default_factory=dict)  # the engine request ids each attempt runs as
     stats: ReplicaStats | None = None
     num_restarts: int = 0
     next_seq: int | None = None  # the event seq expected next; a jump means lost token deltas
@@ -35,11 +36,13 @@ class ReplicaSlot:
     def add(self, request: InFlightRequest) -> None:
         """Track a request placed here; its prompt blocks count as cached in the view until its first token."""
         self.inflight[request.engine_request_id] = request
+        self.engine_ids[request.engine_request_id] = list(request.engine_choices)
         self.kv.add_pending(request.engine_request_id, request.prepared.prompt_hashes)
 
     def remove(self, engine_request_id: str) -> InFlightRequest | None:
-        """Stop tracking a request (finished, aborted, paused or moved); None if it was not here."""
+        """Stop tracking a request's attempt (finished, aborted, paused or moved); None if it was not here."""
         self.kv.drop_pending(engine_request_id)
+        self.engine_ids.pop(engine_request_id, None)
         return self.inflight.pop(engine_request_id, None)
 
     def cancel_tasks(self) -> None:
@@ -50,10 +53,12 @@ class ReplicaSlot:
                 task.cancel()
 
     def drop(self, engine_request_id: str) -> InFlightRequest | None:
-        """Stop tracking a request and abort it on the replica (without waiting); None if it was not here."""
+        """Stop tracking a request's attempt and abort it on the replica, every choice (without waiting); None if it
+        was not here."""
+        engine_ids = self.engine_ids.get(engine_request_id, [])
         request = self.remove(engine_request_id)
         if request is not None and self.handle is not None:
-            self.handle.abort([engine_request_id])
+            self.handle.abort(engine_ids)
         return request
 
 

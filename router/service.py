@@ -42,17 +42,28 @@ class NanoServeService(nanoserve_pb2_grpc.NanoServeServicer):
     async def Complete(  # noqa: N802
         self, request: pb.GenerateRequest | UndecodableRequest, context: grpc.aio.ServicerContext
     ) -> pb.CompleteResponse:
+        choices: dict[int, pb.CompleteChoice] = {}
         response = pb.CompleteResponse()
         async for chunk in self.Generate(request, context):
-            response.text += chunk.text
-            response.reasoning_text += chunk.reasoning_text
-            response.tool_calls.extend(chunk.tool_calls)
-            response.token_ids.extend(chunk.token_ids)
-            response.logprobs.extend(chunk.logprobs)
+            choice = choices.setdefault(chunk.index, pb.CompleteChoice(index=chunk.index))
+            choice.text += chunk.text
+            choice.reasoning_text += chunk.reasoning_text
+            choice.tool_calls.extend(chunk.tool_calls)
+            choice.token_ids.extend(chunk.token_ids)
+            choice.logprobs.extend(chunk.logprobs)
             if chunk.finish_reason:
-                response.finish_reason, response.replica = chunk.finish_reason, chunk.replica
+                choice.finish_reason, choice.replica = chunk.finish_reason, chunk.replica
+            if chunk.HasField("usage"):
                 response.request_id = chunk.request_id
                 response.usage.CopyFrom(chunk.usage)
+        first = choices[0]
+        response.text, response.reasoning_text, response.replica = first.text, first.reasoning_text, first.replica
+        response.token_ids.extend(first.token_ids)
+        response.logprobs.extend(first.logprobs)
+        response.tool_calls.extend(first.tool_calls)
+        response.finish_reason = first.finish_reason
+        if len(choices) > 1:
+            response.choices.extend(choices[i] for i in sorted(choices))
         return response
 
     async def GetModelInfo(  # noqa: N802

@@ -100,7 +100,7 @@ class Supervisor:
     def _stop(self, request: InFlightRequest, code: grpc.StatusCode, message: str) -> None:
         """End a request that is not moved again; one warning says why."""
         log.warning("request %s stopped: %s (%d tokens sent)", request.request_id, message,
-                    len(request.output_token_ids))
+                    request.num_output_tokens)
         request.fail(code, message)
 
     def admit_failovers(self) -> None:

@@ -139,8 +139,6 @@ class RequestValidator:
             params.check_token_ids(self.info.vocab_size)  # the engine indexes its logits by them
             if params.structured_output is not None:  # refused here, so no replica compiles a bad grammar
                 check_grammar(params.structured_output)
-            if params.n != 1:  # the replicas' event streams and failover carry one choice per request for now
-                raise InvalidRequest("n", f"only 1 through the servers for now (LLMEngine serves more), got {params.n}")
         except InvalidRequest as e:
             raise e.within("params") from None
         return params

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import random
 import threading
 import time
 import uuid
@@ -18,9 +19,11 @@ import grpc
 import pytest
 import ray
 
+from engine import LLMEngine
 from proto import nanoserve_pb2 as pb
 from router.client import Client
 from router.config import RouterConfig
+from router.inflight import InFlightRequest
 from router.server import Router
 from worker.handle import ReplicaHandle
 
@@ -101,6 +104,18 @@ def model_dir(tiny_checkpoint: Callable[..., Path]) -> Path:
     return tiny_checkpoint("tied-gqa2-hd16", vocab_size=VOCAB)
 
 
+@pytest.fixture(scope="module")
+def offline(model_dir: Path) -> LLMEngine:
+    """An engine like the replicas', in this process: what an undisturbed run generates."""
+    return LLMEngine(model_dir, **ENGINE_KWARGS)
+
+
+def prompt(seed: int, n: int) -> list[int]:
+    """n random token ids of the tiny vocabulary, the same for the same seed."""
+    rng = random.Random(seed)
+    return [rng.randrange(VOCAB) for _ in range(n)]
+
+
 @contextlib.contextmanager
 def router_factory(model_dir: Path) -> Iterator[Callable[..., RouterThread]]:
     """start(num_replicas=2, policy="prefix", **config) -> a running router; all stopped on exit, so their
@@ -137,6 +152,43 @@ def start_module_router(ray_cluster: None, model_dir: Path) -> Iterator[Callable
     """Routers shared by a module's tests, stopped when the module ends."""
     with router_factory(model_dir) as start:
         yield start
+
+
+def kill_mid_stream(
+    router: RouterThread, requests: list[tuple[list[int], dict[str, Any]]],
+    has_begun: Callable[[list[pb.GenerateResponse]], bool],
+) -> tuple[list[list[pb.GenerateResponse]], list[InFlightRequest]]:
+    """Stream each (prompt, params) from its own thread; once `has_begun(its chunks so far)` holds for every
+    stream, kill the router's first replica, and let the streams finish (none may fail). Each stream's chunks, and
+    the requests the killed replica was running then."""
+    streams: list[list[pb.GenerateResponse]] = [[] for _ in requests]
+    started = [threading.Event() for _ in requests]
+    errors: list[BaseException] = []
+
+    def stream(i: int) -> None:
+        token_ids, params = requests[i]
+        try:
+            with router.client() as client:
+                for chunk in client.generate(token_ids, timeout=120, **params):
+                    streams[i].append(chunk)
+                    if has_begun(streams[i]):
+                        started[i].set()
+        except BaseException as e:  # noqa: BLE001 (reported below)
+            errors.append(e)
+
+    threads = [threading.Thread(target=stream, args=(i,)) for i in range(len(requests))]
+    for t in threads:
+        t.start()
+    for event in started:
+        assert event.wait(60)
+    victim = router.status().replicas[0].name
+    [slot] = [s for s in router.router.pool.slots if s.name == victim]
+    running = list(slot.inflight.values())
+    asyncio.run(handle_of(router, victim).kill(wait=False))
+    for t in threads:
+        t.join(120)
+    assert not errors, errors
+    return streams, running
 
 
 def greedy(max_tokens: int, **params: Any) -> dict[str, Any]:

@@ -49,9 +49,10 @@ class LogprobEntry(TypedDict):
 
 @dataclass(slots=True)
 class RequestDelta:
-    """One request's progress since the previous batch: the tokens it gained, and whether it is done.
+    """One choice's progress since the previous batch: the tokens choice `index` of the request gained, and
+    whether it is done (a request of n choices is done once each has said so).
 
-    Mutable because the outbox merges a request's steps into one delta before sending it.
+    Mutable because the outbox merges a choice's steps into one delta before sending it.
     """
 
     request_id: str
@@ -61,6 +62,7 @@ class RequestDelta:
     num_prompt_tokens: int
     num_cached_tokens: int  # prompt tokens served by the prefix cache
     logprobs: list[LogprobEntry]  # one per new token if the request asked for logprobs, else empty
+    index: int = 0  # the choice (SamplingParams.n)
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,7 +85,7 @@ class StepEvents:
     epoch: str
     seq: int
     num_steps: int  # engine steps merged into this batch (more than 1 when the consumer lagged)
-    outputs: list[RequestDelta]  # at most one per request, except a finished id reused later
+    outputs: list[RequestDelta]  # at most one per choice of a request, except a finished id reused later
     kv_stored: list[int]
     kv_evicted: list[int]
 

@@ -41,7 +41,7 @@ class Outbox:
         self._num_steps = 0
         self._num_tokens = 0
         self._outputs: list[RequestDelta] = []
-        self._open: dict[str, RequestDelta] = {}  # unfinished requests' deltas in `_outputs`, by id
+        self._open: dict[tuple[str, int], RequestDelta] = {}  # unfinished choices' deltas in `_outputs`
         self._kv: dict[int, bool] = {}  # block hash -> resident after its last change
 
     @property
@@ -64,9 +64,10 @@ class Outbox:
                 self._changed.notify_all()
 
     def _merge(self, out: RequestOutput) -> None:
-        delta = self._open.pop(out.request_id, None)
+        choice = (out.request_id, out.index)
+        delta = self._open.pop(choice, None)
         if delta is None:  # its first step in this window (or its id was reused after it finished)
-            delta = RequestDelta(out.request_id, [], False, None, out.num_prompt_tokens, 0, [])
+            delta = RequestDelta(out.request_id, [], False, None, out.num_prompt_tokens, 0, [], out.index)
             self._outputs.append(delta)
         delta.new_token_ids += out.new_token_ids
         delta.logprobs += [
@@ -76,7 +77,7 @@ class Outbox:
         delta.finished, delta.finish_reason = out.finished, out.finish_reason
         delta.num_cached_tokens = out.num_cached_tokens
         if not out.finished:
-            self._open[out.request_id] = delta
+            self._open[choice] = delta
         self._num_tokens += len(out.new_token_ids) + 1  # + 1: an output without tokens (an abort) costs too
 
     def _drop(self) -> None:

@@ -54,7 +54,7 @@ def test_structured_streams_moved_mid_way_equal_undisturbed_runs(
     victim = busiest_replica(router)
     [slot] = [s for s in router.router.pool.slots if s.name == victim]
     moved = [r for r in list(slot.inflight.values())
-             if r.prepared.params.structured_output is not None and r.output_token_ids]
+             if r.prepared.params.structured_output is not None and r.num_output_tokens]
     asyncio.run(handle_of(router, victim).kill(wait=False))
     assert moved, "no held stream was mid-way on the killed replica"
     outcomes = load.finish()

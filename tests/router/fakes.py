@@ -75,8 +75,9 @@ def serving_pool(num_replicas: int, policy: str = "least-load", **config: object
 
 
 def make_request(tokenizer: Tokenizer, name: str = "r", prompt: list[int] | None = None, max_tokens: int = 100,
-                 block_hashes: list[int] | None = None, split_reasoning: bool = False) -> InFlightRequest:
-    prepared = PreparedRequest(name, prompt or [1, 2, 3], SamplingParams(seed=1, max_tokens=max_tokens),
+                 block_hashes: list[int] | None = None, split_reasoning: bool = False, n: int = 1,
+                 stop: tuple[str, ...] = ()) -> InFlightRequest:
+    prepared = PreparedRequest(name, prompt or [1, 2, 3], SamplingParams(seed=1, max_tokens=max_tokens, n=n, stop=stop),
                                block_hashes or [], split_reasoning)
     return InFlightRequest(prepared, tokenizer)
 
@@ -99,6 +100,6 @@ def step(slot: ReplicaSlot, *deltas: RequestDelta, seq: int = 1) -> StepEvents:
 
 
 def delta(request: InFlightRequest, token_ids: list[int], finished: bool = False,
-          engine_request_id: str | None = None) -> RequestDelta:
+          engine_request_id: str | None = None, index: int = 0) -> RequestDelta:
     return RequestDelta(engine_request_id or request.engine_request_id, token_ids, finished,
-                        "length" if finished else None, len(request.prepared.prompt_token_ids), 0, [])
+                        "length" if finished else None, len(request.prepared.prompt_token_ids), 0, [], index)

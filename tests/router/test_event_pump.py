@@ -27,8 +27,32 @@ def test_deltas_of_a_superseded_attempt_are_never_streamed(qwen_tokenizer: Token
         new = place(pool, request, next(s for s in pool.slots if s is not old))  # a race this guards against
         pool.pump.deliver(old, step(old, delta(request, [5], engine_request_id=old_id)))
         pool.pump.deliver(new, step(new, delta(request, [7])))
-        assert request.output_token_ids == [7] and old_id not in old.inflight and fake(old).aborted == [old_id]
+        assert request.choices[0].token_ids == [7] and old_id not in old.inflight and fake(old).aborted == [old_id]
         assert list((await request.next_chunk()).token_ids) == [7]
+
+    asyncio.run(scenario())
+
+
+def test_a_moved_request_of_n_choices_runs_as_one_choice_per_engine_request(qwen_tokenizer: Tokenizer) -> None:
+    """After a failover, each unfinished choice runs as its own engine request on the new replica: their deltas
+    reach their choices, a stop string only the router saw aborts that choice's request alone, and the request
+    leaves the replica when its last choice ends."""
+    async def scenario() -> None:
+        pool = serving_pool(2)
+        request = make_request(qwen_tokenizer, n=2, stop=(" world",))
+        await pool.submit(request)
+        old = next(s for s in pool.slots if request.engine_request_id in s.inflight)
+        pool.pump.deliver(old, step(old, delta(request, [5], index=0), delta(request, [6], index=1)))
+        [new] = [s for s in pool.slots if s is not old]
+        pool.supervisor.mark_down(old, "killed")
+        await until(lambda: len(fake(new).submitted) == 2)
+        assert [s.request_id for s in fake(new).submitted] == ["r#2.0", "r#2.1"]
+        assert new.engine_ids["r#2"] == ["r#2.0", "r#2.1"]
+        pool.pump.deliver(new, step(new, delta(request, qwen_tokenizer.encode(" world"), engine_request_id="r#2.1")))
+        assert request.choices[1].finish_reason == "stop" and fake(new).aborted == ["r#2.1"] and "r#2" in new.inflight
+        pool.pump.deliver(new, step(new, delta(request, [7], finished=True, engine_request_id="r#2.0"), seq=2))
+        assert request.done and not new.inflight and fake(new).aborted == ["r#2.1"]
+        assert request.choices[0].token_ids == [5, 7]
 
     asyncio.run(scenario())
 

@@ -202,6 +202,33 @@ def test_chat_whole_and_streamed(router: RouterThread, client: openai.OpenAI, mo
     assert chunks[-1].choices[0].finish_reason == "length" and chunks[-1].object == "chat.completion.chunk"
 
 
+def test_n_choices_whole_and_streamed_equal_the_grpc_answer(router: RouterThread, client: openai.OpenAI,
+                                                            model: str) -> None:
+    """n = 3, completions and chat: the choices by index, whole or streamed (each event one choice's, naming its
+    index), equal gRPC's; the usage counts the prompt once and every choice's tokens."""
+    params: dict[str, Any] = dict(temperature=0.9, seed=3, n=3, extra_body={"ignore_eos": True})
+    expected = grpc_complete(router, PROMPT, temperature=0.9, seed=3, n=3, ignore_eos=True, max_tokens=8).choices
+    assert len({c.text for c in expected}) == 3
+    whole = client.completions.create(model=model, prompt=PROMPT, max_tokens=8, **params)
+    assert [(c.index, c.text, c.finish_reason) for c in whole.choices] == [(i, e.text, "length")
+                                                                           for i, e in enumerate(expected)]
+    assert whole.usage is not None and (whole.usage.prompt_tokens, whole.usage.completion_tokens) == (6, 24)
+    *events, last = client.completions.create(model=model, prompt=PROMPT, max_tokens=8, stream=True,
+                                              stream_options={"include_usage": True}, **params)
+    assert ["".join(e.choices[0].text for e in events if e.choices[0].index == i) for i in range(3)] == [
+        e.text for e in expected]
+    assert sorted(e.choices[0].index for e in events if e.choices[0].finish_reason) == [0, 1, 2]
+    assert last.choices == [] and last.usage == whole.usage
+
+    chat = grpc_complete(router, MESSAGES, temperature=0.9, seed=3, n=3, ignore_eos=True, max_tokens=8).choices
+    answer = client.chat.completions.create(model=model, messages=MESSAGES, max_tokens=8, **params)
+    assert [c.message.content for c in answer.choices] == [c.text for c in chat]
+    stream = list(client.chat.completions.create(model=model, messages=MESSAGES, max_tokens=8, stream=True, **params))
+    assert [e.choices[0].delta.role for e in stream[:3]] == ["assistant"] * 3  # each choice's opening
+    assert ["".join(e.choices[0].delta.content or "" for e in stream if e.choices[0].index == i)
+            for i in range(3)] == [c.text for c in chat]
+
+
 def test_chat_content_parts_and_the_developer_role(client: openai.OpenAI, model: str) -> None:
     """Text parts are the string content they join to; "developer" is OpenAI's newer name for "system"."""
     parts: list[ChatCompletionMessageParam] = [
@@ -337,7 +364,8 @@ BAD_BODIES: list[tuple[str, dict[str, Any], str]] = [
     ("completions", {"prompt": PROMPT, "stop": [""]}, "stop"),
     ("completions", {"prompt": PROMPT, "stop": 7}, "stop"),
     ("completions", {"prompt": PROMPT, "logprobs": 21}, "logprobs"),
-    ("completions", {"prompt": PROMPT, "n": 2}, "n"),
+    ("completions", {"prompt": PROMPT, "n": 0}, "n"),
+    ("chat", {"messages": MESSAGES, "n": 129}, "n"),
     ("completions", {"prompt": PROMPT, "best_of": 3}, "best_of"),
     ("completions", {"prompt": PROMPT, "frequency_penalty": 2.5}, "frequency_penalty"),
     ("completions", {"prompt": PROMPT, "presence_penalty": "x"}, "presence_penalty"),
@@ -391,8 +419,8 @@ def test_bad_input_is_400_naming_the_field(router: RouterThread, endpoint: str, 
 
 def test_openai_client_sees_bad_input_as_bad_request(client: openai.OpenAI, model: str) -> None:
     with pytest.raises(openai.BadRequestError) as info:
-        client.chat.completions.create(model=model, messages=MESSAGES, n=2)
-    assert info.value.status_code == 400 and info.value.param == "n" and "only 1" in info.value.message
+        client.chat.completions.create(model=model, messages=MESSAGES, n=0)
+    assert info.value.status_code == 400 and info.value.param == "n" and "must be in [1, 128]" in info.value.message
 
 
 def test_unparsable_bodies_unknown_models_and_paths(router: RouterThread, client: openai.OpenAI) -> None:

@@ -2,13 +2,9 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import random
-import threading
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import grpc
@@ -18,12 +14,7 @@ from engine import LLMEngine, SamplingParams
 from proto import nanoserve_pb2 as pb
 from proto import nanoserve_pb2_grpc as pb_grpc
 from router.client import Client
-from tests.serving import ENGINE_KWARGS, VOCAB, RouterThread, greedy, handle_of, served_services
-
-
-def prompt(seed: int, n: int) -> list[int]:
-    rng = random.Random(seed)
-    return [rng.randrange(VOCAB) for _ in range(n)]
+from tests.serving import VOCAB, RouterThread, greedy, kill_mid_stream, prompt, served_services
 
 
 def collect(client: Client, token_ids: list[int], **params: Any) -> tuple[list[int], pb.GenerateResponse]:
@@ -35,11 +26,6 @@ def collect(client: Client, token_ids: list[int], **params: Any) -> tuple[list[i
 @pytest.fixture(scope="module")
 def router(start_module_router: Callable[..., RouterThread]) -> RouterThread:
     return start_module_router(num_replicas=2)
-
-
-@pytest.fixture(scope="module")
-def offline(model_dir: Path) -> LLMEngine:
-    return LLMEngine(model_dir, **ENGINE_KWARGS)
 
 
 def offline_ids(engine: LLMEngine, token_ids: list[int], **params: Any) -> list[int]:
@@ -107,35 +93,11 @@ def test_replica_killed_mid_stream_loses_no_request(
     requests = [(prompt(100 + i, 30), greedy(300) if i % 2 else dict(temperature=0.9, seed=i, max_tokens=300))
                 for i in range(8)]
     expected = [offline_ids(offline, p, **params) for p, params in requests]
-    streams: list[list[int]] = [[] for _ in requests]
-    started = [threading.Event() for _ in requests]
-    errors: list[BaseException] = []
-
-    def stream(i: int) -> None:
-        p, params = requests[i]
-        try:
-            with router.client() as client:
-                for chunk in client.generate(p, timeout=120, **params):
-                    streams[i] += chunk.token_ids
-                    if len(streams[i]) >= 5:
-                        started[i].set()
-        except BaseException as e:  # noqa: BLE001 (reported below)
-            errors.append(e)
-
-    threads = [threading.Thread(target=stream, args=(i,)) for i in range(len(requests))]
-    for t in threads:
-        t.start()
-    for event in started:
-        assert event.wait(60)
-    victim = router.status().replicas[0].name
-    unfinished = sum(len(s) < 300 for s in streams)
-    asyncio.run(handle_of(router, victim).kill(wait=False))
-    for t in threads:
-        t.join(120)
-    assert not errors, errors
-    assert unfinished >= 6, "the streams finished before the kill; make them longer"
-    for i, (got, want) in enumerate(zip(streams, expected)):
-        assert got == want, f"stream {i} differs from an undisturbed run"
+    chunks, running = kill_mid_stream(router, requests, lambda chunks: sum(len(c.token_ids) for c in chunks) >= 5)
+    victim = router.status().replicas[0].name  # the one killed
+    assert len(running) >= 3, "the streams finished before the kill; make them longer"
+    for i, (got, want) in enumerate(zip(chunks, expected)):
+        assert [t for c in got for t in c.token_ids] == want, f"stream {i} differs from an undisturbed run"
     status = router.wait_for(lambda s: all(r.state == pb.REPLICA_STATE_SERVING for r in s.replicas))
     assert [r.num_restarts for r in status.replicas if r.name == victim] == [1]
     with router.client() as client:  # the restarted replica takes traffic again

@@ -77,7 +77,7 @@ def test_to_the_context_end_fills_an_unset_max_tokens_only(qwen_tokenizer_dir: P
     (pb.GenerateRequest(token_ids=pb.TokenIds(ids=[1, 151936])), "token_ids.ids[1]",
      "151936 is outside the vocabulary [0, 151936)"),
     (chat_request("wizard"), "chat.messages[0].role", "unknown role 'wizard'"),
-    (token_request(3, n=2), "params.n", "only 1 through the servers for now (LLMEngine serves more), got 2"),
+    (token_request(3, n=0), "params.n", "must be in [1, 128], got 0"),
 ], ids=["params", "max_tokens", "token_ids", "chat", "n"])
 def test_the_field_travels_as_a_field(qwen_tokenizer_dir: Path, request_: pb.GenerateRequest, field: str,
                                       message: str) -> None:
@@ -86,6 +86,11 @@ def test_the_field_travels_as_a_field(qwen_tokenizer_dir: Path, request_: pb.Gen
         validator(qwen_tokenizer_dir, "x").prepare(request_)
     assert (invalid.value.field, invalid.value.message) == (field, message)
     assert isinstance(invalid.value, ValueError) and str(invalid.value) == f"{field}: {message}"
+
+
+def test_n_choices_pass_through_the_servers(qwen_tokenizer_dir: Path) -> None:
+    """n > 1 reaches the replicas (the engine bounds it); n < 1 is refused above, naming params.n."""
+    assert validator(qwen_tokenizer_dir, None).prepare(token_request(3, n=3)).params.n == 3
 
 
 def test_unset_sampling_fields_take_the_replicas_defaults(qwen_tokenizer_dir: Path) -> None:

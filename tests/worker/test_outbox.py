@@ -11,8 +11,9 @@ from worker.messages import StepEvents
 from worker.outbox import Outbox
 
 
-def out(request_id: str, *tokens: int, finish: FinishReason | None = None, cached: int = 0) -> RequestOutput:
-    return RequestOutput(request_id, list(tokens), finish is not None, finish, 7, cached)
+def out(request_id: str, *tokens: int, finish: FinishReason | None = None, cached: int = 0,
+        index: int = 0) -> RequestOutput:
+    return RequestOutput(request_id, list(tokens), finish is not None, finish, 7, cached, index=index)
 
 
 def kv(stored: tuple[int, ...] = (), evicted: tuple[int, ...] = ()) -> KVEvents:
@@ -49,6 +50,21 @@ def test_steps_merge_into_one_delta_per_request() -> None:
                                                                                                  "length", 16)
     assert (b.request_id, b.new_token_ids, b.finished, b.num_prompt_tokens) == ("b", [5, 6], False, 7)
     assert batch.kv_stored == [100, 101] and batch.kv_evicted == []
+
+
+def test_each_choice_of_a_request_merges_into_its_own_delta() -> None:
+    """A request of n choices: one delta per choice, with its index, finished on its own. (Merged by request id
+    alone, as before n > 1, the choices' tokens would land in one delta: [1, 5, 2, 6, 3].)"""
+    outbox = Outbox("r", "e")
+    sub = subscribed(outbox)
+    outbox.add([out("a", 1), out("a", 5, index=1)], kv())
+    outbox.add([out("a", 2), out("a", 6, index=1, finish="stop")], kv())
+    outbox.add([out("a", 3)], kv())
+    deltas = take(outbox, sub).outputs
+    assert [(d.index, d.new_token_ids, d.finished) for d in deltas] == [(0, [1, 2, 3], False), (1, [5, 6], True)]
+    outbox.add([out("a", 4, finish="length")], kv())
+    [last] = take(outbox, sub).outputs
+    assert (last.index, last.new_token_ids, last.finish_reason) == (0, [4], "length")
 
 
 def test_a_finished_request_id_reused_in_the_window_gets_its_own_delta() -> None:

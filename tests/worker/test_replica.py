@@ -117,6 +117,23 @@ def test_greedy_stream_matches_offline_generate(replica: ReplicaHandle, model_di
     assert (deltas[-1].finish_reason, deltas[-1].num_prompt_tokens) == ("length", 40)
 
 
+def test_n_choices_stream_with_their_index_as_the_offline_engine_samples_them(
+    replica: ReplicaHandle, model_dir: Path
+) -> None:
+    """n = 3: each choice's deltas carry its index, and its tokens are the offline engine's for that choice."""
+    token_ids, params = prompt(3, 40), dict(temperature=0.9, seed=11, max_tokens=12, ignore_eos=True, n=3)
+    offline = LLMEngine(model_dir, **ENGINE_KWARGS).generate(token_ids, SamplingParams(**params), use_tqdm=False)
+    stream = Stream(replica)
+    assert submit(replica, [RequestSpec("three", token_ids, params)]) == [None]
+    batches: list[StepEvents] = []
+    while sum(d.finished for b in batches for d in b.outputs) < 3:
+        batches.append(stream.next())
+    deltas = deltas_of(batches)["three"]
+    by_choice = [tokens_of([d for d in deltas if d.index == i]) for i in range(3)]
+    assert by_choice == [choice["token_ids"] for choice in offline]  # type: ignore[index]
+    assert len({tuple(tokens) for tokens in by_choice}) == 3
+
+
 def test_each_batch_carries_every_request_of_its_steps(replica: ReplicaHandle) -> None:
     stream = Stream(replica)
     steps_before = run(replica.health(TIMEOUT_S)).num_steps
