@@ -82,7 +82,9 @@ def test_grpc_carries_the_tool_calls(qwen_tokenizer: Tokenizer) -> None:
             chunks = [chunk async for chunk in stub.Generate(pb.GenerateRequest(chat=chat), timeout=30)]
             assert "".join(c.text for c in chunks) == whole.text
             assert [(c.name, c.arguments) for chunk in chunks for c in chunk.tool_calls] == CALLS
-            assert sum(bool(chunk.tool_calls) for chunk in chunks) == 2  # each call sent once it is whole
+            # Each call is sent once it is whole; both may share a chunk when the client reads behind the stream
+            # (the router coalesces what waits for a slow client), so the count is 1 or 2 depending on timing.
+            assert 1 <= sum(bool(chunk.tool_calls) for chunk in chunks) <= 2
             none = pb.ChatMessages(messages=chat.messages, tools=chat.tools, tool_choice=pb.ToolChoice(mode="none"))
             plain = await stub.Complete(pb.GenerateRequest(chat=none), timeout=30)
             assert (plain.text, list(plain.tool_calls)) == (ANSWER, [])
