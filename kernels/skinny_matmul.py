@@ -69,8 +69,9 @@ def skinny_matmul(
         partial, counters = out, out  # unused
     _skinny_matmul_kernel[(num_blocks, split_k)](
         x, weight, out, partial, counters, num_rows, n, k, x.stride(0),
-        BLOCK_M=MAX_ROWS, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k, EVEN_K=k % (split_k * block_k) == 0,
-        GATED=gated, DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", num_warps=num_warps, num_stages=num_stages,
+        BLOCK_M=MAX_ROWS, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k,
+        EVEN_K=k % (split_k * block_k) == 0, GATED=gated, DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+        num_warps=num_warps, num_stages=num_stages,
     )
     return out
 

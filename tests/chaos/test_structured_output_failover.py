@@ -8,6 +8,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from engine import LLMEngine, SamplingParams
+from router.inflight import InFlightRequest
+from router.replica_slot import ReplicaSlot
 from tests.chaos.load import (
     Load,
     assert_identical_outputs,
@@ -17,7 +19,7 @@ from tests.chaos.load import (
     mixed_requests,
     wait_for,
 )
-from tests.chaos.test_replica_failures import actor_call, all_serving, busiest_replica
+from tests.chaos.test_replica_failures import actor_call, all_serving
 from tests.serving import RouterThread, handle_of
 
 # Strings by pattern, so the stop token below ("!", id 0) is never allowed before the output is complete.
@@ -41,6 +43,15 @@ def compile_a_grammar(engine: LLMEngine) -> None:
     engine.abort("warm-grammar")
 
 
+def held_mid_way_on(slot: ReplicaSlot) -> list[InFlightRequest]:
+    return [r for r in list(slot.inflight.values())
+            if r.prepared.params.structured_output is not None and r.num_output_tokens]
+
+
+def held_mid_way(router: RouterThread) -> bool:
+    return any(held_mid_way_on(slot) for slot in router.router.pool.slots)
+
+
 def test_structured_streams_moved_mid_way_equal_undisturbed_runs(
     start_router: Callable[..., RouterThread], model_dir: Path
 ) -> None:
@@ -51,10 +62,11 @@ def test_structured_streams_moved_mid_way_equal_undisturbed_runs(
     expected = expected_outputs(model_dir, requests)
     load = Load(router, requests, concurrency=24)
     load.wait_until_streaming(fraction=0.5)
-    victim = busiest_replica(router)
+    # The victim is a replica with a held stream mid-way (the busiest one may have none at that moment).
+    wait_for(lambda: held_mid_way(router), 30, "a held stream mid-way on a replica")
+    victim = max(router.router.pool.slots, key=lambda s: len(held_mid_way_on(s))).name
     [slot] = [s for s in router.router.pool.slots if s.name == victim]
-    moved = [r for r in list(slot.inflight.values())
-             if r.prepared.params.structured_output is not None and r.num_output_tokens]
+    moved = held_mid_way_on(slot)
     asyncio.run(handle_of(router, victim).kill(wait=False))
     assert moved, "no held stream was mid-way on the killed replica"
     outcomes = load.finish()

@@ -65,8 +65,8 @@ def test_gated_is_silu_and_mul_of_the_plain_matmul_bit_for_bit(dtype: torch.dtyp
     gated = skinny_matmul(x, weight, config, gated=True)
     assert gated.shape == (MAX_ROWS, n // 2)
     assert torch.equal(gated, silu_and_mul(skinny_matmul(x, weight, config)))
-    torch.testing.assert_close(gated.float(), silu_and_mul_ref(x.float() @ weight.float().T),
-                               rtol=1e-4 if dtype == torch.float32 else 2e-2, atol=1e-4 if dtype == torch.float32 else 2e-2)
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(gated.float(), silu_and_mul_ref(x.float() @ weight.float().T), rtol=tol, atol=tol)
     assert torch.equal(skinny_matmul(x[:3], weight, config, gated=True), gated[:3])
 
 
