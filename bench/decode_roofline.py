@@ -1,4 +1,4 @@
-"""Decode step time against the memory roofline, for batch sizes 1, 64 and 256 at 1024-token contexts.
+"""Decode step time against the memory roofline, for batch sizes 1, 8, 64 and 256 at 1024-token contexts.
 
 Roofline = (weight bytes + KV bytes read) / measured copy bandwidth: a decode step must read every
 weight once and every cached K/V of every sequence once. Reports the engine's whole step (host
@@ -63,13 +63,14 @@ def main() -> None:
     p.add_argument("--context", type=int, default=1024)
     p.add_argument("--steps", type=int, default=32)
     p.add_argument("--batch-invariant", action="store_true", help="the engine's batch-invariant mode")
+    p.add_argument("--batches", default="1,8,64,256", help="comma-separated decode batch sizes")
     args = p.parse_args()
     engine = LLMEngine(args.model or random_qwen3_0_6b(), max_model_len=2048, max_num_seqs=256,
                        max_num_batched_tokens=16384, batch_invariant=args.batch_invariant)
     bandwidth = copy_bandwidth()
     weight_bytes = sum(t.numel() * t.element_size() for t in engine.model_runner.model.parameters())
     print(f"copy bandwidth {bandwidth / 1e12:.2f} TB/s, weights {weight_bytes / 2**30:.2f} GiB")
-    for batch_size in (1, 64, 256):
+    for batch_size in map(int, args.batches.split(",")):
         step_s, replay_s = measure(engine, batch_size, args.context, args.steps)
         kv_bytes = batch_size * (args.context + args.steps // 2) * kv_bytes_per_token(engine)
         roofline_s = (weight_bytes + kv_bytes) / bandwidth

@@ -12,9 +12,12 @@ import torch
 
 from kernels.triton_compat import tl, triton
 
-# Query rows (tokens x GQA heads) and keys of one tile in the batch-invariant mode, decode and prefill alike: the
-# same matrix-multiply shapes on both paths, hence the same order of every sum a query's output is made of.
-BATCH_INVARIANT_TILE = (16, 64)
+# A prefill tile: query rows (tokens x GQA heads) and keys. Measured on an H200 (16 x 2,048 tokens, bf16): 128
+# rows 0.95 ms a layer, 64 rows 1.05, 16 rows 2.56 (bench/RESULTS.md). The batch-invariant mode takes the same
+# keys per tile on every path and decode's rows (tl.dot's smallest M) in prefill too: with 128-row prefill tiles a
+# token's output moved with the step's chunking on the H200 (bench/RESULTS.md, session 12).
+PREFILL_ROWS, PREFILL_KEYS = 128, 64
+INVARIANT_ROWS = 16
 
 
 def decode_kv_splits(batch_size: int, num_kv_heads: int, num_sms: int) -> int:
@@ -47,8 +50,8 @@ def paged_attention(
     and a second kernel merges the partial results by their log-sum-exp, so a small batch of long
     contexts still fills the GPU. `max_query_len` and `num_splits` are host-side launch shapes.
 
-    `batch_invariant`: one tile shape for decode and prefill (BATCH_INVARIANT_TILE) and no KV split, so each
-    query's keys are reduced in the same order whatever the step holds (engine/batch_invariance.py).
+    `batch_invariant`: one tile shape on every path (INVARIANT_ROWS rows, PREFILL_KEYS keys) and no KV split, so
+    each query's keys are reduced in the same order whatever the step holds (engine/batch_invariance.py).
     """
     num_tokens, num_heads, head_dim = query.shape
     num_seqs = seq_lens.shape[0]
@@ -57,15 +60,13 @@ def paged_attention(
     num_kv_heads, page = k_cache.shape[2], k_cache.shape[1]
     group = num_heads // num_kv_heads
     decode = max_query_len == 1
-    if batch_invariant:
-        assert num_splits == 1, "a KV split count that follows the batch breaks batch invariance"
-        rows, block_n = BATCH_INVARIANT_TILE
-        block_q = 1 if decode else max(1, rows // group)
-    else:
-        block_q = 1 if decode else max(1, 64 // group)
+    assert not batch_invariant or num_splits == 1, "a KV split count that follows the batch breaks batch invariance"
+    block_q = 1 if decode else max(1, (INVARIANT_ROWS if batch_invariant else PREFILL_ROWS) // group)
+    block_n = PREFILL_KEYS
+    if decode and not batch_invariant:
         # Decode reads each key once per GQA group: longer KV tiles keep more bytes in flight per program
         # (measured on an H200 with mixed context lengths: 1.14x the memory roofline at batch 128, 1.23x with 64).
-        block_n = 128 if decode else 64
+        block_n = 128
     block_m = max(16, triton.next_power_of_2(block_q * group))
     num_q_tiles = triton.cdiv(max_query_len, block_q)
     out = torch.empty_like(query) if out is None else out

@@ -48,18 +48,18 @@ def _variants() -> list[tuple[object, dict[str, str], dict[str, object]]]:
                              "stride_ot", "stride_oh", "num_tokens", "num_q_tiles"], "i32"),
         }
         precision = "ieee" if dtype == "fp32" else "tf32"
-        # decode, prefill; then the batch-invariant mode's decode and prefill (kernels/paged_attention.py)
-        for block_q, block_m, block_n, splits in ((1, 16, 128, 1), (1, 16, 128, 8), (32, 64, 64, 1), (1, 16, 64, 1),
+        # decode, prefill (both modes); the batch-invariant mode's decode, and its prefill in 16-row tiles
+        for block_q, block_m, block_n, splits in ((1, 16, 128, 1), (1, 16, 128, 8), (64, 128, 64, 1), (1, 16, 64, 1),
                                                   (8, 16, 64, 1)):
             variants.append((paged_attention._paged_attention_kernel, attention_signature, dict(
                 GROUP=2, BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=block_n, PAGE=16, HEAD_DIM=128, NUM_SPLITS=splits,
                 DOT_PRECISION=precision)))
-        for heads, norm in ((1, True), (8, True), (8, False)):
-            variants.append((paged_attention._merge_splits_kernel, {
+        variants.append((paged_attention._merge_splits_kernel, {
             **pointers("fp32", "Partial_out", "Partial_lse"), "Out": f"*{dtype}",
             **dict.fromkeys(["num_tokens", "num_heads", "stride_ot", "stride_oh"], "i32"),
         }, dict(HEAD_DIM=128, NUM_SPLITS=8)))
-        variants.append((rotary_kv_store._rotary_kv_store_kernel, {
+        for heads, norm in ((1, True), (8, True), (8, False)):
+            variants.append((rotary_kv_store._rotary_kv_store_kernel, {
                 **pointers(dtype, "QKV", "Wq", "Wk", "Q", "K_cache", "V_cache"), **pointers("fp32", "Cos", "Sin"),
                 **pointers("i64", "positions", "slot_mapping"), "stride_t": "i32", "eps": "fp32",
             }, dict(NUM_HEADS=16, NUM_KV_HEADS=8, HALF=64, HAS_NORM=norm, HEADS=heads)))
