@@ -30,6 +30,9 @@ REGEX = r"[a-c]{3}-[0-9]{2,4}"
 CHOICE = ["yes", "no", "maybe not"]
 GREEDY = dict(temperature=0.0)
 SAMPLED = dict(temperature=1.0, top_p=0.95, top_k=50)
+THINK, END_THINK = 151667, 151668  # Qwen3's <think> and </think>
+EOS = [151643, 151645]
+SPAN = {"start": THINK, "end": END_THINK, "ends": EOS}
 MODES = pytest.mark.parametrize("mode", [GREEDY, SAMPLED], ids=["greedy", "sampled"])
 
 
@@ -86,6 +89,34 @@ def test_a_complete_grammar_allows_a_stop_id(engine: LLMEngine) -> None:
     result = one(engine, HELLO, params({"choice": ["ok"]}, stop_token_ids=[stop_id], logit_bias={stop_id: 50.0},
                                        **GREEDY))
     assert result["token_ids"][-1] == stop_id and result["text"].startswith("ok")
+
+
+def test_a_reasoning_span_may_open_the_output_before_the_grammar_holds_it(engine: LLMEngine) -> None:
+    """With a span, the output may open with free reasoning between the tags, and what follows matches the schema;
+    the control: without it, the same pull towards <think> cannot open one, and the output is JSON from its start."""
+    bias = {THINK: 100.0, END_THINK: 12.0, **closing_bias(engine)}
+    thought = one(engine, HELLO, params({"json_schema": SCHEMA, "reasoning": SPAN}, logit_bias=bias, **SAMPLED))
+    ids = thought["token_ids"]
+    assert ids[0] == THINK and ids.index(END_THINK) > 1 and thought["finish_reason"] == "stop"
+    jsonschema.validate(json.loads(engine.tokenizer.decode(ids[ids.index(END_THINK) + 1:])), SCHEMA)
+    control = one(engine, HELLO, params({"json_schema": SCHEMA}, logit_bias=bias, **SAMPLED))
+    assert THINK not in control["token_ids"]
+    jsonschema.validate(json.loads(control["text"]), SCHEMA)
+
+
+def test_a_span_never_closed_runs_into_max_tokens(engine: LLMEngine) -> None:
+    """The span holds out the tokens that would end the output (`ends`: EOS, stop ids), so a model that never
+    closes it runs into max_tokens ("length") instead of ending mid-thought with no answer; the control: a span
+    without them ends at once on the pulled EOS."""
+    stop_id = engine.tokenizer.encode("!")[0]
+    pull = {THINK: 100.0, stop_id: 50.0, **{t: 50.0 for t in EOS}}
+    spec = {"regex": "[a-c]+", "reasoning": {**SPAN, "ends": [*EOS, stop_id]}}
+    held = one(engine, HELLO, params(spec, max_tokens=12, stop_token_ids=[stop_id], logit_bias=pull, **GREEDY))
+    assert held["finish_reason"] == "length" and held["token_ids"][0] == THINK and len(held["token_ids"]) == 12
+    assert not {END_THINK, stop_id, *EOS} & set(held["token_ids"])
+    spec["reasoning"]["ends"] = []
+    control = one(engine, HELLO, params(spec, max_tokens=12, stop_token_ids=[stop_id], logit_bias=pull, **GREEDY))
+    assert control["finish_reason"] == "stop" and len(control["token_ids"]) == 2
 
 
 @MODES
