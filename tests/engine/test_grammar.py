@@ -149,6 +149,20 @@ def test_a_resumed_request_continues_as_undisturbed(engine: LLMEngine, mode: dic
     assert_idle(engine)
 
 
+def test_a_request_resumed_in_or_after_its_reasoning_continues_as_undisturbed(engine: LLMEngine) -> None:
+    """A failover inside the span, at its end tag or just after it: the grammar's state follows the tokens sent."""
+    prompt = engine.tokenizer.encode(HELLO)
+    bias = {THINK: 100.0, END_THINK: 12.0, **closing_bias(engine)}
+    spec = {"json_schema": SCHEMA, "reasoning": SPAN}
+    undisturbed = one(engine, prompt, params(spec, logit_bias=bias, **SAMPLED))["token_ids"]
+    end = undisturbed.index(END_THINK)
+    for cut in (1, end, end + 1):
+        engine.add_request(prompt + undisturbed[:cut], params(spec, 120 - cut, logit_bias=bias, **SAMPLED), "resumed",
+                           resumed_tokens=cut)
+        assert undisturbed[:cut] + tokens_of(drain(engine)["resumed"]) == undisturbed
+    assert_idle(engine)
+
+
 @pytest.mark.parametrize("structured_output, field", [
     ({"json_schema": {"type": "foo"}}, "structured_output.json_schema"),
     ({"json_schema": {"properties": 3}}, "structured_output.json_schema"),
