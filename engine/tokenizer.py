@@ -119,6 +119,7 @@ class Tokenizer:
         self.vocab_size: int = hf_tokenizer.get_vocab_size(with_added_tokens=True)
         self._bos_token = bos_token
         self._eos_token = eos_token
+        self.chat_template_source = chat_template  # what the template writes (router/reasoning_grammar.py: thinking)
         self._chat_template = _compile_chat_template(chat_template) if chat_template else None
 
     @classmethod

@@ -1,6 +1,7 @@
 """A small client for the nanoserve router: blocking `Client`, asyncio `AsyncClient`, and a CLI.
 
-`python -m router.client "Hello"` streams the answer to stdout and a usage line to stderr.
+`python -m router.client "Hello"` streams the answer to stdout and a usage line to stderr (`-n 3`: three choices,
+each printed whole; `--chat --tool '{...}'`: a chat answer that may call the tool, its calls printed).
 It needs only grpcio and proto/ (never torch), so it runs on any machine that talks to a router.
 """
 
@@ -21,6 +22,7 @@ from google.protobuf.descriptor import FieldDescriptor
 
 from proto import nanoserve_pb2 as pb
 from proto import nanoserve_pb2_grpc as pb_grpc
+from router.client_tools import build_tool_choice, build_tools
 
 DEFAULT_TARGET = "localhost:50051"
 
@@ -39,8 +41,10 @@ _EXPECTED = {
 }
 
 
-def build_request(prompt: Prompt, request_id: str | None, sampling: Mapping[str, Any]) -> pb.GenerateRequest:
-    """The GenerateRequest both clients send: the one place kwargs are mapped onto the proto."""
+def build_request(prompt: Prompt, request_id: str | None, sampling: Mapping[str, Any],
+                  tools: Sequence[Any] | None = None, tool_choice: Any = None) -> pb.GenerateRequest:
+    """The GenerateRequest both clients send: the one place kwargs are mapped onto the proto. `tools` and
+    `tool_choice` (router/client_tools.py says their shapes) go with a chat prompt only."""
     request = pb.GenerateRequest(request_id=request_id or "", params=build_sampling_params(sampling))
     if isinstance(prompt, str):
         request.text = prompt
@@ -52,6 +56,13 @@ def build_request(prompt: Prompt, request_id: str | None, sampling: Mapping[str,
         request.chat.messages.extend(pb.ChatMessage(**message) for message in prompt)  # type: ignore[arg-type]
     else:
         raise TypeError("prompt must be a str, a list of token ids, or a list of {'role', 'content'} dicts")
+    if (tools is not None or tool_choice is not None) and request.WhichOneof("prompt") != "chat":
+        raise ValueError(f"{'tools' if tools is not None else 'tool_choice'}: only with a chat prompt (a list of "
+                         "messages)")
+    if tools is not None:
+        request.chat.tools.extend(build_tools(tools))
+    if tool_choice is not None:
+        request.chat.tool_choice.CopyFrom(build_tool_choice(tool_choice))
     return request
 
 
@@ -133,6 +144,15 @@ def structured_output(value: Any) -> pb.StructuredOutput:
         raise TypeError(f"structured_output.{kind}: wrong type, got {spec!r}") from None
 
 
+def choices_of(answer: pb.CompleteResponse) -> list[pb.CompleteChoice]:
+    """Every choice of a Complete answer, by index: its `choices` (n > 1), or its own fields as choice 0 (n = 1)."""
+    if answer.choices:
+        return sorted(answer.choices, key=lambda choice: choice.index)
+    return [pb.CompleteChoice(index=0, text=answer.text, token_ids=answer.token_ids, logprobs=answer.logprobs,
+                              finish_reason=answer.finish_reason, replica=answer.replica,
+                              reasoning_text=answer.reasoning_text, tool_calls=answer.tool_calls)]
+
+
 def auth_metadata(api_key: str | None) -> Metadata | None:
     """The call metadata that carries the API key, as the router expects it."""
     return None if api_key is None else (("authorization", f"Bearer {api_key}"),)
@@ -156,18 +176,22 @@ class Client:
         self._metadata = auth_metadata(api_key)
 
     def generate(
-        self, prompt: Prompt, *, timeout: float | None = None, request_id: str | None = None, **sampling: Any
+        self, prompt: Prompt, *, timeout: float | None = None, request_id: str | None = None,
+        tools: Sequence[Any] | None = None, tool_choice: Any = None, **sampling: Any
     ) -> Iterator[pb.GenerateResponse]:
         """Stream the answer; the last chunk carries finish_reason and usage. The iterator is the gRPC
-        call, so `.cancel()` on it aborts the request (and frees its KV cache) at once."""
-        request = build_request(prompt, request_id, sampling)
+        call, so `.cancel()` on it aborts the request (and frees its KV cache) at once. With n > 1 the
+        choices' chunks interleave, each carrying its choice's `index`; a chat answer's calls of `tools`
+        come as `tool_calls`."""
+        request = build_request(prompt, request_id, sampling, tools, tool_choice)
         return self._stub.Generate(request, timeout=timeout, metadata=self._metadata)
 
     def complete(
-        self, prompt: Prompt, *, timeout: float | None = None, request_id: str | None = None, **sampling: Any
+        self, prompt: Prompt, *, timeout: float | None = None, request_id: str | None = None,
+        tools: Sequence[Any] | None = None, tool_choice: Any = None, **sampling: Any
     ) -> pb.CompleteResponse:
-        """The whole answer at once, when it finishes."""
-        request = build_request(prompt, request_id, sampling)
+        """The whole answer at once, when it finishes (`choices_of` gives each choice, whatever n)."""
+        request = build_request(prompt, request_id, sampling, tools, tool_choice)
         return self._stub.Complete(request, timeout=timeout, metadata=self._metadata)
 
     def model_info(self, *, timeout: float | None = None) -> pb.ModelInfo:
@@ -202,18 +226,21 @@ class AsyncClient:
         self._metadata = auth_metadata(api_key)
 
     def generate(
-        self, prompt: Prompt, *, timeout: float | None = None, request_id: str | None = None, **sampling: Any
+        self, prompt: Prompt, *, timeout: float | None = None, request_id: str | None = None,
+        tools: Sequence[Any] | None = None, tool_choice: Any = None, **sampling: Any
     ) -> AsyncIterable[pb.GenerateResponse]:
         """Stream the answer with `async for`; the last chunk carries finish_reason and usage. The iterable
-        is the grpc.aio call, so `.cancel()` on it aborts the request at once."""
-        request = build_request(prompt, request_id, sampling)
+        is the grpc.aio call, so `.cancel()` on it aborts the request at once. Choices and tools: as
+        `Client.generate`."""
+        request = build_request(prompt, request_id, sampling, tools, tool_choice)
         return self._stub.Generate(request, timeout=timeout, metadata=self._metadata)
 
     async def complete(
-        self, prompt: Prompt, *, timeout: float | None = None, request_id: str | None = None, **sampling: Any
+        self, prompt: Prompt, *, timeout: float | None = None, request_id: str | None = None,
+        tools: Sequence[Any] | None = None, tool_choice: Any = None, **sampling: Any
     ) -> pb.CompleteResponse:
-        """The whole answer at once, when it finishes."""
-        request = build_request(prompt, request_id, sampling)
+        """The whole answer at once, when it finishes (`choices_of` gives each choice, whatever n)."""
+        request = build_request(prompt, request_id, sampling, tools, tool_choice)
         return await self._stub.Complete(request, timeout=timeout, metadata=self._metadata)
 
     async def model_info(self, *, timeout: float | None = None) -> pb.ModelInfo:
@@ -261,6 +288,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--api-key-file", type=Path, help="file holding the API key, sent as 'authorization: Bearer <key>'"
     )
+    parser.add_argument("-n", "--n", type=int, metavar="N", help="how many answers (choices) to generate for the "
+                        "prompt (default: 1); with N > 1 each is printed whole once all have finished, under a "
+                        "'--- choice I: FINISH_REASON ---' line, by index")
+    parser.add_argument("--tool", action="append", metavar="JSON|FILE", help="a function the model may call (with "
+                        "--chat): OpenAI's tool JSON, {\"type\": \"function\", \"function\": {\"name\": ..., "
+                        "\"description\": ..., \"parameters\": {JSON Schema}}}, or the function object alone, or "
+                        "a JSON list of them, given inline or as a file holding it; repeat for more tools. The "
+                        "answer's calls are printed after its text, one a line: 'tool call: NAME ARGUMENTS_JSON'")
+    parser.add_argument("--tool-choice", metavar="MODE|NAME", help="with --tool: 'auto' (the default: the model "
+                        "may call the tools), 'none' (it answers in text), 'required' (it answers with one or more "
+                        "calls), or a function's name (exactly one call of it)")
     return parser
 
 
@@ -273,39 +311,90 @@ def cli_prompt(args: argparse.Namespace) -> Prompt:
     return str(args.prompt)
 
 
-def usage_line(last: pb.GenerateResponse) -> str:
-    """One line for stderr summing up a finished stream (its last chunk)."""
-    finish = pb.FinishReason.Name(last.finish_reason).removeprefix("FINISH_REASON_").lower()
+def cli_tools(values: list[str] | None) -> list[Any] | None:
+    """The --tool values as tools: each inline JSON (a tool or a list of them) or a file holding it."""
+    if not values:
+        return None
+    tools: list[Any] = []
+    for value in values:
+        text = value if value.lstrip().startswith(("{", "[")) else Path(value).read_text()
+        try:
+            given = json.loads(text)
+        except ValueError as e:
+            raise ValueError(f"--tool {value!r}: not JSON ({e})") from None
+        tools += given if isinstance(given, list) else [given]
+    build_tools(tools)  # refused here, with the argument named, rather than as a traceback
+    return tools
+
+
+def cli_tool_choice(value: str | None) -> str | dict[str, Any] | None:
+    """--tool-choice: a mode as it is, any other word as the name of the one function to call."""
+    if value is None or value in ("auto", "none", "required"):
+        return value
+    return {"type": "function", "function": {"name": value}}
+
+
+def finish_name(reason: int) -> str:
+    return pb.FinishReason.Name(reason).removeprefix("FINISH_REASON_").lower()
+
+
+def usage_line(last: pb.GenerateResponse | pb.CompleteResponse) -> str:
+    """One line for stderr summing up a finished answer (a stream's last chunk, or a Complete answer)."""
     usage = last.usage
     return (
         f"prompt_tokens={usage.prompt_tokens} completion_tokens={usage.completion_tokens} "
-        f"cached_tokens={usage.cached_prompt_tokens} finish_reason={finish} replica={last.replica}\n"
+        f"cached_tokens={usage.cached_prompt_tokens} finish_reason={finish_name(last.finish_reason)} "
+        f"replica={last.replica}\n"
     )
 
 
+def write_calls(calls: Sequence[pb.ToolCall]) -> None:
+    for call in calls:
+        sys.stdout.write(f"tool call: {call.name} {call.arguments}\n")
+
+
 def stream_to_stdout(chunks: Iterator[pb.GenerateResponse]) -> pb.GenerateResponse:
-    """Write each chunk's text as it arrives; return the last chunk (the one with usage)."""
+    """Write each chunk's text as it arrives, then the answer's tool calls; return the last chunk (the one with
+    usage)."""
     last = pb.GenerateResponse()
+    calls: list[pb.ToolCall] = []
     for last in chunks:
         sys.stdout.write(last.text)
         sys.stdout.flush()
+        calls += last.tool_calls
     sys.stdout.write("\n")
+    write_calls(calls)
     return last
+
+
+def print_choices(answer: pb.CompleteResponse) -> None:
+    """Each choice whole, by index, under a line naming it and its finish reason, its tool calls after its text."""
+    for choice in choices_of(answer):
+        sys.stdout.write(f"--- choice {choice.index}: {finish_name(choice.finish_reason)} ---\n{choice.text}\n")
+        write_calls(choice.tool_calls)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit status: 0, 1 on a gRPC error, 130 on Ctrl-C."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    if (args.tool or args.tool_choice) and not args.chat:
+        parser.error("--tool and --tool-choice need --chat (tools go with chat prompts)")
     try:
         prompt = cli_prompt(args)
         api_key = args.api_key_file.read_text().strip() if args.api_key_file else None
-    except (ValueError, OSError) as error:
+        tools = cli_tools(args.tool)
+    except (ValueError, TypeError, OSError) as error:
         parser.error(str(error))
-    sampling = {"max_tokens": args.max_tokens, "temperature": args.temperature, "seed": args.seed}
+    sampling = {"max_tokens": args.max_tokens, "temperature": args.temperature, "seed": args.seed, "n": args.n}
+    asked = dict(timeout=args.timeout, tools=tools, tool_choice=cli_tool_choice(args.tool_choice), **sampling)
     try:
         with Client(args.target, api_key=api_key) as client:
-            last = stream_to_stdout(client.generate(prompt, timeout=args.timeout, **sampling))
+            if args.n is not None and args.n > 1:  # interleaved chunks would mix the choices' text
+                last: pb.GenerateResponse | pb.CompleteResponse = client.complete(prompt, **asked)
+                print_choices(last)
+            else:
+                last = stream_to_stdout(client.generate(prompt, **asked))
     except grpc.RpcError as error:
         sys.stderr.write(f"error: {error.code().name}: {error.details()}\n")
         return 1

@@ -22,6 +22,7 @@ from engine.structured_output import StructuredOutput
 from engine.tokenizer import Tokenizer
 from proto import nanoserve_pb2 as pb
 from router.chat_prompt import ChatPrompt, read_chat
+from router.reasoning_grammar import ThinkTags
 from router.tool_grammar import CallTags
 from worker.messages import EngineInfo
 
@@ -69,6 +70,7 @@ class RequestValidator:
         """`reasoning_parser`: one of router/reasoning.py's REASONING_PARSERS, for chat prompts; None: none."""
         self.tokenizer, self.info, self.reasoning_parser = tokenizer, info, reasoning_parser
         self.call_tags = CallTags.of(tokenizer)
+        self.think_tags = ThinkTags.of(tokenizer) if reasoning_parser is not None else None
 
     def prepare(
         self, request: pb.GenerateRequest | UndecodableRequest, max_tokens_to_context_end: bool = False
@@ -81,9 +83,11 @@ class RequestValidator:
         if len(request_id) > MAX_REQUEST_ID_LEN or not request_id.isprintable():
             raise InvalidRequest("request_id", f"at most {MAX_REQUEST_ID_LEN} printable characters")
         params = self._params(request.params)
-        token_ids, chat = self._prompt(request)
+        token_ids, chat, thinking = self._prompt(request)
         if chat is not None and chat.tool_grammar is not None:
             params = _with_tool_grammar(params, chat.tool_grammar)
+        if thinking and params.structured_output is not None:  # the one place a grammar learns to wait for reasoning
+            params = self._after_reasoning(params)
         max_model_len = self.info.max_model_len
         room = max_model_len - len(token_ids)
         if room < 1:
@@ -100,13 +104,20 @@ class RequestValidator:
                                split_reasoning=self.reasoning_parser is not None and chat is not None,
                                parse_tool_calls=chat is not None and chat.parse_tool_calls)
 
-    def _prompt(self, request: pb.GenerateRequest) -> tuple[list[int], ChatPrompt | None]:
-        """The prompt's token ids, and for a chat prompt what was read of it."""
+    def _after_reasoning(self, params: SamplingParams) -> SamplingParams:
+        """`params`, whose grammar now holds the answer after a reasoning span (router/reasoning_grammar.py)."""
+        assert self.think_tags is not None and params.structured_output is not None
+        ends = self.tokenizer.eos_token_ids | set(params.stop_token_ids)
+        return dataclasses.replace(params, structured_output=self.think_tags.before(params.structured_output, ends))
+
+    def _prompt(self, request: pb.GenerateRequest) -> tuple[list[int], ChatPrompt | None, bool]:
+        """The prompt's token ids, for a chat prompt what was read of it, and whether the answer may think first
+        and have its reasoning split off (router/reasoning_grammar.py)."""
         kind = request.WhichOneof("prompt")
         if kind == "text":
             if not request.text:
                 raise InvalidRequest("text", "must not be empty")
-            return self.tokenizer.encode(request.text), None
+            return self.tokenizer.encode(request.text), None, False
         if kind == "chat":
             try:  # the template may refuse messages too (Qwen's: "No user query found in messages.")
                 chat = read_chat(request.chat, self.call_tags)
@@ -114,7 +125,7 @@ class RequestValidator:
                                                           tools=chat.tools)
             except InvalidRequest as e:  # "messages[0].role: unknown role ..."
                 raise e.within("chat") from None
-            return self.tokenizer.encode(text), chat
+            return self.tokenizer.encode(text), chat, self.think_tags is not None and self.think_tags.thinking(text)
         if kind == "token_ids":
             ids = list(request.token_ids.ids)
             if not ids:
@@ -123,7 +134,7 @@ class RequestValidator:
             for i, t in enumerate(ids):
                 if not 0 <= t < vocab_size:
                     raise InvalidRequest(f"token_ids.ids[{i}]", f"{t} is outside the vocabulary [0, {vocab_size})")
-            return ids, None
+            return ids, None, False
         raise InvalidRequest("prompt", "set one of text, chat or token_ids")
 
     def _params(self, message: pb.SamplingParams) -> SamplingParams:

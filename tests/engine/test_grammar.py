@@ -30,6 +30,9 @@ REGEX = r"[a-c]{3}-[0-9]{2,4}"
 CHOICE = ["yes", "no", "maybe not"]
 GREEDY = dict(temperature=0.0)
 SAMPLED = dict(temperature=1.0, top_p=0.95, top_k=50)
+THINK, END_THINK = 151667, 151668  # Qwen3's <think> and </think>
+EOS = [151643, 151645]
+SPAN = {"start": THINK, "end": END_THINK, "ends": EOS}
 MODES = pytest.mark.parametrize("mode", [GREEDY, SAMPLED], ids=["greedy", "sampled"])
 
 
@@ -88,6 +91,34 @@ def test_a_complete_grammar_allows_a_stop_id(engine: LLMEngine) -> None:
     assert result["token_ids"][-1] == stop_id and result["text"].startswith("ok")
 
 
+def test_a_reasoning_span_may_open_the_output_before_the_grammar_holds_it(engine: LLMEngine) -> None:
+    """With a span, the output may open with free reasoning between the tags, and what follows matches the schema;
+    the control: without it, the same pull towards <think> cannot open one, and the output is JSON from its start."""
+    bias = {THINK: 100.0, END_THINK: 12.0, **closing_bias(engine)}
+    thought = one(engine, HELLO, params({"json_schema": SCHEMA, "reasoning": SPAN}, logit_bias=bias, **SAMPLED))
+    ids = thought["token_ids"]
+    assert ids[0] == THINK and ids.index(END_THINK) > 1 and thought["finish_reason"] == "stop"
+    jsonschema.validate(json.loads(engine.tokenizer.decode(ids[ids.index(END_THINK) + 1:])), SCHEMA)
+    control = one(engine, HELLO, params({"json_schema": SCHEMA}, logit_bias=bias, **SAMPLED))
+    assert THINK not in control["token_ids"]
+    jsonschema.validate(json.loads(control["text"]), SCHEMA)
+
+
+def test_a_span_never_closed_runs_into_max_tokens(engine: LLMEngine) -> None:
+    """The span holds out the tokens that would end the output (`ends`: EOS, stop ids), so a model that never
+    closes it runs into max_tokens ("length") instead of ending mid-thought with no answer; the control: a span
+    without them ends at once on the pulled EOS."""
+    stop_id = engine.tokenizer.encode("!")[0]
+    pull = {THINK: 100.0, stop_id: 50.0, **{t: 50.0 for t in EOS}}
+    spec = {"regex": "[a-c]+", "reasoning": {**SPAN, "ends": [*EOS, stop_id]}}
+    held = one(engine, HELLO, params(spec, max_tokens=12, stop_token_ids=[stop_id], logit_bias=pull, **GREEDY))
+    assert held["finish_reason"] == "length" and held["token_ids"][0] == THINK and len(held["token_ids"]) == 12
+    assert not {END_THINK, stop_id, *EOS} & set(held["token_ids"])
+    spec["reasoning"]["ends"] = []
+    control = one(engine, HELLO, params(spec, max_tokens=12, stop_token_ids=[stop_id], logit_bias=pull, **GREEDY))
+    assert control["finish_reason"] == "stop" and len(control["token_ids"]) == 2
+
+
 @MODES
 def test_unconstrained_rows_beside_constrained_ones_sample_as_alone(engine: LLMEngine, mode: dict[str, Any]) -> None:
     """A batch mixing both kinds (and so sampling after the step before is read) changes no free row's tokens."""
@@ -115,6 +146,20 @@ def test_a_resumed_request_continues_as_undisturbed(engine: LLMEngine, mode: dic
         assert sent + tokens_of(drain(engine)["resumed"]) == undisturbed
         engine.add_request(prompt + sent, rest, "started-over", resumed_tokens=0)
         assert sent + tokens_of(drain(engine)["started-over"]) != undisturbed
+    assert_idle(engine)
+
+
+def test_a_request_resumed_in_or_after_its_reasoning_continues_as_undisturbed(engine: LLMEngine) -> None:
+    """A failover inside the span, at its end tag or just after it: the grammar's state follows the tokens sent."""
+    prompt = engine.tokenizer.encode(HELLO)
+    bias = {THINK: 100.0, END_THINK: 12.0, **closing_bias(engine)}
+    spec = {"json_schema": SCHEMA, "reasoning": SPAN}
+    undisturbed = one(engine, prompt, params(spec, logit_bias=bias, **SAMPLED))["token_ids"]
+    end = undisturbed.index(END_THINK)
+    for cut in (1, end, end + 1):
+        engine.add_request(prompt + undisturbed[:cut], params(spec, 120 - cut, logit_bias=bias, **SAMPLED), "resumed",
+                           resumed_tokens=cut)
+        assert undisturbed[:cut] + tokens_of(drain(engine)["resumed"]) == undisturbed
     assert_idle(engine)
 
 

@@ -15,6 +15,7 @@ from engine.structured_output import StructuredOutput
 @pytest.mark.parametrize("given", [
     {"json_schema": {"type": "object", "properties": {"b": {}, "a": {}}}}, {"json_object": True},
     {"regex": "[0-9]+"}, {"choice": ["x", "y z"]}, {"grammar": 'start: "a"'},
+    {"regex": "[0-9]+", "reasoning": {"start": 7, "end": 8, "ends": [2, 3]}},
 ])
 def test_a_spec_rebuilds_from_its_plain_data(given: dict[str, Any]) -> None:
     spec = StructuredOutput.from_value(given)
@@ -44,6 +45,10 @@ def test_a_schema_keeps_its_key_order() -> None:
     ({"choice": "yes"}, "structured_output.choice"),
     ({"choice": ["a", ""]}, "structured_output.choice[1]"),
     ({"regexp": "a"}, "structured_output.regexp"),
+    ({"reasoning": {"start": 1, "end": 2}}, "structured_output"),
+    ({"regex": "a", "reasoning": {"start": 1}}, "structured_output.reasoning"),
+    ({"regex": "a", "reasoning": {"start": 1, "end": -2}}, "structured_output.reasoning.end"),
+    ({"regex": "a", "reasoning": {"start": 1, "end": 2, "ends": ["x"]}}, "structured_output.reasoning.ends"),
 ])
 def test_a_bad_shape_is_named(given: dict[str, Any], field: str) -> None:
     with pytest.raises(InvalidRequest) as error:

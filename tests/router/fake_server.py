@@ -1,8 +1,10 @@
 """A tiny in-process NanoServe server for client tests: it echoes the prompt back and records each call.
 
 Generate streams one chunk per prompt piece (a word of the text, or one token id shown as `<id>`), cut
-at params.max_tokens; the last chunk carries finish_reason, usage and replica "fake-0". The server also
-runs the standard grpc.health.v1 service (SERVING) and server reflection, as the real router does.
+at params.max_tokens; the last chunk carries finish_reason, usage and replica "fake-0", and for a chat prompt
+with tools one call of each (arguments {}). With params.n > 1 each choice streams the same echo in turn, its
+chunks carrying its index, and Complete answers with every choice. The server also runs the standard
+grpc.health.v1 service (SERVING) and server reflection, as the real router does.
 """
 
 from __future__ import annotations
@@ -41,14 +43,17 @@ def echo_pieces(request: pb.GenerateRequest) -> list[tuple[str, int]]:
     return [(word, i) for i, word in enumerate(re.findall(r"\s*\S+\s*", text))]
 
 
-def echo_chunks(request: pb.GenerateRequest) -> list[pb.GenerateResponse]:
-    """The Generate stream for `request`: one chunk per piece, up to max_tokens; usage on the last."""
+def echo_chunks(request: pb.GenerateRequest, index: int = 0) -> list[pb.GenerateResponse]:
+    """Choice `index`'s Generate stream for `request`: one chunk per piece, up to max_tokens; usage and the calls
+    on the last."""
     pieces = echo_pieces(request)
     max_tokens = request.params.max_tokens if request.params.HasField("max_tokens") else len(pieces)
     kept = pieces[:max_tokens]
-    chunks = [pb.GenerateResponse(text=text, token_ids=[token_id]) for text, token_id in kept]
-    chunks = chunks or [pb.GenerateResponse()]  # an empty prompt still gets its closing chunk
+    chunks = [pb.GenerateResponse(text=text, token_ids=[token_id], index=index) for text, token_id in kept]
+    chunks = chunks or [pb.GenerateResponse(index=index)]  # an empty prompt still gets its closing chunk
     last = chunks[-1]
+    last.tool_calls.extend(pb.ToolCall(id=f"call_{i}", name=tool.name, arguments="{}")
+                           for i, tool in enumerate(request.chat.tools))
     last.finish_reason = pb.FINISH_REASON_LENGTH if len(kept) < len(pieces) else pb.FINISH_REASON_STOP
     last.usage.CopyFrom(pb.Usage(prompt_tokens=len(pieces), completion_tokens=len(kept)))
     last.replica = REPLICA
@@ -80,15 +85,18 @@ class FakeNanoServe(pb_grpc.NanoServeServicer):
 
     def Generate(self, request: pb.GenerateRequest, context: grpc.ServicerContext) -> Iterator[pb.GenerateResponse]:
         self._record_request(request, context)
-        yield from echo_chunks(request)
+        for index in range(max(request.params.n, 1)):
+            yield from echo_chunks(request, index)
 
     def Complete(self, request: pb.GenerateRequest, context: grpc.ServicerContext) -> pb.CompleteResponse:
         self._record_request(request, context)
-        chunks = echo_chunks(request)
-        last = chunks[-1]
+        n = max(request.params.n, 1)
+        choices = [_joined(index, echo_chunks(request, index)) for index in range(n)]
+        first, usage = choices[0], echo_chunks(request)[-1].usage
         return pb.CompleteResponse(
-            text="".join(chunk.text for chunk in chunks), token_ids=[i for chunk in chunks for i in chunk.token_ids],
-            finish_reason=last.finish_reason, usage=last.usage, replica=last.replica, request_id=last.request_id,
+            text=first.text, token_ids=first.token_ids, finish_reason=first.finish_reason, usage=usage,
+            replica=REPLICA, request_id=request.request_id or "fake-request", tool_calls=first.tool_calls,
+            choices=choices if n > 1 else [],
         )
 
     def GetModelInfo(self, request: pb.GetModelInfoRequest, context: grpc.ServicerContext) -> pb.ModelInfo:
@@ -98,6 +106,14 @@ class FakeNanoServe(pb_grpc.NanoServeServicer):
     def GetClusterStatus(self, request: pb.GetClusterStatusRequest, context: grpc.ServicerContext) -> pb.ClusterStatus:
         self._record(context)
         return CLUSTER_STATUS
+
+
+def _joined(index: int, chunks: list[pb.GenerateResponse]) -> pb.CompleteChoice:
+    """One choice's chunks, joined."""
+    return pb.CompleteChoice(
+        index=index, text="".join(chunk.text for chunk in chunks),
+        token_ids=[i for chunk in chunks for i in chunk.token_ids], finish_reason=chunks[-1].finish_reason,
+        replica=REPLICA, tool_calls=[call for chunk in chunks for call in chunk.tool_calls])
 
 
 @dataclass(frozen=True)

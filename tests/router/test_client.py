@@ -4,6 +4,7 @@ clients' calls, the API key, and the CLI (in-process and as `python -m router.cl
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import shutil
 import socket
@@ -17,7 +18,7 @@ import grpc
 import pytest
 
 from proto import nanoserve_pb2 as pb
-from router.client import DEFAULT_TARGET, SAMPLING_FIELDS, AsyncClient, Client, build_request, main
+from router.client import DEFAULT_TARGET, SAMPLING_FIELDS, AsyncClient, Client, build_request, choices_of, main
 from tests.router.fake_server import CLUSTER_STATUS, MODEL_INFO, FakeServer, running_fake_server
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -143,6 +144,47 @@ def test_prompt_kinds_fill_the_matching_oneof() -> None:
     assert [(m.role, m.content) for m in chat] == [("user", "Hi")]
 
 
+CHAT = [{"role": "user", "content": "Weather?"}]
+WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Weather in a city.",
+                                            "parameters": {"type": "object", "properties": {"days": {"maximum": 7}}}}}
+
+
+def test_tools_and_tool_choice_fill_the_chat_fields() -> None:
+    """OpenAI's tool, the function alone and a pb.Tool alike; tool_choice as a mode or OpenAI's named function."""
+    tools = [WEATHER, {"name": "get_time", "strict": True}, pb.Tool(name="f")]
+    chat = build_request(CHAT, None, {}, tools=tools, tool_choice="required").chat
+    assert [(t.name, t.description, t.strict) for t in chat.tools] == [
+        ("get_weather", "Weather in a city.", False), ("get_time", "", True), ("f", "", False)]
+    assert chat.tools[0].parameters["properties"]["days"]["maximum"] == 7 and not chat.tools[1].HasField("parameters")
+    assert chat.tool_choice == pb.ToolChoice(mode="required")
+    named = build_request(CHAT, None, {}, tools=tools, tool_choice={"type": "function", "function": {"name": "f"}})
+    assert named.chat.tool_choice == pb.ToolChoice(function_name="f")
+    assert not build_request(CHAT, None, {}).chat.HasField("tool_choice")  # unset: the router's default
+
+
+@pytest.mark.parametrize(("kwargs", "error", "message"), [
+    (dict(tools=WEATHER), TypeError, "tools: expected a list of tools"),
+    (dict(tools=["get_weather"]), TypeError, "tools[0]: expected a dict"),
+    (dict(tools=[{"type": "retrieval", "function": {"name": "x"}}]), ValueError, "tools[0].type: only 'function'"),
+    (dict(tools=[WEATHER, {"description": "no name"}]), ValueError, "tools[1].name: missing"),
+    (dict(tools=[{"type": "function", "function": {"name": "f", "parameters": "{}"}}]), TypeError,
+     "tools[0].function.parameters: wrong type"),
+    (dict(tools=[{"name": "f", "args": {}}]), ValueError, "tools[0].args: unknown"),
+    (dict(tool_choice={"name": "f"}), TypeError, "tool_choice: expected"),
+])
+def test_bad_tools_are_errors_naming_the_argument(kwargs: dict[str, Any], error: type[Exception],
+                                                  message: str) -> None:
+    with pytest.raises(error, match=f"^{re.escape(message)}"):
+        build_request(CHAT, None, {}, **kwargs)
+
+
+def test_tools_go_with_chat_prompts_only() -> None:
+    with pytest.raises(ValueError, match="^tools: only with a chat prompt"):
+        build_request("hi", None, {}, tools=[WEATHER])
+    with pytest.raises(ValueError, match="^tool_choice: only with a chat prompt"):
+        build_request([1, 2], None, {}, tool_choice="none")
+
+
 def test_unusable_prompts_fail_before_sending() -> None:
     with pytest.raises(ValueError, match="empty list"):
         build_request([], None, {})
@@ -222,6 +264,28 @@ def test_the_readme_python_example_streams_then_completes(fake: FakeServer, caps
     assert example is not None, "README: no Python example after 'From Python'"
     exec(example.group(1).replace(DEFAULT_TARGET, fake.address), {})
     assert capsys.readouterr().out == "Hi\nHi (1 tokens)\n"  # the fake echoes the prompt
+
+
+def test_n_choices_come_back_each_by_index(fake: FakeServer) -> None:
+    """Complete's choices (choices_of gives a one-choice answer the same shape) and Generate's chunks by index."""
+    with Client(fake.address) as client:
+        answer = client.complete("a b", n=3)
+        single = client.complete("a b")
+        indexes = [chunk.index for chunk in client.generate("a b", n=2)]
+    assert [(c.index, c.text, c.finish_reason) for c in choices_of(answer)] == [
+        (i, "a b", pb.FINISH_REASON_STOP) for i in range(3)]
+    assert not single.choices and [(c.index, c.text) for c in choices_of(single)] == [(0, "a b")]
+    assert indexes == [0, 0, 1, 1]
+
+
+def test_tool_calls_come_back_whole_and_streamed(fake: FakeServer) -> None:
+    with Client(fake.address) as client:
+        answer = client.complete(CHAT, tools=[WEATHER], tool_choice="auto")
+        streamed = [call.name for chunk in client.generate(CHAT, tools=[WEATHER]) for call in chunk.tool_calls]
+    assert [(call.name, call.arguments) for call in answer.tool_calls] == [("get_weather", "{}")]
+    assert streamed == ["get_weather"]
+    request = fake.servicer.last_request
+    assert request is not None and [t.name for t in request.chat.tools] == ["get_weather"]
 
 
 def test_model_info_and_cluster_status(fake: FakeServer) -> None:
@@ -321,7 +385,7 @@ def test_cli_help_explains_every_flag(capsys: pytest.CaptureFixture[str]) -> Non
     assert exited.value.code == 0
     out = capsys.readouterr().out
     for flag in ("--target", "--max-tokens", "--temperature", "--seed", "--timeout", "--chat", "--token-ids",
-                 "--api-key-file"):
+                 "--api-key-file", "-n N, --n N", "--tool JSON|FILE", "--tool-choice MODE|NAME"):
         assert flag in out
 
 
@@ -345,6 +409,46 @@ def test_cli_chat_flag_sends_one_user_message(fake: FakeServer, capsys: pytest.C
     assert capsys.readouterr().out == "user: Hi there\n"
     request = fake.servicer.last_request
     assert request is not None and not request.HasField("params")
+
+
+def test_cli_n_prints_each_choice_by_index(fake: FakeServer, capsys: pytest.CaptureFixture[str]) -> None:
+    """Each choice whole under a line naming it (the control: one choice streams as ever, with no such line)."""
+    assert main(["a b c", "--target", fake.address, "-n", "2", "--max-tokens", "2"]) == 0
+    out, err = capsys.readouterr()
+    assert out == "--- choice 0: length ---\na b \n--- choice 1: length ---\na b \n"
+    assert "finish_reason=length" in err
+    request = fake.servicer.last_request
+    assert request is not None and request.params.n == 2
+    assert main(["a b c", "--target", fake.address, "-n", "1"]) == 0
+    assert capsys.readouterr().out == "a b c\n"
+
+
+def test_cli_sends_tools_and_prints_the_calls(fake: FakeServer, tmp_path: Path,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    tool_file = tmp_path / "tools.json"
+    tool_file.write_text(json.dumps([WEATHER]))
+    argv = ["Weather?", "--chat", "--target", fake.address, "--tool", str(tool_file), "--tool",
+            '{"name": "get_time"}', "--tool-choice", "get_time"]
+    assert main(argv) == 0
+    assert capsys.readouterr().out == "user: Weather?\ntool call: get_weather {}\ntool call: get_time {}\n"
+    request = fake.servicer.last_request
+    assert request is not None and [t.name for t in request.chat.tools] == ["get_weather", "get_time"]
+    assert request.chat.tool_choice == pb.ToolChoice(function_name="get_time")
+    assert main(argv[:-1] + ["required"]) == 0
+    request = fake.servicer.last_request
+    assert request is not None and request.chat.tool_choice == pb.ToolChoice(mode="required")
+
+
+@pytest.mark.parametrize(("argv", "says"), [
+    (["hi", "--tool", '{"name": "f"}'], "--tool and --tool-choice need --chat"),
+    (["hi", "--chat", "--tool", "{name: f}"], "--tool '{name: f}': not JSON"),
+    (["hi", "--chat", "--tool", "/nowhere/tools.json"], "No such file"),
+    (["hi", "--chat", "--tool", '{"name": "f", "parameters": 3}'], "tools[0].parameters: wrong type"),
+])
+def test_cli_refuses_bad_tools_before_sending(argv: list[str], says: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(argv)
+    assert exited.value.code == 2 and says in capsys.readouterr().err
 
 
 def test_cli_reports_server_errors_in_one_line(fake: FakeServer, capsys: pytest.CaptureFixture[str]) -> None:

@@ -1,7 +1,8 @@
 """Structured output and tool calls held to their tools, through both front doors of a real router (2 replicas of
 the embedded tiny Qwen3, random weights): the official openai client's response_format, vLLM's extras and
 tool_choice required / named / strict, and gRPC's StructuredOutput. Unconstrained, the random model writes
-gibberish; every answer here parses because the grammar forces it."""
+gibberish; every answer here parses because the grammar forces it. The router splits reasoning (Qwen3's parser) and
+the embedded template thinks by default, so a chat answer may reason before the part its grammar holds."""
 
 from __future__ import annotations
 
@@ -43,7 +44,7 @@ MODES = pytest.mark.parametrize("mode", [dict(temperature=0.0), dict(temperature
 
 @pytest.fixture(scope="module")
 def router(start_module_router: Callable[..., RouterThread]) -> RouterThread:
-    return start_module_router(num_replicas=2, model=str(default_model_dir()), http_port=0)
+    return start_module_router(num_replicas=2, model=str(default_model_dir()), http_port=0, reasoning_parser="qwen3")
 
 
 @pytest.fixture(scope="module")
@@ -165,6 +166,56 @@ def test_strict_tools_hold_the_calls_the_model_opens(router: RouterThread, clien
     held = answer(strict=True).choices[0].message
     assert calls_of(held) and all(name == "get_weather" for name, _ in calls_of(held))
     assert not answer(strict=False).choices[0].message.tool_calls
+
+
+def thinking_pull(router: RouterThread, close: float) -> dict[str, float]:
+    """A pull that opens a <think> span at once, and (`close` > 0) towards closing it after some tokens."""
+    pull = token_bias(router, "<think>", bias=100.0)
+    return {**pull, **token_bias(router, "</think>", bias=close)} if close else pull
+
+
+def test_a_thinking_answer_reasons_then_matches_the_schema(router: RouterThread, client: openai.OpenAI,
+                                                           model: str) -> None:
+    """Thinking on, the answer may open with reasoning, which comes back as reasoning_content, and the content after
+    it validates; the control: thinking off, the same pull cannot open a span and the content is JSON throughout."""
+    body: dict[str, Any] = dict(model=model, messages=MESSAGES, max_tokens=120, temperature=1.0, seed=5,
+                                response_format={"type": "json_schema", "json_schema": {"name": "p", "schema": SCHEMA}},
+                                logit_bias={**thinking_pull(router, close=12.0), **token_bias(router, '"', "}")})
+    [thought] = client.chat.completions.create(**body).choices
+    assert thought.message.model_dump()["reasoning_content"] and thought.finish_reason == "stop"
+    jsonschema.validate(json.loads(thought.message.content or ""), SCHEMA)
+    [off] = client.chat.completions.create(**body, extra_body={"chat_template_kwargs": {"enable_thinking": False}}
+                                           ).choices
+    assert not off.message.model_dump().get("reasoning_content") and off.finish_reason == "stop"
+    jsonschema.validate(json.loads(off.message.content or ""), SCHEMA)
+
+
+def test_a_thinking_answer_reasons_then_makes_the_required_call(router: RouterThread, client: openai.OpenAI,
+                                                                model: str) -> None:
+    """The same for a forced call: reasoning, then calls held to the tools; thinking off, calls from the start."""
+    pull = {**thinking_pull(router, close=12.0), **token_bias(router, "<|im_end|>", bias=10.0)}
+    answer = client.chat.completions.create(model=model, messages=MESSAGES, tools=[WEATHER, TIME], max_tokens=120,
+                                            tool_choice="required", temperature=1.0, seed=1, logit_bias=pull)
+    [choice] = answer.choices
+    assert choice.message.model_dump()["reasoning_content"] and choice.finish_reason == "tool_calls"
+    assert calls_of(choice.message) and not choice.message.content
+    off = client.chat.completions.create(model=model, messages=MESSAGES, tools=[WEATHER, TIME], max_tokens=120,
+                                         tool_choice="required", temperature=1.0, seed=1, logit_bias=pull,
+                                         extra_body={"chat_template_kwargs": {"enable_thinking": False}})
+    assert not off.choices[0].message.model_dump().get("reasoning_content") and calls_of(off.choices[0].message)
+
+
+def test_reasoning_never_closed_ends_at_max_tokens_without_content(router: RouterThread, client: openai.OpenAI,
+                                                                   model: str) -> None:
+    """The span holds out EOS, so a model that never writes </think> runs into max_tokens: finish_reason "length",
+    all of it reasoning, and no content that could be taken for a (broken) answer."""
+    answer = client.chat.completions.create(model=model, messages=MESSAGES, max_tokens=6, temperature=0.0,
+                                            response_format={"type": "json_object"},
+                                            logit_bias={**thinking_pull(router, close=0.0),
+                                                        **token_bias(router, "<|im_end|>", bias=100.0)})
+    [choice] = answer.choices
+    assert choice.finish_reason == "length" and choice.message.model_dump()["reasoning_content"]
+    assert not choice.message.content
 
 
 BAD_BODIES: list[tuple[str, dict[str, Any], str]] = [
