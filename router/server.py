@@ -4,7 +4,9 @@ OpenAI-compatible HTTP API, metrics."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -53,11 +55,12 @@ class Router:
 
     async def start(self) -> None:
         cfg = self.config
-        # First: a model that cannot be found fails here, before replicas start loading it.
+        # First: a model that cannot be found, or a metrics port in use, fails here, before replicas start loading.
         tokenizer = await asyncio.to_thread(load_tokenizer, cfg.model)
-        start_ray(cfg.ray_address, cfg.namespace)
         if cfg.metrics_port is not None:
-            self.metrics_port = self.metrics.serve(cfg.metrics_port, cfg.host)
+            with _listening("--metrics-port", cfg.metrics_port):
+                self.metrics_port = self.metrics.serve(cfg.metrics_port, cfg.host)
+        start_ray(cfg.ray_address, cfg.namespace)
         info = await self.pool.start()
         model_name = model_display_name(cfg.model)
         self.core = ServingCore(self.pool, tokenizer, info, model_name, cfg.reasoning_parser)
@@ -70,12 +73,14 @@ class Router:
         self.server.add_registered_method_handlers(SERVICE_NAME, handlers)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection((SERVICE_NAME, *OPEN_SERVICES), self.server)
-        self.port = self._add_port(self.server)
+        with _listening("--port", cfg.port):
+            self.port = self._add_port(self.server)
         self.pool.on_serving_changed = self._on_serving_changed
         await self.server.start()
         if cfg.http_port is not None:
             self.http = HttpFrontDoor(self.core, cfg, self.api_keys)
-            self.http_port = await self.http.start()
+            with _listening("--http-port", cfg.http_port):
+                self.http_port = await self.http.start()
         await self._set_health(bool(self.pool.serving()))
         log.info("serving %s%s on %s:%d (%s, %s) with %d replicas (policy %s)%s%s", model_name,
                  " (RANDOM weights: gibberish text)" if info.random_weights else "", cfg.host, self.port,
@@ -156,3 +161,14 @@ def nanoserve_handlers(service: NanoServeService) -> dict[str, grpc.RpcMethodHan
             service.GetClusterStatus, request_deserializer=request_parser(pb.GetClusterStatusRequest),
             response_serializer=pb.ClusterStatus.SerializeToString),
     }
+
+
+@contextlib.contextmanager
+def _listening(flag: str, port: int) -> Iterator[None]:
+    """A port the router cannot listen on (in use, or not allowed) is a ValueError naming its flag: the command line
+    prints it and exits, instead of a bind error's traceback."""
+    try:
+        yield
+    except (OSError, RuntimeError) as e:  # RuntimeError: gRPC's "Failed to bind"
+        raise ValueError(f"{flag} {port}: cannot listen on it ({e}); choose another port, or 0 for a free one") \
+            from None

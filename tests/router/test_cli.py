@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -54,6 +55,19 @@ def test_bad_flag_is_a_clear_error(flag: str, value: str, error: str) -> None:
                             text=True, timeout=60)
     assert result.returncode == 2
     assert error in result.stderr
+
+
+def test_a_port_in_use_is_a_clear_error_before_any_replica_starts() -> None:
+    """Not a bind error's traceback (what it was): the flag, the port and what to do, and exit status 2."""
+    with socket.socket() as taken:
+        taken.bind(("0.0.0.0", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run([sys.executable, "-m", "router", "--port", "0", "--metrics-port", str(port)],
+                                cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert f"--metrics-port {port}: cannot listen on it" in result.stderr and "Traceback" not in result.stderr
+    assert "Ray" not in result.stderr  # it failed before starting Ray and the replicas
 
 
 def test_http_port_flag(capsys: pytest.CaptureFixture[str]) -> None:
