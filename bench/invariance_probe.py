@@ -4,7 +4,7 @@ For each kernel on the engine's path, one row (a token, or a sequence's last tok
 then inside batches of other rows, or through the other code path the engine may take for it (prefill
 instead of decode, another KV split count, the multi-head rotary variant); the report says, per case,
 whether that row's output stayed bitwise equal, and the largest difference. The batch-invariant mode
-(issue 18) must make every line say "same".
+(issue 18) must make every line say "same" (the attention probe reports mode off and the mode apart).
 
     python bench/invariance_probe.py                       # cuBLAS as the engine uses it
     CUBLAS_WORKSPACE_CONFIG=:0:0 python bench/invariance_probe.py --only gemm   # cuBLAS without workspace
@@ -59,7 +59,8 @@ def probe_gemms() -> None:
 
 
 def probe_attention() -> None:
-    print("-- paged attention: the last token of a 1000-token sequence, decode path with 1 split as reference")
+    print("-- paged attention: the last token of a 1000-token sequence, decode path with 1 split as reference; "
+          "mode off, then the batch-invariant mode (no splits there)")
     page, context = 16, 1000
     blocks = -(-context // page)
     num_seqs = 64
@@ -68,22 +69,29 @@ def probe_attention() -> None:
     tables = torch.arange(num_seqs * blocks, device=DEVICE, dtype=torch.int32).view(num_seqs, blocks)
     q_all = rand(context, HEADS, HEAD_DIM)  # the sequence's queries (only the last one's output is compared)
 
-    def run(q: torch.Tensor, q_lens: list[int], seq_lens: list[int], splits: int) -> torch.Tensor:
+    def run(q: torch.Tensor, q_lens: list[int], seq_lens: list[int], splits: int, invariant: bool) -> torch.Tensor:
         starts = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], device=DEVICE, dtype=torch.int32)
         out = paged_attention(q, k_cache, v_cache, starts, torch.tensor(seq_lens, device=DEVICE, dtype=torch.int32),
-                              tables[: len(seq_lens)], HEAD_DIM**-0.5, max(q_lens), splits)
+                              tables[: len(seq_lens)], HEAD_DIM**-0.5, max(q_lens), splits, batch_invariant=invariant)
         return out[q_lens[0] - 1]  # sequence 0's last token
 
     last = q_all[-1:]
-    reference = run(last, [1], [context], 1)
-    variants = {f"decode, {s} splits": run(last, [1], [context], s) for s in (2, 4, 8, 16)}
-    for batch in (8, 64):
-        others = rand(batch - 1, HEADS, HEAD_DIM)
-        variants[f"decode in a batch of {batch}"] = run(torch.cat([last, others]), [1] * batch,
-                                                        [context] + [context - 37] * (batch - 1), 1)
-    for chunk in (2, 64, 512, context):
-        variants[f"prefill chunk of the last {chunk}"] = run(q_all[-chunk:], [chunk], [context], 1)
-    report("attention, last token", reference, variants)
+    for invariant in (False, True):
+        reference = run(last, [1], [context], 1, invariant)
+        variants = {} if invariant else {f"decode, {s} splits": run(last, [1], [context], s, invariant)
+                                         for s in (2, 4, 8, 16)}
+        for batch in (8, 64):
+            others = rand(batch - 1, HEADS, HEAD_DIM)
+            variants[f"decode in a batch of {batch}"] = run(torch.cat([last, others]), [1] * batch,
+                                                            [context] + [context - 37] * (batch - 1), 1, invariant)
+        for chunk in (2, 64, 512, context):
+            variants[f"prefill chunk of the last {chunk}"] = run(q_all[-chunk:], [chunk], [context], 1, invariant)
+        # Mixed steps: the token as a one-token "chunk" of a prefill launch, and its chunk beside another sequence's.
+        variants["decode row in a prefill launch"] = run(torch.cat([last, q_all[:64]]), [1, 64], [context, 64], 1,
+                                                         invariant)
+        variants["chunk beside another's"] = run(torch.cat([q_all[-64:], rand(100, HEADS, HEAD_DIM)]), [64, 100],
+                                                 [context, 700], 1, invariant)
+        report(f"attention, last token{', the mode' if invariant else ''}", reference, variants)
 
 
 def probe_rms_norm() -> None:
