@@ -64,13 +64,19 @@ class Grammars:
             raise InvalidRequest("resumed_tokens", f"the earlier output breaks the grammar: {matcher.get_error()}")
         return matcher
 
-    def accept(self, seq: Sequence, token_id: int) -> None:
-        """Advance `seq`'s matcher by its new token. A token the mask allowed always fits; one that does not (every
-        token was masked, e.g. by a stop id suppressed) leaves the matcher in error, allowing only EOS from then."""
-        assert seq.matcher is not None
-        if not seq.matcher.consume_token(token_id):
-            log.warning("request %s: token %d breaks its grammar; only EOS is allowed now: %s", seq.request_id,
-                        token_id, seq.matcher.get_error().splitlines()[0])
+    def accept(self, new_tokens: list[tuple[Sequence, int]]) -> None:
+        """Advance each sequence's matcher by its new token: one call for a step's rows, which llguidance's thread
+        pool runs in parallel (one call per row cost ~2.7 us each on the GPU host: 0.69 ms a step at 256 rows).
+        A token the mask allowed always fits; one that does not (every token was masked, e.g. by a stop id
+        suppressed) leaves the matcher in error, allowing only EOS from then."""
+        if not new_tokens:
+            return
+        assert self._executor is not None, "a matcher exists, so the tables were built"
+        fits = self._executor.consume_token_par([(seq.matcher, token_id) for seq, token_id in new_tokens])
+        for (seq, token_id), fit in zip(new_tokens, fits):
+            if not fit:
+                log.warning("request %s: token %d breaks its grammar; only EOS is allowed now: %s", seq.request_id,
+                            token_id, seq.matcher.get_error().splitlines()[0])  # type: ignore[union-attr]
 
     def token_mask(self, seqs: list[Sequence]) -> TokenMask | None:
         """The allowed tokens of a step's sampling rows `seqs` whose request has a grammar (None: no such row),

@@ -284,12 +284,13 @@ class LLMEngine:
         eos_token_ids = self.eos_token_ids
         assert step.pending is not None, "every step is sampled before the next one launches"
         samples = zip(step.forward.seqs, step.counted, self.model_runner.wait(step.pending))
+        held: list[tuple[Sequence, int]] = []  # rows a grammar holds, and their new tokens
         for seq, counted, (token_id, logprobs) in samples:
             if seq.is_finished:
                 continue  # aborted, or it stopped the step before and its row here was wasted
             seq.token_ids.append(token_id)
             if seq.matcher is not None:
-                self.grammars.accept(seq, token_id)
+                held.append((seq, token_id))
             if counted:
                 seq.num_pending -= 1
             commit(seq)  # now that every token it has computed is known
@@ -303,6 +304,7 @@ class LLMEngine:
             # Positional: this runs per request per step, and keyword construction costs twice as much.
             outputs.append(RequestOutput(seq.request_id, [token_id], finish_reason is not None, finish_reason,
                                          seq.num_prompt_tokens, seq.num_cached_tokens or 0, new_logprobs, seq.index))
+        self.grammars.accept(held)
         for seq in step.chunks:
             if not seq.is_finished:
                 commit(seq)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+from types import SimpleNamespace
 from typing import Any
 
 import jsonschema
@@ -13,6 +14,7 @@ import pytest
 
 from engine import LLMEngine, SamplingParams
 from engine.sampling_params import InvalidRequest
+from engine.structured_output import StructuredOutput
 from tests.engine.llm_engine_runs import HELLO, assert_idle, drain, many, one, tokens_of
 
 SCHEMA = {
@@ -204,3 +206,18 @@ def test_aborted_constrained_requests_free_their_blocks(engine: LLMEngine) -> No
 def test_generate_takes_the_spec_as_a_keyword(engine: LLMEngine) -> None:
     result = one(engine, HELLO, max_tokens=20, temperature=0.0, structured_output={"choice": CHOICE})
     assert result["text"] in CHOICE
+
+
+def test_a_steps_tokens_advance_every_matcher_and_one_off_the_grammar_is_logged(
+    engine: LLMEngine, caplog: pytest.LogCaptureFixture
+) -> None:
+    """One parallel call advances a step's rows (Grammars.accept); each matcher takes its own token, and a row whose
+    token breaks its grammar is the one left in error, named in the log."""
+    digit, letter = engine.tokenizer.encode("7"), engine.tokenizer.encode("x")
+    assert len(digit) == len(letter) == 1
+    rows = [SimpleNamespace(request_id=f"r{i}", matcher=m)
+            for i, m in enumerate(engine.grammars.matchers(StructuredOutput(regex="[0-9]+"), [], 2))]
+    with caplog.at_level("WARNING", logger="engine.grammar"):
+        engine.grammars.accept([(rows[0], digit[0]), (rows[1], letter[0])])  # type: ignore[list-item]
+    assert not rows[0].matcher.is_error() and rows[1].matcher.is_error()
+    assert [r.message.split(":")[0] for r in caplog.records] == ["request r1"]
