@@ -1,6 +1,6 @@
 """The decode matmuls at small batches: cuBLAS against kernels/skinny_matmul.py's configurations.
 
-For each linear layer of Qwen3-0.6B (qkv, o_proj, gate_up, down) and M = 1, 4, 8, 16 rows: cuBLAS's time, the
+For each linear layer of Qwen3-0.6B (qkv, o_proj, gate_up, down, and the LM head) and M = 1, 4, 8, 16 rows: cuBLAS's time, the
 skinny matmul's with the configuration the engine uses (`skinny_config`) and with the best one of a sweep
 (block_n, block_k, split_k, warps, stages), against the weight's bytes over the measured copy bandwidth. Times
 are CUDA-graph replays of 20 back-to-back launches (the way a decode step runs them), per launch.
@@ -20,7 +20,8 @@ from triton.runtime.errors import OutOfResources
 
 from kernels.skinny_matmul import skinny_config, skinny_matmul
 
-SHAPES = {"qkv": (4096, 1024), "o_proj": (1024, 2048), "gate_up": (6144, 1024), "down": (1024, 3072)}
+SHAPES = {"qkv": (4096, 1024), "o_proj": (1024, 2048), "gate_up": (6144, 1024), "down": (1024, 3072),
+          "lm_head": (151936, 1024)}
 
 
 def graph_time(fn, launches: int = 20) -> float:

@@ -20,6 +20,7 @@ from engine.cuda_graphs import DecodeGraphs
 from engine.heartbeat import Heartbeat
 from engine.kv_cache import allocate_kv_cache, bytes_per_block, log_kv_cache, num_cpu_blocks, num_gpu_blocks
 from engine.layers.attention import AttentionMetadata
+from engine.layers.embed_head import ParallelLMHead
 from engine.layers.linear import LinearBase
 from engine.loader import load_weights
 from engine.models.qwen import QwenForCausalLM
@@ -67,7 +68,7 @@ class ModelRunner:
         tp_size = config.tensor_parallel_size
         with _default_dtype(config.dtype), torch.device(self.device):
             self.model = QwenForCausalLM(config.model_config, config.max_model_len, rank, tp_size)
-        self._choose_matmuls([m for m in self.model.modules() if isinstance(m, LinearBase)])
+        self._choose_matmuls([m for m in self.model.modules() if isinstance(m, LinearBase)], self.model.lm_head)
         load_weights(self.model, config.model)
         if heartbeat is not None:
             self.model.model.on_layer_done = heartbeat.beat
@@ -180,17 +181,18 @@ class ModelRunner:
         assert self._last_sampled is not None, "a pending token, but no step has sampled yet"
         return self._last_sampled[to_device(torch.as_tensor(rows, dtype=torch.int64), self.device)]
 
-    def _choose_matmuls(self, linears: list[LinearBase]) -> None:
-        """Each linear layer's matmul for a few rows on a GPU (the skinny Triton kernel, or cuBLAS) and its sum
-        over the ranks, in the engine's mode."""
+    def _choose_matmuls(self, linears: list[LinearBase], lm_head: ParallelLMHead) -> None:
+        """Each linear layer's and the LM head's matmul for a few rows on a GPU (the skinny Triton kernel, or
+        cuBLAS) and the linear layers' sum over the ranks, in the engine's mode."""
         invariant = self.config.batch_invariant
         skinny = self.device.type == "cuda" and HAS_TRITON
         if skinny and invariant:
-            shapes = {tuple(layer.weight.shape) for layer in linears}
+            shapes = {tuple(layer.weight.shape) for layer in [*linears, lm_head]}
             skinny = skinny_matmul_matches_cublas(shapes, self.config.dtype, self.device)  # type: ignore[arg-type]
+        for layer in [*linears, lm_head]:
+            layer.skinny = skinny_config(*layer.weight.shape, split=not invariant) if skinny else None
         for layer in linears:
             layer.batch_invariant = invariant
-            layer.skinny = skinny_config(*layer.weight.shape, split=not invariant) if skinny else None
 
     def _num_kv_splits(self, batch_size: int) -> int:
         if self.config.batch_invariant:  # a split count that follows the batch would change the sums' order

@@ -78,10 +78,9 @@ LINEAR_PROBE = textwrap.dedent("""
         x, w = mixed(max(ROWS), k), mixed(n, k, seed=1) * 0.05
         alone = F.linear(x[:1], w)
         print(name, [m for m in ROWS if not torch.equal(F.linear(x[:m], w)[:1], alone)])
-        if name != "lm_head":  # the skinny matmul's rows against cuBLAS's at 256 rows, unsplit and split
-            cublas = F.linear(x[:256], w)[:MAX_ROWS]
-            print(name, "skinny", *(torch.equal(skinny_matmul(x[:MAX_ROWS], w, skinny_config(n, k, split)), cublas)
-                                    for split in (False, True)))
+        cublas = F.linear(x[:256], w)[:MAX_ROWS]  # the skinny matmul's rows against cuBLAS's, unsplit and split
+        print(name, "skinny", *(torch.equal(skinny_matmul(x[:MAX_ROWS], w, skinny_config(n, k, split)), cublas)
+                                for split in (False, True)))
 """)
 
 
