@@ -1,9 +1,9 @@
 """The decode matmuls at small batches: cuBLAS against kernels/skinny_matmul.py's configurations.
 
-For each linear layer of Qwen3-0.6B (qkv, o_proj, gate_up, down, and the LM head) and M = 1, 4, 8, 16 rows: cuBLAS's time, the
-skinny matmul's with the configuration the engine uses (`skinny_config`) and with the best one of a sweep
-(block_n, block_k, split_k, warps, stages), against the weight's bytes over the measured copy bandwidth. Times
-are CUDA-graph replays of 20 back-to-back launches (the way a decode step runs them), per launch.
+For each linear layer of Qwen3-0.6B (qkv, o_proj, gate_up, down, and the LM head) and M = 1, 4, 8, 16 rows:
+cuBLAS's time, the skinny matmul's with the configuration the engine uses (`skinny_config`) and with the best one
+of a sweep (block_n, block_k, split_k, warps, stages), against the weight's bytes over the measured copy
+bandwidth. Times are CUDA-graph replays of 20 back-to-back launches (the way a decode step runs them), per launch.
 
     python bench/skinny_matmul.py [--quick]
 """
