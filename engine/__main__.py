@@ -59,6 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cpu, cuda or cuda:N (default %(default)s: CUDA if available)")
     e.add_argument("--dtype", default=ENGINE_DEFAULTS["dtype"],
                    help="float32, bfloat16 or float16 (default %(default)s: the checkpoint's; float32 on CPU)")
+    e.add_argument("--kv-cache-dtype", default=ENGINE_DEFAULTS["kv_cache_dtype"],
+                   help="fp8: keys and values in 8 bits (e4m3, a scale per layer and KV head that no input exceeds): "
+                   "twice the tokens in the same memory, for a small error (README) (default %(default)s: the "
+                   "model's dtype)")
     e.add_argument("--max-model-len", type=int, default=ENGINE_DEFAULTS["max_model_len"],
                    help="longest prompt + output in tokens (default: the model's)")
     e.add_argument("--max-num-seqs", type=int, default=ENGINE_DEFAULTS["max_num_seqs"],
@@ -85,7 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         engine = LLMEngine(
-            args.model, device=args.device, dtype=args.dtype, max_model_len=args.max_model_len,
+            args.model, device=args.device, dtype=args.dtype, kv_cache_dtype=args.kv_cache_dtype,
+            max_model_len=args.max_model_len,
             max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
             gpu_memory_utilization=args.gpu_memory_utilization, enforce_eager=args.enforce_eager,
             batch_invariant=args.batch_invariant, generation_config=args.generation_config,

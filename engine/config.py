@@ -17,6 +17,9 @@ from engine.hub import resolve_model_dir
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# kv_cache_dtype's values (vLLM's names): "auto" keeps the model's dtype; fp8 is e4m3 with a scale per layer and KV
+# head (engine/kv_scales.py)
+KV_CACHE_DTYPES = {"fp8": torch.float8_e4m3fn, "fp8_e4m3": torch.float8_e4m3fn}
 # KV cache size on CPU when num_kv_blocks is not given (a GPU sizes it from gpu_memory_utilization of its memory).
 CPU_KV_CACHE_BYTES = 1 << 30
 # Tokens one step computes at most, by device type, when max_num_batched_tokens is not given. A CPU is ~100x
@@ -175,6 +178,7 @@ class EngineConfig:
     enforce_eager: bool
     batch_invariant: bool
     dtype: torch.dtype
+    kv_cache_dtype: torch.dtype  # the model's dtype, or float8_e4m3fn
     device: torch.device
     sampling_defaults: dict[str, float | int]  # from generation_config.json (engine/generation_config.py)
 
@@ -193,6 +197,7 @@ class EngineConfig:
         enforce_eager: bool = False,
         batch_invariant: bool = False,
         dtype: str = "auto",
+        kv_cache_dtype: str = "auto",
         device: str = "auto",
         generation_config: str = "auto",
     ) -> EngineConfig:
@@ -217,6 +222,9 @@ class EngineConfig:
         for name, flag in (("enforce_eager", enforce_eager), ("batch_invariant", batch_invariant)):
             if not isinstance(flag, bool):
                 raise ValueError(f"{name} must be a bool, got {flag!r}")
+        if kv_cache_dtype != "auto" and kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be 'auto' or one of {', '.join(KV_CACHE_DTYPES)}, "
+                             f"got {kv_cache_dtype!r}")
         if generation_config not in GENERATION_CONFIG_MODES:
             raise ValueError(f"generation_config must be one of {', '.join(GENERATION_CONFIG_MODES)}, "
                              f"got {generation_config!r}")
@@ -224,6 +232,7 @@ class EngineConfig:
         model_config = ModelConfig.from_dir(model_dir)
         resolved_device = _resolve_device(device)
         _check_tensor_parallel_size(tensor_parallel_size, model_config, resolved_device)
+        resolved_dtype = _resolve_dtype(dtype, model_config.checkpoint_dtype, resolved_device)
         return cls(
             model=model_dir,
             model_config=model_config,
@@ -236,7 +245,8 @@ class EngineConfig:
             num_kv_blocks=num_kv_blocks,
             enforce_eager=enforce_eager,
             batch_invariant=batch_invariant,
-            dtype=_resolve_dtype(dtype, model_config.checkpoint_dtype, resolved_device),
+            dtype=resolved_dtype,
+            kv_cache_dtype=KV_CACHE_DTYPES.get(kv_cache_dtype, resolved_dtype),
             device=resolved_device,
             sampling_defaults=sampling_defaults(model_dir, generation_config),
         )

@@ -9,7 +9,9 @@ import torch
 from torch import nn
 
 from engine.config import CPU_KV_CACHE_BYTES, EngineConfig
+from engine.kv_scales import fp8_kv_scales
 from engine.layers.attention import Attention, attention_backend
+from engine.models.qwen import QwenDecoderLayer
 
 log = logging.getLogger(__name__)
 # How long a new engine waits for the memory its share needs while another process still holds it, and how
@@ -28,18 +30,23 @@ def attention_layers(model: nn.Module) -> list[Attention]:
 
 def bytes_per_block(model: nn.Module, config: EngineConfig) -> int:
     layers = attention_layers(model)
-    return 2 * len(layers) * config.block_size * layers[0].num_kv_heads * layers[0].head_dim * config.dtype.itemsize
+    layer = layers[0]
+    return 2 * len(layers) * config.block_size * layer.num_kv_heads * layer.head_dim * config.kv_cache_dtype.itemsize
 
 
 def allocate_kv_cache(model: nn.Module, config: EngineConfig, num_blocks: int) -> torch.Tensor:
-    """One [2, layers, blocks, block_size, kv_heads, head_dim] tensor; each layer gets its K and V views."""
+    """One [2, layers, blocks, block_size, kv_heads, head_dim] tensor; each layer gets its K and V views (and, for an
+    FP8 cache, its scales: engine/kv_scales.py)."""
     layers = attention_layers(model)
     shape = (2, len(layers), num_blocks, config.block_size, layers[0].num_kv_heads, layers[0].head_dim)
     # On CPU, untouched pages of an empty tensor cost no memory; every slot is written before it is read.
     alloc = torch.empty if config.device.type == "cpu" else torch.zeros
-    cache = alloc(shape, dtype=config.dtype, device=config.device)
-    for i, layer in enumerate(layers):
-        layer.bind_kv_cache(cache[0, i], cache[1, i], config.max_model_len, config.batch_invariant)
+    cache = alloc(shape, dtype=config.kv_cache_dtype, device=config.device)
+    fp8 = config.kv_cache_dtype != config.dtype
+    decoder_layers = [m for m in model.modules() if isinstance(m, QwenDecoderLayer)]
+    for i, (layer, decoder_layer) in enumerate(zip(layers, decoder_layers, strict=True)):
+        scales = fp8_kv_scales(decoder_layer) if fp8 else None
+        layer.bind_kv_cache(cache[0, i], cache[1, i], config.max_model_len, config.batch_invariant, scales)
     return cache
 
 
@@ -103,9 +110,11 @@ def _wait_for_free_memory(config: EngineConfig, needed_bytes: int, free_bytes: i
 
 
 def log_kv_cache(config: EngineConfig, num_blocks: int, block_bytes: int) -> None:
+    fp8 = config.kv_cache_dtype != config.dtype
     log.info(
-        "KV cache: %d blocks x %d tokens (%.1f MiB) on %s; attention backend: %s%s",
-        num_blocks, config.block_size, num_blocks * block_bytes / 2**20, config.device,
-        attention_backend(config.device, config.block_size, config.batch_invariant),
+        "KV cache: %d blocks x %d tokens (%.1f MiB, %s) on %s; attention backend: %s%s",
+        num_blocks, config.block_size, num_blocks * block_bytes / 2**20,
+        str(config.kv_cache_dtype).removeprefix("torch."), config.device,
+        attention_backend(config.device, config.block_size, config.batch_invariant, fp8),
         "; batch-invariant numerics" if config.batch_invariant else "",
     )

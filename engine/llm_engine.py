@@ -63,6 +63,7 @@ class LLMEngine:
         enforce_eager: bool = False,
         batch_invariant: bool = False,
         dtype: str = "auto",
+        kv_cache_dtype: str = "auto",
         device: str = "auto",
         generation_config: str = "auto",
     ) -> None:
@@ -90,6 +91,10 @@ class LLMEngine:
             or moved to another replica yields the same tokens; see engine/batch_invariance.py. CPU runs are
             invariant already.
         dtype: "auto" (the checkpoint's; float32 on CPU), "float32", "bfloat16" or "float16".
+        kv_cache_dtype: "auto" (the model's dtype) or "fp8" (also "fp8_e4m3"): keys and values stored in 8 bits,
+            e4m3 with a scale per layer and KV head that no input can exceed (engine/kv_scales.py): twice the
+            tokens in the same memory, and half the bytes a decode step reads from the cache, for a small error
+            (README, "FP8 KV cache").
         device: "auto" (CUDA when available), "cpu", "cuda" or "cuda:N".
         generation_config: "auto": the checkpoint's generation_config.json sets the sampling defaults
             (temperature, top_p, top_k, min_p, repetition_penalty) of requests that leave them unset, as in vLLM;
@@ -101,7 +106,8 @@ class LLMEngine:
             model, tensor_parallel_size=tensor_parallel_size, max_num_batched_tokens=max_num_batched_tokens,
             max_num_seqs=max_num_seqs, max_model_len=max_model_len, gpu_memory_utilization=gpu_memory_utilization,
             block_size=block_size, num_kv_blocks=num_kv_blocks, enforce_eager=enforce_eager,
-            batch_invariant=batch_invariant, dtype=dtype, device=device, generation_config=generation_config,
+            batch_invariant=batch_invariant, dtype=dtype, kv_cache_dtype=kv_cache_dtype, device=device,
+            generation_config=generation_config,
         )
         tokenizer = Tokenizer.from_dir(config.model)
         eos_token_ids = _eos_token_ids(config, tokenizer)

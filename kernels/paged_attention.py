@@ -41,6 +41,7 @@ def paged_attention(
     num_splits: int = 1,
     out: torch.Tensor | None = None,  # [T, Hq, D], written in place when given
     batch_invariant: bool = False,
+    kv_scales: tuple[torch.Tensor, torch.Tensor] | None = None,  # an FP8 cache's (k_scale, v_scale) [Hkv] float32
 ) -> torch.Tensor:  # [T, Hq, D]
     """Triton version of `paged_attention_ref`.
 
@@ -49,6 +50,9 @@ def paged_attention(
     group (GQA). With num_splits > 1 (flash-decoding) each program covers a slice of the context
     and a second kernel merges the partial results by their log-sum-exp, so a small batch of long
     contexts still fills the GPU. `max_query_len` and `num_splits` are host-side launch shapes.
+
+    With `kv_scales` the cache holds e4m3 values (kernels/fp8_kv.py): each tile is widened to q's dtype (exact), the
+    scores are scaled by the head's k_scale and the output by its v_scale.
 
     `batch_invariant`: one tile shape on every path (INVARIANT_ROWS rows, PREFILL_KEYS keys) and no KV split, so
     each query's keys are reduced in the same order whatever the step holds (engine/batch_invariance.py).
@@ -76,13 +80,15 @@ def paged_attention(
     else:
         partial_out = partial_lse = out  # unused
     grid = (num_seqs * num_q_tiles, num_kv_heads, num_splits)
+    k_scale, v_scale = kv_scales if kv_scales is not None else (seq_lens, seq_lens)  # unused without FP8
     _paged_attention_kernel[grid](
-        query, k_cache, v_cache, out, partial_out, partial_lse, query_start_loc, seq_lens, block_tables,
-        scale * 1.4426950408889634,  # log2(e): the kernel works in base 2
+        query, k_cache, v_cache, out, partial_out, partial_lse, query_start_loc, seq_lens, block_tables, k_scale,
+        v_scale, scale * 1.4426950408889634,  # log2(e): the kernel works in base 2
         query.stride(0), query.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         block_tables.stride(0), out.stride(0), out.stride(1), num_tokens, num_q_tiles,
         GROUP=group, BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=block_n, PAGE=page,
         HEAD_DIM=head_dim, NUM_SPLITS=num_splits, DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
+        FP8=kv_scales is not None,
     )
     if num_splits > 1:
         _merge_splits_kernel[(num_tokens, num_heads)](
@@ -96,11 +102,11 @@ def paged_attention(
 # argument it specializes on; these vary with each step's batch, and one compile costs ~0.7 s mid-run.
 @triton.jit(do_not_specialize=["stride_bt", "num_tokens", "num_q_tiles"])
 def _paged_attention_kernel(
-    Q, K_cache, V_cache, Out, Partial_out, Partial_lse, query_start_loc, seq_lens, block_tables,
+    Q, K_cache, V_cache, Out, Partial_out, Partial_lse, query_start_loc, seq_lens, block_tables, K_scale, V_scale,
     scale_log2, stride_qt, stride_qh, stride_kb, stride_ks, stride_kh, stride_bt, stride_ot, stride_oh, num_tokens,
     num_q_tiles, GROUP: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, PAGE: tl.constexpr, HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, FP8: tl.constexpr,
 ):
     seq = tl.program_id(0) // num_q_tiles
     tile = tl.program_id(0) % num_q_tiles
@@ -122,6 +128,8 @@ def _paged_attention_kernel(
     offs_d = tl.arange(0, HEAD_DIM)
     q_rows = (q_start + q_idx) * stride_qt + head * stride_qh
     q = tl.load(Q + q_rows[:, None] + offs_d[None, :], mask=row_valid[:, None], other=0.0)
+    if FP8:  # stored keys are key / k_scale: the scores take the head's scale
+        scale_log2 = scale_log2 * tl.load(K_scale + kv_head)
 
     # Keys this tile can see: up to its last token's position; this split takes one slice of them.
     kv_end = tl.minimum(seq_len, context_len + (tile + 1) * BLOCK_Q)
@@ -137,8 +145,8 @@ def _paged_attention_kernel(
         n_valid = offs_n < kv_hi
         block_ids = tl.load(block_tables + seq * stride_bt + offs_n // PAGE, mask=n_valid, other=0)
         kv_rows = block_ids * stride_kb + (offs_n % PAGE) * stride_ks + kv_head * stride_kh
-        k = tl.load(K_cache + kv_rows[:, None] + offs_d[None, :], mask=n_valid[:, None], other=0.0)
-        v = tl.load(V_cache + kv_rows[:, None] + offs_d[None, :], mask=n_valid[:, None], other=0.0)
+        k = tl.load(K_cache + kv_rows[:, None] + offs_d[None, :], mask=n_valid[:, None], other=0.0).to(q.dtype)
+        v = tl.load(V_cache + kv_rows[:, None] + offs_d[None, :], mask=n_valid[:, None], other=0.0).to(q.dtype)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
         visible = n_valid[None, :] & (offs_n[None, :] <= q_pos[:, None])
         s = tl.where(visible, s, float("-inf"))
@@ -150,6 +158,8 @@ def _paged_attention_kernel(
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
 
+    if FP8:  # stored values are value / v_scale
+        acc = acc * tl.load(V_scale + kv_head)
     out = acc / tl.maximum(l_i, 1e-30)[:, None]
     if NUM_SPLITS == 1:
         o_rows = (q_start + q_idx) * stride_ot + head * stride_oh
@@ -190,8 +200,10 @@ def paged_attention_ref(
     seq_lens: torch.Tensor,  # [B] int32, context + new tokens per sequence
     block_tables: torch.Tensor,  # [B, max_blocks] int32
     scale: float,
+    kv_scales: tuple[torch.Tensor, torch.Tensor] | None = None,  # an FP8 cache's (k_scale, v_scale) [Hkv]
 ) -> torch.Tensor:  # [T, Hq, D]
-    """Reference implementation: gathers each sequence's K/V and attends in float32.
+    """Reference implementation: gathers each sequence's K/V (an FP8 cache's times its scales) and attends in
+    float32.
 
     Queries go in tiles of REF_QUERY_TILE, each against the keys up to its last position only: the
     scores of a long prefill chunk over a long context would otherwise be one [Hq, q_len, seq_len]
@@ -205,8 +217,11 @@ def paged_attention_ref(
         q = query[starts[i] : starts[i + 1]].float()  # [q_len, Hq, D]
         num_blocks = -(-seq_len // block_size)
         blocks = block_tables[i, :num_blocks].long()
-        k = k_cache[blocks].flatten(0, 1)[:seq_len].float().repeat_interleave(group, dim=1)  # [S, Hq, D]
-        v = v_cache[blocks].flatten(0, 1)[:seq_len].float().repeat_interleave(group, dim=1)
+        k = k_cache[blocks].flatten(0, 1)[:seq_len].float()  # [S, Hkv, D]
+        v = v_cache[blocks].flatten(0, 1)[:seq_len].float()
+        if kv_scales is not None:
+            k, v = k * kv_scales[0][:, None], v * kv_scales[1][:, None]
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)  # [S, Hq, D]
         first_pos = seq_len - q.shape[0]  # position of the chunk's first query
         for t in range(0, q.shape[0], REF_QUERY_TILE):
             q_tile = q[t : t + REF_QUERY_TILE]

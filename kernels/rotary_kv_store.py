@@ -13,6 +13,7 @@ from typing import cast
 
 import torch
 
+from kernels.fp8_kv import E4M3_MAX, quantize_ref
 from kernels.rms_norm import rms_norm_ref
 from kernels.triton_compat import tl, triton
 
@@ -30,6 +31,7 @@ def rotary_kv_store(
     k_cache: torch.Tensor,  # [num_blocks, block_size, Hkv, D]
     v_cache: torch.Tensor,  # [num_blocks, block_size, Hkv, D]
     slot_mapping: torch.Tensor,  # [T] int64: block_id * block_size + offset; -1 = padding, not stored
+    kv_scales: tuple[torch.Tensor, torch.Tensor] | None = None,  # an FP8 cache's (k_scale, v_scale) [Hkv] float32
 ) -> torch.Tensor:  # q [T, Hq, D]
     """Triton version of `rotary_kv_store_ref`, no host synchronisation."""
     num_tokens = qkv.shape[0]
@@ -41,10 +43,11 @@ def rotary_kv_store(
     q = torch.empty(num_tokens, num_heads, head_dim, dtype=qkv.dtype, device=qkv.device)
     heads_per_program = _heads_per_program(num_heads, num_kv_heads)
     grid = (num_tokens, (num_heads + num_kv_heads) // heads_per_program)
+    k_scale, v_scale = kv_scales if kv_scales is not None else (cos, cos)  # unused without FP8
     _rotary_kv_store_kernel[grid](
-        qkv, positions, q_weight, k_weight, cos, sin, q, k_cache, v_cache, slot_mapping, qkv.stride(0), eps,
-        NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, HALF=head_dim // 2, HAS_NORM=has_norm,
-        HEADS=heads_per_program,
+        qkv, positions, q_weight, k_weight, cos, sin, q, k_cache, v_cache, slot_mapping, k_scale, v_scale,
+        qkv.stride(0), eps, NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, HALF=head_dim // 2, HAS_NORM=has_norm,
+        HEADS=heads_per_program, FP8=kv_scales is not None, E4M3_MAX=E4M3_MAX,
     )
     return q
 
@@ -62,9 +65,9 @@ def _heads_per_program(num_heads: int, num_kv_heads: int) -> int:
 
 @triton.jit
 def _rotary_kv_store_kernel(
-    QKV, positions, Wq, Wk, Cos, Sin, Q, K_cache, V_cache, slot_mapping, stride_t, eps,
+    QKV, positions, Wq, Wk, Cos, Sin, Q, K_cache, V_cache, slot_mapping, K_scale, V_scale, stride_t, eps,
     NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HALF: tl.constexpr, HAS_NORM: tl.constexpr,
-    HEADS: tl.constexpr,
+    HEADS: tl.constexpr, FP8: tl.constexpr, E4M3_MAX: tl.constexpr,
 ):
     """Program (t, g) takes HEADS heads of token t: query heads, or (for g past them) key heads with their values."""
     t = tl.program_id(0)
@@ -100,20 +103,34 @@ def _rotary_kv_store_kernel(
         slot = tl.load(slot_mapping + t)
         stored = offs < tl.where(slot >= 0, HALF, 0)  # a padding token's key and value are not stored
         kv_offset = (slot * NUM_KV_HEADS + heads - NUM_HEADS) * 2 * HALF + offs
-        tl.store(K_cache + kv_offset, o1, mask=stored)
-        tl.store(K_cache + kv_offset + HALF, o2, mask=stored)
         value = src + NUM_KV_HEADS * 2 * HALF  # the value head sits Hkv heads after its key head
-        tl.store(V_cache + kv_offset, tl.load(value), mask=stored)
-        tl.store(V_cache + kv_offset + HALF, tl.load(value + HALF), mask=stored)
+        k1, k2, v1, v2 = o1, o2, tl.load(value), tl.load(value + HALF)
+        if FP8:  # stored / the head's scale, as kernels/fp8_kv.py rounds it
+            k_scale = tl.load(K_scale + heads - NUM_HEADS)
+            v_scale = tl.load(V_scale + heads - NUM_HEADS)
+            k1, k2 = _quantize(k1, k_scale, E4M3_MAX), _quantize(k2, k_scale, E4M3_MAX)
+            v1, v2 = _quantize(v1, v_scale, E4M3_MAX), _quantize(v2, v_scale, E4M3_MAX)
+        tl.store(K_cache + kv_offset, k1, mask=stored)
+        tl.store(K_cache + kv_offset + HALF, k2, mask=stored)
+        tl.store(V_cache + kv_offset, v1, mask=stored)
+        tl.store(V_cache + kv_offset + HALF, v2, mask=stored)
+
+
+@triton.jit
+def _quantize(x, scale, E4M3_MAX: tl.constexpr):
+    """x / scale in e4m3, clamped into its range (e4m3fn has no infinity)."""
+    return tl.clamp(x.to(tl.float32) / scale, -E4M3_MAX, E4M3_MAX).to(tl.float8e4nv)
 
 
 def rotary_kv_store_ref(
     qkv: torch.Tensor, positions: torch.Tensor, q_weight: torch.Tensor | None, k_weight: torch.Tensor | None,
     cos: torch.Tensor, sin: torch.Tensor, eps: float, num_heads: int, num_kv_heads: int,
     k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor,
+    kv_scales: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Token t's rotated key and its value go to slot `slot_mapping[t]` (a flat index over blocks x
-    block_size) of the caches; returns the rotated queries."""
+    block_size) of the caches, divided by `kv_scales` (per KV head) into an FP8 cache; returns the rotated
+    queries."""
     head_dim = cos.shape[1]
     assert (q_weight is None) == (k_weight is None), "q and k norm weights come together"
     q, k, v = qkv.split([num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim], dim=-1)
@@ -125,8 +142,11 @@ def rotary_kv_store_ref(
     s = sin[positions].unsqueeze(1).to(qkv.dtype)
     stored = slot_mapping >= 0
     slots = slot_mapping[stored]
-    k_cache.view(-1, num_kv_heads, head_dim)[slots] = (k * c + _rotate_half(k) * s)[stored]
-    v_cache.view(-1, num_kv_heads, head_dim)[slots] = v.reshape(-1, num_kv_heads, head_dim)[stored]
+    keys, values = (k * c + _rotate_half(k) * s)[stored], v.reshape(-1, num_kv_heads, head_dim)[stored]
+    if kv_scales is not None:
+        keys, values = (quantize_ref(x, scale[:, None]) for x, scale in zip((keys, values), kv_scales))
+    k_cache.view(-1, num_kv_heads, head_dim)[slots] = keys
+    v_cache.view(-1, num_kv_heads, head_dim)[slots] = values
     return q * c + _rotate_half(q) * s
 
 

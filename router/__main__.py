@@ -67,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Prometheus metrics port; -1 turns it off")
     p.add_argument("--device", default="auto", help="engine device: auto, cpu, cuda")
     p.add_argument("--dtype", default="auto", help="engine dtype: auto, float32, bfloat16, float16")
+    p.add_argument("--kv-cache-dtype", default="auto",
+                   help="engine KV cache: auto (the model's dtype) or fp8 (8-bit keys and values, e4m3 with a scale "
+                   "per layer and KV head that no input exceeds: twice the tokens in the same memory; README)")
     p.add_argument("--max-model-len", type=int, help="longest prompt + output (default: the model's)")
     p.add_argument("--max-num-seqs", type=int, default=256, help="sequences an engine batches at once")
     p.add_argument("--gpu-memory-utilization", type=float,
@@ -120,7 +123,8 @@ def parse_args(argv: list[str] | None = None) -> RouterConfig:
         p.error("--tls-cert and --tls-key go together: give both or neither")
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     engine_kwargs = {
-        "device": args.device, "dtype": args.dtype, "max_num_seqs": args.max_num_seqs,
+        "device": args.device, "dtype": args.dtype, "kv_cache_dtype": args.kv_cache_dtype,
+        "max_num_seqs": args.max_num_seqs,
         "tensor_parallel_size": args.tensor_parallel_size, "generation_config": args.generation_config,
     }
     if args.gpu_memory_utilization is not None:

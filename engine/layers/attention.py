@@ -30,13 +30,14 @@ class AttentionMetadata:
     num_splits: int = 1  # KV splits per sequence (flash-decoding) for the GPU kernel
 
 
-def attention_backend(device: torch.device, block_size: int, batch_invariant: bool = False) -> str:
+def attention_backend(device: torch.device, block_size: int, batch_invariant: bool = False, fp8: bool = False) -> str:
     """Which implementation runs attention on `device` with `block_size`-token pages:
     "flash-attn", "triton" or "torch-reference". The batch-invariant mode never takes flash-attn, whose
-    decode and prefill paths reduce a query's keys in different orders."""
+    decode and prefill paths reduce a query's keys in different orders; nor does an FP8 cache, which it cannot
+    read."""
     if device.type != "cuda":
         return "torch-reference"
-    if flash_attn_supports(block_size) and not batch_invariant:
+    if flash_attn_supports(block_size) and not batch_invariant and not fp8:
         return "flash-attn"
     return "triton" if HAS_TRITON else "torch-reference"
 
@@ -52,14 +53,18 @@ class Attention(nn.Module):
         self.backend = "torch-reference"
         self.max_seq_len = 0
         self.batch_invariant = False
+        self.kv_scales: tuple[torch.Tensor, torch.Tensor] | None = None  # an FP8 cache's (k_scale, v_scale) [Hkv]
 
     def bind_kv_cache(
-        self, k_cache: torch.Tensor, v_cache: torch.Tensor, max_seq_len: int, batch_invariant: bool
+        self, k_cache: torch.Tensor, v_cache: torch.Tensor, max_seq_len: int, batch_invariant: bool,
+        kv_scales: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> None:
         """Attach this layer's slice of the KV cache (called once by the model runner); no sequence is
-        ever longer than `max_seq_len` tokens. `batch_invariant`: see engine/batch_invariance.py."""
+        ever longer than `max_seq_len` tokens. `batch_invariant`: see engine/batch_invariance.py. `kv_scales`:
+        an FP8 cache stores key / k_scale and value / v_scale per KV head (engine/kv_scales.py)."""
         self.k_cache, self.v_cache, self.max_seq_len = k_cache, v_cache, max_seq_len
-        self.backend = attention_backend(k_cache.device, k_cache.shape[1], batch_invariant)
+        self.kv_scales = kv_scales
+        self.backend = attention_backend(k_cache.device, k_cache.shape[1], batch_invariant, kv_scales is not None)
         self.batch_invariant = batch_invariant
 
     def forward(self, q: torch.Tensor, metadata: AttentionMetadata) -> torch.Tensor:
@@ -73,8 +78,8 @@ class Attention(nn.Module):
         if self.backend == "triton":
             return paged_attention(
                 q, self.k_cache, self.v_cache, m.query_start_loc, m.seq_lens, m.block_tables, self.scale,
-                m.max_query_len, m.num_splits, batch_invariant=self.batch_invariant,
+                m.max_query_len, m.num_splits, batch_invariant=self.batch_invariant, kv_scales=self.kv_scales,
             )
         return paged_attention_ref(
-            q, self.k_cache, self.v_cache, m.query_start_loc, m.seq_lens, m.block_tables, self.scale
+            q, self.k_cache, self.v_cache, m.query_start_loc, m.seq_lens, m.block_tables, self.scale, self.kv_scales
         )

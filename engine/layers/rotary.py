@@ -33,12 +33,13 @@ class RotaryEmbedding(nn.Module):
     def forward(
         self, positions: torch.Tensor, qkv: torch.Tensor, q_norm: RMSNorm | None, k_norm: RMSNorm | None,
         num_heads: int, num_kv_heads: int, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor,
+        kv_scales: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """positions: [T], qkv: [T, (Hq + 2 Hkv) D] -> q [T, Hq, D], rotated (and first normalised, given the
         norms: both or neither). The keys, rotated (and normalised) the same way, and the values go straight
-        into the paged KV cache at `slot_mapping` (one kernel on a GPU)."""
+        into the paged KV cache at `slot_mapping` (one kernel on a GPU), divided by `kv_scales` into an FP8 cache."""
         fn = rotary_kv_store if use_triton(qkv) else rotary_kv_store_ref
-        cache = (k_cache, v_cache, slot_mapping)
+        cache = (k_cache, v_cache, slot_mapping, kv_scales)
         if q_norm is None or k_norm is None:
             assert q_norm is k_norm, "q and k norms come together"
             return fn(qkv, positions, None, None, self.cos, self.sin, 0.0, num_heads, num_kv_heads, *cache)

@@ -43,7 +43,7 @@ class QwenAttention(nn.Module):
     def forward(self, positions: torch.Tensor, x: torch.Tensor, metadata: AttentionMetadata) -> torch.Tensor:
         qkv = self.qkv_proj(x)  # [T, (Hq + 2 Hkv) D]
         q = self.rotary(positions, qkv, self.q_norm, self.k_norm, self.num_heads, self.num_kv_heads,
-                        self.attn.k_cache, self.attn.v_cache, metadata.slot_mapping)  # K/V go into the cache
+                        self.attn.k_cache, self.attn.v_cache, metadata.slot_mapping, self.attn.kv_scales)  # K/V: cache
         o = self.attn(q, metadata)
         return self.o_proj(o.flatten(1))
 

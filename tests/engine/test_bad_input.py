@@ -147,6 +147,7 @@ BAD_ENGINE_ARGS: list[tuple[str, Any]] = [
     ("gpu_memory_utilization", "0.5"),
     ("num_kv_blocks", 0),
     ("dtype", "fp8"),
+    ("kv_cache_dtype", "fp16"),
     ("device", "tpu"),
     ("max_model_len", 2048),  # the checkpoint's max_position_embeddings is 1024
     ("max_model_len", 0),

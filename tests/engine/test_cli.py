@@ -79,6 +79,7 @@ def test_bad_flag_value_exits_nonzero_naming_the_field() -> None:
         (["--top-k", "0"], "top_k"),
         (["--stop", ""], "stop"),
         (["--dtype", "fp8"], "dtype"),
+        (["--kv-cache-dtype", "int8"], "kv_cache_dtype"),
         (["--max-num-seqs", "0"], "max_num_seqs"),
     ],
 )

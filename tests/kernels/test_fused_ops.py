@@ -77,6 +77,34 @@ def test_rotary_kv_store(
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+def test_rotary_kv_store_into_an_fp8_cache(dtype: torch.dtype) -> None:
+    """Keys and values divided by their head's scale, rounded to e4m3 and clamped into its range (a scale too small
+    for a value must not make it NaN): on a GPU, bitwise as torch rounds them. Triton 3.9's CPU interpreter gets
+    e4m3 wrong (values rounding up to a power of two lose half: -127.99 -> -64; subnormals flush to 0), so there
+    only the queries and the stored slots are checked; the CPU engine stores through the torch reference."""
+    num_heads, num_kv_heads, head_dim, num_tokens, page = 4, 2, 64, 9, 4
+    qkv = randn(num_tokens, (num_heads + 2 * num_kv_heads) * head_dim, dtype=dtype) * 3
+    positions = torch.arange(num_tokens, device=DEVICE)
+    slots = torch.randperm(4 * page, generator=torch.Generator().manual_seed(3))[:num_tokens].to(DEVICE)
+    angles = torch.outer(torch.arange(16).float(), torch.rand(head_dim // 2) * 0.5)
+    cos, sin = torch.cat([angles, angles], -1).cos().to(DEVICE), torch.cat([angles, angles], -1).sin().to(DEVICE)
+    weights = (randn(head_dim, dtype=dtype, seed=4), randn(head_dim, dtype=dtype, seed=5))
+    scales = (torch.tensor([0.02, 0.05], device=DEVICE), torch.tensor([0.03, 0.004], device=DEVICE))  # v head 1 clamps
+    caches = [torch.zeros(4, page, num_kv_heads, head_dim, dtype=torch.float8_e4m3fn, device=DEVICE) for _ in range(4)]
+    args = (qkv, positions, *weights, cos, sin, 1e-6, num_heads, num_kv_heads)
+    q = rotary_kv_store(*args, *caches[:2], slots, scales)
+    q_ref = rotary_kv_store_ref(*args, *caches[2:], slots, scales)
+    assert_matches(q, q_ref)
+    for cache, ref in ((caches[0], caches[2]), (caches[1], caches[3])):
+        stored = torch.zeros(cache.shape[:2], dtype=torch.bool, device=DEVICE)
+        stored.view(-1)[slots] = True
+        assert (cache.float() != 0).any(dim=(2, 3)).eq(stored).all() and not cache.float().isnan().any()
+        if ON_GPU:
+            assert torch.equal(cache.float(), ref.float())
+    assert (caches[3].float().abs() == 448).any(), "the clamped head reached e4m3's top"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("num_rows,size", [(1, 128), (5, 3072), (3, 1500)])
 def test_silu_and_mul(dtype: torch.dtype, num_rows: int, size: int) -> None:
     x = randn(num_rows, 2 * size, dtype=dtype)

@@ -161,3 +161,8 @@ def test_serves_a_qwen2_model_id_from_the_hugging_face_cache(
     finally:
         if router.poll() is None:
             router.kill()
+
+
+def test_kv_cache_dtype_flag_reaches_the_replicas_engines() -> None:
+    assert parse_args(["--kv-cache-dtype", "fp8"]).engine_kwargs["kv_cache_dtype"] == "fp8"
+    assert parse_args([]).engine_kwargs["kv_cache_dtype"] == "auto"
