@@ -74,7 +74,8 @@ class NanoServeService(nanoserve_pb2_grpc.NanoServeServicer):
         return pb.ModelInfo(
             model_name=self.core.model_name, model_dir=info.model_dir, random_weights=info.random_weights,
             max_model_len=info.max_model_len, vocab_size=info.vocab_size, block_size=info.block_size,
-            tensor_parallel_size=info.tensor_parallel_size, dtype=info.dtype, eos_token_ids=info.eos_token_ids,
+            tensor_parallel_size=info.tensor_parallel_size, dtype=info.dtype, kv_cache_dtype=info.kv_cache_dtype,
+            eos_token_ids=info.eos_token_ids,
             has_chat_template=self.core.tokenizer.has_chat_template,
             sampling_defaults=pb.SamplingParams(**info.sampling_defaults),
         )

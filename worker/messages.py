@@ -111,6 +111,7 @@ class EngineInfo:
     block_size: int
     tensor_parallel_size: int
     dtype: str
+    kv_cache_dtype: str  # the model's dtype, or float8_e4m3fn (engine/kv_scales.py)
     eos_token_ids: list[int]
     num_kv_blocks: int
     sampling_defaults: dict[str, float | int]  # for a request's unset fields (engine/generation_config.py)

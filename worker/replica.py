@@ -224,6 +224,7 @@ def _describe(engine: LLMEngine, random_weights: bool) -> EngineInfo:
         block_size=config.block_size,
         tensor_parallel_size=config.tensor_parallel_size,
         dtype=str(config.dtype).removeprefix("torch."),
+        kv_cache_dtype=str(config.kv_cache_dtype).removeprefix("torch."),
         eos_token_ids=sorted(engine.eos_token_ids),
         num_kv_blocks=engine.block_manager.num_blocks,
         sampling_defaults=dict(config.sampling_defaults),

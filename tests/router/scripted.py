@@ -59,7 +59,8 @@ class ScriptedHandle(FakeHandle):
 
 
 INFO = EngineInfo(model_dir="/scripted", random_weights=True, max_model_len=4096, vocab_size=151669, block_size=16,
-                  tensor_parallel_size=1, dtype="float32", eos_token_ids=[151645], num_kv_blocks=256,
+                  tensor_parallel_size=1, dtype="float32", kv_cache_dtype="float32", eos_token_ids=[151645],
+                  num_kv_blocks=256,
                   sampling_defaults={})
 
 

@@ -1,5 +1,6 @@
 """A served request's unset sampling fields take the checkpoint's generation_config.json defaults, which
-GetModelInfo and GET /v1/models show (vLLM's --generation-config auto)."""
+GetModelInfo and GET /v1/models show (vLLM's --generation-config auto). The replica here keeps an FP8 KV cache,
+which GetModelInfo reports."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from tests.engine.test_generation_config import QWEN3_STYLE
-from tests.serving import RouterThread
+from tests.serving import ENGINE_KWARGS, RouterThread
 
 PROMPT = [5, 6, 7, 8]
 
@@ -20,9 +21,12 @@ def test_unset_fields_take_the_checkpoints_defaults_shown_by_both_front_doors(
 ) -> None:
     qwen3_style = shutil.copytree(model_dir, tmp_path / "m")
     (qwen3_style / "generation_config.json").write_text(json.dumps(QWEN3_STYLE))
-    router = start_router(num_replicas=1, model=str(qwen3_style), http_port=0)
+    router = start_router(num_replicas=1, model=str(qwen3_style), http_port=0,
+                          engine_kwargs={**ENGINE_KWARGS, "kv_cache_dtype": "fp8"})
     with router.client() as client:
-        defaults = client.model_info(timeout=10).sampling_defaults
+        info = client.model_info(timeout=10)
+        assert (info.dtype, info.kv_cache_dtype) == (ENGINE_KWARGS["dtype"], "float8_e4m3fn")
+        defaults = info.sampling_defaults
         assert (defaults.temperature, defaults.top_p, defaults.top_k) == (0.6, 0.95, 20)
         assert not defaults.HasField("min_p") and not defaults.HasField("max_tokens")
 

@@ -15,7 +15,8 @@ from worker.messages import EngineInfo
 
 INFO = EngineInfo(
     model_dir="/nowhere", random_weights=True, max_model_len=1024, vocab_size=151936, block_size=16,
-    tensor_parallel_size=1, dtype="float32", eos_token_ids=[151645], num_kv_blocks=64, sampling_defaults={},
+    tensor_parallel_size=1, dtype="float32", kv_cache_dtype="float32", eos_token_ids=[151645], num_kv_blocks=64,
+    sampling_defaults={},
 )
 
 

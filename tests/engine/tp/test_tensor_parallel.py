@@ -1,4 +1,5 @@
-"""TP=2 and TP=4 on CPU (gloo): greedy ids equal TP=1 and Hugging Face, through prefix hits and chunked prefill."""
+"""TP=2 and TP=4 on CPU (gloo): greedy ids equal TP=1 and Hugging Face, through prefix hits and chunked prefill;
+an FP8 KV cache under TP=2."""
 
 from __future__ import annotations
 
@@ -6,8 +7,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import torch
 
 from engine import LLMEngine
+from engine.kv_cache import attention_layers
 from tests.engine.test_hf_parity import GREEDY, hf_greedy, random_prompts, shared_prefix_prompts
 
 # 2 KV heads (1 per rank), tied head with a vocabulary that does not split evenly; 4 KV heads, untied head;
@@ -56,3 +59,17 @@ def test_tp4_equals_hugging_face(tiny_checkpoint: Callable[..., Path]) -> None:
                    max_num_batched_tokens=37) as tp4:
         assert [r["token_ids"] for r in tp4.generate(prompts, GREEDY, use_tqdm=False)] == expected
         assert tp4.model_runner.kv_cache.shape[-2] == 1
+
+
+def test_an_fp8_cache_under_tp2_keeps_each_rank_s_heads_scales(tiny_checkpoint: Callable[..., Path]) -> None:
+    """Each rank quantises its own KV heads with their scales (engine/kv_scales.py on its shard): rank 0 holds the
+    first half of TP=1's scales, and TP=2's greedy tokens are TP=1's."""
+    model_dir = tiny_checkpoint("untied-mha-hd32")
+    prompts = [p[:40] for p in random_prompts(1, [30, 40, 17])]
+    kwargs = dict(device="cpu", dtype="float32", kv_cache_dtype="fp8", max_model_len=128)
+    with LLMEngine(model_dir, **kwargs) as tp1, LLMEngine(model_dir, tensor_parallel_size=2, **kwargs) as tp2:
+        one, two = (attention_layers(e.model_runner.model)[1].kv_scales for e in (tp1, tp2))
+        assert one is not None and two is not None
+        assert all(torch.equal(a[:2], b) for a, b in zip(one, two))
+        outputs = [[r["token_ids"] for r in e.generate(prompts, GREEDY, use_tqdm=False)] for e in (tp1, tp2)]
+    assert outputs[0] == outputs[1]
