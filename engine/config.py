@@ -182,6 +182,10 @@ class EngineConfig:
     device: torch.device
     sampling_defaults: dict[str, float | int]  # from generation_config.json (engine/generation_config.py)
 
+    @property
+    def fp8_kv_cache(self) -> bool:
+        return self.kv_cache_dtype in KV_CACHE_DTYPES.values()
+
     @classmethod
     def create(
         cls,

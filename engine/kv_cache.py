@@ -42,10 +42,9 @@ def allocate_kv_cache(model: nn.Module, config: EngineConfig, num_blocks: int) -
     # On CPU, untouched pages of an empty tensor cost no memory; every slot is written before it is read.
     alloc = torch.empty if config.device.type == "cpu" else torch.zeros
     cache = alloc(shape, dtype=config.kv_cache_dtype, device=config.device)
-    fp8 = config.kv_cache_dtype != config.dtype
     decoder_layers = [m for m in model.modules() if isinstance(m, QwenDecoderLayer)]
     for i, (layer, decoder_layer) in enumerate(zip(layers, decoder_layers, strict=True)):
-        scales = fp8_kv_scales(decoder_layer) if fp8 else None
+        scales = fp8_kv_scales(decoder_layer) if config.fp8_kv_cache else None
         layer.bind_kv_cache(cache[0, i], cache[1, i], config.max_model_len, config.batch_invariant, scales)
     return cache
 
@@ -110,11 +109,10 @@ def _wait_for_free_memory(config: EngineConfig, needed_bytes: int, free_bytes: i
 
 
 def log_kv_cache(config: EngineConfig, num_blocks: int, block_bytes: int) -> None:
-    fp8 = config.kv_cache_dtype != config.dtype
     log.info(
         "KV cache: %d blocks x %d tokens (%.1f MiB, %s) on %s; attention backend: %s%s",
         num_blocks, config.block_size, num_blocks * block_bytes / 2**20,
         str(config.kv_cache_dtype).removeprefix("torch."), config.device,
-        attention_backend(config.device, config.block_size, config.batch_invariant, fp8),
+        attention_backend(config.device, config.block_size, config.batch_invariant, config.fp8_kv_cache),
         "; batch-invariant numerics" if config.batch_invariant else "",
     )

@@ -7,9 +7,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from engine.layers.linear import check_shape
-from kernels.skinny_matmul import MAX_ROWS, skinny_matmul
-from kernels.triton_compat import use_triton
+from engine.layers.linear import check_shape, few_row_matmul
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -46,10 +44,7 @@ class ParallelLMHead(VocabParallelEmbedding):
         self.skinny: tuple[int, int, int] | None = None  # as LinearBase.skinny (the model runner sets both)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor | None:  # type: ignore[override]
-        if self.skinny is not None and hidden.shape[0] <= MAX_ROWS and use_triton(hidden):
-            logits = skinny_matmul(hidden, self.weight, self.skinny)  # 72 against cuBLAS's 84 us at 1 row (H200)
-        else:
-            logits = F.linear(hidden, self.weight)
+        logits = few_row_matmul(hidden, self.weight, self.skinny)  # skinny: 72 against cuBLAS's 84 us at 1 row (H200)
         if self.tp_size == 1:
             return logits
         shards = [torch.empty_like(logits) for _ in range(self.tp_size)] if self.tp_rank == 0 else None

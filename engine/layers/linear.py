@@ -55,9 +55,17 @@ class LinearBase(nn.Module):
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         """x @ weight.T: a few rows through the skinny Triton matmul (kernels/skinny_matmul.py), which reads the
         weight about 1.6x as fast as cuBLAS there on an H200; more rows, or no skinny config, through cuBLAS."""
-        if self.skinny is not None and x.shape[0] <= MAX_ROWS and use_triton(x):
-            return skinny_matmul(x, self.weight, self.skinny)
-        return F.linear(x, self.weight)
+        return few_row_matmul(x, self.weight, self.skinny)
+
+
+def runs_skinny(x: torch.Tensor, skinny: tuple[int, int, int] | None) -> bool:
+    """Whether x's rows go through the skinny matmul with config `skinny` (None: never)."""
+    return skinny is not None and x.shape[0] <= MAX_ROWS and use_triton(x)
+
+
+def few_row_matmul(x: torch.Tensor, weight: torch.Tensor, skinny: tuple[int, int, int] | None) -> torch.Tensor:
+    """x @ weight.T through the skinny matmul where `runs_skinny`, else cuBLAS (the linear layers and the LM head)."""
+    return skinny_matmul(x, weight, skinny) if runs_skinny(x, skinny) else F.linear(x, weight)
 
 
 def check_shape(loaded: torch.Tensor, expected: tuple[int, ...]) -> None:
@@ -100,7 +108,7 @@ class GateUpLinear(MergedColumnParallelLinear):
         super().__init__(input_size, [intermediate_size, intermediate_size], False, tp_rank, tp_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.skinny is not None and x.shape[0] <= MAX_ROWS and use_triton(x):
+        if runs_skinny(x, self.skinny):
             return skinny_matmul(x, self.weight, self.skinny, gated=True)
         gate_up = F.linear(x, self.weight)
         return silu_and_mul(gate_up) if use_triton(x) else silu_and_mul_ref(gate_up)
