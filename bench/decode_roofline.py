@@ -4,7 +4,7 @@ Roofline = (weight bytes + KV bytes read) / measured copy bandwidth: a decode st
 weight once and every cached K/V of every sequence once. Reports the engine's whole step (host
 scheduling, graph replay, sampling, the token read-back) and the graph replay alone.
 
-    python bench/decode_roofline.py [--model DIR]
+    python bench/decode_roofline.py [--model DIR] [--batch-invariant] [--kv-cache-dtype fp8]
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from engine import LLMEngine, SamplingParams
 
 def kv_bytes_per_token(engine: LLMEngine) -> int:
     m = engine.config.model_config
-    return 2 * m.num_hidden_layers * m.num_key_value_heads * m.head_dim * engine.config.dtype.itemsize
+    return 2 * m.num_hidden_layers * m.num_key_value_heads * m.head_dim * engine.config.kv_cache_dtype.itemsize
 
 
 def start_decoding(engine: LLMEngine, batch_size: int, context: int, max_tokens: int) -> list[int]:
@@ -64,12 +64,15 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=32)
     p.add_argument("--batch-invariant", action="store_true", help="the engine's batch-invariant mode")
     p.add_argument("--batches", default="1,8,64,256", help="comma-separated decode batch sizes")
+    p.add_argument("--kv-cache-dtype", default="auto", help="'auto' (the model's dtype) or 'fp8'")
     args = p.parse_args()
     engine = LLMEngine(args.model or random_qwen3_0_6b(), max_model_len=2048, max_num_seqs=256,
-                       max_num_batched_tokens=16384, batch_invariant=args.batch_invariant)
+                       max_num_batched_tokens=16384, batch_invariant=args.batch_invariant,
+                       kv_cache_dtype=args.kv_cache_dtype)
     bandwidth = copy_bandwidth()
     weight_bytes = sum(t.numel() * t.element_size() for t in engine.model_runner.model.parameters())
-    print(f"copy bandwidth {bandwidth / 1e12:.2f} TB/s, weights {weight_bytes / 2**30:.2f} GiB")
+    print(f"copy bandwidth {bandwidth / 1e12:.2f} TB/s, weights {weight_bytes / 2**30:.2f} GiB, "
+          f"KV cache {engine.config.kv_cache_dtype}")
     for batch_size in map(int, args.batches.split(",")):
         step_s, replay_s = measure(engine, batch_size, args.context, args.steps)
         kv_bytes = batch_size * (args.context + args.steps // 2) * kv_bytes_per_token(engine)

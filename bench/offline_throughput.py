@@ -5,7 +5,8 @@ nano-vLLM's workload: 256 requests, prompt and output lengths uniform in [100, 1
 Qwen3-0.6B-shaped model with random bf16 weights. `--hf` also runs the fixed workload (256 x
 512-token prompts, 256 new tokens, greedy) through Hugging Face and through the engine.
 
-    python bench/offline_throughput.py [--model DIR] [--tensor-parallel-size N] [--enforce-eager] [--hf]
+    python bench/offline_throughput.py [--model DIR] [--tensor-parallel-size N] [--enforce-eager] [--kv-cache-dtype fp8]
+                                   [--hf]
 """
 
 from __future__ import annotations
@@ -74,17 +75,19 @@ def main() -> None:
     p.add_argument("--tensor-parallel-size", type=int, default=1, help="GPUs the model is split over")
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
     p.add_argument("--batch-invariant", action="store_true", help="the engine's batch-invariant mode")
+    p.add_argument("--kv-cache-dtype", default="auto", help="'auto' (the model's dtype) or 'fp8'")
     p.add_argument("--hf", action="store_true", help="also run the fixed workload through HF generate and the engine")
     args = p.parse_args()
 
     model_dir = args.model or random_qwen3_0_6b()
     engine = workload_engine(model_dir, max_num_batched_tokens=args.max_num_batched_tokens,
                              enforce_eager=args.enforce_eager, tensor_parallel_size=args.tensor_parallel_size,
-                             batch_invariant=args.batch_invariant)
+                             batch_invariant=args.batch_invariant, kv_cache_dtype=args.kv_cache_dtype)
     prompts, params = nano_vllm_workload(args.num_seqs, seed=0)
     seconds, output_tokens = timed_generate(engine, prompts, params)
     print(f"nano-vLLM workload, TP={args.tensor_parallel_size}"
-          f"{', batch-invariant' if args.batch_invariant else ''}: {len(prompts)} requests, "
+          f"{', batch-invariant' if args.batch_invariant else ''}, KV {engine.config.kv_cache_dtype} "
+          f"({engine.model_runner.num_kv_blocks} blocks): {len(prompts)} requests, "
           f"{sum(map(len, prompts))} prompt + {output_tokens} output tokens "
           f"in {seconds:.2f} s = {output_tokens / seconds:,.0f} output tok/s")
     if args.hf:

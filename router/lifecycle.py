@@ -130,6 +130,7 @@ class Lifecycle:
         await wait_until_placed(handle, self.resources, on_report=lambda: self._mark_late(slot))
         info = await handle.describe()
         self.info = self.info or info
+        self.metrics.describe_replica(slot.name, info)
         slot.handle, slot.kv, slot.next_seq = handle, KVView(), None
         subscribed = asyncio.get_running_loop().create_future()
         slot.tasks = [

@@ -11,7 +11,7 @@ from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-from worker.messages import ReplicaStats
+from worker.messages import EngineInfo, ReplicaStats
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
@@ -40,6 +40,9 @@ class RouterMetrics:
         self.inflight = Gauge("nanoserve_inflight_requests", "Requests the router has in flight", ["replica"],
                               registry=r)
         self.replica_up = Gauge("nanoserve_replica_up", "1 while the replica serves", ["replica"], registry=r)
+        self.replica_info = Gauge("nanoserve_replica_info", "1 per replica, labelled with its weights' and its KV "
+                                  "cache's dtypes (float8_e4m3fn: --kv-cache-dtype fp8)",
+                                  ["replica", "dtype", "kv_cache_dtype"], registry=r)
         self.failovers = Counter("nanoserve_failovers", "Requests moved to another replica after a failure",
                                  registry=r)
         self.failovers_waiting = Gauge("nanoserve_failovers_waiting",
@@ -65,6 +68,9 @@ class RouterMetrics:
         for per_replica in (self.prefix_hit_rate, self.kv_usage, self.queue_depth, self.inflight, self.replica_up):
             per_replica.labels(name).set(0)
         self.replica_restarts.labels(name)
+
+    def describe_replica(self, name: str, info: EngineInfo) -> None:
+        self.replica_info.labels(name, info.dtype, info.kv_cache_dtype).set(1)
 
     def publish_stats(self, stats: ReplicaStats) -> None:
         """A replica's latest load and cache figures."""

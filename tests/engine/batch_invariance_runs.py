@@ -1,11 +1,11 @@
 """The same requests run every way the engine may run them, for tests/engine/test_gpu_batch_invariance.py.
 
-`python -m tests.engine.batch_invariance_runs --model DIR --out FILE [--batch-invariant]` runs, in a process of
-its own (cuBLAS reads its workspace setting once per process), each request alone; then, with their prompts in
-the prefix cache, all of them in one batch, in batches of 5, and resumed from prompt + k of their own tokens;
-then, on fresh engines, in one batch with step budgets of 64, 512 and 16,384 tokens, with a KV cache small
-enough to force preemption, and eagerly instead of through CUDA graphs. It writes every run's token ids and
-logprobs as JSON.
+`python -m tests.engine.batch_invariance_runs --model DIR --out FILE [--batch-invariant] [--kv-cache-dtype fp8]`
+runs, in a process of its own (cuBLAS reads its workspace setting once per process), each request alone; then,
+with their prompts in the prefix cache, all of them in one batch, in batches of 5, and resumed from prompt + k of
+their own tokens; then, on fresh engines, in one batch with step budgets of 64, 512 and 16,384 tokens, with a KV
+cache small enough to force preemption, and eagerly instead of through CUDA graphs. It writes every run's token
+ids and logprobs as JSON.
 """
 
 from __future__ import annotations
@@ -56,8 +56,9 @@ def resumed(engine: LLMEngine, batch: list[tuple[list[int], SamplingParams]], al
     return [outputs[request_id] for request_id in ids]
 
 
-def all_runs(model: Path, batch_invariant: bool) -> dict[str, Any]:
-    base = dict(max_model_len=MAX_PROMPT + NEW_TOKENS + 64, dtype="bfloat16", batch_invariant=batch_invariant)
+def all_runs(model: Path, batch_invariant: bool, kv_cache_dtype: str = "auto") -> dict[str, Any]:
+    base = dict(max_model_len=MAX_PROMPT + NEW_TOKENS + 64, dtype="bfloat16", batch_invariant=batch_invariant,
+                kv_cache_dtype=kv_cache_dtype)
     runs: dict[str, Any] = {}
     with LLMEngine(model, **base) as engine:
         batch = requests(engine.config.model_config.vocab_size)
@@ -85,8 +86,9 @@ def main() -> None:
     p.add_argument("--model", type=Path, required=True)
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--batch-invariant", action="store_true")
+    p.add_argument("--kv-cache-dtype", default="auto")
     args = p.parse_args()
-    args.out.write_text(json.dumps(all_runs(args.model, args.batch_invariant)))
+    args.out.write_text(json.dumps(all_runs(args.model, args.batch_invariant, args.kv_cache_dtype)))
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from kernels.fp8_kv import quantize_ref
 from kernels.rms_norm import rms_norm, rms_norm_ref
 from kernels.rotary_kv_store import rotary_kv_store, rotary_kv_store_ref
 from kernels.silu_and_mul import silu_and_mul, silu_and_mul_ref
@@ -79,9 +80,11 @@ def test_rotary_kv_store(
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_rotary_kv_store_into_an_fp8_cache(dtype: torch.dtype) -> None:
     """Keys and values divided by their head's scale, rounded to e4m3 and clamped into its range (a scale too small
-    for a value must not make it NaN): on a GPU, bitwise as torch rounds them. Triton 3.9's CPU interpreter gets
-    e4m3 wrong (values rounding up to a power of two lose half: -127.99 -> -64; subnormals flush to 0), so there
-    only the queries and the stored slots are checked; the CPU engine stores through the torch reference."""
+    for a value must not make it NaN): on a GPU, bitwise as torch rounds the kernel's own keys and values (those it
+    stores into a cache of the model's dtype; the torch reference's differ from them in float32 summation order).
+    Triton 3.9's CPU interpreter gets e4m3 wrong (values rounding up to a power of two lose half: -127.99 -> -64;
+    subnormals flush to 0), so there only the queries and the stored slots are checked; the CPU engine stores
+    through the torch reference."""
     num_heads, num_kv_heads, head_dim, num_tokens, page = 4, 2, 64, 9, 4
     qkv = randn(num_tokens, (num_heads + 2 * num_kv_heads) * head_dim, dtype=dtype) * 3
     positions = torch.arange(num_tokens, device=DEVICE)
@@ -91,16 +94,19 @@ def test_rotary_kv_store_into_an_fp8_cache(dtype: torch.dtype) -> None:
     weights = (randn(head_dim, dtype=dtype, seed=4), randn(head_dim, dtype=dtype, seed=5))
     scales = (torch.tensor([0.02, 0.05], device=DEVICE), torch.tensor([0.03, 0.004], device=DEVICE))  # v head 1 clamps
     caches = [torch.zeros(4, page, num_kv_heads, head_dim, dtype=torch.float8_e4m3fn, device=DEVICE) for _ in range(4)]
+    unquantised = [torch.zeros(4, page, num_kv_heads, head_dim, dtype=dtype, device=DEVICE) for _ in range(2)]
     args = (qkv, positions, *weights, cos, sin, 1e-6, num_heads, num_kv_heads)
     q = rotary_kv_store(*args, *caches[:2], slots, scales)
     q_ref = rotary_kv_store_ref(*args, *caches[2:], slots, scales)
+    rotary_kv_store(*args, *unquantised, slots)
     assert_matches(q, q_ref)
-    for cache, ref in ((caches[0], caches[2]), (caches[1], caches[3])):
+    for cache, ref, before, scale in zip(caches[:2], caches[2:], unquantised, scales):
         stored = torch.zeros(cache.shape[:2], dtype=torch.bool, device=DEVICE)
         stored.view(-1)[slots] = True
-        assert (cache.float() != 0).any(dim=(2, 3)).eq(stored).all() and not cache.float().isnan().any()
+        for c in (cache, ref):
+            assert (c.float() != 0).any(dim=(2, 3)).eq(stored).all() and not c.float().isnan().any()
         if ON_GPU:
-            assert torch.equal(cache.float(), ref.float())
+            assert torch.equal(cache.float(), quantize_ref(before, scale[:, None]).float())
     assert (caches[3].float().abs() == 448).any(), "the clamped head reached e4m3's top"
 
 

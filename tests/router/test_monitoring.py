@@ -135,6 +135,17 @@ def test_every_replica_is_exported_from_the_start(exported: dict[str, set[str]])
     assert {"replica"} <= exported["nanoserve_replica_restarts_total"]
 
 
+def test_each_replica_reports_its_dtypes(router: RouterThread) -> None:
+    """nanoserve_replica_info carries what GetModelInfo says of the weights' and the KV cache's dtypes."""
+    with router.client() as client:
+        info = client.model_info(timeout=10)
+    labels = [s.labels for f in text_string_to_metric_families(scrape(router)) for s in f.samples
+              if s.name == "nanoserve_replica_info" and s.value == 1]
+    assert sorted(labels, key=lambda x: x["replica"]) == [
+        {"replica": name, "dtype": info.dtype, "kv_cache_dtype": info.kv_cache_dtype}
+        for name in sorted(slot.name for slot in router.router.pool.slots)]
+
+
 def test_prefix_hit_tokens_count_what_the_replicas_served(router: RouterThread) -> None:
     def hit_tokens() -> float:
         [sample] = [s for f in text_string_to_metric_families(scrape(router)) for s in f.samples

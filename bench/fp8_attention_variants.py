@@ -1,0 +1,117 @@
+"""Decode attention over an FP8 KV cache: how to widen e4m3 tiles for the dot, and how many stages to pipeline.
+
+One layer of decode at batch 256 x 1,040 tokens (Qwen3-0.6B's 16 query / 8 KV heads, head_dim 128, 16-token pages,
+scattered blocks), timed for the engine's kernel (bf16 cache, FP8 cache) and for a decode-only copy of its loop in
+four widening modes, each over tile lengths and pipeline stages:
+  0  a bf16 cache, no widening (the baseline: how close a tile loop comes to its bytes)
+  1  e4m3 -> bf16 (`.to`; Hopper converts through float16 and float32)
+  2  e4m3 -> float16 (one cvt per pair); the query clamped into float16, the probabilities float16
+  3  e4m3 bits moved into bf16 bits with integer ops (value x 2^-120; the 2^120 folded into the scales)
+The grid may put KV heads first (`--heads-first`), so a sequence's heads are read together.
+
+    python bench/fp8_attention_variants.py [--heads-first]
+"""
+
+from __future__ import annotations
+
+import argparse
+from functools import partial
+
+import torch
+from common import copy_bandwidth, time_cuda
+
+from kernels.paged_attention import paged_attention
+from kernels.triton_compat import tl, triton
+
+BATCH, CONTEXT, HQ, HKV, HEAD_DIM, PAGE, SCALE = 256, 1040, 16, 8, 128, 16, 0.02
+
+
+@triton.jit
+def _widen(x, dtype, MODE: tl.constexpr):
+    if MODE == 3:
+        x = x.to(tl.int16)
+        return (((x & 0x80) << 8) | ((x & 0x7F) << 4)).to(tl.bfloat16, bitcast=True)
+    else:
+        return x.to(dtype)
+
+
+@triton.jit
+def _decode_kernel(Q, K, V, Out, seq_lens, block_tables, k_scale, v_scale, scale_log2, stride_bt,
+                   GROUP: tl.constexpr, BLOCK_N: tl.constexpr, PAGE: tl.constexpr, HKV: tl.constexpr,
+                   D: tl.constexpr, MODE: tl.constexpr, HEADS_FIRST: tl.constexpr):
+    if HEADS_FIRST:
+        seq, kv_head = tl.program_id(1), tl.program_id(0)
+    else:
+        seq, kv_head = tl.program_id(0), tl.program_id(1)
+    offs_m = tl.arange(0, 16)
+    head = kv_head * GROUP + offs_m % GROUP
+    row_valid = offs_m < GROUP
+    offs_d = tl.arange(0, D)
+    q = tl.load(Q + (seq * HKV * GROUP + head)[:, None] * D + offs_d[None, :], mask=row_valid[:, None], other=0.0)
+    if MODE == 2:
+        q = tl.minimum(tl.maximum(q.to(tl.float32), -65504.0), 65504.0).to(tl.float16)
+    seq_len = tl.load(seq_lens + seq)
+    m_i = tl.full([16], float("-inf"), tl.float32)
+    l_i = tl.zeros([16], tl.float32)
+    acc = tl.zeros([16, D], tl.float32)
+    for start in range(0, seq_len, BLOCK_N):
+        offs_n = start + tl.arange(0, BLOCK_N)
+        n_valid = offs_n < seq_len
+        block_ids = tl.load(block_tables + seq * stride_bt + offs_n // PAGE, mask=n_valid, other=0)
+        rows = (block_ids * PAGE + offs_n % PAGE) * HKV + kv_head
+        k = _widen(tl.load(K + rows[:, None] * D + offs_d[None, :], mask=n_valid[:, None], other=0.0), q.dtype, MODE)
+        v = _widen(tl.load(V + rows[:, None] * D + offs_d[None, :], mask=n_valid[:, None], other=0.0), q.dtype, MODE)
+        s = tl.where(n_valid[None, :], tl.dot(q, tl.trans(k)) * (scale_log2 * k_scale), float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.exp2(s - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+    out = acc * v_scale / l_i[:, None]
+    tl.store(Out + (seq * HKV * GROUP + head)[:, None] * D + offs_d[None, :], out.to(Out.dtype.element_ty),
+             mask=row_valid[:, None])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--heads-first", action="store_true", help="grid (KV heads, sequences) instead of the reverse")
+    args = p.parse_args()
+    bandwidth = copy_bandwidth()
+    g = torch.Generator(device="cuda").manual_seed(0)
+    num_blocks = BATCH * CONTEXT // PAGE
+    k16, v16 = (torch.randn(num_blocks, PAGE, HKV, HEAD_DIM, device="cuda", dtype=torch.bfloat16, generator=g)
+                for _ in range(2))
+    k8, v8 = ((x / SCALE).clamp(-448, 448).to(torch.float8_e4m3fn) for x in (k16, v16))
+    q = torch.randn(BATCH, HQ, HEAD_DIM, device="cuda", dtype=torch.bfloat16, generator=g)
+    block_tables = torch.randperm(num_blocks, device="cuda", generator=g).int().view(BATCH, -1)
+    seq_lens = torch.full((BATCH,), CONTEXT, dtype=torch.int32, device="cuda")
+    starts = torch.arange(BATCH + 1, dtype=torch.int32, device="cuda")
+    out = torch.empty_like(q)
+    scales = (torch.full((HKV,), SCALE, device="cuda"), torch.full((HKV,), SCALE, device="cuda"))
+    reference = {}
+    for name, (k, v, kv_scales) in {"bf16": (k16, v16, None), "fp8": (k8, v8, scales)}.items():
+        t = time_cuda(partial(paged_attention, q, k, v, starts, seq_lens, block_tables, HEAD_DIM**-0.5, 1, out=out,
+                              kv_scales=kv_scales), iters=50)
+        reference[name] = out.clone()
+        roofline = 2 * k.numel() * k.element_size() / bandwidth
+        print(f"engine kernel, {name} cache: {t * 1e6:.1f} us ({t / roofline:.2f}x its bytes)")
+    grid = (HKV, BATCH) if args.heads_first else (BATCH, HKV)
+    for mode in range(4):
+        k, v = (k16, v16) if mode == 0 else (k8.view(torch.uint8), v8.view(torch.uint8)) if mode == 3 else (k8, v8)
+        scale = 1.0 if mode == 0 else SCALE * (2.0**120 if mode == 3 else 1.0)
+        for block_n in (64, 128):
+            for stages in (1, 2, 3):
+                launch = partial(_decode_kernel[grid], q, k, v, out, seq_lens, block_tables, scale, scale,
+                                 HEAD_DIM**-0.5 * 1.4426950408889634, block_tables.stride(0), GROUP=HQ // HKV,
+                                 BLOCK_N=block_n, PAGE=PAGE, HKV=HKV, D=HEAD_DIM, MODE=mode,
+                                 HEADS_FIRST=args.heads_first, num_stages=stages)
+                t = time_cuda(launch, iters=30)
+                error = (out.float() - reference["bf16" if mode == 0 else "fp8"].float()).abs().max().item()
+                print(f"mode {mode}, {block_n}-key tiles, {stages} stages: {t * 1e6:.1f} us "
+                      f"({t * bandwidth / (2 * k.numel() * k.element_size()):.2f}x its bytes), "
+                      f"max difference from the engine's kernel {error:.2g}")
+
+
+if __name__ == "__main__":
+    main()
