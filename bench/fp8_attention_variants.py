@@ -7,9 +7,11 @@ four widening modes, each over tile lengths and pipeline stages:
   1  e4m3 -> bf16 (`.to`; Hopper converts through float16 and float32)
   2  e4m3 -> float16 (one cvt per pair); the query clamped into float16, the probabilities float16
   3  e4m3 bits moved into bf16 bits with integer ops (value x 2^-120; the 2^120 folded into the scales)
-The grid may put KV heads first (`--heads-first`), so a sequence's heads are read together.
+The grid may put KV heads first (`--heads-first`), so a sequence's heads are read together. The FP8 modes may read
+values stored along each block's tokens (`--values-along-keys`, the engine's FP8 layout since session 14:
+kernels/fp8_kv.py) instead of [blocks, tokens, KV heads, D].
 
-    python bench/fp8_attention_variants.py [--heads-first]
+    python bench/fp8_attention_variants.py [--heads-first] [--values-along-keys]
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ def _widen(x, dtype, MODE: tl.constexpr):
 @triton.jit
 def _decode_kernel(Q, K, V, Out, seq_lens, block_tables, k_scale, v_scale, scale_log2, stride_bt,
                    GROUP: tl.constexpr, BLOCK_N: tl.constexpr, PAGE: tl.constexpr, HKV: tl.constexpr,
-                   D: tl.constexpr, MODE: tl.constexpr, HEADS_FIRST: tl.constexpr):
+                   D: tl.constexpr, MODE: tl.constexpr, HEADS_FIRST: tl.constexpr, V_T: tl.constexpr):
     if HEADS_FIRST:
         seq, kv_head = tl.program_id(1), tl.program_id(0)
     else:
@@ -60,7 +62,16 @@ def _decode_kernel(Q, K, V, Out, seq_lens, block_tables, k_scale, v_scale, scale
         block_ids = tl.load(block_tables + seq * stride_bt + offs_n // PAGE, mask=n_valid, other=0)
         rows = (block_ids * PAGE + offs_n % PAGE) * HKV + kv_head
         k = _widen(tl.load(K + rows[:, None] * D + offs_d[None, :], mask=n_valid[:, None], other=0.0), q.dtype, MODE)
-        v = _widen(tl.load(V + rows[:, None] * D + offs_d[None, :], mask=n_valid[:, None], other=0.0), q.dtype, MODE)
+        if V_T:  # V stored [blocks, KV heads, D, PAGE]: a tile's rows run along the keys, PAGE bytes at a time
+            pages = start // PAGE + tl.arange(0, BLOCK_N // PAGE)
+            page_ids = tl.load(block_tables + seq * stride_bt + pages, mask=pages * PAGE < seq_len, other=0)
+            in_page = tl.arange(0, PAGE)
+            v_t = tl.load(V + offs_d[:, None, None] * PAGE + ((page_ids * HKV + kv_head) * D * PAGE)[None, :, None]
+                          + in_page[None, None, :], mask=(pages * PAGE < seq_len)[None, :, None], other=0.0)
+            v = tl.trans(_widen(tl.reshape(v_t, (D, BLOCK_N)), q.dtype, MODE))
+        else:
+            v = _widen(tl.load(V + rows[:, None] * D + offs_d[None, :], mask=n_valid[:, None], other=0.0), q.dtype,
+                       MODE)
         s = tl.where(n_valid[None, :], tl.dot(q, tl.trans(k)) * (scale_log2 * k_scale), float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         p = tl.exp2(s - m_new[:, None])
@@ -76,6 +87,7 @@ def _decode_kernel(Q, K, V, Out, seq_lens, block_tables, k_scale, v_scale, scale
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--heads-first", action="store_true", help="grid (KV heads, sequences) instead of the reverse")
+    p.add_argument("--values-along-keys", action="store_true", help="FP8 values as [blocks, KV heads, D, tokens]")
     args = p.parse_args()
     bandwidth = copy_bandwidth()
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -83,6 +95,7 @@ def main() -> None:
     k16, v16 = (torch.randn(num_blocks, PAGE, HKV, HEAD_DIM, device="cuda", dtype=torch.bfloat16, generator=g)
                 for _ in range(2))
     k8, v8 = ((x / SCALE).clamp(-448, 448).to(torch.float8_e4m3fn) for x in (k16, v16))
+    v8_along_keys = v8.permute(0, 2, 3, 1).contiguous()  # the engine's FP8 layout
     q = torch.randn(BATCH, HQ, HEAD_DIM, device="cuda", dtype=torch.bfloat16, generator=g)
     block_tables = torch.randperm(num_blocks, device="cuda", generator=g).int().view(BATCH, -1)
     seq_lens = torch.full((BATCH,), CONTEXT, dtype=torch.int32, device="cuda")
@@ -90,7 +103,7 @@ def main() -> None:
     out = torch.empty_like(q)
     scales = (torch.full((HKV,), SCALE, device="cuda"), torch.full((HKV,), SCALE, device="cuda"))
     reference = {}
-    for name, (k, v, kv_scales) in {"bf16": (k16, v16, None), "fp8": (k8, v8, scales)}.items():
+    for name, (k, v, kv_scales) in {"bf16": (k16, v16, None), "fp8": (k8, v8_along_keys, scales)}.items():
         t = time_cuda(partial(paged_attention, q, k, v, starts, seq_lens, block_tables, HEAD_DIM**-0.5, 1, out=out,
                               kv_scales=kv_scales), iters=50)
         reference[name] = out.clone()
@@ -98,14 +111,17 @@ def main() -> None:
         print(f"engine kernel, {name} cache: {t * 1e6:.1f} us ({t / roofline:.2f}x its bytes)")
     grid = (HKV, BATCH) if args.heads_first else (BATCH, HKV)
     for mode in range(4):
-        k, v = (k16, v16) if mode == 0 else (k8.view(torch.uint8), v8.view(torch.uint8)) if mode == 3 else (k8, v8)
+        along_keys = args.values_along_keys and mode > 0
+        k, v = (k16, v16) if mode == 0 else (k8, v8_along_keys if along_keys else v8)
+        if mode == 3:
+            k, v = k.view(torch.uint8), v.view(torch.uint8)
         scale = 1.0 if mode == 0 else SCALE * (2.0**120 if mode == 3 else 1.0)
         for block_n in (64, 128):
             for stages in (1, 2, 3):
                 launch = partial(_decode_kernel[grid], q, k, v, out, seq_lens, block_tables, scale, scale,
                                  HEAD_DIM**-0.5 * 1.4426950408889634, block_tables.stride(0), GROUP=HQ // HKV,
                                  BLOCK_N=block_n, PAGE=PAGE, HKV=HKV, D=HEAD_DIM, MODE=mode,
-                                 HEADS_FIRST=args.heads_first, num_stages=stages)
+                                 HEADS_FIRST=args.heads_first, V_T=along_keys, num_stages=stages)
                 t = time_cuda(launch, iters=30)
                 error = (out.float() - reference["bf16" if mode == 0 else "fp8"].float()).abs().max().item()
                 print(f"mode {mode}, {block_n}-key tiles, {stages} stages: {t * 1e6:.1f} us "
