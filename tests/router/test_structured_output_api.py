@@ -19,7 +19,7 @@ import pytest
 from engine.default_model import default_model_dir
 from proto import nanoserve_pb2 as pb
 from proto import nanoserve_pb2_grpc as pb_grpc
-from tests.router.test_http_api import post
+from tests.router.http_api.calls import post
 from tests.serving import RouterThread
 
 SCHEMA: dict[str, Any] = {
