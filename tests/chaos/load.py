@@ -50,10 +50,11 @@ def mixed_requests(n: int, seed: int, max_tokens: int = 60, prompt_len: tuple[in
     return requests
 
 
-def expected_outputs(model_dir: Path, requests: list[Request]) -> list[list[int]]:
+def expected_outputs(model_dir: Path, requests: list[Request], engine_kwargs: dict[str, Any] | None = None
+                     ) -> list[list[int]]:
     """Each request's tokens on an undisturbed engine (independent of the batch around it: fp32 on the CPU, the
-    batch-invariant mode on a GPU)."""
-    with LLMEngine(model_dir, **ENGINE_KWARGS) as engine:  # closed: on a GPU its memory goes at once
+    batch-invariant mode on a GPU), built with `engine_kwargs` (the replicas' own; ENGINE_KWARGS by default)."""
+    with LLMEngine(model_dir, **(engine_kwargs or ENGINE_KWARGS)) as engine:  # closed: on a GPU its memory goes now
         results = engine.generate([r.prompt for r in requests], [SamplingParams(**r.params) for r in requests],
                                   use_tqdm=False)
     return [r["token_ids"] for r in results]  # type: ignore[index]

@@ -25,7 +25,7 @@ from tests.chaos.load import (
     wait_for,
 )
 from tests.faults import hang_step_loop
-from tests.serving import RouterThread, handle_of
+from tests.serving import ENGINE_KWARGS, RouterThread, handle_of
 
 
 def actor_call(router: RouterThread, name: str, fn: Callable) -> object:
@@ -41,11 +41,14 @@ def all_serving(router: RouterThread) -> bool:
     return all(slot.state == "serving" for slot in router.router.pool.slots)
 
 
-@pytest.mark.parametrize("how", ["ray.kill", "SIGKILL"])
-def test_replica_killed_mid_stream(start_router: Callable[..., RouterThread], model_dir: Path, how: str) -> None:
-    router = start_router(num_replicas=2, policy="least-load")
+@pytest.mark.parametrize(("how", "kv_cache_dtype"), [("ray.kill", "auto"), ("SIGKILL", "auto"), ("ray.kill", "fp8")])
+def test_replica_killed_mid_stream(start_router: Callable[..., RouterThread], model_dir: Path, how: str,
+                                   kv_cache_dtype: str) -> None:
+    """Also with an FP8 KV cache: a stream resumed on another replica re-quantises its tokens there, alike."""
+    engine_kwargs = {**ENGINE_KWARGS, "kv_cache_dtype": kv_cache_dtype}
+    router = start_router(num_replicas=2, policy="least-load", engine_kwargs=engine_kwargs)
     requests = mixed_requests(48, seed=1, max_tokens=80)
-    expected = expected_outputs(model_dir, requests)
+    expected = expected_outputs(model_dir, requests, engine_kwargs)
     load = Load(router, requests, concurrency=32)
     load.wait_until_streaming(fraction=0.5)
     victim = busiest_replica(router)
