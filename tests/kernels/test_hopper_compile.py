@@ -101,6 +101,16 @@ def _variants() -> list[tuple[object, dict[str, str], dict[str, object]]]:
     return variants
 
 
+def _runtime_divisibility(kernel: object, signature: dict[str, str]) -> dict[tuple[int, ...], list]:
+    """What Triton learns at launch on a GPU, marked here too so the variant compiled is the one that runs (its
+    loads vectorised and pipelined, which the GPU compiler may reject where the plain variant passes): tensors
+    start 16-byte aligned, and the strides it specialises on are multiples of 16 for the engine's shapes."""
+    names = kernel.arg_names  # type: ignore[attr-defined]
+    unspecialised = {names[i] if isinstance(i, int) else i for i in kernel.do_not_specialize}  # type: ignore[attr-defined]
+    return {(i,): [["tt.divisibility", 16]] for i, (name, kind) in enumerate(signature.items())
+            if kind.startswith("*") or (name.startswith("stride") and name not in unspecialised)}
+
+
 def compile_all() -> None:
     assert HAS_TRITON, "Triton is not imported here: set TRITON_INTERPRET=0 (or run on a GPU)"
     import triton
@@ -114,7 +124,8 @@ def compile_all() -> None:
         full = {name: signature.get(name, "constexpr") for name in names}
         missing = [n for n in names if n not in signature and n not in constexprs]
         assert not missing, f"{kernel.__name__}: no type for {missing}"  # type: ignore[attr-defined]
-        triton.compile(ASTSource(kernel, full, constexprs=constexprs), target=target)
+        triton.compile(ASTSource(kernel, full, constexprs=constexprs, attrs=_runtime_divisibility(kernel, full)),
+                       target=target)
     print(f"compiled {len(variants)} kernel variants for sm_90")
 
 
