@@ -11,6 +11,7 @@ import argparse
 import json
 import re
 import sys
+from collections import defaultdict
 from collections.abc import AsyncIterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from types import ModuleType, TracebackType
@@ -289,8 +290,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--api-key-file", type=Path, help="file holding the API key, sent as 'authorization: Bearer <key>'"
     )
     parser.add_argument("-n", "--n", type=int, metavar="N", help="how many answers (choices) to generate for the "
-                        "prompt (default: 1); with N > 1 each is printed whole once all have finished, under a "
-                        "'--- choice I: FINISH_REASON ---' line, by index")
+                        "prompt (default: 1); with N > 1 each is printed whole as soon as it finishes, under a "
+                        "'--- choice I: FINISH_REASON ---' line")
     parser.add_argument("--tool", action="append", metavar="JSON|FILE", help="a function the model may call (with "
                         "--chat): OpenAI's tool JSON, {\"type\": \"function\", \"function\": {\"name\": ..., "
                         "\"description\": ..., \"parameters\": {JSON Schema}}}, or the function object alone, or "
@@ -367,11 +368,22 @@ def stream_to_stdout(chunks: Iterator[pb.GenerateResponse]) -> pb.GenerateRespon
     return last
 
 
-def print_choices(answer: pb.CompleteResponse) -> None:
-    """Each choice whole, by index, under a line naming it and its finish reason, its tool calls after its text."""
-    for choice in choices_of(answer):
-        sys.stdout.write(f"--- choice {choice.index}: {finish_name(choice.finish_reason)} ---\n{choice.text}\n")
-        write_calls(choice.tool_calls)
+def print_choices_as_they_finish(chunks: Iterator[pb.GenerateResponse]) -> pb.GenerateResponse:
+    """n > 1: the choices' chunks interleave, so each choice is gathered and printed whole as soon as its last chunk
+    arrives, under a line naming it and its finish reason, its tool calls after its text; returns the stream's
+    last chunk (the one with usage)."""
+    texts: dict[int, list[str]] = defaultdict(list)
+    calls: dict[int, list[pb.ToolCall]] = defaultdict(list)
+    last = pb.GenerateResponse()
+    for last in chunks:
+        texts[last.index].append(last.text)
+        calls[last.index] += last.tool_calls
+        if last.finish_reason:
+            text = "".join(texts.pop(last.index))
+            sys.stdout.write(f"--- choice {last.index}: {finish_name(last.finish_reason)} ---\n{text}\n")
+            write_calls(calls.pop(last.index))
+            sys.stdout.flush()
+    return last
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -390,11 +402,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     asked = dict(timeout=args.timeout, tools=tools, tool_choice=cli_tool_choice(args.tool_choice), **sampling)
     try:
         with Client(args.target, api_key=api_key) as client:
-            if args.n is not None and args.n > 1:  # interleaved chunks would mix the choices' text
-                last: pb.GenerateResponse | pb.CompleteResponse = client.complete(prompt, **asked)
-                print_choices(last)
-            else:
-                last = stream_to_stdout(client.generate(prompt, **asked))
+            chunks = client.generate(prompt, **asked)
+            several = args.n is not None and args.n > 1  # their chunks interleave: streamed, they would mix
+            last = print_choices_as_they_finish(chunks) if several else stream_to_stdout(chunks)
     except grpc.RpcError as error:
         sys.stderr.write(f"error: {error.code().name}: {error.details()}\n")
         return 1

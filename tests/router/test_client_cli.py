@@ -7,13 +7,14 @@ import json
 import socket
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
 import pytest
 
 from proto import nanoserve_pb2 as pb
-from router.client import main
+from router.client import main, print_choices_as_they_finish
 from tests.router.fake_server import FakeServer
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -65,7 +66,23 @@ def test_cli_chat_flag_sends_one_user_message(fake: FakeServer, capsys: pytest.C
     assert request is not None and not request.HasField("params")
 
 
-def test_cli_n_prints_each_choice_by_index(fake: FakeServer, capsys: pytest.CaptureFixture[str]) -> None:
+def test_each_choice_is_printed_whole_as_soon_as_it_finishes(capsys: pytest.CaptureFixture[str]) -> None:
+    """Interleaved chunks of two choices, choice 1 finishing first: it is on stdout before the stream goes on."""
+    seen_before_the_last_chunk = []
+
+    def chunks() -> Iterator[pb.GenerateResponse]:
+        yield pb.GenerateResponse(text="a", index=0)
+        yield pb.GenerateResponse(text="x", index=1, tool_calls=[pb.ToolCall(name="f", arguments="{}")])
+        yield pb.GenerateResponse(text="y", index=1, finish_reason=pb.FINISH_REASON_LENGTH)
+        seen_before_the_last_chunk.append(capsys.readouterr().out)
+        yield pb.GenerateResponse(text="b", index=0, finish_reason=pb.FINISH_REASON_STOP, replica="r0")
+
+    last = print_choices_as_they_finish(chunks())
+    assert seen_before_the_last_chunk == ["--- choice 1: length ---\nxy\ntool call: f {}\n"]
+    assert capsys.readouterr().out == "--- choice 0: stop ---\nab\n" and last.replica == "r0"
+
+
+def test_cli_n_prints_each_choice_under_a_line(fake: FakeServer, capsys: pytest.CaptureFixture[str]) -> None:
     """Each choice whole under a line naming it (the control: one choice streams as ever, with no such line)."""
     assert main(["a b c", "--target", fake.address, "-n", "2", "--max-tokens", "2"]) == 0
     out, err = capsys.readouterr()
