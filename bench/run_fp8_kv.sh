@@ -21,7 +21,8 @@ for kv in auto fp8; do
   timeout -k 10 90 python3 bench/decode_roofline.py --kv-cache-dtype $kv 2>&1 | tail -5 | tee -a "$out/decode.txt"
 done
 timeout -k 10 200 python3 -m pytest -q -rf -p no:cacheprovider tests/kernels/test_paged_attention.py \
-  tests/kernels/test_fused_ops.py -k "attention or fp8" 2>&1 | tail -8 | tee "$out/kernel_tests.txt"
+  tests/kernels/test_fused_ops.py tests/engine/test_gpu_runner.py -k "attention or fp8" 2>&1 | tail -8 \
+  | tee "$out/kernel_tests.txt"
 model=$(python3 -c "import sys; sys.path.insert(0, 'bench'); from common import random_qwen3_0_6b; print(random_qwen3_0_6b())")
 timeout -k 10 150 python3 -m tests.engine.batch_invariance_runs --model "$model" --out "$out/identity_fp8.json" \
   --batch-invariant --kv-cache-dtype fp8 \

@@ -40,7 +40,8 @@ def free_gpu_memory() -> None:
     torch.cuda.empty_cache()
 
 
-def test_bf16_cuda_graphs_equal_eager(tmp_path: Path) -> None:
+@pytest.mark.parametrize("kv_cache_dtype", ["auto", "fp8"])
+def test_bf16_cuda_graphs_equal_eager(tmp_path: Path, kv_cache_dtype: str) -> None:
     model_dir = write_random_qwen3(tmp_path / "qwen3-0.6b", QWEN3_0_6B, dtype=torch.bfloat16)
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(0, 10000, (n,), generator=g).tolist() for n in (5, 100, 300, 700, 17, 1000)]
@@ -48,7 +49,7 @@ def test_bf16_cuda_graphs_equal_eager(tmp_path: Path) -> None:
     outputs = []
     for enforce_eager in (True, False):
         engine = LLMEngine(model_dir, max_model_len=2048, max_num_seqs=16, enforce_eager=enforce_eager,
-                           gpu_memory_utilization=0.5)
+                           gpu_memory_utilization=0.5, kv_cache_dtype=kv_cache_dtype)
         outputs.append([r["token_ids"] for r in engine.generate(prompts, params, use_tqdm=False)])
         del engine
         free_gpu_memory()
