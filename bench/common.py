@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import argparse
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -22,6 +24,17 @@ def random_qwen3_0_6b() -> Path:
     if not (path / "config.json").is_file():
         write_random_qwen3(path, QWEN3_0_6B, dtype=torch.bfloat16)
     return path
+
+
+def add_numerics_flags(parser: argparse.ArgumentParser) -> None:
+    """The engine options that benchmarks compare runs across: the batch-invariant mode and the KV cache's dtype."""
+    parser.add_argument("--batch-invariant", action="store_true", help="the engine's batch-invariant mode")
+    parser.add_argument("--kv-cache-dtype", default="auto", help="'auto' (the model's dtype) or 'fp8'")
+
+
+def numerics_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """LLMEngine's keyword arguments for the flags of `add_numerics_flags`."""
+    return dict(batch_invariant=args.batch_invariant, kv_cache_dtype=args.kv_cache_dtype)
 
 
 def timed(totals: dict[str, float], name: str, fn: Callable) -> Callable:

@@ -14,7 +14,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
-from common import random_qwen3_0_6b, time_cuda
+from common import add_numerics_flags, numerics_kwargs, random_qwen3_0_6b, time_cuda
 from decode_roofline import start_decoding
 from torch.profiler import ProfilerActivity, profile
 
@@ -54,10 +54,10 @@ def main() -> None:
     p.add_argument("--model", type=Path)
     p.add_argument("--batches", default="1,8,64")
     p.add_argument("--context", type=int, default=1024)
-    p.add_argument("--batch-invariant", action="store_true", help="the engine's batch-invariant mode")
+    add_numerics_flags(p)
     args = p.parse_args()
     engine = LLMEngine(args.model or random_qwen3_0_6b(), max_model_len=2048, max_num_seqs=256,
-                       max_num_batched_tokens=16384, batch_invariant=args.batch_invariant)
+                       max_num_batched_tokens=16384, **numerics_kwargs(args))
     for batch_size in map(int, args.batches.split(",")):
         profile_replay(engine, batch_size, args.context)
 

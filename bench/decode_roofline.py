@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import copy_bandwidth, random_qwen3_0_6b, time_cuda
+from common import add_numerics_flags, copy_bandwidth, numerics_kwargs, random_qwen3_0_6b, time_cuda
 
 from engine import LLMEngine, SamplingParams
 
@@ -62,13 +62,11 @@ def main() -> None:
     p.add_argument("--model", type=Path)
     p.add_argument("--context", type=int, default=1024)
     p.add_argument("--steps", type=int, default=32)
-    p.add_argument("--batch-invariant", action="store_true", help="the engine's batch-invariant mode")
     p.add_argument("--batches", default="1,8,64,256", help="comma-separated decode batch sizes")
-    p.add_argument("--kv-cache-dtype", default="auto", help="'auto' (the model's dtype) or 'fp8'")
+    add_numerics_flags(p)
     args = p.parse_args()
     engine = LLMEngine(args.model or random_qwen3_0_6b(), max_model_len=2048, max_num_seqs=256,
-                       max_num_batched_tokens=16384, batch_invariant=args.batch_invariant,
-                       kv_cache_dtype=args.kv_cache_dtype)
+                       max_num_batched_tokens=16384, **numerics_kwargs(args))
     bandwidth = copy_bandwidth()
     weight_bytes = sum(t.numel() * t.element_size() for t in engine.model_runner.model.parameters())
     print(f"copy bandwidth {bandwidth / 1e12:.2f} TB/s, weights {weight_bytes / 2**30:.2f} GiB, "

@@ -17,6 +17,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
+from common import add_numerics_flags, numerics_kwargs
 from offline_throughput import nano_vllm_workload, workload_engine
 from torch.profiler import ProfilerActivity, profile
 
@@ -63,9 +64,10 @@ def main() -> None:
     p.add_argument("--model", type=Path, help="checkpoint dir (default: random Qwen3-0.6B shape, bf16)")
     p.add_argument("--batches", default="256,128,48", help="decode batch sizes to profile, largest first")
     p.add_argument("--trace-dir", type=Path, help="also write each window's Chrome trace here")
+    add_numerics_flags(p)
     args = p.parse_args()
 
-    engine = workload_engine(args.model)
+    engine = workload_engine(args.model, **numerics_kwargs(args))
     for prompt, params in zip(*nano_vllm_workload(256, seed=0)):
         engine.add_request(prompt, params)
     engine.step()  # launches the first prefill step; the two profiled calls launch and run the next two

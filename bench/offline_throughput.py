@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from common import random_qwen3_0_6b
+from common import add_numerics_flags, numerics_kwargs, random_qwen3_0_6b
 
 from engine import LLMEngine, SamplingParams
 
@@ -74,15 +74,14 @@ def main() -> None:
     p.add_argument("--max-num-batched-tokens", type=int, default=16384)
     p.add_argument("--tensor-parallel-size", type=int, default=1, help="GPUs the model is split over")
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
-    p.add_argument("--batch-invariant", action="store_true", help="the engine's batch-invariant mode")
-    p.add_argument("--kv-cache-dtype", default="auto", help="'auto' (the model's dtype) or 'fp8'")
+    add_numerics_flags(p)
     p.add_argument("--hf", action="store_true", help="also run the fixed workload through HF generate and the engine")
     args = p.parse_args()
 
     model_dir = args.model or random_qwen3_0_6b()
     engine = workload_engine(model_dir, max_num_batched_tokens=args.max_num_batched_tokens,
                              enforce_eager=args.enforce_eager, tensor_parallel_size=args.tensor_parallel_size,
-                             batch_invariant=args.batch_invariant, kv_cache_dtype=args.kv_cache_dtype)
+                             **numerics_kwargs(args))
     prompts, params = nano_vllm_workload(args.num_seqs, seed=0)
     seconds, output_tokens = timed_generate(engine, prompts, params)
     print(f"nano-vLLM workload, TP={args.tensor_parallel_size}"

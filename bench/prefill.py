@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import bf16_matmul_peak, random_qwen3_0_6b
+from common import add_numerics_flags, bf16_matmul_peak, numerics_kwargs, random_qwen3_0_6b
 
 from engine import LLMEngine, SamplingParams
 
@@ -32,10 +32,10 @@ def main() -> None:
     p.add_argument("--num-prompts", type=int, default=16)
     p.add_argument("--prompt-len", type=int, default=2048)
     p.add_argument("--max-num-batched-tokens", type=int, default=16384)
-    p.add_argument("--batch-invariant", action="store_true", help="the engine's batch-invariant mode")
+    add_numerics_flags(p)
     args = p.parse_args()
     engine = LLMEngine(args.model or random_qwen3_0_6b(), max_model_len=4096,
-                       max_num_batched_tokens=args.max_num_batched_tokens, batch_invariant=args.batch_invariant)
+                       max_num_batched_tokens=args.max_num_batched_tokens, **numerics_kwargs(args))
     g = torch.Generator().manual_seed(0)
     params = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
     for _ in range(2):  # the first run compiles kernels

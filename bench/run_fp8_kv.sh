@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The FP8 KV cache on one GPU, in one device call (issue 20), each step under `timeout -k`: how the decode loop's
-# widening and value layout cost (bench/fp8_attention_variants.py), nano-vLLM's workload and decode steps with the
-# model's KV cache and with FP8 side by side, the kernel tests (paged attention, the FP8 store), the 64-request
+# widening and value layout cost (bench/fp8_attention_variants.py), nano-vLLM's workload, decode steps and prefill with
+# the model's KV cache and with FP8 side by side, the kernel tests (paged attention, the FP8 store), the 64-request
 # identity in the batch-invariant mode with FP8, and FP8's accuracy against float32. Logs go to $OUT (or
 # ./bench-out). About 8 minutes. On the device machine, from the repo root, carrying .whl (bench/NOTES.md):
 #   timeout -k 10 590 bash bench/run_fp8_kv.sh
@@ -19,6 +19,7 @@ for kv in auto fp8; do
   timeout -k 10 90 python3 bench/offline_throughput.py --kv-cache-dtype $kv 2>&1 | grep -v Warning | tail -1 \
     | tee -a "$out/offline.txt"
   timeout -k 10 90 python3 bench/decode_roofline.py --kv-cache-dtype $kv 2>&1 | tail -5 | tee -a "$out/decode.txt"
+  timeout -k 10 60 python3 bench/prefill.py --kv-cache-dtype $kv 2>&1 | tail -1 | tee -a "$out/prefill.txt"
 done
 timeout -k 10 200 python3 -m pytest -q -rf -p no:cacheprovider tests/kernels/test_paged_attention.py \
   tests/kernels/test_fused_ops.py tests/engine/test_gpu_runner.py -k "attention or fp8" 2>&1 | tail -8 \
