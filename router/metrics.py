@@ -35,6 +35,8 @@ class RouterMetrics:
                                      "Prompt tokens served by the prefix cache / prompt tokens, since start",
                                      ["replica"], registry=r)
         self.kv_usage = Gauge("nanoserve_kv_cache_usage", "Fraction of KV blocks in use", ["replica"], registry=r)
+        self.kv_blocks = Gauge("nanoserve_kv_cache_blocks", "KV blocks the replica's cache holds (an FP8 cache holds "
+                               "twice a bf16 one's from the same memory)", ["replica"], registry=r)
         self.queue_depth = Gauge("nanoserve_queue_depth", "Requests waiting in the replica's engine", ["replica"],
                                  registry=r)
         self.inflight = Gauge("nanoserve_inflight_requests", "Requests the router has in flight", ["replica"],
@@ -65,12 +67,15 @@ class RouterMetrics:
     def add_replica(self, name: str) -> None:
         """Export the replica's series at 0 from the start: dashboards list it before its first stats, and
         increase() sees its first restart (a series that appears at 1 shows no increase)."""
-        for per_replica in (self.prefix_hit_rate, self.kv_usage, self.queue_depth, self.inflight, self.replica_up):
+        for per_replica in (self.prefix_hit_rate, self.kv_usage, self.kv_blocks, self.queue_depth, self.inflight,
+                            self.replica_up):
             per_replica.labels(name).set(0)
         self.replica_restarts.labels(name)
 
     def describe_replica(self, name: str, info: EngineInfo) -> None:
+        """What a replica's engine is, once it serves: its dtypes and its KV cache's size."""
         self.replica_info.labels(name, info.dtype, info.kv_cache_dtype).set(1)
+        self.kv_blocks.labels(name).set(info.num_kv_blocks)
 
     def publish_stats(self, stats: ReplicaStats) -> None:
         """A replica's latest load and cache figures."""

@@ -17,7 +17,7 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.serving import RouterThread, greedy
+from tests.serving import ENGINE_KWARGS, RouterThread, greedy
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 DASHBOARD = DEPLOY / "grafana" / "nanoserve.json"
@@ -135,15 +135,18 @@ def test_every_replica_is_exported_from_the_start(exported: dict[str, set[str]])
     assert {"replica"} <= exported["nanoserve_replica_restarts_total"]
 
 
-def test_each_replica_reports_its_dtypes(router: RouterThread) -> None:
-    """nanoserve_replica_info carries what GetModelInfo says of the weights' and the KV cache's dtypes."""
+def test_each_replica_reports_its_dtypes_and_kv_cache_size(router: RouterThread) -> None:
+    """nanoserve_replica_info carries what GetModelInfo says of the weights' and the KV cache's dtypes, and
+    nanoserve_kv_cache_blocks the cache's size in blocks."""
     with router.client() as client:
         info = client.model_info(timeout=10)
-    labels = [s.labels for f in text_string_to_metric_families(scrape(router)) for s in f.samples
-              if s.name == "nanoserve_replica_info" and s.value == 1]
+    samples = [s for f in text_string_to_metric_families(scrape(router)) for s in f.samples]
+    names = sorted(slot.name for slot in router.router.pool.slots)
+    labels = [s.labels for s in samples if s.name == "nanoserve_replica_info" and s.value == 1]
     assert sorted(labels, key=lambda x: x["replica"]) == [
-        {"replica": name, "dtype": info.dtype, "kv_cache_dtype": info.kv_cache_dtype}
-        for name in sorted(slot.name for slot in router.router.pool.slots)]
+        {"replica": name, "dtype": info.dtype, "kv_cache_dtype": info.kv_cache_dtype} for name in names]
+    blocks = {s.labels["replica"]: s.value for s in samples if s.name == "nanoserve_kv_cache_blocks"}
+    assert blocks == dict.fromkeys(names, ENGINE_KWARGS["num_kv_blocks"])  # the cache the test engines are given
 
 
 def test_prefix_hit_tokens_count_what_the_replicas_served(router: RouterThread) -> None:
