@@ -1,5 +1,5 @@
-"""What the HTTP API tests send: a prompt as token ids, a chat, greedy settings, and a raw POST for bodies the
-`openai` client would not send."""
+"""What the HTTP API tests send: a prompt as token ids, a chat, greedy settings, a raw POST for bodies the
+`openai` client would not send, and the same request through gRPC (the answer HTTP's must equal)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from typing import Any
 
 from openai.types.chat import ChatCompletionMessageParam
 
+from proto import nanoserve_pb2 as pb
 from tests.serving import RouterThread
 
 PROMPT = [9707, 11, 1246, 525, 498, 30]  # "Hello, how are you?"
@@ -27,3 +28,8 @@ def post(router: RouterThread, path: str, body: bytes) -> tuple[int, dict[str, A
             return answer.status, json.loads(answer.read())
     except urllib.error.HTTPError as e:
         return e.code, json.loads(e.read())
+
+
+def grpc_complete(router: RouterThread, prompt: Any, **params: Any) -> pb.CompleteResponse:
+    with router.client() as grpc_client:
+        return grpc_client.complete(prompt, timeout=120, **params)

@@ -21,7 +21,7 @@ def router(start_module_router: Callable[..., RouterThread]) -> RouterThread:
 def client(router: RouterThread) -> Iterator[openai.OpenAI]:
     # No retries: a 429 or 503 must reach the test as it was answered.
     with openai.OpenAI(base_url=f"http://127.0.0.1:{router.router.http_port}/v1", api_key="none", max_retries=0,
-                       timeout=60) as client:
+                       timeout=120) as client:
         yield client
 
 

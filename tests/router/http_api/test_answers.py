@@ -16,14 +16,8 @@ from openai.types.chat import ChatCompletionMessageParam
 from engine.tokenizer import Tokenizer
 from proto import nanoserve_pb2 as pb
 from proto import nanoserve_pb2_grpc as pb_grpc
-from tests.router.http_api.calls import GREEDY, MESSAGES, PROMPT
+from tests.router.http_api.calls import GREEDY, MESSAGES, PROMPT, grpc_complete
 from tests.serving import RouterThread
-
-
-def grpc_complete(router: RouterThread, prompt: Any, **params: Any) -> pb.CompleteResponse:
-    with router.client() as grpc_client:
-        return grpc_client.complete(prompt, timeout=60, **params)
-
 
 
 def test_models_and_health(router: RouterThread, client: openai.OpenAI, model: str) -> None:

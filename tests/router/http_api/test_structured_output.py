@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable, Iterator
 from typing import Any
 
 import grpc
@@ -16,10 +15,9 @@ import jsonschema
 import openai
 import pytest
 
-from engine.default_model import default_model_dir
 from proto import nanoserve_pb2 as pb
 from proto import nanoserve_pb2_grpc as pb_grpc
-from tests.router.http_api.calls import post
+from tests.router.http_api.calls import grpc_complete, post
 from tests.serving import RouterThread
 
 SCHEMA: dict[str, Any] = {
@@ -41,27 +39,6 @@ PARAMETERS = {tool["function"]["name"]: tool["function"]["parameters"] for tool 
 MODES = pytest.mark.parametrize("mode", [dict(temperature=0.0), dict(temperature=1.0, seed=5)],
                                 ids=["greedy", "seeded"])
 
-
-@pytest.fixture(scope="module")
-def router(start_module_router: Callable[..., RouterThread]) -> RouterThread:
-    return start_module_router(num_replicas=2, model=str(default_model_dir()), http_port=0, reasoning_parser="qwen3")
-
-
-@pytest.fixture(scope="module")
-def client(router: RouterThread) -> Iterator[openai.OpenAI]:
-    with openai.OpenAI(base_url=f"http://127.0.0.1:{router.router.http_port}/v1", api_key="none", max_retries=0,
-                       timeout=120) as client:
-        yield client
-
-
-@pytest.fixture(scope="module")
-def model(client: openai.OpenAI) -> str:
-    return client.models.list().data[0].id
-
-
-def grpc_complete(router: RouterThread, prompt: Any, **params: Any) -> pb.CompleteResponse:
-    with router.client() as grpc_client:
-        return grpc_client.complete(prompt, timeout=120, **params)
 
 
 def token_bias(router: RouterThread, *texts: str, bias: float = 8.0) -> dict[str, float]:
