@@ -8,8 +8,9 @@ four widening modes, each over tile lengths and pipeline stages:
   2  e4m3 -> float16 (one cvt per pair); the query clamped into float16, the probabilities float16
   3  e4m3 bits moved into bf16 bits with integer ops (value x 2^-120; the 2^120 folded into the scales)
 The grid may put KV heads first (`--heads-first`), so a sequence's heads are read together. The FP8 modes may read
-values stored along each block's tokens (`--values-along-keys`, the engine's FP8 layout since session 14:
-kernels/fp8_kv.py) instead of [blocks, tokens, KV heads, D].
+values stored along each block's tokens (`--values-along-keys`: [blocks, KV heads, D, tokens], the layout commit
+4f1cad9 gave the engine's FP8 cache and a later commit reverted until a GPU measures it) instead of [blocks,
+tokens, KV heads, D].
 
     python bench/fp8_attention_variants.py [--heads-first] [--values-along-keys]
 """
@@ -95,7 +96,7 @@ def main() -> None:
     k16, v16 = (torch.randn(num_blocks, PAGE, HKV, HEAD_DIM, device="cuda", dtype=torch.bfloat16, generator=g)
                 for _ in range(2))
     k8, v8 = ((x / SCALE).clamp(-448, 448).to(torch.float8_e4m3fn) for x in (k16, v16))
-    v8_along_keys = v8.permute(0, 2, 3, 1).contiguous()  # the engine's FP8 layout
+    v8_along_keys = v8.permute(0, 2, 3, 1).contiguous()  # commit 4f1cad9's FP8 layout (reverted until measured)
     q = torch.randn(BATCH, HQ, HEAD_DIM, device="cuda", dtype=torch.bfloat16, generator=g)
     block_tables = torch.randperm(num_blocks, device="cuda", generator=g).int().view(BATCH, -1)
     seq_lens = torch.full((BATCH,), CONTEXT, dtype=torch.int32, device="cuda")
@@ -103,7 +104,7 @@ def main() -> None:
     out = torch.empty_like(q)
     scales = (torch.full((HKV,), SCALE, device="cuda"), torch.full((HKV,), SCALE, device="cuda"))
     reference = {}
-    for name, (k, v, kv_scales) in {"bf16": (k16, v16, None), "fp8": (k8, v8_along_keys, scales)}.items():
+    for name, (k, v, kv_scales) in {"bf16": (k16, v16, None), "fp8": (k8, v8, scales)}.items():
         t = time_cuda(partial(paged_attention, q, k, v, starts, seq_lens, block_tables, HEAD_DIM**-0.5, 1, out=out,
                               kv_scales=kv_scales), iters=50)
         reference[name] = out.clone()

@@ -12,7 +12,6 @@ from engine.config import CPU_KV_CACHE_BYTES, EngineConfig
 from engine.kv_scales import fp8_kv_scales
 from engine.layers.attention import Attention, attention_backend
 from engine.models.qwen import QwenDecoderLayer
-from kernels.fp8_kv import fp8_v_layout
 
 log = logging.getLogger(__name__)
 # How long a new engine waits for the memory its share needs while another process still holds it, and how
@@ -37,8 +36,7 @@ def bytes_per_block(model: nn.Module, config: EngineConfig) -> int:
 
 def allocate_kv_cache(model: nn.Module, config: EngineConfig, num_blocks: int) -> torch.Tensor:
     """One [2, layers, blocks, block_size, kv_heads, head_dim] tensor; each layer gets its K and V views (and, for an
-    FP8 cache, its scales, engine/kv_scales.py, and its values as [blocks, kv_heads, head_dim, block_size],
-    kernels/fp8_kv.py)."""
+    FP8 cache, its scales: engine/kv_scales.py)."""
     layers = attention_layers(model)
     shape = (2, len(layers), num_blocks, config.block_size, layers[0].num_kv_heads, layers[0].head_dim)
     # On CPU, untouched pages of an empty tensor cost no memory; every slot is written before it is read.
@@ -47,8 +45,7 @@ def allocate_kv_cache(model: nn.Module, config: EngineConfig, num_blocks: int) -
     decoder_layers = [m for m in model.modules() if isinstance(m, QwenDecoderLayer)]
     for i, (layer, decoder_layer) in enumerate(zip(layers, decoder_layers, strict=True)):
         scales = fp8_kv_scales(decoder_layer) if config.fp8_kv_cache else None
-        values = fp8_v_layout(cache[1, i]) if config.fp8_kv_cache else cache[1, i]
-        layer.bind_kv_cache(cache[0, i], values, config.max_model_len, config.batch_invariant, scales)
+        layer.bind_kv_cache(cache[0, i], cache[1, i], config.max_model_len, config.batch_invariant, scales)
     return cache
 
 

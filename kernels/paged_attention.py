@@ -32,7 +32,7 @@ def decode_kv_splits(batch_size: int, num_kv_heads: int, num_sms: int) -> int:
 def paged_attention(
     query: torch.Tensor,  # [T, Hq, D]
     k_cache: torch.Tensor,  # [num_blocks, block_size, Hkv, D]
-    v_cache: torch.Tensor,  # [num_blocks, block_size, Hkv, D]; an FP8 cache's [num_blocks, Hkv, D, block_size]
+    v_cache: torch.Tensor,  # [num_blocks, block_size, Hkv, D]
     query_start_loc: torch.Tensor,  # [B + 1] int32
     seq_lens: torch.Tensor,  # [B] int32
     block_tables: torch.Tensor,  # [B, max_blocks] int32
@@ -54,9 +54,7 @@ def paged_attention(
     With `kv_scales` the cache holds e4m3 values (kernels/fp8_kv.py): each tile is widened to float16 (exact, and one
     instruction per two values on Hopper, where bfloat16 takes three), the query is rounded to float16 (clamped to
     its range) and the probabilities too; the scores are scaled by the head's k_scale and the output by its v_scale.
-    A float32 model widens to float32 instead. Values are read along the keys in runs of min(block_size, BLOCK_N)
-    tokens; a run's tokens past the tile's last key are read too (the cache is zeroed at start and the store
-    clamps, so they are finite) and weigh 0.
+    A float32 model widens to float32 instead.
 
     `batch_invariant`: one tile shape on every path (INVARIANT_ROWS rows, PREFILL_KEYS keys) and no KV split, so
     each query's keys are reduced in the same order whatever the step holds (engine/batch_invariance.py).
@@ -88,9 +86,9 @@ def paged_attention(
     _paged_attention_kernel[grid](
         query, k_cache, v_cache, out, partial_out, partial_lse, query_start_loc, seq_lens, block_tables, k_scale,
         v_scale, scale * 1.4426950408889634,  # log2(e): the kernel works in base 2
-        query.stride(0), query.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0),
-        v_cache.stride(1), block_tables.stride(0), out.stride(0), out.stride(1), num_tokens, num_q_tiles,
-        GROUP=group, BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=block_n, PAGE=page, V_RUN=min(page, block_n),
+        query.stride(0), query.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        block_tables.stride(0), out.stride(0), out.stride(1), num_tokens, num_q_tiles,
+        GROUP=group, BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=block_n, PAGE=page,
         HEAD_DIM=head_dim, NUM_SPLITS=num_splits, DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
         FP8=kv_scales is not None,
         # FP8 decode: two stages of K/V in flight, measured on an H200 (batch 256 x 1,040 tokens, one layer): 244 us
@@ -110,9 +108,9 @@ def paged_attention(
 @triton.jit(do_not_specialize=["stride_bt", "num_tokens", "num_q_tiles"])
 def _paged_attention_kernel(
     Q, K_cache, V_cache, Out, Partial_out, Partial_lse, query_start_loc, seq_lens, block_tables, K_scale, V_scale,
-    scale_log2, stride_qt, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vh, stride_bt, stride_ot,
-    stride_oh, num_tokens, num_q_tiles, GROUP: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, PAGE: tl.constexpr, V_RUN: tl.constexpr, HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr,
+    scale_log2, stride_qt, stride_qh, stride_kb, stride_ks, stride_kh, stride_bt, stride_ot, stride_oh, num_tokens,
+    num_q_tiles, GROUP: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, PAGE: tl.constexpr, HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr,
     DOT_PRECISION: tl.constexpr, FP8: tl.constexpr,
 ):
     seq = tl.program_id(0) // num_q_tiles
@@ -155,16 +153,7 @@ def _paged_attention_kernel(
         block_ids = tl.load(block_tables + seq * stride_bt + offs_n // PAGE, mask=n_valid, other=0)
         kv_rows = block_ids * stride_kb + (offs_n % PAGE) * stride_ks + kv_head * stride_kh
         k = tl.load(K_cache + kv_rows[:, None] + offs_d[None, :], mask=n_valid[:, None], other=0.0).to(q.dtype)
-        if FP8:  # [D, runs, V_RUN] along each block's tokens: vector loads (kernels/fp8_kv.py)
-            run_start = start + tl.arange(0, BLOCK_N // V_RUN) * V_RUN
-            run_valid = run_start < kv_hi
-            run_block = tl.load(block_tables + seq * stride_bt + run_start // PAGE, mask=run_valid, other=0)
-            runs = run_block * stride_vb + kv_head * stride_vh + run_start % PAGE
-            v_t = tl.load(V_cache + offs_d[:, None, None] * PAGE + runs[None, :, None]
-                          + tl.arange(0, V_RUN)[None, None, :], mask=run_valid[None, :, None], other=0.0)
-            v = tl.trans(tl.reshape(v_t, (HEAD_DIM, BLOCK_N)).to(q.dtype))
-        else:
-            v = tl.load(V_cache + kv_rows[:, None] + offs_d[None, :], mask=n_valid[:, None], other=0.0).to(q.dtype)
+        v = tl.load(V_cache + kv_rows[:, None] + offs_d[None, :], mask=n_valid[:, None], other=0.0).to(q.dtype)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
         visible = n_valid[None, :] & (offs_n[None, :] <= q_pos[:, None])
         s = tl.where(visible, s, float("-inf"))
@@ -213,7 +202,7 @@ REF_QUERY_TILE = 256  # queries per tile in the torch reference (see paged_atten
 def paged_attention_ref(
     query: torch.Tensor,  # [T, Hq, D]
     k_cache: torch.Tensor,  # [num_blocks, block_size, Hkv, D]
-    v_cache: torch.Tensor,  # [num_blocks, block_size, Hkv, D]; an FP8 cache's [num_blocks, Hkv, D, block_size]
+    v_cache: torch.Tensor,  # [num_blocks, block_size, Hkv, D]
     query_start_loc: torch.Tensor,  # [B + 1] int32, cumulative query lengths
     seq_lens: torch.Tensor,  # [B] int32, context + new tokens per sequence
     block_tables: torch.Tensor,  # [B, max_blocks] int32
@@ -236,8 +225,7 @@ def paged_attention_ref(
         num_blocks = -(-seq_len // block_size)
         blocks = block_tables[i, :num_blocks].long()
         k = k_cache[blocks].flatten(0, 1)[:seq_len].float()  # [S, Hkv, D]
-        v = v_cache[blocks] if kv_scales is None else v_cache[blocks].permute(0, 3, 1, 2)
-        v = v.flatten(0, 1)[:seq_len].float()
+        v = v_cache[blocks].flatten(0, 1)[:seq_len].float()
         if kv_scales is not None:
             k, v = k * kv_scales[0][:, None], v * kv_scales[1][:, None]
         k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)  # [S, Hq, D]

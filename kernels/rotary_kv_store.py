@@ -29,7 +29,7 @@ def rotary_kv_store(
     num_heads: int,
     num_kv_heads: int,
     k_cache: torch.Tensor,  # [num_blocks, block_size, Hkv, D]
-    v_cache: torch.Tensor,  # [num_blocks, block_size, Hkv, D]; an FP8 cache's [num_blocks, Hkv, D, block_size]
+    v_cache: torch.Tensor,  # [num_blocks, block_size, Hkv, D]
     slot_mapping: torch.Tensor,  # [T] int64: block_id * block_size + offset; -1 = padding, not stored
     kv_scales: tuple[torch.Tensor, torch.Tensor] | None = None,  # an FP8 cache's (k_scale, v_scale) [Hkv] float32
 ) -> torch.Tensor:  # q [T, Hq, D]
@@ -47,7 +47,7 @@ def rotary_kv_store(
     _rotary_kv_store_kernel[grid](
         qkv, positions, q_weight, k_weight, cos, sin, q, k_cache, v_cache, slot_mapping, k_scale, v_scale,
         qkv.stride(0), eps, NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, HALF=head_dim // 2, HAS_NORM=has_norm,
-        HEADS=heads_per_program, PAGE=k_cache.shape[1], FP8=kv_scales is not None, E4M3_MAX=E4M3_MAX,
+        HEADS=heads_per_program, FP8=kv_scales is not None, E4M3_MAX=E4M3_MAX,
     )
     return q
 
@@ -67,7 +67,7 @@ def _heads_per_program(num_heads: int, num_kv_heads: int) -> int:
 def _rotary_kv_store_kernel(
     QKV, positions, Wq, Wk, Cos, Sin, Q, K_cache, V_cache, slot_mapping, K_scale, V_scale, stride_t, eps,
     NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HALF: tl.constexpr, HAS_NORM: tl.constexpr,
-    HEADS: tl.constexpr, PAGE: tl.constexpr, FP8: tl.constexpr, E4M3_MAX: tl.constexpr,
+    HEADS: tl.constexpr, FP8: tl.constexpr, E4M3_MAX: tl.constexpr,
 ):
     """Program (t, g) takes HEADS heads of token t: query heads, or (for g past them) key heads with their values."""
     t = tl.program_id(0)
@@ -105,18 +105,15 @@ def _rotary_kv_store_kernel(
         kv_offset = (slot * NUM_KV_HEADS + heads - NUM_HEADS) * 2 * HALF + offs
         value = src + NUM_KV_HEADS * 2 * HALF  # the value head sits Hkv heads after its key head
         k1, k2, v1, v2 = o1, o2, tl.load(value), tl.load(value + HALF)
-        v_offset, v_half = kv_offset, HALF
-        if FP8:  # stored / the head's scale, as kernels/fp8_kv.py rounds it; values along the block's tokens
+        if FP8:  # stored / the head's scale, as kernels/fp8_kv.py rounds it
             k_scale = tl.load(K_scale + heads - NUM_HEADS)
             v_scale = tl.load(V_scale + heads - NUM_HEADS)
             k1, k2 = _quantize(k1, k_scale, E4M3_MAX), _quantize(k2, k_scale, E4M3_MAX)
             v1, v2 = _quantize(v1, v_scale, E4M3_MAX), _quantize(v2, v_scale, E4M3_MAX)
-            v_offset = ((slot // PAGE * NUM_KV_HEADS + heads - NUM_HEADS) * 2 * HALF + offs) * PAGE + slot % PAGE
-            v_half = HALF * PAGE
         tl.store(K_cache + kv_offset, k1, mask=stored)
         tl.store(K_cache + kv_offset + HALF, k2, mask=stored)
-        tl.store(V_cache + v_offset, v1, mask=stored)
-        tl.store(V_cache + v_offset + v_half, v2, mask=stored)
+        tl.store(V_cache + kv_offset, v1, mask=stored)
+        tl.store(V_cache + kv_offset + HALF, v2, mask=stored)
 
 
 @triton.jit
@@ -132,8 +129,8 @@ def rotary_kv_store_ref(
     kv_scales: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Token t's rotated key and its value go to slot `slot_mapping[t]` (a flat index over blocks x
-    block_size) of the caches, divided by `kv_scales` (per KV head) into an FP8 cache (its values transposed
-    within each block: kernels/fp8_kv.py); returns the rotated queries."""
+    block_size) of the caches, divided by `kv_scales` (per KV head) into an FP8 cache; returns the rotated
+    queries."""
     head_dim = cos.shape[1]
     assert (q_weight is None) == (k_weight is None), "q and k norm weights come together"
     q, k, v = qkv.split([num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim], dim=-1)
@@ -146,13 +143,10 @@ def rotary_kv_store_ref(
     stored = slot_mapping >= 0
     slots = slot_mapping[stored]
     keys, values = (k * c + _rotate_half(k) * s)[stored], v.reshape(-1, num_kv_heads, head_dim)[stored]
-    if kv_scales is None:
-        k_cache.view(-1, num_kv_heads, head_dim)[slots] = keys
-        v_cache.view(-1, num_kv_heads, head_dim)[slots] = values
-    else:  # values into [num_blocks, Hkv, D, block_size]
-        page = v_cache.shape[-1]
-        k_cache.view(-1, num_kv_heads, head_dim)[slots] = quantize_ref(keys, kv_scales[0][:, None])
-        v_cache[slots // page, :, :, slots % page] = quantize_ref(values, kv_scales[1][:, None])
+    if kv_scales is not None:
+        keys, values = (quantize_ref(x, scale[:, None]) for x, scale in zip((keys, values), kv_scales))
+    k_cache.view(-1, num_kv_heads, head_dim)[slots] = keys
+    v_cache.view(-1, num_kv_heads, head_dim)[slots] = values
     return q * c + _rotate_half(q) * s
 
 

@@ -49,7 +49,7 @@ class Attention(nn.Module):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim, self.scale = num_heads, num_kv_heads, head_dim, scale
         self.k_cache = torch.empty(0)  # [num_blocks, block_size, Hkv, D]
-        self.v_cache = torch.empty(0)  # the same; an FP8 cache's: [num_blocks, Hkv, D, block_size] (kernels/fp8_kv.py)
+        self.v_cache = torch.empty(0)
         self.backend = "torch-reference"
         self.max_seq_len = 0
         self.batch_invariant = False

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.fp8_kv import fp8_v_layout, quantize_ref
+from kernels.fp8_kv import quantize_ref
 from kernels.rms_norm import rms_norm, rms_norm_ref
 from kernels.rotary_kv_store import rotary_kv_store, rotary_kv_store_ref
 from kernels.silu_and_mul import silu_and_mul, silu_and_mul_ref
@@ -94,27 +94,20 @@ def test_rotary_kv_store_into_an_fp8_cache(dtype: torch.dtype) -> None:
     weights = (randn(head_dim, dtype=dtype, seed=4), randn(head_dim, dtype=dtype, seed=5))
     scales = (torch.tensor([0.02, 0.05], device=DEVICE), torch.tensor([0.03, 0.004], device=DEVICE))  # v head 1 clamps
     caches = [torch.zeros(4, page, num_kv_heads, head_dim, dtype=torch.float8_e4m3fn, device=DEVICE) for _ in range(4)]
-    caches[1], caches[3] = fp8_v_layout(caches[1]), fp8_v_layout(caches[3])  # values along each block's tokens
     unquantised = [torch.zeros(4, page, num_kv_heads, head_dim, dtype=dtype, device=DEVICE) for _ in range(2)]
     args = (qkv, positions, *weights, cos, sin, 1e-6, num_heads, num_kv_heads)
     q = rotary_kv_store(*args, *caches[:2], slots, scales)
     q_ref = rotary_kv_store_ref(*args, *caches[2:], slots, scales)
     rotary_kv_store(*args, *unquantised, slots)
     assert_matches(q, q_ref)
-    as_keys = (lambda c: c, lambda v: v.permute(0, 3, 1, 2))  # [blocks, page, Hkv, D] views of both caches
-    for cache, ref, before, scale, view in zip(caches[:2], caches[2:], unquantised, scales, as_keys):
-        stored = torch.zeros(4, page, dtype=torch.bool, device=DEVICE)
+    for cache, ref, before, scale in zip(caches[:2], caches[2:], unquantised, scales):
+        stored = torch.zeros(cache.shape[:2], dtype=torch.bool, device=DEVICE)
         stored.view(-1)[slots] = True
-        for c in (view(cache), view(ref)):
+        for c in (cache, ref):
             assert (c.float() != 0).any(dim=(2, 3)).eq(stored).all() and not c.float().isnan().any()
         if ON_GPU:
-            assert torch.equal(view(cache).float(), quantize_ref(before, scale[:, None]).float())
+            assert torch.equal(cache.float(), quantize_ref(before, scale[:, None]).float())
     assert (caches[3].float().abs() == 448).any(), "the clamped head reached e4m3's top"
-    # The kernel and the reference store each value at the same place; bitwise on a GPU (values are not computed,
-    # only quantised), and within the interpreter's rounding error (at most half) on CPU.
-    if ON_GPU:
-        assert torch.equal(caches[1].float(), caches[3].float())
-    torch.testing.assert_close(caches[1].float(), caches[3].float(), rtol=0.51, atol=2**-6)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -47,9 +47,8 @@ def _variants() -> list[tuple[object, dict[str, str], dict[str, object]]]:
                 **pointers(dtype, "Q", "Out"), **pointers(cache, "K_cache", "V_cache"),
                 **pointers("fp32", "Partial_out", "Partial_lse", "K_scale", "V_scale"),
                 **pointers("i32", "query_start_loc", "seq_lens", "block_tables"), "scale_log2": "fp32",
-                **dict.fromkeys(["stride_qt", "stride_qh", "stride_kb", "stride_ks", "stride_kh", "stride_vb",
-                                 "stride_vh", "stride_bt", "stride_ot", "stride_oh", "num_tokens", "num_q_tiles"],
-                                "i32"),
+                **dict.fromkeys(["stride_qt", "stride_qh", "stride_kb", "stride_ks", "stride_kh", "stride_bt",
+                                 "stride_ot", "stride_oh", "num_tokens", "num_q_tiles"], "i32"),
             }
 
         precision = "ieee" if dtype == "fp32" else "tf32"
@@ -59,8 +58,8 @@ def _variants() -> list[tuple[object, dict[str, str], dict[str, object]]]:
             ((1, 16, 128, 1), (1, 16, 128, 8), (64, 128, 64, 1), (1, 16, 64, 1), (8, 16, 64, 1)), (False, True)
         ):
             variants.append((paged_attention._paged_attention_kernel, attention_signature("fp8e4nv" if fp8 else dtype),
-                             dict(GROUP=2, BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=block_n, PAGE=16, V_RUN=16,
-                                  HEAD_DIM=128, NUM_SPLITS=splits, DOT_PRECISION=precision, FP8=fp8)))
+                             dict(GROUP=2, BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=block_n, PAGE=16, HEAD_DIM=128,
+                                  NUM_SPLITS=splits, DOT_PRECISION=precision, FP8=fp8)))
         variants.append((paged_attention._merge_splits_kernel, {
             **pointers("fp32", "Partial_out", "Partial_lse"), "Out": f"*{dtype}",
             **dict.fromkeys(["num_tokens", "num_heads", "stride_ot", "stride_oh"], "i32"),
@@ -71,8 +70,7 @@ def _variants() -> list[tuple[object, dict[str, str], dict[str, object]]]:
                 **pointers("fp8e4nv" if fp8 else dtype, "K_cache", "V_cache"),
                 **pointers("fp32", "Cos", "Sin", "K_scale", "V_scale"), **pointers("i64", "positions", "slot_mapping"),
                 "stride_t": "i32", "eps": "fp32",
-            }, dict(NUM_HEADS=16, NUM_KV_HEADS=8, HALF=64, HAS_NORM=norm, HEADS=heads, PAGE=16, FP8=fp8,
-                    E4M3_MAX=448.0)))
+            }, dict(NUM_HEADS=16, NUM_KV_HEADS=8, HALF=64, HAS_NORM=norm, HEADS=heads, FP8=fp8, E4M3_MAX=448.0)))
         for residual in (True, False):
             variants.append((rms_norm._rms_norm_kernel, {
                 **pointers(dtype, "X", "R", "W", "Out", "R_out"), "stride_x": "i32", "stride_r": "i32",
