@@ -50,9 +50,11 @@ def timed(totals: dict[str, float], name: str, fn: Callable) -> Callable:
     return wrapper
 
 
-def time_cuda(fn, iters: int = 20, warmup: int = 3, before=None) -> float:
+def time_cuda(fn, iters: int = 20, warmup: int = 3, before=None, hide_launch: bool = False) -> float:
     """Median seconds of `fn()` measured with CUDA events; `before()`, if given, runs untimed before each
-    timed call (e.g. a barrier, so every rank starts together)."""
+    timed call (e.g. a barrier, so every rank starts together). The events time the host's launch work too
+    when the GPU waits for it; `hide_launch` queues ~1 ms of GPU sleep before the start event, so that work
+    overlaps the sleep and a kernel's own time is measured (a Python wrapper and a Triton launch cost 20-40 us)."""
     for _ in range(warmup):
         fn()
     times = []
@@ -60,6 +62,8 @@ def time_cuda(fn, iters: int = 20, warmup: int = 3, before=None) -> float:
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         if before is not None:
             before()
+        if hide_launch:
+            torch.cuda._sleep(2_000_000)  # cycles
         start.record()
         fn()
         end.record()

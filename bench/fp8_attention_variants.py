@@ -9,15 +9,20 @@ four widening modes, each over tile lengths and pipeline stages:
   3  e4m3 bits moved into bf16 bits with integer ops (value x 2^-120; the 2^120 folded into the scales)
 The grid may put KV heads first (`--heads-first`), so a sequence's heads are read together. The FP8 modes may read
 values stored along each block's tokens (`--values-along-keys`: [blocks, KV heads, D, tokens], the layout commit
-4f1cad9 gave the engine's FP8 cache and a later commit reverted until a GPU measures it) instead of [blocks,
-tokens, KV heads, D].
+4f1cad9 gave the engine's FP8 cache; slower on the H200, so reverted); K and V may be stored heads outside tokens
+(`--heads-outer`: [blocks, KV heads, tokens, D], each page of a head contiguous). `--keys-as-m` times a second
+copy of the loop that makes the keys the dots' M (S^T = K q^T), which Triton gives Hopper's wgmma; `--maxnreg N`
+also times each variant with its registers capped (the engine caps FP8 decode at 168: kernels/paged_attention.py).
+Kernel times exclude the host's launch work (`time_cuda(hide_launch=True)`).
 
-    python bench/fp8_attention_variants.py [--heads-first] [--values-along-keys]
+    python bench/fp8_attention_variants.py [--heads-first] [--values-along-keys | --heads-outer] [--keys-as-m]
+                                           [--maxnreg N]
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 from functools import partial
 
 import torch
@@ -41,7 +46,8 @@ def _widen(x, dtype, MODE: tl.constexpr):
 @triton.jit
 def _decode_kernel(Q, K, V, Out, seq_lens, block_tables, k_scale, v_scale, scale_log2, stride_bt,
                    GROUP: tl.constexpr, BLOCK_N: tl.constexpr, PAGE: tl.constexpr, HKV: tl.constexpr,
-                   D: tl.constexpr, MODE: tl.constexpr, HEADS_FIRST: tl.constexpr, V_T: tl.constexpr):
+                   D: tl.constexpr, MODE: tl.constexpr, HEADS_FIRST: tl.constexpr, V_T: tl.constexpr,
+                   HEADS_OUTER: tl.constexpr):
     if HEADS_FIRST:
         seq, kv_head = tl.program_id(1), tl.program_id(0)
     else:
@@ -61,7 +67,10 @@ def _decode_kernel(Q, K, V, Out, seq_lens, block_tables, k_scale, v_scale, scale
         offs_n = start + tl.arange(0, BLOCK_N)
         n_valid = offs_n < seq_len
         block_ids = tl.load(block_tables + seq * stride_bt + offs_n // PAGE, mask=n_valid, other=0)
-        rows = (block_ids * PAGE + offs_n % PAGE) * HKV + kv_head
+        if HEADS_OUTER:  # [blocks, KV heads, PAGE, D]: a page of one head is PAGE * D contiguous elements
+            rows = (block_ids * HKV + kv_head) * PAGE + offs_n % PAGE
+        else:
+            rows = (block_ids * PAGE + offs_n % PAGE) * HKV + kv_head
         k = _widen(tl.load(K + rows[:, None] * D + offs_d[None, :], mask=n_valid[:, None], other=0.0), q.dtype, MODE)
         if V_T:  # V stored [blocks, KV heads, D, PAGE]: a tile's rows run along the keys, PAGE bytes at a time
             pages = start // PAGE + tl.arange(0, BLOCK_N // PAGE)
@@ -85,10 +94,65 @@ def _decode_kernel(Q, K, V, Out, seq_lens, block_tables, k_scale, v_scale, scale
              mask=row_valid[:, None])
 
 
+@triton.jit
+def _keys_as_m_kernel(Q, K, V, Out, seq_lens, block_tables, k_scale, v_scale, scale_log2, stride_bt,
+              GROUP: tl.constexpr, BLOCK_N: tl.constexpr, PAGE: tl.constexpr, HKV: tl.constexpr,
+              D: tl.constexpr, MODE: tl.constexpr, HEADS_FIRST: tl.constexpr, V_T: tl.constexpr):
+    """The same loop with the keys as the dots' M (S^T = K q^T, O^T = V^T P^T), so Hopper's wgmma takes them."""
+    if HEADS_FIRST:
+        seq, kv_head = tl.program_id(1), tl.program_id(0)
+    else:
+        seq, kv_head = tl.program_id(0), tl.program_id(1)
+    offs_m = tl.arange(0, 16)
+    head = kv_head * GROUP + offs_m % GROUP
+    row_valid = offs_m < GROUP
+    offs_d = tl.arange(0, D)
+    # q^T: [D, 16]
+    q_t = tl.load(Q + (seq * HKV * GROUP + head)[None, :] * D + offs_d[:, None], mask=row_valid[None, :], other=0.0)
+    if MODE == 2:
+        q_t = tl.minimum(tl.maximum(q_t.to(tl.float32), -65504.0), 65504.0).to(tl.float16)
+    seq_len = tl.load(seq_lens + seq)
+    m_i = tl.full([16], float("-inf"), tl.float32)
+    l_i = tl.zeros([16], tl.float32)
+    acc = tl.zeros([D, 16], tl.float32)
+    for start in range(0, seq_len, BLOCK_N):
+        offs_n = start + tl.arange(0, BLOCK_N)
+        n_valid = offs_n < seq_len
+        block_ids = tl.load(block_tables + seq * stride_bt + offs_n // PAGE, mask=n_valid, other=0)
+        rows = (block_ids * PAGE + offs_n % PAGE) * HKV + kv_head
+        k = tl.load(K + rows[:, None] * D + offs_d[None, :], mask=n_valid[:, None], other=0.0).to(q_t.dtype)
+        s = tl.dot(k, q_t) * (scale_log2 * k_scale)  # [BLOCK_N, 16]
+        s = tl.where(n_valid[:, None], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 0))
+        p = tl.exp2(s - m_new[None, :])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 0)
+        if V_T:
+            pages = start // PAGE + tl.arange(0, BLOCK_N // PAGE)
+            page_ids = tl.load(block_tables + seq * stride_bt + pages, mask=pages * PAGE < seq_len, other=0)
+            in_page = tl.arange(0, PAGE)
+            v_t = tl.load(V + offs_d[:, None, None] * PAGE + ((page_ids * HKV + kv_head) * D * PAGE)[None, :, None]
+                          + in_page[None, None, :], mask=(pages * PAGE < seq_len)[None, :, None], other=0.0)
+            v_t = tl.reshape(v_t, (D, BLOCK_N)).to(q_t.dtype)
+        else:
+            v_t = tl.trans(tl.load(V + rows[:, None] * D + offs_d[None, :], mask=n_valid[:, None], other=0.0))
+            v_t = v_t.to(q_t.dtype)
+        acc = acc * alpha[None, :] + tl.dot(v_t, p.to(q_t.dtype))
+        m_i = m_new
+    out = acc * v_scale / l_i[None, :]
+    tl.store(Out + (seq * HKV * GROUP + head)[None, :] * D + offs_d[:, None], out.to(Out.dtype.element_ty),
+             mask=row_valid[None, :])
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--heads-first", action="store_true", help="grid (KV heads, sequences) instead of the reverse")
+    p.add_argument("--keys-as-m", action="store_true",
+                   help="time the loop with the keys as the dots' M (modes 0 and 2, 4 and 8 warps) instead")
     p.add_argument("--values-along-keys", action="store_true", help="FP8 values as [blocks, KV heads, D, tokens]")
+    p.add_argument("--heads-outer", action="store_true",
+                   help="K and V as [blocks, KV heads, tokens, D] (not with --keys-as-m or --values-along-keys)")
+    p.add_argument("--maxnreg", type=int, help="also time each variant with its registers capped at this many")
     args = p.parse_args()
     bandwidth = copy_bandwidth()
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -96,7 +160,6 @@ def main() -> None:
     k16, v16 = (torch.randn(num_blocks, PAGE, HKV, HEAD_DIM, device="cuda", dtype=torch.bfloat16, generator=g)
                 for _ in range(2))
     k8, v8 = ((x / SCALE).clamp(-448, 448).to(torch.float8_e4m3fn) for x in (k16, v16))
-    v8_along_keys = v8.permute(0, 2, 3, 1).contiguous()  # commit 4f1cad9's FP8 layout (reverted until measured)
     q = torch.randn(BATCH, HQ, HEAD_DIM, device="cuda", dtype=torch.bfloat16, generator=g)
     block_tables = torch.randperm(num_blocks, device="cuda", generator=g).int().view(BATCH, -1)
     seq_lens = torch.full((BATCH,), CONTEXT, dtype=torch.int32, device="cuda")
@@ -106,28 +169,36 @@ def main() -> None:
     reference = {}
     for name, (k, v, kv_scales) in {"bf16": (k16, v16, None), "fp8": (k8, v8, scales)}.items():
         t = time_cuda(partial(paged_attention, q, k, v, starts, seq_lens, block_tables, HEAD_DIM**-0.5, 1, out=out,
-                              kv_scales=kv_scales), iters=50)
+                              kv_scales=kv_scales), iters=50, hide_launch=True)
         reference[name] = out.clone()
         roofline = 2 * k.numel() * k.element_size() / bandwidth
         print(f"engine kernel, {name} cache: {t * 1e6:.1f} us ({t / roofline:.2f}x its bytes)")
     grid = (HKV, BATCH) if args.heads_first else (BATCH, HKV)
-    for mode in range(4):
+    kernel, modes, warps = (_keys_as_m_kernel, (0, 2), (4, 8)) if args.keys_as_m else (_decode_kernel, range(4), (4,))
+    layout = {} if args.keys_as_m else {"HEADS_OUTER": args.heads_outer}
+    for mode in modes:
         along_keys = args.values_along_keys and mode > 0
-        k, v = (k16, v16) if mode == 0 else (k8, v8_along_keys if along_keys else v8)
+        k, v = (k16, v16) if mode == 0 else (k8, v8)
+        if args.heads_outer:
+            k, v = k.transpose(1, 2).contiguous(), v.transpose(1, 2).contiguous()
+        if along_keys:  # commit 4f1cad9's FP8 layout, measured slower and reverted (bench/RESULTS.md)
+            v = v.permute(0, 2, 3, 1).contiguous()
         if mode == 3:
             k, v = k.view(torch.uint8), v.view(torch.uint8)
         scale = 1.0 if mode == 0 else SCALE * (2.0**120 if mode == 3 else 1.0)
-        for block_n in (64, 128):
-            for stages in (1, 2, 3):
-                launch = partial(_decode_kernel[grid], q, k, v, out, seq_lens, block_tables, scale, scale,
-                                 HEAD_DIM**-0.5 * 1.4426950408889634, block_tables.stride(0), GROUP=HQ // HKV,
-                                 BLOCK_N=block_n, PAGE=PAGE, HKV=HKV, D=HEAD_DIM, MODE=mode,
-                                 HEADS_FIRST=args.heads_first, V_T=along_keys, num_stages=stages)
-                t = time_cuda(launch, iters=30)
-                error = (out.float() - reference["bf16" if mode == 0 else "fp8"].float()).abs().max().item()
-                print(f"mode {mode}, {block_n}-key tiles, {stages} stages: {t * 1e6:.1f} us "
-                      f"({t * bandwidth / (2 * k.numel() * k.element_size()):.2f}x its bytes), "
-                      f"max difference from the engine's kernel {error:.2g}")
+        for block_n, stages, num_warps, maxnreg in itertools.product((64, 128), (1, 2, 3), warps,
+                                                                     dict.fromkeys((None, args.maxnreg))):
+            registers = {} if maxnreg is None else {"maxnreg": maxnreg}
+            launch = partial(kernel[grid], q, k, v, out, seq_lens, block_tables, scale, scale,
+                             HEAD_DIM**-0.5 * 1.4426950408889634, block_tables.stride(0), GROUP=HQ // HKV,
+                             BLOCK_N=block_n, PAGE=PAGE, HKV=HKV, D=HEAD_DIM, MODE=mode, HEADS_FIRST=args.heads_first,
+                             V_T=along_keys, **layout, num_stages=stages, num_warps=num_warps, **registers)
+            t = time_cuda(launch, iters=30, hide_launch=True)
+            error = (out.float() - reference["bf16" if mode == 0 else "fp8"].float()).abs().max().item()
+            print(f"mode {mode}, {block_n}-key tiles, {stages} stages, {num_warps} warps"
+                  f"{'' if maxnreg is None else f', at most {maxnreg} registers'}: {t * 1e6:.1f} us "
+                  f"({t * bandwidth / (2 * k.numel() * k.element_size()):.2f}x its bytes), "
+                  f"max difference from the engine's kernel {error:.2g}")
 
 
 if __name__ == "__main__":

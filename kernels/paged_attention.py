@@ -91,9 +91,7 @@ def paged_attention(
         GROUP=group, BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=block_n, PAGE=page,
         HEAD_DIM=head_dim, NUM_SPLITS=num_splits, DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
         FP8=kv_scales is not None,
-        # FP8 decode: two stages of K/V in flight, measured on an H200 (batch 256 x 1,040 tokens, one layer): 244 us
-        # against 262 with three (bench/RESULTS.md)
-        num_stages=2 if kv_scales is not None and decode else 3,
+        **_launch_options(fp8=kv_scales is not None, decode=decode, block_n=block_n),
     )
     if num_splits > 1:
         _merge_splits_kernel[(num_tokens, num_heads)](
@@ -101,6 +99,16 @@ def paged_attention(
             HEAD_DIM=head_dim, NUM_SPLITS=num_splits,
         )
     return out
+
+
+def _launch_options(fp8: bool, decode: bool, block_n: int) -> dict[str, int]:
+    """Pipeline stages and a register cap. FP8 decode, measured on an H200 (batch 256 x 1,040 tokens, one layer;
+    bench/RESULTS.md): two stages of K/V in flight beat three (244 us against 262), and its 128-key tiles take 205
+    registers a thread, so only two programs fit on an SM and too few warps hide the loads: capped at 168 (a few
+    spills), three fit, and a decode-only copy of the loop goes from 248 to 233 us."""
+    if not (fp8 and decode):
+        return {"num_stages": 3}
+    return {"num_stages": 2, "maxnreg": 168} if block_n == 128 else {"num_stages": 2}
 
 
 # Triton compiles a kernel again for each new value class (1, a multiple of 16, other) of every integer
