@@ -10,20 +10,31 @@ four widening modes, each over tile lengths and pipeline stages:
 The grid may put KV heads first (`--heads-first`), so a sequence's heads are read together. The FP8 modes may read
 values stored along each block's tokens (`--values-along-keys`: [blocks, KV heads, D, tokens], the layout commit
 4f1cad9 gave the engine's FP8 cache; slower on the H200, so reverted); K and V may be stored heads outside tokens
-(`--heads-outer`: [blocks, KV heads, tokens, D], each page of a head contiguous). `--keys-as-m` times a second
-copy of the loop that makes the keys the dots' M (S^T = K q^T), which Triton gives Hopper's wgmma; `--maxnreg N`
-also times each variant with its registers capped (the engine caps FP8 decode at 168: kernels/paged_attention.py).
-Kernel times exclude the host's launch work (`time_cuda(hide_launch=True)`).
+(`--heads-outer`: [blocks, KV heads, tokens, D], each page of a head contiguous). `--loop` picks the copy:
+  rows          the engine's loop: the GQA group's query rows are the dots' M (16 rows, 2 real for Qwen3-0.6B)
+  keys-as-m     the keys are the dots' M (S^T = K q^T), which Triton gives Hopper's wgmma
+  values-ahead  each V tile loaded a tile ahead into registers and widened there, so V reaches the dot through
+                16-bit shared memory (ldmatrix.trans) instead of one byte per load
+`--maxnreg N` also times each variant with its registers capped (the engine caps FP8 decode at 168:
+kernels/paged_attention.py). Kernel times exclude the host's launch work (`time_cuda(hide_launch=True)`).
+`--sass` needs no GPU: it compiles each variant for sm_90 and prints registers, spills and the instructions that
+decide this loop's cost (V's byte loads, widenings, moves), so a variant can be judged before a device call.
 
-    python bench/fp8_attention_variants.py [--heads-first] [--values-along-keys | --heads-outer] [--keys-as-m]
-                                           [--maxnreg N]
+    python bench/fp8_attention_variants.py [--loop rows|keys-as-m|values-ahead] [--heads-first]
+                                           [--values-along-keys | --heads-outer] [--maxnreg N]
+    TRITON_INTERPRET=0 python bench/fp8_attention_variants.py --sass [--loop ...] [--maxnreg N]
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import itertools
+import re
+import subprocess
+import tempfile
 from functools import partial
+from pathlib import Path
 
 import torch
 from common import copy_bandwidth, time_cuda
@@ -44,10 +55,9 @@ def _widen(x, dtype, MODE: tl.constexpr):
 
 
 @triton.jit
-def _decode_kernel(Q, K, V, Out, seq_lens, block_tables, k_scale, v_scale, scale_log2, stride_bt,
-                   GROUP: tl.constexpr, BLOCK_N: tl.constexpr, PAGE: tl.constexpr, HKV: tl.constexpr,
-                   D: tl.constexpr, MODE: tl.constexpr, HEADS_FIRST: tl.constexpr, V_T: tl.constexpr,
-                   HEADS_OUTER: tl.constexpr):
+def _group_query(Q, GROUP: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, MODE: tl.constexpr,
+                 HEADS_FIRST: tl.constexpr):
+    """The program's sequence and KV head, and its GQA group's query rows padded to tl.dot's 16."""
     if HEADS_FIRST:
         seq, kv_head = tl.program_id(1), tl.program_id(0)
     else:
@@ -59,6 +69,26 @@ def _decode_kernel(Q, K, V, Out, seq_lens, block_tables, k_scale, v_scale, scale
     q = tl.load(Q + (seq * HKV * GROUP + head)[:, None] * D + offs_d[None, :], mask=row_valid[:, None], other=0.0)
     if MODE == 2:
         q = tl.minimum(tl.maximum(q.to(tl.float32), -65504.0), 65504.0).to(tl.float16)
+    return seq, kv_head, head, row_valid, q
+
+
+@triton.jit
+def _attend(q, k, v, n_valid, m_i, l_i, acc, score_scale):
+    """One tile of online softmax: the scores, the running maximum and sum, the rescaled output."""
+    s = tl.where(n_valid[None, :], tl.dot(q, tl.trans(k)) * score_scale, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    p = tl.exp2(s - m_new[:, None])
+    alpha = tl.exp2(m_i - m_new)
+    return m_new, l_i * alpha + tl.sum(p, 1), acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+
+
+@triton.jit
+def _decode_kernel(Q, K, V, Out, seq_lens, block_tables, k_scale, v_scale, scale_log2, stride_bt,
+                   GROUP: tl.constexpr, BLOCK_N: tl.constexpr, PAGE: tl.constexpr, HKV: tl.constexpr,
+                   D: tl.constexpr, MODE: tl.constexpr, HEADS_FIRST: tl.constexpr, V_T: tl.constexpr,
+                   HEADS_OUTER: tl.constexpr):
+    seq, kv_head, head, row_valid, q = _group_query(Q, GROUP, HKV, D, MODE, HEADS_FIRST)
+    offs_d = tl.arange(0, D)
     seq_len = tl.load(seq_lens + seq)
     m_i = tl.full([16], float("-inf"), tl.float32)
     l_i = tl.zeros([16], tl.float32)
@@ -82,13 +112,7 @@ def _decode_kernel(Q, K, V, Out, seq_lens, block_tables, k_scale, v_scale, scale
         else:
             v = _widen(tl.load(V + rows[:, None] * D + offs_d[None, :], mask=n_valid[:, None], other=0.0), q.dtype,
                        MODE)
-        s = tl.where(n_valid[None, :], tl.dot(q, tl.trans(k)) * (scale_log2 * k_scale), float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        p = tl.exp2(s - m_new[:, None])
-        alpha = tl.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
+        m_i, l_i, acc = _attend(q, k, v, n_valid, m_i, l_i, acc, scale_log2 * k_scale)
     out = acc * v_scale / l_i[:, None]
     tl.store(Out + (seq * HKV * GROUP + head)[:, None] * D + offs_d[None, :], out.to(Out.dtype.element_ty),
              mask=row_valid[:, None])
@@ -144,16 +168,124 @@ def _keys_as_m_kernel(Q, K, V, Out, seq_lens, block_tables, k_scale, v_scale, sc
              mask=row_valid[None, :])
 
 
+@triton.jit
+def _tile_rows(block_tables, seq, stride_bt, start, seq_len, kv_head, BLOCK_N: tl.constexpr, PAGE: tl.constexpr,
+               HKV: tl.constexpr):
+    """Cache rows of the tile's keys (the [blocks, tokens, KV heads, D] layout) and which of them exist."""
+    offs_n = start + tl.arange(0, BLOCK_N)
+    n_valid = offs_n < seq_len
+    block_ids = tl.load(block_tables + seq * stride_bt + offs_n // PAGE, mask=n_valid, other=0)
+    return (block_ids * PAGE + offs_n % PAGE) * HKV + kv_head, n_valid
+
+
+@triton.jit
+def _values_ahead_kernel(Q, K, V, Out, seq_lens, block_tables, k_scale, v_scale, scale_log2, stride_bt,
+                         GROUP: tl.constexpr, BLOCK_N: tl.constexpr, PAGE: tl.constexpr, HKV: tl.constexpr,
+                         D: tl.constexpr, MODE: tl.constexpr, HEADS_FIRST: tl.constexpr, V_T: tl.constexpr):
+    """The rows loop with each V tile loaded a tile ahead into registers and widened there: Triton's pipeliner
+    then leaves V alone, and V reaches the dot through 16-bit shared memory (ldmatrix.trans) instead of one byte
+    per load (modes 0 and 2)."""
+    seq, kv_head, head, row_valid, q = _group_query(Q, GROUP, HKV, D, MODE, HEADS_FIRST)
+    offs_d = tl.arange(0, D)
+    seq_len = tl.load(seq_lens + seq)
+    m_i = tl.full([16], float("-inf"), tl.float32)
+    l_i = tl.zeros([16], tl.float32)
+    acc = tl.zeros([16, D], tl.float32)
+    rows, n_valid = _tile_rows(block_tables, seq, stride_bt, 0, seq_len, kv_head, BLOCK_N, PAGE, HKV)
+    v_next = tl.load(V + rows[:, None] * D + offs_d[None, :], mask=n_valid[:, None], other=0.0).to(q.dtype)
+    for start in range(0, seq_len, BLOCK_N):
+        v = v_next
+        rows, n_valid = _tile_rows(block_tables, seq, stride_bt, start + BLOCK_N, seq_len, kv_head, BLOCK_N, PAGE, HKV)
+        v_next = tl.load(V + rows[:, None] * D + offs_d[None, :], mask=n_valid[:, None], other=0.0).to(q.dtype)
+        rows, n_valid = _tile_rows(block_tables, seq, stride_bt, start, seq_len, kv_head, BLOCK_N, PAGE, HKV)
+        k = tl.load(K + rows[:, None] * D + offs_d[None, :], mask=n_valid[:, None], other=0.0).to(q.dtype)
+        m_i, l_i, acc = _attend(q, k, v, n_valid, m_i, l_i, acc, scale_log2 * k_scale)
+    out = acc * v_scale / l_i[:, None]
+    tl.store(Out + (seq * HKV * GROUP + head)[:, None] * D + offs_d[None, :], out.to(Out.dtype.element_ty),
+             mask=row_valid[:, None])
+
+
+LOOPS = {  # --loop: the kernel, its widening modes, its warp counts
+    "rows": (_decode_kernel, range(4), (4,)),
+    "keys-as-m": (_keys_as_m_kernel, (0, 2), (4, 8)),
+    "values-ahead": (_values_ahead_kernel, (0, 2), (4,)),
+}
+
+
+def sass_summary(kernel, mode: int, constexprs: dict, options: dict) -> str:
+    """Registers, spill stack and the instructions that matter here in its main loop, from the kernel compiled for
+    sm_90 by Triton's own ptxas (no GPU needed: TRITON_INTERPRET=0)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    cache = {0: "*bf16", 3: "*u8"}.get(mode, "*fp8e4nv")
+    types = {"Q": "*bf16", "K": cache, "V": cache, "Out": "*bf16", "seq_lens": "*i32", "block_tables": "*i32",
+             "k_scale": "fp32", "v_scale": "fp32", "scale_log2": "fp32", "stride_bt": "i32"}
+    signature = {name: types.get(name, "constexpr") for name in kernel.arg_names}
+    aligned = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(kernel.arg_names)
+               if types.get(name, "").startswith("*")}  # as Triton marks them at launch
+    compiled = triton.compile(ASTSource(kernel, signature, constexprs=constexprs, attrs=aligned),
+                              target=GPUTarget("cuda", 90, 32), options=options)
+    tools = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = Path(tmp) / "kernel.cubin"
+        cubin.write_bytes(compiled.asm["cubin"])
+        usage = subprocess.run([tools / "cuobjdump", "-res-usage", cubin], capture_output=True, text=True).stdout
+        sass = subprocess.run([tools / "nvdisasm", "-c", cubin], capture_output=True, text=True).stdout
+    body = _loop_body(sass)
+    counts = {name: sum(n for op, n in body.items() if op.startswith(prefixes)) for name, prefixes in
+              (("byte loads", "LDS.U8"), ("e4m3 widenings", "F2FP.F16.E4M3"), ("register moves", "IMAD.MOV"),
+               ("byte permutes", "PRMT"), ("ldmatrix", "LDSM"), ("mma", ("HMMA", "HGMMA")), ("spills", ("STL", "LDL")))}
+    registers = re.search(r"REG:(\d+) STACK:(\d+)", usage)
+    return (f"{registers[1]} registers, {registers[2]}-byte stack; its loop issues {sum(body.values())} "
+            "instructions a tile: " + ", ".join(f"{n} {name}" for name, n in counts.items()))
+
+
+def _loop_body(sass: str) -> collections.Counter:
+    """Opcodes of the longest loop in nvdisasm's listing: the instructions from a label to a branch back to it
+    (the pipelined main loop, one tile per pass)."""
+    labels, instructions, loops = {}, [], []
+    for line in sass.splitlines():
+        if label := re.match(r"(\.L_x_\d+):", line):
+            labels[label[1]] = len(instructions)
+        elif op := re.match(r"\s+/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][\w.]*)", line):
+            instructions.append(op[1])
+            target = re.search(r"BRA\s+`\((\.L_x_\d+)\)", line)
+            if target and target[1] in labels:
+                loops.append(instructions[labels[target[1]]:])
+    return collections.Counter(max(loops, key=len, default=[]))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--loop", choices=LOOPS, default="rows",
+                   help="which copy of the loop: query rows as the dots' M (the engine's), keys as M, or values "
+                        "loaded a tile ahead into registers")
     p.add_argument("--heads-first", action="store_true", help="grid (KV heads, sequences) instead of the reverse")
-    p.add_argument("--keys-as-m", action="store_true",
-                   help="time the loop with the keys as the dots' M (modes 0 and 2, 4 and 8 warps) instead")
     p.add_argument("--values-along-keys", action="store_true", help="FP8 values as [blocks, KV heads, D, tokens]")
     p.add_argument("--heads-outer", action="store_true",
-                   help="K and V as [blocks, KV heads, tokens, D] (not with --keys-as-m or --values-along-keys)")
+                   help="K and V as [blocks, KV heads, tokens, D] (rows loop only; not with --values-along-keys)")
     p.add_argument("--maxnreg", type=int, help="also time each variant with its registers capped at this many")
+    p.add_argument("--sass", action="store_true",
+                   help="no GPU: compile each variant for sm_90 and print its registers and key instruction counts "
+                        "(run with TRITON_INTERPRET=0)")
     args = p.parse_args()
+    kernel, modes, warps = LOOPS[args.loop]
+    layout = {"HEADS_OUTER": args.heads_outer} if args.loop == "rows" else {}
+    variants = [
+        (mode, block_n, stages, num_warps, maxnreg,
+         dict(GROUP=HQ // HKV, BLOCK_N=block_n, PAGE=PAGE, HKV=HKV, D=HEAD_DIM, MODE=mode,
+              HEADS_FIRST=args.heads_first, V_T=args.values_along_keys and mode > 0, **layout),
+         dict(num_stages=stages, num_warps=num_warps, **({} if maxnreg is None else {"maxnreg": maxnreg})))
+        for mode, block_n, stages, num_warps, maxnreg in itertools.product(
+            modes, (64, 128), (1, 2, 3), warps, dict.fromkeys((None, args.maxnreg)))
+    ]
+    if args.sass:
+        for mode, block_n, stages, num_warps, maxnreg, constexprs, options in variants:
+            print(f"{_name(mode, block_n, stages, num_warps, maxnreg)}: "
+                  f"{sass_summary(kernel, mode, constexprs, options)}")
+        return
+
     bandwidth = copy_bandwidth()
     g = torch.Generator(device="cuda").manual_seed(0)
     num_blocks = BATCH * CONTEXT // PAGE
@@ -174,31 +306,27 @@ def main() -> None:
         roofline = 2 * k.numel() * k.element_size() / bandwidth
         print(f"engine kernel, {name} cache: {t * 1e6:.1f} us ({t / roofline:.2f}x its bytes)")
     grid = (HKV, BATCH) if args.heads_first else (BATCH, HKV)
-    kernel, modes, warps = (_keys_as_m_kernel, (0, 2), (4, 8)) if args.keys_as_m else (_decode_kernel, range(4), (4,))
-    layout = {} if args.keys_as_m else {"HEADS_OUTER": args.heads_outer}
-    for mode in modes:
-        along_keys = args.values_along_keys and mode > 0
+    for mode, block_n, stages, num_warps, maxnreg, constexprs, options in variants:
         k, v = (k16, v16) if mode == 0 else (k8, v8)
         if args.heads_outer:
             k, v = k.transpose(1, 2).contiguous(), v.transpose(1, 2).contiguous()
-        if along_keys:  # commit 4f1cad9's FP8 layout, measured slower and reverted (bench/RESULTS.md)
+        if constexprs["V_T"]:  # commit 4f1cad9's FP8 layout, measured slower and reverted (bench/RESULTS.md)
             v = v.permute(0, 2, 3, 1).contiguous()
         if mode == 3:
             k, v = k.view(torch.uint8), v.view(torch.uint8)
         scale = 1.0 if mode == 0 else SCALE * (2.0**120 if mode == 3 else 1.0)
-        for block_n, stages, num_warps, maxnreg in itertools.product((64, 128), (1, 2, 3), warps,
-                                                                     dict.fromkeys((None, args.maxnreg))):
-            registers = {} if maxnreg is None else {"maxnreg": maxnreg}
-            launch = partial(kernel[grid], q, k, v, out, seq_lens, block_tables, scale, scale,
-                             HEAD_DIM**-0.5 * 1.4426950408889634, block_tables.stride(0), GROUP=HQ // HKV,
-                             BLOCK_N=block_n, PAGE=PAGE, HKV=HKV, D=HEAD_DIM, MODE=mode, HEADS_FIRST=args.heads_first,
-                             V_T=along_keys, **layout, num_stages=stages, num_warps=num_warps, **registers)
-            t = time_cuda(launch, iters=30, hide_launch=True)
-            error = (out.float() - reference["bf16" if mode == 0 else "fp8"].float()).abs().max().item()
-            print(f"mode {mode}, {block_n}-key tiles, {stages} stages, {num_warps} warps"
-                  f"{'' if maxnreg is None else f', at most {maxnreg} registers'}: {t * 1e6:.1f} us "
-                  f"({t * bandwidth / (2 * k.numel() * k.element_size()):.2f}x its bytes), "
-                  f"max difference from the engine's kernel {error:.2g}")
+        launch = partial(kernel[grid], q, k, v, out, seq_lens, block_tables, scale, scale,
+                         HEAD_DIM**-0.5 * 1.4426950408889634, block_tables.stride(0), **constexprs, **options)
+        t = time_cuda(launch, iters=30, hide_launch=True)
+        error = (out.float() - reference["bf16" if mode == 0 else "fp8"].float()).abs().max().item()
+        print(f"{_name(mode, block_n, stages, num_warps, maxnreg)}: {t * 1e6:.1f} us "
+              f"({t * bandwidth / (2 * k.numel() * k.element_size()):.2f}x its bytes), "
+              f"max difference from the engine's kernel {error:.2g}")
+
+
+def _name(mode: int, block_n: int, stages: int, num_warps: int, maxnreg: int | None) -> str:
+    return (f"mode {mode}, {block_n}-key tiles, {stages} stages, {num_warps} warps"
+            + ("" if maxnreg is None else f", at most {maxnreg} registers"))
 
 
 if __name__ == "__main__":
