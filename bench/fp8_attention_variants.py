@@ -237,8 +237,9 @@ def sass_summary(kernel, mode: int, constexprs: dict, options: dict) -> str:
               (("byte loads", "LDS.U8"), ("e4m3 widenings", "F2FP.F16.E4M3"), ("register moves", "IMAD.MOV"),
                ("byte permutes", "PRMT"), ("ldmatrix", "LDSM"), ("mma", ("HMMA", "HGMMA")), ("spills", ("STL", "LDL")))}
     registers = re.search(r"REG:(\d+) STACK:(\d+)", usage)
-    return (f"{registers[1]} registers, {registers[2]}-byte stack; its loop issues {sum(body.values())} "
-            "instructions a tile: " + ", ".join(f"{n} {name}" for name, n in counts.items()))
+    listed = ", ".join(f"{n} {name}" for name, n in counts.items())
+    return (f"{registers[1]} registers, {registers[2]}-byte stack; each of its {options.get('num_warps', 4)} warps "
+            f"issues {sum(body.values())} instructions a tile: {listed}")
 
 
 def _loop_body(sass: str) -> collections.Counter:
