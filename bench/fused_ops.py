@@ -43,7 +43,7 @@ def compare(tokens: int) -> None:
         "silu_and_mul": (lambda: silu_and_mul(gate_up), lambda: silu_and_mul_ref(gate_up)),
     }
     for name, (fused, unfused) in cases.items():
-        f, u = time_cuda(fused, iters=50), time_cuda(unfused, iters=50)
+        f, u = time_cuda(fused, iters=50, hide_launch=True), time_cuda(unfused, iters=50, hide_launch=True)
         print(f"{tokens:5d} tokens  {name:20s} fused {f * 1e6:7.1f} us  unfused {u * 1e6:7.1f} us  "
               f"speed-up {u / f:4.1f}x")
 
@@ -55,8 +55,8 @@ def compare_sampler(rows: int = 256) -> None:
     batch = SamplingBatch.build([SamplingParams(temperature=0.6)] * rows, list(range(rows)), [0] * rows,
                                 [[]] * rows, torch.device("cuda"))
     sampler = Sampler()
-    f = time_cuda(lambda: sampler(logits, batch), iters=50)
-    u = time_cuda(lambda: unfused_sample(logits, batch), iters=50)
+    f = time_cuda(lambda: sampler(logits, batch), iters=50, hide_launch=True)
+    u = time_cuda(lambda: unfused_sample(logits, batch), iters=50, hide_launch=True)
     print(f"{rows:5d} rows    sampling (T=0.6)     fused {f * 1e6:7.1f} us  unfused {u * 1e6:7.1f} us  "
           f"speed-up {u / f:4.1f}x")
 
