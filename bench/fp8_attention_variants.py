@@ -55,6 +55,28 @@ def _widen(x, dtype, MODE: tl.constexpr):
 
 
 @triton.jit
+def _tile_rows(block_tables, seq, stride_bt, start, seq_len, kv_head, BLOCK_N: tl.constexpr, PAGE: tl.constexpr,
+               HKV: tl.constexpr):
+    """Cache rows of the tile's keys (the [blocks, tokens, KV heads, D] layout) and which of them exist."""
+    offs_n = start + tl.arange(0, BLOCK_N)
+    n_valid = offs_n < seq_len
+    block_ids = tl.load(block_tables + seq * stride_bt + offs_n // PAGE, mask=n_valid, other=0)
+    return (block_ids * PAGE + offs_n % PAGE) * HKV + kv_head, n_valid
+
+
+@triton.jit
+def _values_along_keys(V, block_tables, seq, stride_bt, start, seq_len, kv_head, BLOCK_N: tl.constexpr,
+                       PAGE: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr):
+    """The tile's values, [D, BLOCK_N], from V stored [blocks, KV heads, D, PAGE]: rows run along the keys, PAGE
+    bytes at a time."""
+    pages = start // PAGE + tl.arange(0, BLOCK_N // PAGE)
+    page_ids = tl.load(block_tables + seq * stride_bt + pages, mask=pages * PAGE < seq_len, other=0)
+    v_t = tl.load(V + tl.arange(0, D)[:, None, None] * PAGE + ((page_ids * HKV + kv_head) * D * PAGE)[None, :, None]
+                  + tl.arange(0, PAGE)[None, None, :], mask=(pages * PAGE < seq_len)[None, :, None], other=0.0)
+    return tl.reshape(v_t, (D, BLOCK_N))
+
+
+@triton.jit
 def _group_query(Q, GROUP: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, MODE: tl.constexpr,
                  HEADS_FIRST: tl.constexpr):
     """The program's sequence and KV head, and its GQA group's query rows padded to tl.dot's 16."""
@@ -102,13 +124,9 @@ def _decode_kernel(Q, K, V, Out, seq_lens, block_tables, k_scale, v_scale, scale
         else:
             rows = (block_ids * PAGE + offs_n % PAGE) * HKV + kv_head
         k = _widen(tl.load(K + rows[:, None] * D + offs_d[None, :], mask=n_valid[:, None], other=0.0), q.dtype, MODE)
-        if V_T:  # V stored [blocks, KV heads, D, PAGE]: a tile's rows run along the keys, PAGE bytes at a time
-            pages = start // PAGE + tl.arange(0, BLOCK_N // PAGE)
-            page_ids = tl.load(block_tables + seq * stride_bt + pages, mask=pages * PAGE < seq_len, other=0)
-            in_page = tl.arange(0, PAGE)
-            v_t = tl.load(V + offs_d[:, None, None] * PAGE + ((page_ids * HKV + kv_head) * D * PAGE)[None, :, None]
-                          + in_page[None, None, :], mask=(pages * PAGE < seq_len)[None, :, None], other=0.0)
-            v = tl.trans(_widen(tl.reshape(v_t, (D, BLOCK_N)), q.dtype, MODE))
+        if V_T:
+            v_t = _values_along_keys(V, block_tables, seq, stride_bt, start, seq_len, kv_head, BLOCK_N, PAGE, HKV, D)
+            v = tl.trans(_widen(v_t, q.dtype, MODE))
         else:
             v = _widen(tl.load(V + rows[:, None] * D + offs_d[None, :], mask=n_valid[:, None], other=0.0), q.dtype,
                        MODE)
@@ -120,30 +138,18 @@ def _decode_kernel(Q, K, V, Out, seq_lens, block_tables, k_scale, v_scale, scale
 
 @triton.jit
 def _keys_as_m_kernel(Q, K, V, Out, seq_lens, block_tables, k_scale, v_scale, scale_log2, stride_bt,
-              GROUP: tl.constexpr, BLOCK_N: tl.constexpr, PAGE: tl.constexpr, HKV: tl.constexpr,
-              D: tl.constexpr, MODE: tl.constexpr, HEADS_FIRST: tl.constexpr, V_T: tl.constexpr):
+                      GROUP: tl.constexpr, BLOCK_N: tl.constexpr, PAGE: tl.constexpr, HKV: tl.constexpr,
+                      D: tl.constexpr, MODE: tl.constexpr, HEADS_FIRST: tl.constexpr, V_T: tl.constexpr):
     """The same loop with the keys as the dots' M (S^T = K q^T, O^T = V^T P^T), so Hopper's wgmma takes them."""
-    if HEADS_FIRST:
-        seq, kv_head = tl.program_id(1), tl.program_id(0)
-    else:
-        seq, kv_head = tl.program_id(0), tl.program_id(1)
-    offs_m = tl.arange(0, 16)
-    head = kv_head * GROUP + offs_m % GROUP
-    row_valid = offs_m < GROUP
+    seq, kv_head, head, row_valid, q = _group_query(Q, GROUP, HKV, D, MODE, HEADS_FIRST)
+    q_t = tl.trans(q)  # [D, 16]
     offs_d = tl.arange(0, D)
-    # q^T: [D, 16]
-    q_t = tl.load(Q + (seq * HKV * GROUP + head)[None, :] * D + offs_d[:, None], mask=row_valid[None, :], other=0.0)
-    if MODE == 2:
-        q_t = tl.minimum(tl.maximum(q_t.to(tl.float32), -65504.0), 65504.0).to(tl.float16)
     seq_len = tl.load(seq_lens + seq)
     m_i = tl.full([16], float("-inf"), tl.float32)
     l_i = tl.zeros([16], tl.float32)
     acc = tl.zeros([D, 16], tl.float32)
     for start in range(0, seq_len, BLOCK_N):
-        offs_n = start + tl.arange(0, BLOCK_N)
-        n_valid = offs_n < seq_len
-        block_ids = tl.load(block_tables + seq * stride_bt + offs_n // PAGE, mask=n_valid, other=0)
-        rows = (block_ids * PAGE + offs_n % PAGE) * HKV + kv_head
+        rows, n_valid = _tile_rows(block_tables, seq, stride_bt, start, seq_len, kv_head, BLOCK_N, PAGE, HKV)
         k = tl.load(K + rows[:, None] * D + offs_d[None, :], mask=n_valid[:, None], other=0.0).to(q_t.dtype)
         s = tl.dot(k, q_t) * (scale_log2 * k_scale)  # [BLOCK_N, 16]
         s = tl.where(n_valid[:, None], s, float("-inf"))
@@ -152,12 +158,8 @@ def _keys_as_m_kernel(Q, K, V, Out, seq_lens, block_tables, k_scale, v_scale, sc
         alpha = tl.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 0)
         if V_T:
-            pages = start // PAGE + tl.arange(0, BLOCK_N // PAGE)
-            page_ids = tl.load(block_tables + seq * stride_bt + pages, mask=pages * PAGE < seq_len, other=0)
-            in_page = tl.arange(0, PAGE)
-            v_t = tl.load(V + offs_d[:, None, None] * PAGE + ((page_ids * HKV + kv_head) * D * PAGE)[None, :, None]
-                          + in_page[None, None, :], mask=(pages * PAGE < seq_len)[None, :, None], other=0.0)
-            v_t = tl.reshape(v_t, (D, BLOCK_N)).to(q_t.dtype)
+            v_t = _values_along_keys(V, block_tables, seq, stride_bt, start, seq_len, kv_head, BLOCK_N, PAGE, HKV,
+                                     D).to(q_t.dtype)
         else:
             v_t = tl.trans(tl.load(V + rows[:, None] * D + offs_d[None, :], mask=n_valid[:, None], other=0.0))
             v_t = v_t.to(q_t.dtype)
@@ -166,16 +168,6 @@ def _keys_as_m_kernel(Q, K, V, Out, seq_lens, block_tables, k_scale, v_scale, sc
     out = acc * v_scale / l_i[None, :]
     tl.store(Out + (seq * HKV * GROUP + head)[None, :] * D + offs_d[:, None], out.to(Out.dtype.element_ty),
              mask=row_valid[None, :])
-
-
-@triton.jit
-def _tile_rows(block_tables, seq, stride_bt, start, seq_len, kv_head, BLOCK_N: tl.constexpr, PAGE: tl.constexpr,
-               HKV: tl.constexpr):
-    """Cache rows of the tile's keys (the [blocks, tokens, KV heads, D] layout) and which of them exist."""
-    offs_n = start + tl.arange(0, BLOCK_N)
-    n_valid = offs_n < seq_len
-    block_ids = tl.load(block_tables + seq * stride_bt + offs_n // PAGE, mask=n_valid, other=0)
-    return (block_ids * PAGE + offs_n % PAGE) * HKV + kv_head, n_valid
 
 
 @triton.jit

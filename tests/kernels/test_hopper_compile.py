@@ -33,9 +33,8 @@ def test_every_kernel_variant_compiles_for_hopper() -> None:
     assert "compiled" in result.stdout
 
 
-def _variants() -> list[tuple[object, dict[str, str], dict[str, object], dict[str, int]]]:
-    """(kernel, signature of its runtime arguments, constexprs, launch options) for each variant the wrappers
-    launch."""
+def _variants() -> list[tuple[object, dict[str, str], dict[str, object]]]:
+    """(kernel, signature of its runtime arguments, constexprs) for each variant the wrappers launch."""
     from kernels import exponential_noise, paged_attention, rms_norm, rotary_kv_store, silu_and_mul, skinny_matmul
 
     def pointers(dtype: str, *names: str) -> dict[str, str]:
@@ -60,8 +59,7 @@ def _variants() -> list[tuple[object, dict[str, str], dict[str, object], dict[st
         ):
             variants.append((paged_attention._paged_attention_kernel, attention_signature("fp8e4nv" if fp8 else dtype),
                              dict(GROUP=2, BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=block_n, PAGE=16, HEAD_DIM=128,
-                                  NUM_SPLITS=splits, DOT_PRECISION=precision, FP8=fp8),
-                             paged_attention._launch_options(fp8=fp8, decode=block_q == 1, block_n=block_n)))
+                                  NUM_SPLITS=splits, DOT_PRECISION=precision, FP8=fp8)))
         variants.append((paged_attention._merge_splits_kernel, {
             **pointers("fp32", "Partial_out", "Partial_lse"), "Out": f"*{dtype}",
             **dict.fromkeys(["num_tokens", "num_heads", "stride_ot", "stride_oh"], "i32"),
@@ -98,7 +96,17 @@ def _variants() -> list[tuple[object, dict[str, str], dict[str, object], dict[st
     variants.append((exponential_noise._exponential_noise_kernel, {
         **pointers("i64", "keys", "rows"), "Out": "*fp32", "stride_row": "i32", "vocab_size": "i32", "tiny": "fp32",
     }, dict(QUARTER=1024)))
-    return [variant if len(variant) == 4 else (*variant, {}) for variant in variants]
+    return variants
+
+
+def _launch_options(kernel: object, constexprs: dict[str, object]) -> dict[str, int]:
+    """The stages and register cap the wrapper launches the variant with (Triton's defaults elsewhere)."""
+    from kernels import paged_attention
+
+    if kernel is not paged_attention._paged_attention_kernel:
+        return {}
+    return paged_attention._launch_options(fp8=constexprs["FP8"], decode=constexprs["BLOCK_Q"] == 1,
+                                           block_n=constexprs["BLOCK_N"])
 
 
 def _runtime_divisibility(kernel: object, signature: dict[str, str]) -> dict[tuple[int, ...], list]:
@@ -119,13 +127,13 @@ def compile_all() -> None:
 
     target = GPUTarget("cuda", 90, 32)
     variants = _variants()
-    for kernel, signature, constexprs, options in variants:
+    for kernel, signature, constexprs in variants:
         names = kernel.arg_names  # type: ignore[attr-defined]
         full = {name: signature.get(name, "constexpr") for name in names}
         missing = [n for n in names if n not in signature and n not in constexprs]
         assert not missing, f"{kernel.__name__}: no type for {missing}"  # type: ignore[attr-defined]
         triton.compile(ASTSource(kernel, full, constexprs=constexprs, attrs=_runtime_divisibility(kernel, full)),
-                       target=target, options=options)
+                       target=target, options=_launch_options(kernel, constexprs))
     print(f"compiled {len(variants)} kernel variants for sm_90")
 
 
