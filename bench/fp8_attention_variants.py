@@ -14,7 +14,8 @@ values stored along each block's tokens (`--values-along-keys`: [blocks, KV head
   rows          the engine's loop: the GQA group's query rows are the dots' M (16 rows, 2 real for Qwen3-0.6B)
   keys-as-m     the keys are the dots' M (S^T = K q^T), which Triton gives Hopper's wgmma
   values-ahead  each V tile loaded a tile ahead into registers and widened there, so V reaches the dot through
-                16-bit shared memory (ldmatrix.trans) instead of one byte per load
+                16-bit shared memory (ldmatrix.trans) instead of one byte per load: a quarter fewer instructions,
+                but 212 registers (two programs an SM) and slower on the H200 (240 against 210 us; RESULTS.md)
 `--maxnreg N` also times each variant with its registers capped (the engine caps FP8 decode at 168:
 kernels/paged_attention.py). Kernel times exclude the host's launch work (`time_cuda(hide_launch=True)`).
 `--sass` needs no GPU: it compiles each variant for sm_90 and prints registers, spills and the instructions that

@@ -9,6 +9,7 @@ with prefill tokens on their own); per group: steps, seconds, share of the run, 
 roofline, and the seconds above the roofline, which is where a speed-up has to come from.
 
     python bench/workload_profile.py [--model DIR] [--num-seqs 256] [--max-num-batched-tokens 16384]
+                                     [--kv-cache-dtype fp8] [--batch-invariant]
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from common import copy_bandwidth
+from common import add_numerics_flags, copy_bandwidth, numerics_kwargs
 from offline_throughput import nano_vllm_workload, workload_engine
 
 from engine import LLMEngine
@@ -61,9 +62,10 @@ def main() -> None:
     p.add_argument("--model", type=Path, help="checkpoint dir (default: random Qwen3-0.6B shape, bf16)")
     p.add_argument("--num-seqs", type=int, default=256)
     p.add_argument("--max-num-batched-tokens", type=int, default=16384)
+    add_numerics_flags(p)
     args = p.parse_args()
 
-    engine = workload_engine(args.model, max_num_batched_tokens=args.max_num_batched_tokens)
+    engine = workload_engine(args.model, max_num_batched_tokens=args.max_num_batched_tokens, **numerics_kwargs(args))
     model = engine.model_runner.model
     weight_bytes = sum(t.numel() * t.element_size() for t in model.parameters())
     kv_bytes_per_token = bytes_per_block(model, engine.config) / engine.config.block_size

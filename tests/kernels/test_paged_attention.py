@@ -134,8 +134,8 @@ def test_batch_invariant_mode_reduces_a_query_alike_on_every_path(dtype: torch.d
 def test_an_fp8_cache_is_read_as_stored_times_its_scales(num_splits: int, batch_invariant: bool) -> None:
     """An e4m3 cache (kernels/fp8_kv.py), a scale per KV head: the kernel widens each tile and applies the scales
     as the reference does, on decode, prefill and mixed batches; and it stays close to attention over the
-    unquantised cache (one e4m3 rounding of each key and value)."""
-    for i, (q_lens, context_lens) in enumerate(CASES):
+    unquantised cache (one e4m3 rounding of each key and value). Decode runs over several of its 128-key tiles too."""
+    for i, (q_lens, context_lens) in enumerate([*CASES, ([1, 1, 1], [300, 129, 40])]):
         batch = make_batch(q_lens, context_lens, 8, 2, 64, 16, DTYPES[-1], seed=20 + i)
         scales = (torch.tensor([0.015, 0.03], device=DEVICE), torch.tensor([0.02, 0.012], device=DEVICE))  # no clamp
         fp8 = {**batch, "k_cache": quantize_ref(batch["k_cache"], scales[0][:, None]),
