@@ -4,7 +4,7 @@ Wraps the engine's phases with wall-clock timers (no extra synchronisation, so t
 what the step really spends). Steps overlap: each `step()` launches step n+1, then waits for step n's
 tokens (`wait`) while the GPU runs n+1, so host phases that fit inside the GPU's time cost nothing.
 
-    python bench/step_profile.py [--model DIR] [--batch-size 256] [--context 1024]
+    python bench/step_profile.py [--model DIR] [--batch-size 256] [--context 1024] [--kv-cache-dtype fp8]
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
-from common import random_qwen3_0_6b, timed
+from common import add_numerics_flags, numerics_kwargs, random_qwen3_0_6b, timed
 
 from engine import LLMEngine, SamplingParams
 from engine.step_plan import StepPlan
@@ -30,9 +30,10 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--context", type=int, default=1024)
     p.add_argument("--steps", type=int, default=32)
+    add_numerics_flags(p)
     args = p.parse_args()
     engine = LLMEngine(args.model or random_qwen3_0_6b(), max_model_len=2048, max_num_seqs=256,
-                       max_num_batched_tokens=16384)
+                       max_num_batched_tokens=16384, **numerics_kwargs(args))
     g = torch.Generator().manual_seed(0)
     params = SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=args.steps + 64)
     for _ in range(args.batch_size):
@@ -43,6 +44,8 @@ def main() -> None:
     StepPlan.build = timed(TOTALS, "build step plan", StepPlan.build)  # type: ignore[method-assign]
     if runner.graphs is not None:
         runner.graphs.replay = timed(TOTALS, "graph replay (launch)", runner.graphs.replay)
+    runner.execute = timed(TOTALS, "forward (launch, inputs)", runner.execute)
+    runner._sampling_batch = timed(TOTALS, "sampling inputs", runner._sampling_batch)
     runner.model.compute_logits = timed(TOTALS, "logits (launch)", runner.model.compute_logits)
     runner.sample = timed(TOTALS, "sampler (launch)", runner.sample)
     runner.wait = timed(TOTALS, "wait for the GPU", runner.wait)

@@ -10,7 +10,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -32,7 +31,7 @@ from engine.sequence import Sequence, TokenLogprobs
 from engine.step_plan import StepPlan
 from engine.token_mask import TokenMask
 from engine.tp.channel import Method
-from engine.transfer import to_device
+from engine.transfer import arrays_to_device, to_device
 from kernels.paged_attention import decode_kv_splits
 from kernels.skinny_matmul import skinny_config
 from kernels.triton_compat import HAS_TRITON
@@ -148,17 +147,15 @@ class ModelRunner:
     def execute(self, plan: StepPlan) -> torch.Tensor | None:
         """The forward of one step (the part every rank runs): logits [S, V] of the sampling rows on
         rank 0; None on other ranks and when no row samples."""
-        device = self.device
-        input_ids = to_device(torch.from_numpy(plan.input_ids), device)
+        (input_ids, positions, slot_mapping, query_start_loc, seq_lens, block_tables, sample_indices,
+         pending_indices, pending_rows) = arrays_to_device(plan.arrays(), self.device)
         if len(plan.pending_indices):
-            indices = to_device(torch.from_numpy(plan.pending_indices), device)
-            input_ids = input_ids.index_copy(0, indices, self._previous_tokens(plan.pending_rows))
-        positions = to_device(torch.from_numpy(plan.positions), device)
+            input_ids = input_ids.index_copy(0, pending_indices, self._previous_tokens(pending_rows))
         metadata = AttentionMetadata(
-            slot_mapping=to_device(torch.from_numpy(plan.slot_mapping), device),
-            query_start_loc=to_device(torch.from_numpy(plan.query_start_loc), device),
-            seq_lens=to_device(torch.from_numpy(plan.seq_lens), device),
-            block_tables=to_device(torch.from_numpy(plan.block_tables), device),
+            slot_mapping=slot_mapping,
+            query_start_loc=query_start_loc,
+            seq_lens=seq_lens,
+            block_tables=block_tables,
             max_query_len=plan.max_query_len,
             num_splits=1,  # prefill and mixed steps; decode steps take their split count from DecodeGraphs
         )
@@ -170,16 +167,16 @@ class ModelRunner:
         num_samples = len(plan.sample_indices)
         if num_samples == 0:
             return None
-        logits = self.model.compute_logits(hidden[to_device(torch.from_numpy(plan.sample_indices), device)])
+        logits = self.model.compute_logits(hidden[sample_indices])
         if self.rank > 0:  # rank 0 samples and broadcasts the tokens: the next step's pending tokens are among them
             self._last_sampled = self._sampled_buffer[:num_samples]
             dist.broadcast(self._last_sampled, src=0)
         return logits
 
-    def _previous_tokens(self, rows: np.ndarray | list[int]) -> torch.Tensor:
-        """The latest step's sampled tokens at `rows`, gathered on the device: the host never waits for them."""
+    def _previous_tokens(self, rows: torch.Tensor) -> torch.Tensor:
+        """The latest step's sampled tokens at `rows` (on the device), gathered there: the host never waits."""
         assert self._last_sampled is not None, "a pending token, but no step has sampled yet"
-        return self._last_sampled[to_device(torch.as_tensor(rows, dtype=torch.int64), self.device)]
+        return self._last_sampled[rows]
 
     def _choose_matmuls(self, linears: list[LinearBase], lm_head: ParallelLMHead) -> None:
         """Each linear layer's and the LM head's matmul for a few rows on a GPU (the skinny Triton kernel, or
@@ -212,7 +209,8 @@ class ModelRunner:
         if batch.penalties is not None:  # a penalised output may end with the previous step's pending token
             rows = [i for i, seq in enumerate(seqs) if seq.num_pending and seq.params.has_penalties]
             if rows:
-                previous = self._previous_tokens([self._last_sampled_rows[seqs[i]] for i in rows])
+                previous = self._previous_tokens(to_device([self._last_sampled_rows[seqs[i]] for i in rows],
+                                                           self.device, torch.int64))
                 batch = batch.with_output_tokens(rows, previous)
         return batch
 

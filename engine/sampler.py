@@ -44,7 +44,7 @@ import torch
 
 from engine.sampling_params import SamplingParams
 from engine.token_mask import TokenMask
-from engine.transfer import to_device
+from engine.transfer import arrays_to_device, to_device
 from kernels.exponential_noise import exponential_noise as kernel_exponential_noise
 from kernels.exponential_noise import exponential_noise_ref, exponential_race
 from kernels.triton_compat import HAS_TRITON
@@ -72,6 +72,7 @@ class SamplingBatch:
     masked: torch.Tensor | None  # [B] bool: the row uses top-k, top-p or min-p; None when no sampled row does
     sampled_rows: tuple[int, ...]  # rows with temperature > 0
     rng_keys: tuple[int, ...]  # rng_key(seed, position) of each sampled row, same order
+    streams: tuple[torch.Tensor, torch.Tensor]  # on the device: rng_keys (their 64 bits as int64), sampled_rows
     penalties: Penalties | None  # None when no row uses a penalty
     biases: Biases | None  # None when no row sets logit_bias or allowed_token_ids
     token_mask: TokenMask | None = None  # grammar rows' allowed tokens, set once the host has filled them
@@ -96,27 +97,34 @@ class SamplingBatch:
         sampled = [i for i, p in enumerate(params) if not p.is_greedy]
         sampled_params = [params[i] for i in sampled]
         asked = [p.logprobs for p in params if p.logprobs is not None]
-        suppress_rows = [row for row, ids in enumerate(suppressed) for _ in ids]
-        suppress_ids = [tok for ids in suppressed for tok in ids]
+        keys = rng_keys([seeds[i] for i in sampled], [positions[i] for i in sampled])
+        *columns, device_keys, device_rows = arrays_to_device([  # one copy for all of them
+            np.array([0.0 if p.is_greedy else p.temperature for p in params], np.float32),
+            np.array([p.top_k for p in params], np.int64),
+            np.array([p.top_p for p in params], np.float32),
+            np.array([p.min_p for p in params], np.float32),
+            np.array(seeds, np.int64),
+            np.array(positions, np.int64),
+            np.array([row for row, ids in enumerate(suppressed) for _ in ids], np.int64),
+            np.array([tok for ids in suppressed for tok in ids], np.int64),
+            np.array([_is_masked(p) for p in params], np.bool_),
+            keys.view(np.int64),
+            np.array(sampled, np.int64),
+        ], device)
+        per_row = dict(zip(_PER_ROW_FIELDS, columns))
+        if not any(_is_masked(p) for p in sampled_params):
+            per_row["masked"] = None
         return cls(
-            temperatures=to_device([0.0 if p.is_greedy else p.temperature for p in params], device, torch.float32),
-            top_ks=to_device([p.top_k for p in params], device, torch.int64),
-            top_ps=to_device([p.top_p for p in params], device, torch.float32),
-            min_ps=to_device([p.min_p for p in params], device, torch.float32),
-            seeds=to_device(seeds, device, torch.int64),
-            positions=to_device(positions, device, torch.int64),
-            suppress_rows=to_device(suppress_rows, device, torch.int64),
-            suppress_token_ids=to_device(suppress_ids, device, torch.int64),
+            **per_row,
             num_logprobs=max(asked, default=-1),
             all_greedy=not sampled,
             any_greedy=len(sampled) < len(params),
             any_top_k=any(p.top_k != -1 for p in sampled_params),
             any_top_p=any(p.top_p < 1.0 for p in sampled_params),
             any_min_p=any(p.min_p > 0.0 for p in sampled_params),
-            masked=to_device([_is_masked(p) for p in params], device, torch.bool)
-            if any(_is_masked(p) for p in sampled_params) else None,
             sampled_rows=tuple(sampled),
-            rng_keys=tuple(rng_keys([seeds[i] for i in sampled], [positions[i] for i in sampled]).tolist()),
+            rng_keys=tuple(keys.tolist()),
+            streams=(device_keys, device_rows),
             penalties=Penalties.build(params, histories, device) if any(p.has_penalties for p in params) else None,
             biases=Biases.build(params, device) if any(p.has_bias_or_allow_list for p in params) else None,
         )
@@ -131,6 +139,10 @@ class SamplingBatch:
         penalties = dataclasses.replace(pen, output_rows=torch.cat([pen.output_rows, output_rows]),
                                         output_token_ids=torch.cat([pen.output_token_ids, token_ids]))
         return dataclasses.replace(self, penalties=penalties)
+
+
+_PER_ROW_FIELDS = ("temperatures", "top_ks", "top_ps", "min_ps", "seeds", "positions", "suppress_rows",
+                   "suppress_token_ids", "masked")
 
 
 @dataclass(frozen=True, slots=True)
@@ -255,7 +267,7 @@ def exponential_noise(batch: SamplingBatch, vocab_size: int, device: torch.devic
     noise = torch.ones(batch.temperatures.shape[0], vocab_size, device=device)  # [B, V]
     if not batch.sampled_rows:
         return noise
-    keys, rows = _keys_and_rows(batch, device)
+    keys, rows = batch.streams
     if _on_gpu(device):
         kernel_exponential_noise(keys, rows, noise)
     else:
@@ -265,12 +277,6 @@ def exponential_noise(batch: SamplingBatch, vocab_size: int, device: torch.devic
 
 def _is_masked(params: SamplingParams) -> bool:
     return params.top_k != -1 or params.top_p < 1.0 or params.min_p > 0.0
-
-
-def _keys_and_rows(batch: SamplingBatch, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """The sampled rows' stream keys [S] (their 64 bits as int64) and row indices [S], on `device`."""
-    signed_keys = np.array(batch.rng_keys, dtype=np.uint64).view(np.int64)
-    return to_device(torch.from_numpy(signed_keys), device), to_device(list(batch.sampled_rows), device, torch.int64)
 
 
 def _on_gpu(device: torch.device) -> bool:
@@ -296,7 +302,7 @@ def _choose(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
 
 def _race_in_one_pass(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     """The exponential race of every sampled row, fused (no masks applied) -> [B] (greedy rows: garbage)."""
-    keys, rows = _keys_and_rows(batch, logits.device)
+    keys, rows = batch.streams
     tokens = torch.zeros(logits.shape[0], dtype=torch.int64, device=logits.device)  # [B]
     return tokens.index_copy_(0, rows, exponential_race(logits, keys, rows, batch.temperatures[rows]))
 
