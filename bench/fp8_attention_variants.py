@@ -16,13 +16,15 @@ values stored along each block's tokens (`--values-along-keys`: [blocks, KV head
   values-ahead  each V tile loaded a tile ahead into registers and widened there, so V reaches the dot through
                 16-bit shared memory (ldmatrix.trans) instead of one byte per load: a quarter fewer instructions,
                 but 212 registers (two programs an SM) and slower on the H200 (240 against 210 us; RESULTS.md)
-`--maxnreg N` also times each variant with its registers capped (the engine caps FP8 decode at 168:
-kernels/paged_attention.py). Kernel times exclude the host's launch work (`time_cuda(hide_launch=True)`).
+`--ids-ahead` has each pass of the rows loop load the next tile's block ids, as the engine's FP8 decode loop
+does (kernels/paged_attention.py: then Triton stages the next K/V tile while one is used). `--maxnreg N` also
+times each variant with its registers capped. Kernel times exclude the host's launch work
+(`time_cuda(hide_launch=True)`).
 `--sass` needs no GPU: it compiles each variant for sm_90 and prints registers, spills and the instructions that
 decide this loop's cost (V's byte loads, widenings, moves), so a variant can be judged before a device call.
 
     python bench/fp8_attention_variants.py [--loop rows|keys-as-m|values-ahead] [--heads-first]
-                                           [--values-along-keys | --heads-outer] [--maxnreg N]
+                                           [--values-along-keys | --heads-outer] [--ids-ahead] [--maxnreg N]
     TRITON_INTERPRET=0 python bench/fp8_attention_variants.py --sass [--loop ...] [--maxnreg N]
 """
 
@@ -109,17 +111,25 @@ def _attend(q, k, v, n_valid, m_i, l_i, acc, score_scale):
 def _decode_kernel(Q, K, V, Out, seq_lens, block_tables, k_scale, v_scale, scale_log2, stride_bt,
                    GROUP: tl.constexpr, BLOCK_N: tl.constexpr, PAGE: tl.constexpr, HKV: tl.constexpr,
                    D: tl.constexpr, MODE: tl.constexpr, HEADS_FIRST: tl.constexpr, V_T: tl.constexpr,
-                   HEADS_OUTER: tl.constexpr):
+                   HEADS_OUTER: tl.constexpr, IDS_AHEAD: tl.constexpr):
     seq, kv_head, head, row_valid, q = _group_query(Q, GROUP, HKV, D, MODE, HEADS_FIRST)
     offs_d = tl.arange(0, D)
     seq_len = tl.load(seq_lens + seq)
     m_i = tl.full([16], float("-inf"), tl.float32)
     l_i = tl.zeros([16], tl.float32)
     acc = tl.zeros([16, D], tl.float32)
+    if IDS_AHEAD:
+        ids_next = tl.load(block_tables + seq * stride_bt + tl.arange(0, BLOCK_N) // PAGE,
+                           mask=tl.arange(0, BLOCK_N) < seq_len, other=0)
     for start in range(0, seq_len, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
         n_valid = offs_n < seq_len
-        block_ids = tl.load(block_tables + seq * stride_bt + offs_n // PAGE, mask=n_valid, other=0)
+        if IDS_AHEAD:  # the engine's FP8 decode loop (kernels/paged_attention.py)
+            block_ids = ids_next
+            ids_next = tl.load(block_tables + seq * stride_bt + (offs_n + BLOCK_N) // PAGE,
+                               mask=offs_n + BLOCK_N < seq_len, other=0)
+        else:
+            block_ids = tl.load(block_tables + seq * stride_bt + offs_n // PAGE, mask=n_valid, other=0)
         if HEADS_OUTER:  # [blocks, KV heads, PAGE, D]: a page of one head is PAGE * D contiguous elements
             rows = (block_ids * HKV + kv_head) * PAGE + offs_n % PAGE
         else:
@@ -259,13 +269,15 @@ def main() -> None:
     p.add_argument("--values-along-keys", action="store_true", help="FP8 values as [blocks, KV heads, D, tokens]")
     p.add_argument("--heads-outer", action="store_true",
                    help="K and V as [blocks, KV heads, tokens, D] (rows loop only; not with --values-along-keys)")
+    p.add_argument("--ids-ahead", action="store_true",
+                   help="each pass loads the next tile's block ids (rows loop only; the engine's FP8 decode loop)")
     p.add_argument("--maxnreg", type=int, help="also time each variant with its registers capped at this many")
     p.add_argument("--sass", action="store_true",
                    help="no GPU: compile each variant for sm_90 and print its registers and key instruction counts "
                         "(run with TRITON_INTERPRET=0)")
     args = p.parse_args()
     kernel, modes, warps = LOOPS[args.loop]
-    layout = {"HEADS_OUTER": args.heads_outer} if args.loop == "rows" else {}
+    layout = {"HEADS_OUTER": args.heads_outer, "IDS_AHEAD": args.ids_ahead} if args.loop == "rows" else {}
     variants = [
         (mode, block_n, stages, num_warps, maxnreg,
          dict(GROUP=HQ // HKV, BLOCK_N=block_n, PAGE=PAGE, HKV=HKV, D=HEAD_DIM, MODE=mode,

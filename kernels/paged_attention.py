@@ -91,7 +91,7 @@ def paged_attention(
         GROUP=group, BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=block_n, PAGE=page,
         HEAD_DIM=head_dim, NUM_SPLITS=num_splits, DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
         FP8=kv_scales is not None,
-        **_launch_options(fp8=kv_scales is not None, decode=decode, block_n=block_n),
+        **_loop_options(fp8=kv_scales is not None, decode=decode, block_n=block_n),
     )
     if num_splits > 1:
         _merge_splits_kernel[(num_tokens, num_heads)](
@@ -101,14 +101,18 @@ def paged_attention(
     return out
 
 
-def _launch_options(fp8: bool, decode: bool, block_n: int) -> dict[str, int]:
-    """Pipeline stages and a register cap. FP8 decode, measured on an H200 (batch 256 x 1,040 tokens, one layer;
-    bench/RESULTS.md): two stages of K/V in flight beat three (244 us against 262), and its 128-key tiles take 205
-    registers a thread, so only two programs fit on an SM and too few warps hide the loads: capped at 168 (a few
-    spills), three fit, and a decode-only copy of the loop goes from 248 to 233 us."""
-    if not (fp8 and decode):
-        return {"num_stages": 3}
-    return {"num_stages": 2, "maxnreg": 168} if block_n == 128 else {"num_stages": 2}
+def _loop_options(fp8: bool, decode: bool, block_n: int) -> dict[str, int | bool]:
+    """How the KV loop runs: IDS_AHEAD (a constexpr), pipeline stages and a register cap (launch options).
+
+    FP8 decode over 128-key tiles, measured on an H200 (batch 256 x 1,040 tokens, one layer; bench/RESULTS.md):
+    the tile's K/V addresses come from a load of the block table in the same pass, and Triton's pipeliner then
+    keeps one K/V tile in shared memory, whatever the stages; with each pass loading the next tile's block ids
+    (IDS_AHEAD) and three stages, the next tile's K/V is in flight while one is used: 200 us against 206 for two
+    stages capped at 168 registers (the best before). bf16 is already at its bytes (and slower so: 276 against
+    260 us); the batch-invariant mode's 64-key tiles keep their loop."""
+    if fp8 and decode and block_n == 128:
+        return {"IDS_AHEAD": True, "num_stages": 3}
+    return {"IDS_AHEAD": False, "num_stages": 2 if fp8 and decode else 3}
 
 
 # Triton compiles a kernel again for each new value class (1, a multiple of 16, other) of every integer
@@ -119,7 +123,7 @@ def _paged_attention_kernel(
     scale_log2, stride_qt, stride_qh, stride_kb, stride_ks, stride_kh, stride_bt, stride_ot, stride_oh, num_tokens,
     num_q_tiles, GROUP: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, PAGE: tl.constexpr, HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, FP8: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, FP8: tl.constexpr, IDS_AHEAD: tl.constexpr,
 ):
     seq = tl.program_id(0) // num_q_tiles
     tile = tl.program_id(0) % num_q_tiles
@@ -155,10 +159,18 @@ def _paged_attention_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    block_table = block_tables + seq * stride_bt
+    if IDS_AHEAD:  # the first tile's block ids; each pass then loads the next tile's (see _loop_options)
+        offs_next = kv_lo + tl.arange(0, BLOCK_N)
+        ids_next = tl.load(block_table + offs_next // PAGE, mask=offs_next < kv_hi, other=0)
     for start in range(kv_lo, kv_hi, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
         n_valid = offs_n < kv_hi
-        block_ids = tl.load(block_tables + seq * stride_bt + offs_n // PAGE, mask=n_valid, other=0)
+        if IDS_AHEAD:
+            block_ids = ids_next
+            ids_next = tl.load(block_table + (offs_n + BLOCK_N) // PAGE, mask=offs_n + BLOCK_N < kv_hi, other=0)
+        else:
+            block_ids = tl.load(block_table + offs_n // PAGE, mask=n_valid, other=0)
         kv_rows = block_ids * stride_kb + (offs_n % PAGE) * stride_ks + kv_head * stride_kh
         k = tl.load(K_cache + kv_rows[:, None] + offs_d[None, :], mask=n_valid[:, None], other=0.0).to(q.dtype)
         v = tl.load(V_cache + kv_rows[:, None] + offs_d[None, :], mask=n_valid[:, None], other=0.0).to(q.dtype)

@@ -99,14 +99,18 @@ def _variants() -> list[tuple[object, dict[str, str], dict[str, object]]]:
     return variants
 
 
-def _launch_options(kernel: object, constexprs: dict[str, object]) -> dict[str, int]:
-    """The stages and register cap the wrapper launches the variant with (Triton's defaults elsewhere)."""
+def _loop_options(kernel: object, constexprs: dict[str, object]) -> tuple[dict[str, object], dict[str, int]]:
+    """The variant's constexprs with those the wrapper adds for its loop, and the stages and register cap it
+    launches with (Triton's defaults elsewhere)."""
     from kernels import paged_attention
 
     if kernel is not paged_attention._paged_attention_kernel:
-        return {}
-    return paged_attention._launch_options(fp8=constexprs["FP8"], decode=constexprs["BLOCK_Q"] == 1,
+        return constexprs, {}
+    chosen = paged_attention._loop_options(fp8=constexprs["FP8"], decode=constexprs["BLOCK_Q"] == 1,
                                            block_n=constexprs["BLOCK_N"])
+    names = kernel.arg_names  # type: ignore[attr-defined]
+    return ({**constexprs, **{k: v for k, v in chosen.items() if k in names}},
+            {k: v for k, v in chosen.items() if k not in names})
 
 
 def _runtime_divisibility(kernel: object, signature: dict[str, str]) -> dict[tuple[int, ...], list]:
@@ -128,12 +132,13 @@ def compile_all() -> None:
     target = GPUTarget("cuda", 90, 32)
     variants = _variants()
     for kernel, signature, constexprs in variants:
+        constexprs, options = _loop_options(kernel, constexprs)
         names = kernel.arg_names  # type: ignore[attr-defined]
         full = {name: signature.get(name, "constexpr") for name in names}
         missing = [n for n in names if n not in signature and n not in constexprs]
         assert not missing, f"{kernel.__name__}: no type for {missing}"  # type: ignore[attr-defined]
         triton.compile(ASTSource(kernel, full, constexprs=constexprs, attrs=_runtime_divisibility(kernel, full)),
-                       target=target, options=_launch_options(kernel, constexprs))
+                       target=target, options=options)
     print(f"compiled {len(variants)} kernel variants for sm_90")
 
 
