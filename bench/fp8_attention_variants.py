@@ -7,6 +7,8 @@ four widening modes, each over tile lengths and pipeline stages:
   1  e4m3 -> bf16 (`.to`; Hopper converts through float16 and float32)
   2  e4m3 -> float16 (one cvt per pair); the query clamped into float16, the probabilities float16
   3  e4m3 bits moved into bf16 bits with integer ops (value x 2^-120; the 2^120 folded into the scales)
+  4  as 2, but V read as int16 pairs and widened by inline PTX (cvt.rn.f16x2.e4m3x2) before its trip through
+     shared memory, so the second dot reads 16-bit values with ldmatrix instead of one byte per load (rows loop)
 The grid may put KV heads first (`--heads-first`), so a sequence's heads are read together. The FP8 modes may read
 values stored along each block's tokens (`--values-along-keys`: [blocks, KV heads, D, tokens], the layout commit
 4f1cad9 gave the engine's FP8 cache; slower on the H200, so reverted); K and V may be stored heads outside tokens
@@ -58,6 +60,16 @@ def _widen(x, dtype, MODE: tl.constexpr):
 
 
 @triton.jit
+def _widen_pairs(pairs):
+    """[rows, cols] int16, each two e4m3 values of a row, as float16 [rows, 2 * cols]. Inline PTX, so Triton
+    cannot move the widening after the tile's trip through shared memory (it moves a plain `.to` there)."""
+    lo, hi = tl.inline_asm_elementwise(
+        "{ .reg .b32 t; cvt.rn.f16x2.e4m3x2 t, $2; mov.b32 {$0, $1}, t; }", "=h,=h,h", [pairs],
+        dtype=(tl.float16, tl.float16), is_pure=True, pack=1)
+    return tl.reshape(tl.join(lo, hi), (pairs.shape[0], 2 * pairs.shape[1]))
+
+
+@triton.jit
 def _tile_rows(block_tables, seq, stride_bt, start, seq_len, kv_head, BLOCK_N: tl.constexpr, PAGE: tl.constexpr,
                HKV: tl.constexpr):
     """Cache rows of the tile's keys (the [blocks, tokens, KV heads, D] layout) and which of them exist."""
@@ -92,7 +104,7 @@ def _group_query(Q, GROUP: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, MOD
     row_valid = offs_m < GROUP
     offs_d = tl.arange(0, D)
     q = tl.load(Q + (seq * HKV * GROUP + head)[:, None] * D + offs_d[None, :], mask=row_valid[:, None], other=0.0)
-    if MODE == 2:
+    if MODE == 2 or MODE == 4:
         q = tl.minimum(tl.maximum(q.to(tl.float32), -65504.0), 65504.0).to(tl.float16)
     return seq, kv_head, head, row_valid, q
 
@@ -135,7 +147,10 @@ def _decode_kernel(Q, K, V, Out, seq_lens, block_tables, k_scale, v_scale, scale
         else:
             rows = (block_ids * PAGE + offs_n % PAGE) * HKV + kv_head
         k = _widen(tl.load(K + rows[:, None] * D + offs_d[None, :], mask=n_valid[:, None], other=0.0), q.dtype, MODE)
-        if V_T:
+        if MODE == 4:
+            v = _widen_pairs(tl.load(V + rows[:, None] * (D // 2) + tl.arange(0, D // 2)[None, :],
+                                     mask=n_valid[:, None], other=0))
+        elif V_T:
             v_t = _values_along_keys(V, block_tables, seq, stride_bt, start, seq_len, kv_head, BLOCK_N, PAGE, HKV, D)
             v = tl.trans(_widen(v_t, q.dtype, MODE))
         else:
@@ -209,7 +224,7 @@ def _values_ahead_kernel(Q, K, V, Out, seq_lens, block_tables, k_scale, v_scale,
 
 
 LOOPS = {  # --loop: the kernel, its widening modes, its warp counts
-    "rows": (_decode_kernel, range(4), (4,)),
+    "rows": (_decode_kernel, range(5), (4,)),
     "keys-as-m": (_keys_as_m_kernel, (0, 2), (4, 8)),
     "values-ahead": (_values_ahead_kernel, (0, 2), (4,)),
 }
@@ -222,8 +237,8 @@ def sass_summary(kernel, mode: int, constexprs: dict, options: dict) -> str:
     from triton.compiler import ASTSource
 
     cache = {0: "*bf16", 3: "*u8"}.get(mode, "*fp8e4nv")
-    types = {"Q": "*bf16", "K": cache, "V": cache, "Out": "*bf16", "seq_lens": "*i32", "block_tables": "*i32",
-             "k_scale": "fp32", "v_scale": "fp32", "scale_log2": "fp32", "stride_bt": "i32"}
+    types = {"Q": "*bf16", "K": cache, "V": "*i16" if mode == 4 else cache, "Out": "*bf16", "seq_lens": "*i32",
+             "block_tables": "*i32", "k_scale": "fp32", "v_scale": "fp32", "scale_log2": "fp32", "stride_bt": "i32"}
     signature = {name: types.get(name, "constexpr") for name in kernel.arg_names}
     aligned = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(kernel.arg_names)
                if types.get(name, "").startswith("*")}  # as Triton marks them at launch
@@ -241,8 +256,9 @@ def sass_summary(kernel, mode: int, constexprs: dict, options: dict) -> str:
                ("byte permutes", "PRMT"), ("ldmatrix", "LDSM"), ("mma", ("HMMA", "HGMMA")), ("spills", ("STL", "LDL")))}
     registers = re.search(r"REG:(\d+) STACK:(\d+)", usage)
     listed = ", ".join(f"{n} {name}" for name, n in counts.items())
-    return (f"{registers[1]} registers, {registers[2]}-byte stack; each of its {options.get('num_warps', 4)} warps "
-            f"issues {sum(body.values())} instructions a tile: {listed}")
+    return (f"{registers[1]} registers, {registers[2]}-byte stack, {compiled.metadata.shared} bytes of shared "
+            f"memory; each of its {options.get('num_warps', 4)} warps issues {sum(body.values())} instructions a "
+            f"tile: {listed}")
 
 
 def _loop_body(sass: str) -> collections.Counter:
@@ -320,13 +336,17 @@ def main() -> None:
             v = v.permute(0, 2, 3, 1).contiguous()
         if mode == 3:
             k, v = k.view(torch.uint8), v.view(torch.uint8)
+        if mode == 4:
+            v = v.view(torch.int16)  # two e4m3 values of a row in each element
         scale = 1.0 if mode == 0 else SCALE * (2.0**120 if mode == 3 else 1.0)
         launch = partial(kernel[grid], q, k, v, out, seq_lens, block_tables, scale, scale,
                          HEAD_DIM**-0.5 * 1.4426950408889634, block_tables.stride(0), **constexprs, **options)
         t = time_cuda(launch, iters=30, hide_launch=True)
+        compiled = launch()
         error = (out.float() - reference["bf16" if mode == 0 else "fp8"].float()).abs().max().item()
         print(f"{_name(mode, block_n, stages, num_warps, maxnreg)}: {t * 1e6:.1f} us "
-              f"({t * bandwidth / (2 * k.numel() * k.element_size()):.2f}x its bytes), "
+              f"({t * bandwidth / (2 * k.numel() * k.element_size()):.2f}x its bytes; {compiled.n_regs} registers, "
+              f"{compiled.n_spills} spilled, {compiled.metadata.shared} bytes of shared memory), "
               f"max difference from the engine's kernel {error:.2g}")
 
 
