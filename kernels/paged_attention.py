@@ -108,8 +108,8 @@ def _loop_options(fp8: bool, decode: bool, block_n: int) -> dict[str, int | bool
     the tile's K/V addresses come from a load of the block table in the same pass, and Triton's pipeliner then
     keeps one K/V tile in shared memory, whatever the stages; with each pass loading the next tile's block ids
     (IDS_AHEAD) and three stages, the next tile's K/V is in flight while one is used: 200 us against 206 for two
-    stages capped at 168 registers (the best before). bf16 is already at its bytes (and slower so: 276 against
-    260 us); the batch-invariant mode's 64-key tiles keep their loop."""
+    stages capped at 168 registers (the best before). bf16 decode already reads at its bytes and lost with it (276
+    against 260 us); the batch-invariant mode's 64-key tiles keep their loop."""
     if fp8 and decode and block_n == 128:
         return {"IDS_AHEAD": True, "num_stages": 3}
     return {"IDS_AHEAD": False, "num_stages": 2 if fp8 and decode else 3}
