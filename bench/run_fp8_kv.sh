@@ -2,7 +2,8 @@
 # The FP8 KV cache on one GPU, in one device call (issue 20), each step under `timeout -k`: nano-vLLM's workload,
 # decode steps and prefill with the model's KV cache and with FP8 side by side, the kernel tests (paged attention,
 # the FP8 store), the 64-request identity in the batch-invariant mode with FP8, FP8's accuracy against float32, and
-# last how the decode loop's widening, stages and register cap cost (bench/fp8_attention_variants.py). Logs go to
+# last how the decode loop's widening and stages cost, block ids loaded a pass ahead as the engine's FP8 decode
+# does (bench/fp8_attention_variants.py --ids-ahead). Logs go to
 # $OUT (or ./bench-out). About 9 minutes. On the device machine, from the repo root, carrying .whl (bench/NOTES.md):
 #   timeout -k 10 590 bash bench/run_fp8_kv.sh
 set -uo pipefail
@@ -29,5 +30,5 @@ timeout -k 10 150 python3 -m tests.engine.batch_invariance_runs --model "$model"
 print('requests differing from their run alone (seeded, greedy), the mode with fp8:',
       differences(json.load(open(sys.argv[1]))))" "$out/identity_fp8.json" | tee "$out/identity.txt"
 timeout -k 10 120 python3 bench/kv_fp8_quality.py 2>&1 | tail -3 | tee "$out/quality.txt"
-timeout -k 10 240 python3 bench/fp8_attention_variants.py --maxnreg 168 2>&1 | grep -v Warning \
+timeout -k 10 240 python3 bench/fp8_attention_variants.py --ids-ahead 2>&1 | grep -v Warning \
   | tee "$out/variants.txt"
