@@ -92,9 +92,9 @@ def _values_along_keys(V, block_tables, seq, stride_bt, start, seq_len, kv_head,
 
 
 @triton.jit
-def _group_query(Q, GROUP: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, MODE: tl.constexpr,
+def _group_query(Q, seq_lens, GROUP: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, MODE: tl.constexpr,
                  HEADS_FIRST: tl.constexpr):
-    """The program's sequence and KV head, and its GQA group's query rows padded to tl.dot's 16."""
+    """The program's sequence, its length and KV head, and its GQA group's query rows padded to tl.dot's 16."""
     if HEADS_FIRST:
         seq, kv_head = tl.program_id(1), tl.program_id(0)
     else:
@@ -106,7 +106,7 @@ def _group_query(Q, GROUP: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, MOD
     q = tl.load(Q + (seq * HKV * GROUP + head)[:, None] * D + offs_d[None, :], mask=row_valid[:, None], other=0.0)
     if MODE == 2 or MODE == 4:
         q = tl.minimum(tl.maximum(q.to(tl.float32), -65504.0), 65504.0).to(tl.float16)
-    return seq, kv_head, head, row_valid, q
+    return seq, tl.load(seq_lens + seq), kv_head, head, row_valid, q
 
 
 @triton.jit
@@ -124,9 +124,8 @@ def _decode_kernel(Q, K, V, Out, seq_lens, block_tables, k_scale, v_scale, scale
                    GROUP: tl.constexpr, BLOCK_N: tl.constexpr, PAGE: tl.constexpr, HKV: tl.constexpr,
                    D: tl.constexpr, MODE: tl.constexpr, HEADS_FIRST: tl.constexpr, V_T: tl.constexpr,
                    HEADS_OUTER: tl.constexpr, IDS_AHEAD: tl.constexpr):
-    seq, kv_head, head, row_valid, q = _group_query(Q, GROUP, HKV, D, MODE, HEADS_FIRST)
+    seq, seq_len, kv_head, head, row_valid, q = _group_query(Q, seq_lens, GROUP, HKV, D, MODE, HEADS_FIRST)
     offs_d = tl.arange(0, D)
-    seq_len = tl.load(seq_lens + seq)
     m_i = tl.full([16], float("-inf"), tl.float32)
     l_i = tl.zeros([16], tl.float32)
     acc = tl.zeros([16, D], tl.float32)
@@ -167,10 +166,9 @@ def _keys_as_m_kernel(Q, K, V, Out, seq_lens, block_tables, k_scale, v_scale, sc
                       GROUP: tl.constexpr, BLOCK_N: tl.constexpr, PAGE: tl.constexpr, HKV: tl.constexpr,
                       D: tl.constexpr, MODE: tl.constexpr, HEADS_FIRST: tl.constexpr, V_T: tl.constexpr):
     """The same loop with the keys as the dots' M (S^T = K q^T, O^T = V^T P^T), so Hopper's wgmma takes them."""
-    seq, kv_head, head, row_valid, q = _group_query(Q, GROUP, HKV, D, MODE, HEADS_FIRST)
+    seq, seq_len, kv_head, head, row_valid, q = _group_query(Q, seq_lens, GROUP, HKV, D, MODE, HEADS_FIRST)
     q_t = tl.trans(q)  # [D, 16]
     offs_d = tl.arange(0, D)
-    seq_len = tl.load(seq_lens + seq)
     m_i = tl.full([16], float("-inf"), tl.float32)
     l_i = tl.zeros([16], tl.float32)
     acc = tl.zeros([D, 16], tl.float32)
@@ -203,9 +201,8 @@ def _values_ahead_kernel(Q, K, V, Out, seq_lens, block_tables, k_scale, v_scale,
     """The rows loop with each V tile loaded a tile ahead into registers and widened there: Triton's pipeliner
     then leaves V alone, and V reaches the dot through 16-bit shared memory (ldmatrix.trans) instead of one byte
     per load (modes 0 and 2)."""
-    seq, kv_head, head, row_valid, q = _group_query(Q, GROUP, HKV, D, MODE, HEADS_FIRST)
+    seq, seq_len, kv_head, head, row_valid, q = _group_query(Q, seq_lens, GROUP, HKV, D, MODE, HEADS_FIRST)
     offs_d = tl.arange(0, D)
-    seq_len = tl.load(seq_lens + seq)
     m_i = tl.full([16], float("-inf"), tl.float32)
     l_i = tl.zeros([16], tl.float32)
     acc = tl.zeros([16, D], tl.float32)

@@ -98,24 +98,25 @@ class SamplingBatch:
         sampled_params = [params[i] for i in sampled]
         asked = [p.logprobs for p in params if p.logprobs is not None]
         keys = rng_keys([seeds[i] for i in sampled], [positions[i] for i in sampled])
-        *columns, device_keys, device_rows = arrays_to_device([  # one copy for all of them
-            np.array([0.0 if p.is_greedy else p.temperature for p in params], np.float32),
-            np.array([p.top_k for p in params], np.int64),
-            np.array([p.top_p for p in params], np.float32),
-            np.array([p.min_p for p in params], np.float32),
-            np.array(seeds, np.int64),
-            np.array(positions, np.int64),
-            np.array([row for row, ids in enumerate(suppressed) for _ in ids], np.int64),
-            np.array([tok for ids in suppressed for tok in ids], np.int64),
-            np.array([_is_masked(p) for p in params], np.bool_),
-            keys.view(np.int64),
-            np.array(sampled, np.int64),
-        ], device)
-        per_row = dict(zip(_PER_ROW_FIELDS, columns))
+        host = {
+            "temperatures": np.array([0.0 if p.is_greedy else p.temperature for p in params], np.float32),
+            "top_ks": np.array([p.top_k for p in params], np.int64),
+            "top_ps": np.array([p.top_p for p in params], np.float32),
+            "min_ps": np.array([p.min_p for p in params], np.float32),
+            "seeds": np.array(seeds, np.int64),
+            "positions": np.array(positions, np.int64),
+            "suppress_rows": np.array([row for row, ids in enumerate(suppressed) for _ in ids], np.int64),
+            "suppress_token_ids": np.array([tok for ids in suppressed for tok in ids], np.int64),
+            "masked": np.array([_is_masked(p) for p in params], np.bool_),
+            "keys": keys.view(np.int64),
+            "rows": np.array(sampled, np.int64),
+        }
+        moved = dict(zip(host, arrays_to_device(list(host.values()), device)))  # one copy for all of them
+        streams = (moved.pop("keys"), moved.pop("rows"))
         if not any(_is_masked(p) for p in sampled_params):
-            per_row["masked"] = None
+            moved["masked"] = None
         return cls(
-            **per_row,
+            **moved,
             num_logprobs=max(asked, default=-1),
             all_greedy=not sampled,
             any_greedy=len(sampled) < len(params),
@@ -124,7 +125,7 @@ class SamplingBatch:
             any_min_p=any(p.min_p > 0.0 for p in sampled_params),
             sampled_rows=tuple(sampled),
             rng_keys=tuple(keys.tolist()),
-            streams=(device_keys, device_rows),
+            streams=streams,
             penalties=Penalties.build(params, histories, device) if any(p.has_penalties for p in params) else None,
             biases=Biases.build(params, device) if any(p.has_bias_or_allow_list for p in params) else None,
         )
@@ -139,10 +140,6 @@ class SamplingBatch:
         penalties = dataclasses.replace(pen, output_rows=torch.cat([pen.output_rows, output_rows]),
                                         output_token_ids=torch.cat([pen.output_token_ids, token_ids]))
         return dataclasses.replace(self, penalties=penalties)
-
-
-_PER_ROW_FIELDS = ("temperatures", "top_ks", "top_ps", "min_ps", "seeds", "positions", "suppress_rows",
-                   "suppress_token_ids", "masked")
 
 
 @dataclass(frozen=True, slots=True)

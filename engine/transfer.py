@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 
@@ -39,5 +41,6 @@ def arrays_to_device(arrays: list[np.ndarray], device: torch.device) -> list[tor
     ]
 
 
+@functools.cache  # on every step's path
 def _torch_dtype(dtype: np.dtype) -> torch.dtype:
     return torch.from_numpy(np.empty(0, dtype)).dtype
