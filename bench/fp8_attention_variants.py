@@ -15,9 +15,10 @@ values stored along each block's tokens (`--values-along-keys`: [blocks, KV head
 (`--heads-outer`: [blocks, KV heads, tokens, D], each page of a head contiguous). `--loop` picks the copy:
   rows          the engine's loop: the GQA group's query rows are the dots' M (16 rows, 2 real for Qwen3-0.6B)
   keys-as-m     the keys are the dots' M (S^T = K q^T), which Triton gives Hopper's wgmma
-  values-ahead  each V tile loaded a tile ahead into registers and widened there, so V reaches the dot through
-                16-bit shared memory (ldmatrix.trans) instead of one byte per load: a quarter fewer instructions,
-                but 212 registers (two programs an SM) and slower on the H200 (240 against 210 us; RESULTS.md)
+  values-ahead  each V tile loaded a tile ahead into registers (widened there, or in mode 4 kept as e4m3 pairs
+                and widened at use), the tile's cache rows computed a pass ahead, so V reaches the dot through
+                16-bit shared memory (ldmatrix.trans) instead of one byte per load: a third fewer instructions,
+                yet no faster on the H200 (200 us at best, as the engine's loop; RESULTS.md)
 `--ids-ahead` has each pass of the rows loop load the next tile's block ids, as the engine's FP8 decode loop
 does (kernels/paged_attention.py: then Triton stages the next K/V tile while one is used). `--maxnreg N` also
 times each variant with its registers capped. Kernel times exclude the host's launch work
@@ -27,6 +28,7 @@ decide this loop's cost (V's byte loads, widenings, moves), so a variant can be 
 
     python bench/fp8_attention_variants.py [--loop rows|keys-as-m|values-ahead] [--heads-first]
                                            [--values-along-keys | --heads-outer] [--ids-ahead] [--maxnreg N]
+                                           [--modes 2,4]
     TRITON_INTERPRET=0 python bench/fp8_attention_variants.py --sass [--loop ...] [--maxnreg N]
 """
 
@@ -198,32 +200,46 @@ def _keys_as_m_kernel(Q, K, V, Out, seq_lens, block_tables, k_scale, v_scale, sc
 def _values_ahead_kernel(Q, K, V, Out, seq_lens, block_tables, k_scale, v_scale, scale_log2, stride_bt,
                          GROUP: tl.constexpr, BLOCK_N: tl.constexpr, PAGE: tl.constexpr, HKV: tl.constexpr,
                          D: tl.constexpr, MODE: tl.constexpr, HEADS_FIRST: tl.constexpr, V_T: tl.constexpr):
-    """The rows loop with each V tile loaded a tile ahead into registers and widened there: Triton's pipeliner
-    then leaves V alone, and V reaches the dot through 16-bit shared memory (ldmatrix.trans) instead of one byte
-    per load (modes 0 and 2)."""
+    """The rows loop with each V tile loaded a tile ahead into registers: Triton's pipeliner then leaves V alone,
+    and V reaches the dot through 16-bit shared memory (ldmatrix.trans) instead of one byte per load. Modes 0 and 2
+    widen V as it arrives (held widened across a pass); mode 4 holds the tile's e4m3 pairs and widens them by
+    inline PTX at use. The tile's cache rows are also computed a pass ahead, so K's addresses never wait on a load
+    of the same pass and Triton stages K in shared memory."""
     seq, seq_len, kv_head, head, row_valid, q = _group_query(Q, seq_lens, GROUP, HKV, D, MODE, HEADS_FIRST)
     offs_d = tl.arange(0, D)
     m_i = tl.full([16], float("-inf"), tl.float32)
     l_i = tl.zeros([16], tl.float32)
     acc = tl.zeros([16, D], tl.float32)
-    rows, n_valid = _tile_rows(block_tables, seq, stride_bt, 0, seq_len, kv_head, BLOCK_N, PAGE, HKV)
-    v_next = tl.load(V + rows[:, None] * D + offs_d[None, :], mask=n_valid[:, None], other=0.0).to(q.dtype)
+    rows_next, valid_next = _tile_rows(block_tables, seq, stride_bt, 0, seq_len, kv_head, BLOCK_N, PAGE, HKV)
+    v_next = _values_raw(V, rows_next, valid_next, D, MODE, q.dtype)
     for start in range(0, seq_len, BLOCK_N):
-        v = v_next
-        rows, n_valid = _tile_rows(block_tables, seq, stride_bt, start + BLOCK_N, seq_len, kv_head, BLOCK_N, PAGE, HKV)
-        v_next = tl.load(V + rows[:, None] * D + offs_d[None, :], mask=n_valid[:, None], other=0.0).to(q.dtype)
-        rows, n_valid = _tile_rows(block_tables, seq, stride_bt, start, seq_len, kv_head, BLOCK_N, PAGE, HKV)
+        rows, n_valid, v = rows_next, valid_next, v_next
+        rows_next, valid_next = _tile_rows(block_tables, seq, stride_bt, start + BLOCK_N, seq_len, kv_head, BLOCK_N,
+                                           PAGE, HKV)
+        v_next = _values_raw(V, rows_next, valid_next, D, MODE, q.dtype)
         k = tl.load(K + rows[:, None] * D + offs_d[None, :], mask=n_valid[:, None], other=0.0).to(q.dtype)
+        if MODE == 4:
+            v = _widen_pairs(v)
         m_i, l_i, acc = _attend(q, k, v, n_valid, m_i, l_i, acc, scale_log2 * k_scale)
     out = acc * v_scale / l_i[:, None]
     tl.store(Out + (seq * HKV * GROUP + head)[:, None] * D + offs_d[None, :], out.to(Out.dtype.element_ty),
              mask=row_valid[:, None])
 
 
+@triton.jit
+def _values_raw(V, rows, n_valid, D: tl.constexpr, MODE: tl.constexpr, dtype: tl.constexpr):
+    """A V tile as loaded a pass ahead: int16 e4m3 pairs in mode 4, else widened to the dots' type."""
+    if MODE == 4:
+        v = tl.load(V + rows[:, None] * (D // 2) + tl.arange(0, D // 2)[None, :], mask=n_valid[:, None], other=0)
+    else:
+        v = tl.load(V + rows[:, None] * D + tl.arange(0, D)[None, :], mask=n_valid[:, None], other=0.0).to(dtype)
+    return v
+
+
 LOOPS = {  # --loop: the kernel, its widening modes, its warp counts
     "rows": (_decode_kernel, range(5), (4,)),
     "keys-as-m": (_keys_as_m_kernel, (0, 2), (4, 8)),
-    "values-ahead": (_values_ahead_kernel, (0, 2), (4,)),
+    "values-ahead": (_values_ahead_kernel, (0, 2, 4), (4,)),
 }
 
 
@@ -285,11 +301,14 @@ def main() -> None:
     p.add_argument("--ids-ahead", action="store_true",
                    help="each pass loads the next tile's block ids (rows loop only; the engine's FP8 decode loop)")
     p.add_argument("--maxnreg", type=int, help="also time each variant with its registers capped at this many")
+    p.add_argument("--modes", type=lambda text: [int(m) for m in text.split(",")],
+                   help="widening modes to run, comma-separated (default: all of the loop's)")
     p.add_argument("--sass", action="store_true",
                    help="no GPU: compile each variant for sm_90 and print its registers and key instruction counts "
                         "(run with TRITON_INTERPRET=0)")
     args = p.parse_args()
     kernel, modes, warps = LOOPS[args.loop]
+    modes = args.modes or modes
     layout = {"HEADS_OUTER": args.heads_outer, "IDS_AHEAD": args.ids_ahead} if args.loop == "rows" else {}
     variants = [
         (mode, block_n, stages, num_warps, maxnreg,

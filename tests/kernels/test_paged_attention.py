@@ -91,8 +91,8 @@ def test_paged_attention_matches_reference(
 
 
 def test_decode_kv_splits_fill_the_gpu_with_at_most_sixteen() -> None:
-    # One program per (sequence, KV head); split until there are two programs per SM, capped at 16 splits.
-    assert [decode_kv_splits(b, 8, 132) for b in (1, 2, 4, 8, 16, 17, 32, 33, 256)] == [16, 16, 16, 8, 4, 2, 2, 1, 1]
+    # One program per (sequence, KV head); split until there is one program per SM, capped at 16 splits.
+    assert [decode_kv_splits(b, 8, 132) for b in (1, 2, 4, 8, 9, 16, 17, 32, 256)] == [16, 16, 8, 4, 2, 2, 1, 1, 1]
 
 
 @pytest.mark.parametrize("num_heads,num_kv_heads", [(16, 8), (8, 2)])

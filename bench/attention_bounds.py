@@ -1,0 +1,179 @@
+"""What bounds decode attention: its loop's compute, its access pattern's bytes, or its launch shape.
+
+One layer of decode over Qwen3-0.6B's attention shape (16 query / 8 KV heads, head_dim 128, 16-token pages), a bf16
+and an FP8 cache, batch 256 x 1,040 tokens unless said. Three measurements (kernel time only, launch work hidden):
+  compute  the engine's kernel with the whole cache in L2 (every block table over 512 blocks): the loop's own cost
+           per tile, with DRAM out of the way; then the same over a cache of distinct blocks
+  bytes    the same access pattern (scattered pages, 128-key tiles, block ids a pass ahead) with the softmax and V's
+           transposed operand left out: each K and V tile is widened and fed to a dot along its head dimension, so
+           Triton stages it in shared memory as the engine's loop does; how fast the pattern itself can be read
+  shapes   the engine's kernel under other launch shapes (keys a tile, warps, stages), at equal and at varied
+           (128-2,048) contexts and several batches, the KV split as the engine picks it
+
+    python bench/attention_bounds.py [--only compute|bytes|shapes]
+"""
+
+from __future__ import annotations
+
+import argparse
+from functools import partial
+
+import torch
+from common import copy_bandwidth, time_cuda
+
+import kernels.paged_attention as pa
+from kernels.triton_compat import tl, triton
+
+HQ, HKV, D, PAGE, SCALE, CONTEXT = 16, 8, 128, 16, 0.02, 1040
+DEVICE = "cuda"
+# (keys a tile, warps, stages, block ids a pass ahead): the engine's FP8 and bf16 decode shapes first.
+SHAPES = [(128, 4, 3, True), (128, 4, 3, False), (32, 1, 3, True), (32, 1, 4, True), (64, 2, 3, True),
+          (32, 2, 3, True)]
+
+
+@triton.jit
+def _read_kernel(K, V, Out, block_tables, seq_len, stride_bt, BLOCK_N: tl.constexpr, PAGE: tl.constexpr,
+                 HKV: tl.constexpr, D: tl.constexpr):
+    """The decode loop's reads alone: each tile of K and of V widened and summed by a dot along D."""
+    seq, kv_head = tl.program_id(0), tl.program_id(1)
+    dtype: tl.constexpr = tl.bfloat16 if K.dtype.element_ty == tl.bfloat16 else tl.float16
+    offs_d = tl.arange(0, D)
+    offs_j = tl.arange(0, BLOCK_N)
+    ones = tl.full([16, D], 1.0, dtype)
+    acc = tl.zeros([16, BLOCK_N], tl.float32)
+    ids_next = tl.load(block_tables + seq * stride_bt + offs_j // PAGE)
+    for start in range(0, seq_len, BLOCK_N):
+        offs_n = start + offs_j
+        n_valid = offs_n < seq_len
+        block_ids = ids_next
+        ids_next = tl.load(block_tables + seq * stride_bt + (offs_n + BLOCK_N) // PAGE,
+                           mask=offs_n + BLOCK_N < seq_len, other=0)
+        rows = (block_ids * PAGE + offs_n % PAGE) * HKV + kv_head
+        k = tl.load(K + rows[:, None] * D + offs_d[None, :], mask=n_valid[:, None], other=0.0).to(dtype)
+        v = tl.load(V + rows[:, None] * D + offs_d[None, :], mask=n_valid[:, None], other=0.0).to(dtype)
+        acc += tl.dot(ones, tl.trans(k)) + tl.dot(ones, tl.trans(v))
+    tl.store(Out + (seq * HKV + kv_head) * BLOCK_N + offs_j, tl.sum(acc, 0))
+
+
+class Batch:
+    """A decode batch over a cache of `num_blocks` pages (each sequence's pages distinct unless the cache is
+    smaller than the batch's pages, then drawn at random), bf16 and FP8 copies of K and V."""
+
+    def __init__(self, lengths: list[int], num_blocks: int | None = None, seed: int = 0) -> None:
+        g = torch.Generator(device=DEVICE).manual_seed(seed)
+        pages = [-(-n // PAGE) for n in lengths]
+        width = max(pages) + 16
+        needed = sum(pages)
+        num_blocks = num_blocks or needed
+        if num_blocks >= needed:
+            ids = torch.randperm(num_blocks, device=DEVICE, generator=g).int()
+            self.block_tables = torch.zeros(len(lengths), width, dtype=torch.int32, device=DEVICE)
+            start = 0
+            for i, n in enumerate(pages):
+                self.block_tables[i, :n] = ids[start:start + n]
+                start += n
+        else:
+            self.block_tables = torch.randint(0, num_blocks, (len(lengths), width), dtype=torch.int32, device=DEVICE,
+                                              generator=g)
+        self.seq_lens = torch.tensor(lengths, dtype=torch.int32, device=DEVICE)
+        self.starts = torch.arange(len(lengths) + 1, dtype=torch.int32, device=DEVICE)
+        self.query = torch.randn(len(lengths), HQ, D, device=DEVICE, dtype=torch.bfloat16, generator=g)
+        self.out = torch.empty_like(self.query)
+        k, v = (torch.randn(num_blocks, PAGE, HKV, D, device=DEVICE, dtype=torch.bfloat16, generator=g)
+                for _ in range(2))
+        self.caches = {"bf16": (k, v, None),
+                       "fp8": ((k / SCALE).clamp(-448, 448).to(torch.float8_e4m3fn),
+                               (v / SCALE).clamp(-448, 448).to(torch.float8_e4m3fn),
+                               (torch.full((HKV,), SCALE, device=DEVICE), torch.full((HKV,), SCALE, device=DEVICE)))}
+        self.tokens = sum(lengths)
+
+    def kv_bytes(self, cache: str) -> int:
+        return 2 * self.tokens * HKV * D * self.caches[cache][0].element_size()
+
+    def engine(self, cache: str):
+        k, v, scales = self.caches[cache]
+        return partial(pa.paged_attention, self.query, k, v, self.starts, self.seq_lens, self.block_tables,
+                       D**-0.5, 1, out=self.out, kv_scales=scales)
+
+    def shaped(self, cache: str, splits: int, block_n: int, warps: int, stages: int, ids_ahead: bool):
+        """The engine's kernel (and merge) launched as `paged_attention` does, in another launch shape."""
+        k, v, scales = self.caches[cache]
+        q, out, n = self.query, self.out, self.query.shape[0]
+        partial_out = torch.empty(splits, n, HQ, D, dtype=torch.float32, device=DEVICE) if splits > 1 else out
+        partial_lse = torch.empty(splits, n, HQ, dtype=torch.float32, device=DEVICE) if splits > 1 else out
+        k_scale, v_scale = scales if scales is not None else (self.seq_lens, self.seq_lens)
+
+        def launch() -> None:
+            pa._paged_attention_kernel[(n, HKV, splits)](
+                q, k, v, out, partial_out, partial_lse, self.starts, self.seq_lens, self.block_tables, k_scale,
+                v_scale, D**-0.5 * 1.4426950408889634, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+                k.stride(2), self.block_tables.stride(0), out.stride(0), out.stride(1), n, 1,
+                GROUP=HQ // HKV, BLOCK_Q=1, BLOCK_M=16, BLOCK_N=block_n, PAGE=PAGE, HEAD_DIM=D, NUM_SPLITS=splits,
+                DOT_PRECISION="tf32", FP8=scales is not None, IDS_AHEAD=ids_ahead, num_warps=warps,
+                num_stages=stages)
+            if splits > 1:
+                pa._merge_splits_kernel[(n, HQ)](partial_out, partial_lse, out, n, HQ, out.stride(0), out.stride(1),
+                                                 HEAD_DIM=D, NUM_SPLITS=splits)
+        return launch
+
+
+def compute(bandwidth: float) -> None:
+    for where, num_blocks in (("whole cache in L2 (512 blocks)", 512), ("distinct blocks", None)):
+        batch = Batch([CONTEXT] * 256, num_blocks)
+        for cache in ("bf16", "fp8"):
+            t = time_cuda(batch.engine(cache), iters=30, hide_launch=True)
+            print(f"compute: engine kernel, {cache} cache, {where}: {t * 1e6:.1f} us "
+                  f"({t * bandwidth / batch.kv_bytes(cache):.2f}x the bytes' time from DRAM)")
+
+
+def bytes_alone(bandwidth: float) -> None:
+    batch = Batch([CONTEXT] * 256)
+    out = torch.empty(256 * HKV * 128, device=DEVICE)
+    for cache in ("bf16", "fp8"):
+        k, v, _ = batch.caches[cache]
+        for block_n, stages in ((64, 3), (128, 2), (128, 3)):
+            launch = partial(_read_kernel[(256, HKV)], k, v, out, batch.block_tables, CONTEXT,
+                             batch.block_tables.stride(0), BLOCK_N=block_n, PAGE=PAGE, HKV=HKV, D=D,
+                             num_stages=stages, num_warps=4)
+            t = time_cuda(launch, iters=30, hide_launch=True)
+            print(f"bytes: the pattern alone, {cache} cache, {block_n}-key tiles, {stages} stages: {t * 1e6:.1f} us "
+                  f"({t * bandwidth / batch.kv_bytes(cache):.2f}x its bytes)")
+
+
+def shapes(bandwidth: float) -> None:
+    num_sms = torch.cuda.get_device_properties(0).multi_processor_count
+    for size in (256, 128, 64, 16):
+        for contexts in ("equal", "varied"):
+            if contexts == "equal":
+                lengths = [CONTEXT] * size
+            else:
+                lengths = torch.randint(128, 2049, (size,), generator=torch.Generator().manual_seed(size)).tolist()
+            batch = Batch(lengths)
+            splits = pa.decode_kv_splits(size, HKV, num_sms)
+            for cache in ("fp8", "bf16"):
+                cells, reference = [], None
+                for block_n, warps, stages, ids_ahead in SHAPES:
+                    t = time_cuda(batch.shaped(cache, splits, block_n, warps, stages, ids_ahead), iters=30,
+                                  hide_launch=True)
+                    if reference is None:
+                        reference = batch.out.clone()
+                    assert (batch.out.float() - reference.float()).abs().max() < 0.01, "a shape changed the result"
+                    ahead = "" if ids_ahead else ", ids in the pass"
+                    cells.append(f"{block_n}/{warps}w/{stages}s{ahead} {t * 1e6:.1f} "
+                                 f"({t * bandwidth / batch.kv_bytes(cache):.2f}x)")
+                print(f"shapes: {cache} batch {size} {contexts} contexts, {splits} split(s): " + " | ".join(cells))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--only", choices=("compute", "bytes", "shapes"), help="run one of the three measurements")
+    args = p.parse_args()
+    bandwidth = copy_bandwidth()
+    print(f"copy bandwidth {bandwidth / 1e12:.2f} TB/s; keys a tile / warps / stages, us a layer (x its bytes)")
+    for name, run in (("compute", compute), ("bytes", bytes_alone), ("shapes", shapes)):
+        if args.only in (None, name):
+            run(bandwidth)
+
+
+if __name__ == "__main__":
+    main()
