@@ -9,8 +9,11 @@ and an FP8 cache, batch 256 x 1,040 tokens unless said. Three measurements (kern
            Triton stages it in shared memory as the engine's loop does; how fast the pattern itself can be read
   shapes   the engine's kernel under other launch shapes (keys a tile, warps, stages), at equal and at varied
            (128-2,048) contexts and several batches, the KV split as the engine picks it
+  chunks   a chunked decode against the engine's kernel: every context cut into chunks of at most C keys, a
+           persistent grid walking the list of (chunk, KV head), then a merge of each sequence's chunks; so no
+           program's work exceeds C keys, which a one-warp program needs with varied contexts (bench/NOTES.md)
 
-    python bench/attention_bounds.py [--only compute|bytes|shapes]
+    python bench/attention_bounds.py [--only compute|bytes|shapes|chunks]
 """
 
 from __future__ import annotations
@@ -29,6 +32,9 @@ DEVICE = "cuda"
 # (keys a tile, warps, stages, block ids a pass ahead): the engine's FP8 and bf16 decode shapes first.
 SHAPES = [(128, 4, 3, True), (128, 4, 3, False), (32, 1, 3, True), (32, 1, 4, True), (64, 2, 3, True),
           (32, 2, 3, True)]
+# Chunked decode (`_chunk_kernel`): (keys a chunk, keys a tile, warps, stages, persistent programs an SM).
+CHUNKED = [(256, 32, 1, 3, 12), (512, 32, 1, 3, 12), (256, 32, 1, 3, 24), (256, 64, 2, 3, 6), (512, 64, 2, 3, 6),
+           (256, 128, 4, 3, 3)]
 
 
 @triton.jit
@@ -53,6 +59,77 @@ def _read_kernel(K, V, Out, block_tables, seq_len, stride_bt, BLOCK_N: tl.conste
         v = tl.load(V + rows[:, None] * D + offs_d[None, :], mask=n_valid[:, None], other=0.0).to(dtype)
         acc += tl.dot(ones, tl.trans(k)) + tl.dot(ones, tl.trans(v))
     tl.store(Out + (seq * HKV + kv_head) * BLOCK_N + offs_j, tl.sum(acc, 0))
+
+
+@triton.jit
+def _chunk_kernel(Q, K, V, Partial_out, Partial_lse, seq_lens, block_tables, chunk_seq, chunk_start, num_chunks,
+                  K_scale, V_scale, scale_log2, stride_bt, GROUP: tl.constexpr, HKV: tl.constexpr,
+                  D: tl.constexpr, PAGE: tl.constexpr, CHUNK: tl.constexpr, BLOCK_N: tl.constexpr,
+                  FP8: tl.constexpr):
+    """Decode attention in chunks of at most CHUNK keys, so every program's work has the same bound: a persistent
+    grid walks the work list (chunk, KV head), chunk-major, and writes each chunk's result and base-2 log-sum-exp
+    for `_merge_chunks_kernel`. The list (`chunk_seq`, `chunk_start`) and its length (`num_chunks`, on the
+    device) are inputs, so the grid does not follow the batch's lengths (a CUDA graph could replay it)."""
+    offs_m = tl.arange(0, 16)
+    row_valid = offs_m < GROUP
+    offs_d = tl.arange(0, D)
+    offs_j = tl.arange(0, BLOCK_N)
+    for item in range(tl.program_id(0), tl.load(num_chunks) * HKV, tl.num_programs(0)):
+        chunk = item // HKV
+        kv_head = item % HKV
+        seq = tl.load(chunk_seq + chunk)
+        lo = tl.load(chunk_start + chunk)
+        hi = tl.minimum(tl.load(seq_lens + seq), lo + CHUNK)
+        head = kv_head * GROUP + offs_m % GROUP
+        q = tl.load(Q + (seq * HKV * GROUP + head)[:, None] * D + offs_d[None, :], mask=row_valid[:, None],
+                    other=0.0)
+        score_scale = scale_log2
+        if FP8:
+            score_scale = scale_log2 * tl.load(K_scale + kv_head)
+            q = tl.minimum(tl.maximum(q.to(tl.float32), -65504.0), 65504.0).to(tl.float16)
+        m_i = tl.full([16], float("-inf"), tl.float32)
+        l_i = tl.zeros([16], tl.float32)
+        acc = tl.zeros([16, D], tl.float32)
+        block_table = block_tables + seq * stride_bt
+        ids_next = tl.load(block_table + (lo + offs_j) // PAGE, mask=lo + offs_j < hi, other=0)
+        for start in range(lo, hi, BLOCK_N):
+            offs_n = start + offs_j
+            n_valid = offs_n < hi
+            block_ids = ids_next
+            ids_next = tl.load(block_table + (offs_n + BLOCK_N) // PAGE, mask=offs_n + BLOCK_N < hi, other=0)
+            rows = (block_ids * PAGE + offs_n % PAGE) * HKV + kv_head
+            k = tl.load(K + rows[:, None] * D + offs_d[None, :], mask=n_valid[:, None], other=0.0).to(q.dtype)
+            v = tl.load(V + rows[:, None] * D + offs_d[None, :], mask=n_valid[:, None], other=0.0).to(q.dtype)
+            s = tl.where(n_valid[None, :], tl.dot(q, tl.trans(k)) * score_scale, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            p = tl.exp2(s - m_new[:, None])
+            alpha = tl.exp2(m_i - m_new)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            m_i = m_new
+        if FP8:
+            acc = acc * tl.load(V_scale + kv_head)
+        rows_out = chunk * HKV * GROUP + head
+        tl.store(Partial_out + rows_out[:, None] * D + offs_d[None, :], acc / l_i[:, None], mask=row_valid[:, None])
+        tl.store(Partial_lse + rows_out, m_i + tl.log2(l_i), mask=row_valid)
+
+
+@triton.jit
+def _merge_chunks_kernel(Partial_out, Partial_lse, Out, seq_first_chunk, HQ: tl.constexpr, D: tl.constexpr):
+    """Out[seq, head]: the sequence's chunks merged by their log-sum-exp (one program per sequence and head)."""
+    seq, head = tl.program_id(0), tl.program_id(1)
+    offs_d = tl.arange(0, D)
+    m = float("-inf")
+    total = 0.0
+    acc = tl.zeros([D], tl.float32)
+    for chunk in range(tl.load(seq_first_chunk + seq), tl.load(seq_first_chunk + seq + 1)):
+        lse = tl.load(Partial_lse + chunk * HQ + head)
+        m_new = tl.maximum(m, lse)
+        old, new = tl.exp2(m - m_new), tl.exp2(lse - m_new)
+        acc = acc * old + tl.load(Partial_out + (chunk * HQ + head) * D + offs_d) * new
+        total = total * old + new
+        m = m_new
+    tl.store(Out + (seq * HQ + head) * D + offs_d, (acc / total).to(Out.dtype.element_ty))
 
 
 class Batch:
@@ -117,6 +194,30 @@ class Batch:
         return launch
 
 
+    def chunked(self, cache: str, chunk: int, block_n: int, warps: int, stages: int, programs: int):
+        """`_chunk_kernel` on `programs` persistent programs, then `_merge_chunks_kernel`. The work list is built
+        here, untimed (the engine's step plan would send it with a step's other inputs)."""
+        k, v, scales = self.caches[cache]
+        chunks = (self.seq_lens + chunk - 1) // chunk
+        first = torch.zeros(len(chunks) + 1, dtype=torch.int32, device=DEVICE)
+        first[1:] = torch.cumsum(chunks, 0)
+        chunk_seq = torch.repeat_interleave(torch.arange(len(chunks), device=DEVICE), chunks).int()
+        chunk_start = ((torch.arange(len(chunk_seq), device=DEVICE) - first[chunk_seq]) * chunk).int()
+        num_chunks = first[-1:].clone()
+        partial_out = torch.empty(len(chunk_seq), HQ, D, dtype=torch.float32, device=DEVICE)
+        partial_lse = torch.empty(len(chunk_seq), HQ, dtype=torch.float32, device=DEVICE)
+        k_scale, v_scale = scales if scales is not None else (self.seq_lens, self.seq_lens)
+
+        def launch() -> None:
+            _chunk_kernel[(programs,)](
+                self.query, k, v, partial_out, partial_lse, self.seq_lens, self.block_tables, chunk_seq,
+                chunk_start, num_chunks, k_scale, v_scale, D**-0.5 * 1.4426950408889634,
+                self.block_tables.stride(0), GROUP=HQ // HKV, HKV=HKV, D=D, PAGE=PAGE, CHUNK=chunk,
+                BLOCK_N=block_n, FP8=scales is not None, num_warps=warps, num_stages=stages)
+            _merge_chunks_kernel[(len(chunks), HQ)](partial_out, partial_lse, self.out, first, HQ=HQ, D=D)
+        return launch
+
+
 def compute(bandwidth: float) -> None:
     for where, num_blocks in (("whole cache in L2 (512 blocks)", 512), ("distinct blocks", None)):
         batch = Batch([CONTEXT] * 256, num_blocks)
@@ -164,13 +265,36 @@ def shapes(bandwidth: float) -> None:
                 print(f"shapes: {cache} batch {size} {contexts} contexts, {splits} split(s): " + " | ".join(cells))
 
 
+def chunks(bandwidth: float) -> None:
+    num_sms = torch.cuda.get_device_properties(0).multi_processor_count
+    for size in (256, 128, 64, 16):
+        for contexts in ("equal", "varied"):
+            if contexts == "equal":
+                lengths = [CONTEXT] * size
+            else:
+                lengths = torch.randint(128, 2049, (size,), generator=torch.Generator().manual_seed(size)).tolist()
+            batch = Batch(lengths)
+            for cache in ("fp8", "bf16"):
+                engine_time = time_cuda(batch.engine(cache), iters=30, hide_launch=True)
+                reference = batch.out.clone()
+                cells = [f"engine {engine_time * 1e6:.1f} ({engine_time * bandwidth / batch.kv_bytes(cache):.2f}x)"]
+                for chunk, block_n, warps, stages, per_sm in CHUNKED:
+                    launch = batch.chunked(cache, chunk, block_n, warps, stages, num_sms * per_sm)
+                    t = time_cuda(launch, iters=30, hide_launch=True)
+                    error = (batch.out.float() - reference.float()).abs().max().item()
+                    assert error < 0.01, f"chunked decode differs from the engine's kernel by {error}"
+                    cells.append(f"{chunk}/{block_n}/{warps}w/{stages}s/{per_sm} an SM {t * 1e6:.1f} "
+                                 f"({t * bandwidth / batch.kv_bytes(cache):.2f}x)")
+                print(f"chunks: {cache} batch {size} {contexts} contexts: " + " | ".join(cells))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--only", choices=("compute", "bytes", "shapes"), help="run one of the three measurements")
+    p.add_argument("--only", choices=("compute", "bytes", "shapes", "chunks"), help="run one of the measurements")
     args = p.parse_args()
     bandwidth = copy_bandwidth()
     print(f"copy bandwidth {bandwidth / 1e12:.2f} TB/s; keys a tile / warps / stages, us a layer (x its bytes)")
-    for name, run in (("compute", compute), ("bytes", bytes_alone), ("shapes", shapes)):
+    for name, run in (("compute", compute), ("bytes", bytes_alone), ("shapes", shapes), ("chunks", chunks)):
         if args.only in (None, name):
             run(bandwidth)
 
