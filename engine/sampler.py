@@ -71,8 +71,8 @@ class SamplingBatch:
     any_min_p: bool
     masked: torch.Tensor | None  # [B] bool: the row uses top-k, top-p or min-p; None when no sampled row does
     sampled_rows: tuple[int, ...]  # rows with temperature > 0
-    rng_keys: tuple[int, ...]  # rng_key(seed, position) of each sampled row, same order
-    streams: tuple[torch.Tensor, torch.Tensor]  # on the device: rng_keys (their 64 bits as int64), sampled_rows
+    # On the device: rng_key(seed, position) of each sampled row (its 64 bits as int64), and sampled_rows.
+    streams: tuple[torch.Tensor, torch.Tensor]
     penalties: Penalties | None  # None when no row uses a penalty
     biases: Biases | None  # None when no row sets logit_bias or allowed_token_ids
     token_mask: TokenMask | None = None  # grammar rows' allowed tokens, set once the host has filled them
@@ -124,7 +124,6 @@ class SamplingBatch:
             any_top_p=any(p.top_p < 1.0 for p in sampled_params),
             any_min_p=any(p.min_p > 0.0 for p in sampled_params),
             sampled_rows=tuple(sampled),
-            rng_keys=tuple(keys.tolist()),
             streams=streams,
             penalties=Penalties.build(params, histories, device) if any(p.has_penalties for p in params) else None,
             biases=Biases.build(params, device) if any(p.has_bias_or_allow_list for p in params) else None,

@@ -298,7 +298,9 @@ def test_build_packs_mixed_params() -> None:
     assert batch.num_logprobs == 4
     assert (batch.all_greedy, batch.any_greedy) == (False, True)
     assert (batch.any_top_k, batch.any_top_p, batch.any_min_p) == (False, True, True)
-    assert batch.sampled_rows == (1, 2) and batch.rng_keys == (rng_key(2, 20), rng_key(3, 30))
+    assert batch.sampled_rows == (1, 2) and batch.streams[1].tolist() == [1, 2]
+    keys = np.array([rng_key(2, 20), rng_key(3, 30)], np.uint64).view(np.int64)
+    assert batch.streams[0].tolist() == keys.tolist()
 
 
 def test_build_of_plain_greedy_rows_sets_no_flags() -> None:
