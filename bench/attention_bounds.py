@@ -10,8 +10,9 @@ and an FP8 cache, batch 256 x 1,040 tokens unless said. Three measurements (kern
   shapes   the engine's kernel under other launch shapes (keys a tile, warps, stages), at equal and at varied
            (128-2,048) contexts and several batches, the KV split as the engine picks it
   chunks   a chunked decode against the engine's kernel: every context cut into chunks of at most C keys, a
-           persistent grid walking the list of (chunk, KV head), then a merge of each sequence's chunks; so no
-           program's work exceeds C keys, which a one-warp program needs with varied contexts (bench/NOTES.md)
+           persistent grid walking the list of (chunk, KV head) that each program derives from the sequence
+           lengths, then a merge of each sequence's chunks; so no program's work exceeds C keys, which a one-warp
+           program needs with varied contexts (bench/NOTES.md)
 
     python bench/attention_bounds.py [--only compute|bytes|shapes|chunks]
 """
@@ -62,23 +63,31 @@ def _read_kernel(K, V, Out, block_tables, seq_len, stride_bt, BLOCK_N: tl.conste
 
 
 @triton.jit
-def _chunk_kernel(Q, K, V, Partial_out, Partial_lse, seq_lens, block_tables, chunk_seq, chunk_start, num_chunks,
-                  K_scale, V_scale, scale_log2, stride_bt, GROUP: tl.constexpr, HKV: tl.constexpr,
-                  D: tl.constexpr, PAGE: tl.constexpr, CHUNK: tl.constexpr, BLOCK_N: tl.constexpr,
-                  FP8: tl.constexpr):
-    """Decode attention in chunks of at most CHUNK keys, so every program's work has the same bound: a persistent
-    grid walks the work list (chunk, KV head), chunk-major, and writes each chunk's result and base-2 log-sum-exp
-    for `_merge_chunks_kernel`. The list (`chunk_seq`, `chunk_start`) and its length (`num_chunks`, on the
-    device) are inputs, so the grid does not follow the batch's lengths (a CUDA graph could replay it)."""
+def _chunks(seq_lens, num_seqs, CHUNK: tl.constexpr, B_PAD: tl.constexpr):
+    """Each sequence's chunk count (at most CHUNK keys a chunk) and where its chunks end in the list of all."""
+    offs_b = tl.arange(0, B_PAD)
+    counts = tl.cdiv(tl.load(seq_lens + offs_b, mask=offs_b < num_seqs, other=0), CHUNK)
+    return offs_b, counts, tl.cumsum(counts, 0)
+
+
+@triton.jit(do_not_specialize=["num_seqs"])
+def _chunk_kernel(Q, K, V, Partial_out, Partial_lse, seq_lens, block_tables, num_seqs, K_scale, V_scale, scale_log2,
+                  stride_bt, GROUP: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr,
+                  CHUNK: tl.constexpr, BLOCK_N: tl.constexpr, B_PAD: tl.constexpr, FP8: tl.constexpr):
+    """Decode attention in chunks of at most CHUNK keys, so no program's work exceeds that bound: a persistent grid
+    walks the list of (chunk, KV head), chunk-major, and writes each chunk's result and base-2 log-sum-exp for
+    `_merge_chunks_kernel`. Each program derives the list from `seq_lens` (a prefix sum over the batch), so the
+    grid does not follow the batch's lengths and a CUDA graph can replay it."""
+    offs_b, counts, ends = _chunks(seq_lens, num_seqs, CHUNK, B_PAD)
     offs_m = tl.arange(0, 16)
     row_valid = offs_m < GROUP
     offs_d = tl.arange(0, D)
     offs_j = tl.arange(0, BLOCK_N)
-    for item in range(tl.program_id(0), tl.load(num_chunks) * HKV, tl.num_programs(0)):
+    for item in range(tl.program_id(0), tl.sum(counts, 0) * HKV, tl.num_programs(0)):
         chunk = item // HKV
         kv_head = item % HKV
-        seq = tl.load(chunk_seq + chunk)
-        lo = tl.load(chunk_start + chunk)
+        seq = tl.sum((ends <= chunk).to(tl.int32), 0)
+        lo = (chunk - tl.sum(tl.where(offs_b < seq, counts, 0), 0)) * CHUNK
         hi = tl.minimum(tl.load(seq_lens + seq), lo + CHUNK)
         head = kv_head * GROUP + offs_m % GROUP
         q = tl.load(Q + (seq * HKV * GROUP + head)[:, None] * D + offs_d[None, :], mask=row_valid[:, None],
@@ -114,22 +123,25 @@ def _chunk_kernel(Q, K, V, Partial_out, Partial_lse, seq_lens, block_tables, chu
         tl.store(Partial_lse + rows_out, m_i + tl.log2(l_i), mask=row_valid)
 
 
-@triton.jit
-def _merge_chunks_kernel(Partial_out, Partial_lse, Out, seq_first_chunk, HQ: tl.constexpr, D: tl.constexpr):
+@triton.jit(do_not_specialize=["num_seqs"])
+def _merge_chunks_kernel(Partial_out, Partial_lse, Out, seq_lens, num_seqs, HQ: tl.constexpr, D: tl.constexpr,
+                         CHUNK: tl.constexpr, B_PAD: tl.constexpr):
     """Out[seq, head]: the sequence's chunks merged by their log-sum-exp (one program per sequence and head)."""
     seq, head = tl.program_id(0), tl.program_id(1)
+    offs_b, counts, ends = _chunks(seq_lens, num_seqs, CHUNK, B_PAD)
+    first = tl.sum(tl.where(offs_b < seq, counts, 0), 0)
     offs_d = tl.arange(0, D)
     m = float("-inf")
     total = 0.0
     acc = tl.zeros([D], tl.float32)
-    for chunk in range(tl.load(seq_first_chunk + seq), tl.load(seq_first_chunk + seq + 1)):
+    for chunk in range(first, first + tl.cdiv(tl.load(seq_lens + seq), CHUNK)):
         lse = tl.load(Partial_lse + chunk * HQ + head)
         m_new = tl.maximum(m, lse)
         old, new = tl.exp2(m - m_new), tl.exp2(lse - m_new)
         acc = acc * old + tl.load(Partial_out + (chunk * HQ + head) * D + offs_d) * new
         total = total * old + new
         m = m_new
-    tl.store(Out + (seq * HQ + head) * D + offs_d, (acc / total).to(Out.dtype.element_ty))
+    tl.store(Out + (seq * HQ + head) * D + offs_d, (acc / tl.maximum(total, 1e-30)).to(Out.dtype.element_ty))
 
 
 class Batch:
@@ -195,26 +207,24 @@ class Batch:
 
 
     def chunked(self, cache: str, chunk: int, block_n: int, warps: int, stages: int, programs: int):
-        """`_chunk_kernel` on `programs` persistent programs, then `_merge_chunks_kernel`. The work list is built
-        here, untimed (the engine's step plan would send it with a step's other inputs)."""
+        """`_chunk_kernel` on `programs` persistent programs, then `_merge_chunks_kernel`, with partial results
+        sized for the batch's chunks (the engine would size them for its whole cache)."""
         k, v, scales = self.caches[cache]
-        chunks = (self.seq_lens + chunk - 1) // chunk
-        first = torch.zeros(len(chunks) + 1, dtype=torch.int32, device=DEVICE)
-        first[1:] = torch.cumsum(chunks, 0)
-        chunk_seq = torch.repeat_interleave(torch.arange(len(chunks), device=DEVICE), chunks).int()
-        chunk_start = ((torch.arange(len(chunk_seq), device=DEVICE) - first[chunk_seq]) * chunk).int()
-        num_chunks = first[-1:].clone()
-        partial_out = torch.empty(len(chunk_seq), HQ, D, dtype=torch.float32, device=DEVICE)
-        partial_lse = torch.empty(len(chunk_seq), HQ, dtype=torch.float32, device=DEVICE)
+        n = len(self.seq_lens)
+        num_chunks = int(((self.seq_lens + chunk - 1) // chunk).sum())
+        partial_out = torch.empty(num_chunks, HQ, D, dtype=torch.float32, device=DEVICE)
+        partial_lse = torch.empty(num_chunks, HQ, dtype=torch.float32, device=DEVICE)
         k_scale, v_scale = scales if scales is not None else (self.seq_lens, self.seq_lens)
+        b_pad = triton.next_power_of_2(n)
 
         def launch() -> None:
             _chunk_kernel[(programs,)](
-                self.query, k, v, partial_out, partial_lse, self.seq_lens, self.block_tables, chunk_seq,
-                chunk_start, num_chunks, k_scale, v_scale, D**-0.5 * 1.4426950408889634,
-                self.block_tables.stride(0), GROUP=HQ // HKV, HKV=HKV, D=D, PAGE=PAGE, CHUNK=chunk,
-                BLOCK_N=block_n, FP8=scales is not None, num_warps=warps, num_stages=stages)
-            _merge_chunks_kernel[(len(chunks), HQ)](partial_out, partial_lse, self.out, first, HQ=HQ, D=D)
+                self.query, k, v, partial_out, partial_lse, self.seq_lens, self.block_tables, n, k_scale, v_scale,
+                D**-0.5 * 1.4426950408889634, self.block_tables.stride(0), GROUP=HQ // HKV, HKV=HKV, D=D, PAGE=PAGE,
+                CHUNK=chunk, BLOCK_N=block_n, B_PAD=b_pad, FP8=scales is not None, num_warps=warps,
+                num_stages=stages)
+            _merge_chunks_kernel[(n, HQ)](partial_out, partial_lse, self.out, self.seq_lens, n, HQ=HQ, D=D,
+                                          CHUNK=chunk, B_PAD=b_pad)
         return launch
 
 
