@@ -1,7 +1,7 @@
 """What bounds decode attention: its loop's compute, its access pattern's bytes, or its launch shape.
 
 One layer of decode over Qwen3-0.6B's attention shape (16 query / 8 KV heads, head_dim 128, 16-token pages), a bf16
-and an FP8 cache, batch 256 x 1,040 tokens unless said. Three measurements (kernel time only, launch work hidden):
+and an FP8 cache, batch 256 x 1,040 tokens unless said. Four measurements (kernel time only, launch work hidden):
   compute  the engine's kernel with the whole cache in L2 (every block table over 512 blocks): the loop's own cost
            per tile, with DRAM out of the way; then the same over a cache of distinct blocks
   bytes    the same access pattern (scattered pages, 128-key tiles, block ids a pass ahead) with the softmax and V's
@@ -29,7 +29,7 @@ import kernels.paged_attention as pa
 from kernels.triton_compat import tl, triton
 
 HQ, HKV, D, PAGE, SCALE, CONTEXT = 16, 8, 128, 16, 0.02, 1040
-DEVICE = "cuda"
+DEVICE = "cuda"  # tests/bench/test_attention_bounds.py runs the kernels on CPU, in Triton's interpreter
 # (keys a tile, warps, stages, block ids a pass ahead): the engine's FP8 and bf16 decode shapes first.
 SHAPES = [(128, 4, 3, True), (128, 4, 3, False), (32, 1, 3, True), (32, 1, 4, True), (64, 2, 3, True),
           (32, 2, 3, True)]
@@ -206,9 +206,12 @@ class Batch:
         return launch
 
 
-    def chunked(self, cache: str, chunk: int, block_n: int, warps: int, stages: int, programs: int):
-        """`_chunk_kernel` on `programs` persistent programs, then `_merge_chunks_kernel`, with partial results
+    def chunked(self, cache: str, chunk: int, block_n: int, warps: int, stages: int, per_sm: int):
+        """`_chunk_kernel` on `per_sm` persistent programs an SM, then `_merge_chunks_kernel`, with partial results
         sized for the batch's chunks (the engine would size them for its whole cache)."""
+        device = self.seq_lens.device
+        programs = per_sm * (torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda"
+                             else 1)
         k, v, scales = self.caches[cache]
         n = len(self.seq_lens)
         num_chunks = int(((self.seq_lens + chunk - 1) // chunk).sum())
@@ -276,7 +279,6 @@ def shapes(bandwidth: float) -> None:
 
 
 def chunks(bandwidth: float) -> None:
-    num_sms = torch.cuda.get_device_properties(0).multi_processor_count
     for size in (256, 128, 64, 16):
         for contexts in ("equal", "varied"):
             if contexts == "equal":
@@ -289,7 +291,7 @@ def chunks(bandwidth: float) -> None:
                 reference = batch.out.clone()
                 cells = [f"engine {engine_time * 1e6:.1f} ({engine_time * bandwidth / batch.kv_bytes(cache):.2f}x)"]
                 for chunk, block_n, warps, stages, per_sm in CHUNKED:
-                    launch = batch.chunked(cache, chunk, block_n, warps, stages, num_sms * per_sm)
+                    launch = batch.chunked(cache, chunk, block_n, warps, stages, per_sm)
                     t = time_cuda(launch, iters=30, hide_launch=True)
                     error = (batch.out.float() - reference.float()).abs().max().item()
                     assert error < 0.01, f"chunked decode differs from the engine's kernel by {error}"
