@@ -23,7 +23,7 @@ import argparse
 from functools import partial
 
 import torch
-from common import copy_bandwidth, time_cuda
+from common import context_lengths, copy_bandwidth, time_cuda
 
 import kernels.paged_attention as pa
 from kernels.triton_compat import tl, triton
@@ -254,50 +254,45 @@ def bytes_alone(bandwidth: float) -> None:
                   f"({t * bandwidth / batch.kv_bytes(cache):.2f}x its bytes)")
 
 
+def _batches():
+    """(batch size, contexts, Batch) of the shapes and chunks measurements: equal and varied contexts."""
+    for size in (256, 128, 64, 16):
+        for contexts in (str(CONTEXT), "varied"):
+            yield size, contexts, Batch(context_lengths(size, contexts))
+
+
 def shapes(bandwidth: float) -> None:
     num_sms = torch.cuda.get_device_properties(0).multi_processor_count
-    for size in (256, 128, 64, 16):
-        for contexts in ("equal", "varied"):
-            if contexts == "equal":
-                lengths = [CONTEXT] * size
-            else:
-                lengths = torch.randint(128, 2049, (size,), generator=torch.Generator().manual_seed(size)).tolist()
-            batch = Batch(lengths)
-            splits = pa.decode_kv_splits(size, HKV, num_sms)
-            for cache in ("fp8", "bf16"):
-                cells, reference = [], None
-                for block_n, warps, stages, ids_ahead in SHAPES:
-                    t = time_cuda(batch.shaped(cache, splits, block_n, warps, stages, ids_ahead), iters=30,
-                                  hide_launch=True)
-                    if reference is None:
-                        reference = batch.out.clone()
-                    assert (batch.out.float() - reference.float()).abs().max() < 0.01, "a shape changed the result"
-                    ahead = "" if ids_ahead else ", ids in the pass"
-                    cells.append(f"{block_n}/{warps}w/{stages}s{ahead} {t * 1e6:.1f} "
-                                 f"({t * bandwidth / batch.kv_bytes(cache):.2f}x)")
-                print(f"shapes: {cache} batch {size} {contexts} contexts, {splits} split(s): " + " | ".join(cells))
+    for size, contexts, batch in _batches():
+        splits = pa.decode_kv_splits(size, HKV, num_sms)
+        for cache in ("fp8", "bf16"):
+            cells, reference = [], None
+            for block_n, warps, stages, ids_ahead in SHAPES:
+                t = time_cuda(batch.shaped(cache, splits, block_n, warps, stages, ids_ahead), iters=30,
+                              hide_launch=True)
+                if reference is None:
+                    reference = batch.out.clone()
+                assert (batch.out.float() - reference.float()).abs().max() < 0.01, "a shape changed the result"
+                ahead = "" if ids_ahead else ", ids in the pass"
+                cells.append(f"{block_n}/{warps}w/{stages}s{ahead} {t * 1e6:.1f} "
+                             f"({t * bandwidth / batch.kv_bytes(cache):.2f}x)")
+            print(f"shapes: {cache} batch {size} {contexts} contexts, {splits} split(s): " + " | ".join(cells))
 
 
 def chunks(bandwidth: float) -> None:
-    for size in (256, 128, 64, 16):
-        for contexts in ("equal", "varied"):
-            if contexts == "equal":
-                lengths = [CONTEXT] * size
-            else:
-                lengths = torch.randint(128, 2049, (size,), generator=torch.Generator().manual_seed(size)).tolist()
-            batch = Batch(lengths)
-            for cache in ("fp8", "bf16"):
-                engine_time = time_cuda(batch.engine(cache), iters=30, hide_launch=True)
-                reference = batch.out.clone()
-                cells = [f"engine {engine_time * 1e6:.1f} ({engine_time * bandwidth / batch.kv_bytes(cache):.2f}x)"]
-                for chunk, block_n, warps, stages, per_sm in CHUNKED:
-                    launch = batch.chunked(cache, chunk, block_n, warps, stages, per_sm)
-                    t = time_cuda(launch, iters=30, hide_launch=True)
-                    error = (batch.out.float() - reference.float()).abs().max().item()
-                    assert error < 0.01, f"chunked decode differs from the engine's kernel by {error}"
-                    cells.append(f"{chunk}/{block_n}/{warps}w/{stages}s/{per_sm} an SM {t * 1e6:.1f} "
-                                 f"({t * bandwidth / batch.kv_bytes(cache):.2f}x)")
-                print(f"chunks: {cache} batch {size} {contexts} contexts: " + " | ".join(cells))
+    for size, contexts, batch in _batches():
+        for cache in ("fp8", "bf16"):
+            engine_time = time_cuda(batch.engine(cache), iters=30, hide_launch=True)
+            reference = batch.out.clone()
+            cells = [f"engine {engine_time * 1e6:.1f} ({engine_time * bandwidth / batch.kv_bytes(cache):.2f}x)"]
+            for chunk, block_n, warps, stages, per_sm in CHUNKED:
+                launch = batch.chunked(cache, chunk, block_n, warps, stages, per_sm)
+                t = time_cuda(launch, iters=30, hide_launch=True)
+                error = (batch.out.float() - reference.float()).abs().max().item()
+                assert error < 0.01, f"chunked decode differs from the engine's kernel by {error}"
+                cells.append(f"{chunk}/{block_n}/{warps}w/{stages}s/{per_sm} an SM {t * 1e6:.1f} "
+                             f"({t * bandwidth / batch.kv_bytes(cache):.2f}x)")
+            print(f"chunks: {cache} batch {size} {contexts} contexts: " + " | ".join(cells))
 
 
 def main() -> None:

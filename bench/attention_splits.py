@@ -16,22 +16,13 @@ import argparse
 import functools
 
 import torch
-from common import copy_bandwidth, time_cuda
+from common import context_lengths, copy_bandwidth, time_cuda
 
 from kernels.paged_attention import decode_kv_splits, paged_attention
 
 HEADS, KV_HEADS, HEAD_DIM, PAGE = 16, 8, 128, 16
 BATCHES = (1, 8, 16, 32, 48, 64, 96, 128, 192, 256)
 SPLITS = (1, 2, 4, 8, 16)
-
-
-def context_lengths(batch_size: int, context: str) -> list[int]:
-    """Every sequence `context` tokens long, or, for "varied", lengths uniform in [128, 2048] as in the middle
-    of nano-vLLM's workload (prompts of 100-1024 tokens plus up to 1024 generated)."""
-    if context != "varied":
-        return [int(context)] * batch_size
-    g = torch.Generator().manual_seed(batch_size)
-    return torch.randint(128, 2049, (batch_size,), generator=g).tolist()
 
 
 def time_attention(lengths: list[int], fp8: bool) -> dict[int, float]:

@@ -72,6 +72,15 @@ def time_cuda(fn, iters: int = 20, warmup: int = 3, before=None, hide_launch: bo
     return sorted(times)[len(times) // 2]
 
 
+def context_lengths(batch_size: int, context: str) -> list[int]:
+    """Every sequence `context` tokens long, or, for "varied", lengths uniform in [128, 2048] as in the middle
+    of nano-vLLM's workload (prompts of 100-1024 tokens plus up to 1024 generated)."""
+    if context != "varied":
+        return [int(context)] * batch_size
+    g = torch.Generator().manual_seed(batch_size)
+    return torch.randint(128, 2049, (batch_size,), generator=g).tolist()
+
+
 def copy_bandwidth() -> float:
     """Device memory bandwidth in bytes/s: a 4 GiB device-to-device copy, counting bytes read + written."""
     src = torch.randn(2**30, device="cuda")
